@@ -1,0 +1,9 @@
+"""`pertadapt` commands of the embed area (registered by :mod:`pertadapt.cli.main`)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the root app."""

@@ -1,0 +1,44 @@
+"""``pertadapt`` command line (typer). Heavy frameworks are imported inside commands only."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from pertadapt.config import ConfigError
+
+app = typer.Typer(help="PertAdapt ablation and hyperparameter platform.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+log = logging.getLogger("pertadapt")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    _setup_logging(verbose)
+
+
+def main() -> None:
+    """Console-script entry point: config errors exit with code 2 and a one-line message."""
+    try:
+        app()
+    except ConfigError as e:
+        logging.getLogger("pertadapt").error("config error: %s", e)
+        raise SystemExit(2) from e
+
+
+def _register_groups() -> None:
+    from pertadapt.cli import data, embed, evaluate, go, simulate
+
+    for module in (data, go, evaluate, simulate, embed):
+        module.register(app)
+
+
+_register_groups()

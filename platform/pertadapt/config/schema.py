@@ -1,0 +1,269 @@
+"""The typed, frozen schema of one run.
+
+Every run — a ``pertadapt train`` call, one arm × seed of an ablation, one Optuna sample — is a
+:class:`RunConfig`. YAML files and ``key=value`` overrides are merged onto it by
+:mod:`pertadapt.config.load`; unknown keys and wrong types are rejected there, and the
+cross-field checks in each ``__post_init__`` run before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "BACKBONES",
+    "ENGINES",
+    "LOSSES",
+    "MASKS",
+    "MODELS",
+    "AdapterConfig",
+    "BackboneConfig",
+    "ConfigError",
+    "DataConfig",
+    "EngineConfig",
+    "EvalConfig",
+    "GOConfig",
+    "LoggingConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+]
+
+#: Closed vocabularies of names; the registries in ``models``/``baselines``/``train`` use the same keys.
+MODELS = ("pertadapt", "baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear")
+BACKBONES = ("tiny", "learned", "aido_cell", "scfoundation")
+MASKS = ("go", "none", "random_degree_matched")
+LOSSES = ("adaptive", "mse", "gears")
+ENGINES = ("torch", "deepspeed")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file (when known) and the key path."""
+
+
+def _choice(path: str, value: object, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(options)}")
+
+
+def _check(path: str, ok: bool, expected: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: expected {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the cells come from and how conditions are split.
+
+    ``path`` is a prepared ``.h5ad`` (see ``pertadapt data prepare``); when it is ``None`` the
+    simulator preset ``simulate_preset`` is generated (seeded by ``simulate_seed``) and cached.
+    """
+
+    path: str | None = None
+    simulate_preset: str = "demo"
+    simulate_seed: int = 0
+    split: str = "simulation"
+    train_gene_frac: float = 0.75
+    combo_seen2_train_frac: float = 0.75
+    #: Split seed; ``None`` uses the run seed (the paper runs seeds 1..5 on splits).
+    split_seed: int | None = None
+    n_de: int = 20
+    #: What to do with conditions whose genes lack GO annotations: ``drop`` (warn) or ``fail``.
+    missing_go: str = "drop"
+
+    def __post_init__(self) -> None:
+        _choice("data.split", self.split, ("simulation", "single"))
+        _choice("data.missing_go", self.missing_go, ("drop", "fail"))
+        _check("data.train_gene_frac", 0.0 < self.train_gene_frac < 1.0, "a fraction in (0, 1)", self.train_gene_frac)
+        _check("data.combo_seen2_train_frac", 0.0 <= self.combo_seen2_train_frac <= 1.0, "a fraction in [0, 1]",
+               self.combo_seen2_train_frac)
+        _check("data.n_de", self.n_de > 0, "a positive integer", self.n_de)
+
+
+@dataclass(frozen=True)
+class GOConfig:
+    """Gene Ontology source and the two GO-derived structures (perturbation graph, attention mask)."""
+
+    #: ``fixture`` (small real-GO table shipped with the package), ``debian`` or ``obo``.
+    source: str = "fixture"
+    obo: str | None = None
+    gaf: str | None = None
+    aspects: tuple[str, ...] = ("BP", "MF", "CC")
+    propagate: bool = False
+    graph_threshold: float = 0.1
+    graph_top_k: int = 20
+    mask_threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("go.source", self.source, ("fixture", "debian", "obo"))
+        for a in self.aspects:
+            _choice("go.aspects", a, ("BP", "MF", "CC"))
+        if self.source == "obo" and (self.obo is None or self.gaf is None):
+            raise ConfigError("go.obo / go.gaf: both are required when go.source is 'obo'")
+        _check("go.graph_top_k", self.graph_top_k > 0, "a positive integer", self.graph_top_k)
+        _check("go.mask_threshold", 0.0 <= self.mask_threshold < 1.0, "a value in [0, 1)", self.mask_threshold)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The foundation model that embeds the control cell gene by gene (``learned`` = FM off)."""
+
+    name: str = "tiny"
+    checkpoint: str | None = None
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    #: ``frozen`` (paper), ``last_k``, ``full`` or ``lora``.
+    finetune: str = "frozen"
+    last_k: int = 1
+
+    def __post_init__(self) -> None:
+        _choice("backbone.name", self.name, BACKBONES)
+        _choice("backbone.finetune", self.finetune, ("frozen", "last_k", "full", "lora"))
+        _check("backbone.hidden_size", self.hidden_size > 0, "a positive integer", self.hidden_size)
+        _check("backbone.heads", self.heads > 0 and self.hidden_size % self.heads == 0,
+               "a positive divisor of backbone.hidden_size", self.heads)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The perturbation adapter (PA) with its GO attention mask (AM)."""
+
+    enabled: bool = True
+    attention_mask: str = "go"
+    layers: int = 1
+    heads: int = 8
+    #: FFN bottleneck width (paper: 512 -> 256 -> 512).
+    ffn_dim: int = 256
+    #: Where the perturbation embedding is added: ``all`` gene tokens (paper) or only ``perturbed`` ones.
+    inject: str = "all"
+    #: Queries per chunk in the masked attention (bounds memory; never an N x N tensor).
+    chunk_size: int = 2048
+
+    def __post_init__(self) -> None:
+        _choice("adapter.attention_mask", self.attention_mask, MASKS)
+        _choice("adapter.inject", self.inject, ("all", "perturbed"))
+        _check("adapter.layers", self.layers > 0, "a positive integer", self.layers)
+        _check("adapter.heads", self.heads > 0, "a positive integer", self.heads)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model: the PertAdapt network or one of the simple baselines."""
+
+    name: str = "pertadapt"
+    #: Width D of gene tokens inside the adapter and head (paper: 512).
+    hidden_size: int = 512
+    #: Hidden width of the head's recovery MLP (paper: 2 x hidden).
+    head_hidden: int = 1024
+    #: Principal components and ridge penalty of ``baseline_linear``.
+    linear_k: int = 10
+    linear_ridge: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("model.name", self.name, MODELS)
+        _check("model.hidden_size", self.hidden_size > 0, "a positive integer", self.hidden_size)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Training loss: ``adaptive`` (L_adapt), ``mse`` or ``gears`` (autofocus + direction)."""
+
+    name: str = "adaptive"
+    #: ``code`` (w_all = 2, as shipped) or ``intended`` (w_all = sg((L_DE + L_all) / L_all)).
+    variant: str = "code"
+    gears_gamma: float = 2.0
+    gears_direction_lambda: float = 0.1
+    #: Multiplier before backward (the reference uses 5.0).
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _choice("loss.name", self.name, LOSSES)
+        _choice("loss.variant", self.variant, ("code", "intended"))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam + StepLR as in the paper; ``batch_size`` cells per optimiser step."""
+
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    step_gamma: float = 0.5
+    epochs: int = 20
+    batch_size: int = 32
+    micro_batch_size: int = 4
+    #: Gradient value clipping (``None`` = off); paper: 1.0.
+    clip_value: float | None = 1.0
+    #: Cap on optimiser steps per epoch (``None`` = the whole training set).
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        _check("optim.lr", self.lr > 0, "a positive float", self.lr)
+        _check("optim.epochs", self.epochs >= 1, "an integer >= 1", self.epochs)
+        _check("optim.micro_batch_size", self.micro_batch_size >= 1, "an integer >= 1", self.micro_batch_size)
+        _check("optim.batch_size", self.batch_size >= self.micro_batch_size,
+               "an integer >= optim.micro_batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How training is distributed: plain torch (one process) or DeepSpeed over N Ray Train workers."""
+
+    name: str = "torch"
+    workers: int = 1
+    #: DeepSpeed JSON with parallelism/precision knobs only (batch sizes come from ``optim``).
+    deepspeed_config: str = "zero2.json"
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("engine.name", self.name, ENGINES)
+        _check("engine.workers", self.workers >= 1, "an integer >= 1", self.workers)
+        if self.name == "torch" and self.workers != 1:
+            raise ConfigError("engine.workers: the 'torch' engine runs one process; use engine.name=deepspeed")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Model selection and evaluation batch size."""
+
+    select_metric: str = "val_mse_de"
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where runs go and how they are tracked."""
+
+    out_dir: str = "runs"
+    #: W&B mode: ``offline`` (default), ``online`` or ``disabled``.
+    wandb: str = "offline"
+    project: str = "pertadapt"
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("logging.wandb", self.wandb, ("offline", "online", "disabled"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: every section plus the seed (model init, control pairing and, by default, the split)."""
+
+    name: str = "run"
+    seed: int = 1
+    data: DataConfig = field(default_factory=DataConfig)
+    go: GOConfig = field(default_factory=GOConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the condition split (``data.split_seed`` or the run seed)."""
+        return self.seed if self.data.split_seed is None else self.data.split_seed

@@ -1,0 +1,1 @@
+"""pertadapt.train."""
