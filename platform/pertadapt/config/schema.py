@@ -85,8 +85,8 @@ class DataConfig:
 class GOConfig:
     """Gene Ontology source and the two GO-derived structures (perturbation graph, attention mask)."""
 
-    #: ``fixture`` (small real-GO table shipped with the package), ``debian`` or ``obo``.
-    source: str = "fixture"
+    #: ``bundled`` (real human GO table shipped with the package), ``debian`` or ``obo``.
+    source: str = "bundled"
     obo: str | None = None
     gaf: str | None = None
     aspects: tuple[str, ...] = ("BP", "MF", "CC")
@@ -96,7 +96,7 @@ class GOConfig:
     mask_threshold: float = 0.1
 
     def __post_init__(self) -> None:
-        _choice("go.source", self.source, ("fixture", "debian", "obo"))
+        _choice("go.source", self.source, ("bundled", "debian", "obo"))
         for a in self.aspects:
             _choice("go.aspects", a, ("BP", "MF", "CC"))
         if self.source == "obo" and (self.obo is None or self.gaf is None):
