@@ -1,0 +1,69 @@
+"""Small random-init backbones for tests and the demo: ``tiny`` (a real transformer) and ``learned`` (FM off)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["LearnedGeneEmbedding", "TinyTransformer"]
+
+
+class TinyTransformer(nn.Module):
+    """A 2-layer bidirectional transformer over genes: value MLP + gene-ID embedding + depth token.
+
+    Parameters
+    ----------
+    n_genes
+        Number of input genes ``N`` (any order; the data defines it).
+    hidden_size
+        Token width ``d``.
+    layers, heads
+        Encoder depth and heads.
+    """
+
+    genes = None
+
+    def __init__(self, n_genes: int, hidden_size: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.value = nn.Sequential(nn.Linear(1, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+        self.gene = nn.Embedding(n_genes, hidden_size)
+        self.depth = nn.Linear(1, hidden_size)
+        layer = nn.TransformerEncoderLayer(hidden_size, heads, 2 * hidden_size, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def encode(self, x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
+        """``(batch, N)`` log1p expression + ``(batch,)`` totals → ``(batch, N, d)``."""
+        tok = self.value(x_ctrl[..., None]) + self.gene.weight
+        depth = self.depth(torch.log10(total_count.clamp(min=1.0))[:, None, None])
+        out = self.encoder(torch.cat([tok, depth], dim=1))
+        return self.norm(out[:, :-1])
+
+    def transformer_layers(self) -> list[nn.Module]:
+        """The encoder blocks in order."""
+        return list(self.encoder.layers)
+
+
+class LearnedGeneEmbedding(nn.Module):
+    """FM off: one learned embedding per gene, identical for every cell (the paper's FM ablation).
+
+    The cell's state then enters the model only through the head's ``+ x_ctrl`` residual.
+    """
+
+    genes = None
+
+    def __init__(self, n_genes: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.gene = nn.Embedding(n_genes, hidden_size, max_norm=1.0)
+
+    def encode(self, x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
+        """``(batch, N)`` → ``(batch, N, d)``; ignores the cell's values by design."""
+        e = self.gene(torch.arange(self.gene.num_embeddings, device=x_ctrl.device))
+        return e.expand(x_ctrl.shape[0], -1, -1)
+
+    def transformer_layers(self) -> list[nn.Module]:
+        """No transformer blocks."""
+        return []

@@ -1,0 +1,116 @@
+"""The only config → object code for models: typed config + derived arrays → modules and losses."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pertadapt.config.schema import RunConfig
+from pertadapt.models.adapter import PerturbationAdapter
+from pertadapt.models.attention import SparseMask
+from pertadapt.models.backbones.registry import build_backbone
+from pertadapt.models.head import GeneHead
+from pertadapt.models.losses import LOSSES
+from pertadapt.models.perturbation import PerturbationEncoder
+from pertadapt.models.pertadapt_model import PertAdaptModel
+from pertadapt.types import Batch, LossOutput
+
+__all__ = ["ModelInputs", "build_loss", "build_model", "trainable_parameters"]
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """Everything a model needs that comes from the data and GO, as plain arrays.
+
+    Attributes
+    ----------
+    genes
+        Model gene order ``(N,)`` (must equal a pretrained backbone's vocabulary).
+    n_perts
+        Size ``P`` of the perturbation vocabulary.
+    graph_src, graph_dst, graph_weight
+        ``(n_edges,)`` GO gene graph over the perturbation vocabulary.
+    mask_indptr, mask_indices
+        CSR arrays of the ``(N, N)`` attention mask, or ``None`` for full attention.
+    ctrl_mean
+        ``(N,)`` mean control expression (used by the ``gears`` loss).
+    """
+
+    genes: tuple[str, ...]
+    n_perts: int
+    graph_src: np.ndarray
+    graph_dst: np.ndarray
+    graph_weight: np.ndarray
+    mask_indptr: np.ndarray | None
+    mask_indices: np.ndarray | None
+    ctrl_mean: np.ndarray
+
+
+def build_model(cfg: RunConfig, inputs: ModelInputs) -> PertAdaptModel:
+    """Build the PertAdapt network and set which backbone parameters train (``backbone.finetune``)."""
+    bcfg, acfg, d = cfg.backbone, cfg.adapter, cfg.model.hidden_size
+    backbone = build_backbone(bcfg.name, checkpoint=bcfg.checkpoint, genes=inputs.genes,
+                              hidden_size=bcfg.hidden_size, layers=bcfg.layers, heads=bcfg.heads)
+    if backbone.genes is not None and tuple(backbone.genes) != tuple(inputs.genes):
+        bad = [g for g, h in zip(inputs.genes, backbone.genes, strict=False) if g != h][:5]
+        raise ValueError(f"data genes do not match the {bcfg.name} vocabulary (first mismatches: {bad}); "
+                         "run `pertadapt data prepare --vocab` with the backbone's gene list")
+    perturbation = PerturbationEncoder(inputs.n_perts, d, torch.from_numpy(inputs.graph_src),
+                                       torch.from_numpy(inputs.graph_dst), torch.from_numpy(inputs.graph_weight))
+    adapter = None
+    if acfg.enabled:
+        mask = None
+        if acfg.attention_mask != "none":
+            if inputs.mask_indptr is None or inputs.mask_indices is None:
+                raise ValueError(f"adapter.attention_mask={acfg.attention_mask!r} needs a mask; none was built")
+            mask = SparseMask(torch.from_numpy(inputs.mask_indptr), torch.from_numpy(inputs.mask_indices))
+        adapter = PerturbationAdapter(d, acfg.heads, acfg.ffn_dim, acfg.layers, mask, acfg.chunk_size)
+    head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden)
+    model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject)
+    _apply_finetune(model.backbone, bcfg.name, bcfg.finetune, bcfg.last_k)
+    return model
+
+
+def _apply_finetune(backbone: nn.Module, name: str, mode: str, last_k: int) -> None:
+    if name == "learned":  # FM off: the per-gene embedding is a trained part of the model
+        return
+    train_all = mode == "full"
+    for p in backbone.parameters():
+        p.requires_grad_(train_all)
+    if mode == "last_k":
+        for layer in backbone.transformer_layers()[-last_k:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    elif mode == "lora":
+        raise NotImplementedError("backbone.finetune=lora is not available yet")
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters with ``requires_grad`` (what the optimiser gets)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_loss(cfg: RunConfig, inputs: ModelInputs) -> Callable[[torch.Tensor, Batch], LossOutput]:
+    """Bind the configured loss to its options: ``(pred, batch) -> LossOutput``."""
+    lcfg = cfg.loss
+    fn = LOSSES[lcfg.name]
+    if lcfg.name == "adaptive":
+        return functools.partial(fn, variant=lcfg.variant)
+    if lcfg.name == "gears":
+        return _GearsLoss(torch.from_numpy(inputs.ctrl_mean.astype(np.float32)), lcfg.gears_gamma,
+                          lcfg.gears_direction_lambda)
+    return fn
+
+
+class _GearsLoss:
+    def __init__(self, ctrl_mean: torch.Tensor, gamma: float, direction_lambda: float) -> None:
+        self.ctrl_mean, self.gamma, self.direction_lambda = ctrl_mean, gamma, direction_lambda
+
+    def __call__(self, pred: torch.Tensor, batch: Batch) -> LossOutput:
+        return LOSSES["gears"](pred, batch, ctrl_mean=self.ctrl_mean.to(pred.device), gamma=self.gamma,
+                               direction_lambda=self.direction_lambda)

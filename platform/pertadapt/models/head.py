@@ -1,0 +1,41 @@
+"""Gene-wise output head: BN → ReLU → MLP → per-gene linear → + paired control expression."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pertadapt.models.perturbation import mlp_bn
+
+__all__ = ["GeneHead"]
+
+
+class GeneHead(nn.Module):
+    """Map adapter tokens to predicted post-perturbation expression (method.md §1.7).
+
+    Parameters
+    ----------
+    n_genes
+        Number of output genes ``N``.
+    d
+        Token width.
+    hidden
+        Width of the recovery MLP (paper: ``2 d``).
+    """
+
+    def __init__(self, n_genes: int, d: int, hidden: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(d)
+        self.recovery = mlp_bn([d, hidden, d])
+        self.w = nn.Parameter(torch.empty(n_genes, d, 1))
+        self.b = nn.Parameter(torch.empty(n_genes, 1))
+        nn.init.xavier_normal_(self.w)
+        nn.init.xavier_normal_(self.b)
+
+    def forward(self, h: torch.Tensor, x_ctrl: torch.Tensor) -> torch.Tensor:
+        """``(batch, n_genes, d)`` tokens and ``(batch, n_genes)`` control → ``(batch, n_genes)``."""
+        b, n, d = h.shape
+        z = torch.relu(self.bn(h.reshape(b * n, d)))
+        z = self.recovery(z).view(b, n, d)
+        delta = (z * self.w[:, :, 0]).sum(-1) + self.b[:, 0]
+        return delta + x_ctrl

@@ -1,0 +1,76 @@
+"""GEARS-style perturbation encoder: embedding table, one SGConv step over the GO gene graph, MLP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["PerturbationEncoder", "mlp_bn"]
+
+
+def mlp_bn(sizes: list[int]) -> nn.Sequential:
+    """``Linear-BN-ReLU-…-Linear-BN`` (the last ReLU dropped, as GEARS' ``MLP`` does)."""
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.BatchNorm1d(sizes[i + 1]), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class PerturbationEncoder(nn.Module):
+    """Embed each cell's perturbed genes into one ``d``-vector (zeros for control cells).
+
+    ``G = SGConv(emb)`` with GCN normalisation ``D^-1/2 (A + I) D^-1/2`` over the weighted GO graph
+    (edges ``src → dst``), then ``p_b = MLP(Σ_{k ∈ pert(b)} G_k)``.
+
+    Parameters
+    ----------
+    n_perts
+        Size ``P`` of the perturbation vocabulary.
+    d
+        Embedding width.
+    edge_src, edge_dst, edge_weight
+        ``(n_edges,)`` GO graph over the perturbation vocabulary (self-loops included or added).
+    """
+
+    def __init__(self, n_perts: int, d: int, edge_src: torch.Tensor, edge_dst: torch.Tensor,
+                 edge_weight: torch.Tensor) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(n_perts, d, max_norm=1.0)
+        self.lin = nn.Linear(d, d)
+        self.fuse = mlp_bn([d, d, d])
+        src, dst, w = self._with_self_loops(n_perts, edge_src.long(), edge_dst.long(), edge_weight.float())
+        deg = torch.zeros(n_perts).index_add_(0, dst, w)
+        norm = deg.pow(-0.5)[src] * w * deg.pow(-0.5)[dst]
+        self.register_buffer("src", src, persistent=False)
+        self.register_buffer("dst", dst, persistent=False)
+        self.register_buffer("norm", norm, persistent=False)
+
+    @staticmethod
+    def _with_self_loops(n: int, src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor):
+        has_loop = torch.zeros(n, dtype=torch.bool)
+        has_loop[src[src == dst]] = True
+        missing = torch.nonzero(~has_loop).flatten()
+        return (torch.cat([src, missing]), torch.cat([dst, missing]),
+                torch.cat([w, torch.ones(missing.numel())]))
+
+    def propagated(self) -> torch.Tensor:
+        """``(n_perts, d)`` GO-propagated perturbation embeddings."""
+        x = self.emb(torch.arange(self.emb.num_embeddings, device=self.emb.weight.device))
+        msg = x[self.src] * self.norm[:, None]
+        return self.lin(torch.zeros_like(x).index_add_(0, self.dst, msg))
+
+    def forward(self, pert_idx: torch.Tensor) -> torch.Tensor:
+        """``(batch, 2)`` indices with ``-1`` padding → ``(batch, d)`` (zero rows for control cells)."""
+        g = self.propagated()
+        valid = pert_idx >= 0
+        summed = (g[pert_idx.clamp(min=0)] * valid[..., None]).sum(1)
+        out = torch.zeros_like(summed)
+        perturbed = valid.any(1)
+        if perturbed.any():
+            z = summed[perturbed]
+            if self.training and z.shape[0] == 1:  # BatchNorm needs two samples; GEARS duplicates
+                z = self.fuse(z.repeat(2, 1))[:1]
+            else:
+                z = self.fuse(z)
+            out = out.index_put((torch.nonzero(perturbed).flatten(),), z)
+        return out

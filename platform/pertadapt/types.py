@@ -1,0 +1,69 @@
+"""Tensor contracts between layers (data → models → losses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = ["Batch", "LossOutput"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A micro-batch of perturbed cells, each paired with one control cell.
+
+    Attributes
+    ----------
+    x_ctrl
+        ``(batch, n_genes)`` float, log1p-normalised expression of the paired control cells.
+    total_count
+        ``(batch,)`` float, raw UMI totals of those control cells.
+    y
+        ``(batch, n_genes)`` float, the observed perturbed cells (the target).
+    pert_idx
+        ``(batch, 2)`` long, indices into the perturbation vocabulary, ``-1`` = none (ctrl, single).
+    pert_gene_pos
+        ``(batch, 2)`` long, positions of the perturbed genes among the model genes, ``-1`` = absent.
+    cond_id
+        ``(batch,)`` long, condition index (cells of one condition share it).
+    is_ctrl
+        ``(batch,)`` bool, control cells.
+    de_idx
+        ``(batch, n_de)`` long, top DE genes of each cell's condition (rank order; zeros for ctrl).
+    nz_mask
+        ``(batch, n_genes)`` bool, genes with non-zero mean in the cell's condition (all for ctrl).
+    """
+
+    x_ctrl: torch.Tensor
+    total_count: torch.Tensor
+    y: torch.Tensor
+    pert_idx: torch.Tensor
+    pert_gene_pos: torch.Tensor
+    cond_id: torch.Tensor
+    is_ctrl: torch.Tensor
+    de_idx: torch.Tensor
+    nz_mask: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        """Move every tensor; floating tensors optionally cast to ``dtype``."""
+        out = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            t = t.to(device)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            out[f.name] = t
+        return Batch(**out)
+
+    def __len__(self) -> int:
+        return int(self.x_ctrl.shape[0])
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """A loss value with its named components and the weights that combined them."""
+
+    total: torch.Tensor
+    components: dict[str, torch.Tensor]
+    weights: dict[str, float]
