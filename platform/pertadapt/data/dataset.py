@@ -1,0 +1,192 @@
+"""Training dataset: each perturbed cell paired with a randomly drawn control cell of its cell type.
+
+Works on a prepared AnnData (``pertadapt data prepare`` layout); ``X`` stays sparse and rows are
+densified one micro-batch at a time, so memory is bounded by the matrix itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from pertadapt.data import keys
+from pertadapt.types import Batch
+
+__all__ = ["PairedCells", "PerturbData", "condition_genes_of", "load_perturb_data"]
+
+
+def condition_genes_of(condition: str) -> list[str]:
+    """Genes of a GEARS condition: ``'A+ctrl'`` → ``['A']``, ``'A+B'`` → ``['A', 'B']``, ``'ctrl'`` → ``[]``."""
+    return [g for g in condition.split(keys.SEP) if g != keys.CONTROL]
+
+
+@dataclass(frozen=True)
+class PerturbData:
+    """A prepared dataset in array form, shared by every split of a run.
+
+    Attributes
+    ----------
+    genes
+        ``(N,)`` model gene order (``var_names``).
+    X
+        ``(n_cells, N)`` CSR float32 log1p-normalised expression.
+    total_count
+        ``(n_cells,)`` raw UMI totals.
+    cell_condition
+        ``(n_cells,)`` condition index into ``conditions``.
+    cell_type
+        ``(n_cells,)`` cell-type index.
+    conditions
+        Condition names (GEARS style), ``ctrl`` included.
+    de_idx
+        condition → ``(n_de,)`` top DE gene positions in rank order (absent for ctrl).
+    nz_idx
+        condition → sorted positions of genes with non-zero mean (absent for ctrl).
+    """
+
+    genes: tuple[str, ...]
+    X: sp.csr_matrix
+    total_count: np.ndarray
+    cell_condition: np.ndarray
+    cell_type: np.ndarray
+    conditions: tuple[str, ...]
+    de_idx: dict[str, np.ndarray]
+    nz_idx: dict[str, np.ndarray]
+
+    def cells_of(self, conditions: Sequence[str]) -> np.ndarray:
+        """Indices of the cells whose condition is in ``conditions``."""
+        wanted = np.isin(np.asarray(self.conditions), list(conditions))
+        return np.flatnonzero(wanted[self.cell_condition])
+
+    @property
+    def control_cells(self) -> np.ndarray:
+        """Indices of all control cells."""
+        return self.cells_of([keys.CONTROL])
+
+    def mean_expression(self, cells: np.ndarray) -> np.ndarray:
+        """``(N,)`` mean of ``X`` over ``cells``."""
+        return np.asarray(self.X[cells].mean(axis=0)).ravel().astype(np.float32)
+
+
+def load_perturb_data(adata: AnnData, *, n_de: int = 20) -> PerturbData:
+    """Turn a prepared AnnData into :class:`PerturbData`.
+
+    Reads ``obs['condition']``, ``obs['condition_name']``, ``obs['cell_type']``, ``obs['total_count']``,
+    ``X`` (log1p) and ``uns['rank_genes_groups_cov_all']`` / ``uns['non_zeros_gene_idx']``.
+    """
+    for key in (keys.CONDITION, keys.CONDITION_NAME, keys.TOTAL_COUNT):
+        if key not in adata.obs:
+            raise KeyError(f"obs['{key}'] is missing; run `pertadapt data prepare` first")
+    for key in (keys.DE_KEY, keys.NON_ZERO_KEY):
+        if key not in adata.uns:
+            raise KeyError(f"uns['{key}'] is missing; run `pertadapt data prepare` first")
+    genes = tuple(map(str, adata.var_names))
+    pos = {g: i for i, g in enumerate(genes)}
+    cond = adata.obs[keys.CONDITION].astype(str).to_numpy()
+    conditions, cell_condition = np.unique(cond, return_inverse=True)
+    ctype = adata.obs[keys.CELL_TYPE].astype(str).to_numpy() if keys.CELL_TYPE in adata.obs else np.zeros(len(cond))
+    _, cell_type = np.unique(ctype, return_inverse=True)
+    name_of = dict(zip(cond, adata.obs[keys.CONDITION_NAME].astype(str), strict=True))
+    de_idx, nz_idx = {}, {}
+    for c in conditions:
+        if c == keys.CONTROL:
+            continue
+        name = name_of[c]
+        ranked = adata.uns[keys.DE_KEY].get(name)
+        if ranked is None:
+            raise KeyError(f"uns['{keys.DE_KEY}'] has no entry for condition '{c}' ({name})")
+        de_idx[c] = np.array([pos[str(g)] for g in list(ranked)[:n_de]], dtype=np.int64)
+        nz_idx[c] = np.asarray(adata.uns[keys.NON_ZERO_KEY][name], dtype=np.int64)
+    X = adata.X if sp.issparse(adata.X) else sp.csr_matrix(adata.X)
+    return PerturbData(genes, sp.csr_matrix(X, dtype=np.float32), adata.obs[keys.TOTAL_COUNT].to_numpy(np.float32),
+                       cell_condition.astype(np.int64), cell_type.astype(np.int64), tuple(map(str, conditions)),
+                       de_idx, nz_idx)
+
+
+class PairedCells(torch.utils.data.Dataset):
+    """Cells of some conditions, each paired with one control cell of the same cell type (seeded).
+
+    Control cells are paired with themselves (``x = y``), as in the reference.
+
+    Parameters
+    ----------
+    data
+        The dataset arrays.
+    conditions
+        Conditions to include (e.g. the training split, ``ctrl`` included).
+    pert_vocab
+        Perturbation vocabulary; ``pert_idx`` indexes into it.
+    seed
+        Seed of the control pairing.
+    n_de
+        Number of DE genes per cell in the batch.
+    """
+
+    def __init__(self, data: PerturbData, conditions: Sequence[str], pert_vocab: Sequence[str], *, seed: int,
+                 n_de: int = 20) -> None:
+        self.data, self.n_de = data, n_de
+        self.cells = data.cells_of(conditions)
+        ctrl = data.control_cells
+        if len(ctrl) == 0:
+            raise ValueError("no control cells ('ctrl') in the data")
+        rng = np.random.default_rng(seed)
+        self.pair = self.cells.copy()
+        for t in np.unique(data.cell_type[self.cells]):
+            pool = ctrl[data.cell_type[ctrl] == t]
+            if len(pool) == 0:
+                raise ValueError(f"no control cells for cell type index {t}")
+            sel = (data.cell_type[self.cells] == t) & (data.cell_condition[self.cells] != self._ctrl_id)
+            self.pair[sel] = rng.choice(pool, size=int(sel.sum()))
+        vocab = {g: i for i, g in enumerate(pert_vocab)}
+        gpos = {g: i for i, g in enumerate(data.genes)}
+        n_cond = len(data.conditions)
+        self.cond_pert = np.full((n_cond, 2), -1, dtype=np.int64)
+        self.cond_pos = np.full((n_cond, 2), -1, dtype=np.int64)
+        for ci, c in enumerate(data.conditions):
+            for j, g in enumerate(condition_genes_of(c)[:2]):
+                self.cond_pert[ci, j] = vocab.get(g, -1)
+                self.cond_pos[ci, j] = gpos.get(g, -1)
+
+    @property
+    def _ctrl_id(self) -> int:
+        return self.data.conditions.index(keys.CONTROL)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def batch(self, items: Sequence[int]) -> Batch:
+        """Collate positions ``items`` of this dataset into a :class:`~pertadapt.types.Batch`."""
+        d = self.data
+        items = np.asarray(items)
+        cells, pairs = self.cells[items], self.pair[items]
+        cond = d.cell_condition[cells]
+        n = len(d.genes)
+        is_ctrl = cond == self._ctrl_id
+        de = np.zeros((len(cells), self.n_de), dtype=np.int64)
+        nz = np.ones((len(cells), n), dtype=bool)
+        for r, c in enumerate(cond):
+            if not is_ctrl[r]:
+                name = d.conditions[c]
+                idx = d.de_idx[name]
+                de[r, : len(idx)] = idx[: self.n_de]
+                nz[r] = False
+                nz[r, d.nz_idx[name]] = True
+        return Batch(
+            x_ctrl=torch.from_numpy(d.X[pairs].toarray()),
+            total_count=torch.from_numpy(d.total_count[pairs]),
+            y=torch.from_numpy(d.X[cells].toarray()),
+            pert_idx=torch.from_numpy(self.cond_pert[cond]),
+            pert_gene_pos=torch.from_numpy(self.cond_pos[cond]),
+            cond_id=torch.from_numpy(cond),
+            is_ctrl=torch.from_numpy(is_ctrl),
+            de_idx=torch.from_numpy(de),
+            nz_mask=torch.from_numpy(nz),
+        )
