@@ -1,0 +1,146 @@
+"""Reading and writing Perturb-seq files: atomic writes, file hashes and the raw-counts layout (b).
+
+Layout (a), the GEARS/PertAdapt processed layout, is read with :func:`anndata.read_h5ad` directly.
+Layout (b) is raw counts with a free-form perturbation column; :func:`read_raw` turns it into
+``obs['condition']`` with canonical GEARS names (:func:`pertadapt.data.conditions.parse_condition`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+
+from pertadapt.data.conditions import ConditionError, parse_condition
+from pertadapt.data.keys import CONDITION, CONTROL, SEP
+
+__all__ = [
+    "DataError",
+    "atomic_write",
+    "atomic_write_text",
+    "read_conditions",
+    "read_raw",
+    "sha256_file",
+    "write_h5ad_atomic",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file, key, condition or gene concerned."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file's bytes, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` via a temporary file in the same directory and an atomic rename.
+
+    Parameters
+    ----------
+    path
+        Destination; it either keeps its old content or gets the complete new one.
+    write
+        Called with the temporary path; it must create the file there. If it raises, the temporary
+        file is removed and the exception propagates.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, dest)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:
+    """Write ``adata`` to ``path`` (``.h5ad``) atomically; no partial file is ever left at ``path``."""
+    atomic_write(path, lambda p: adata.write_h5ad(p))
+
+
+def read_conditions(path: str | Path) -> list[str]:
+    """Unique ``obs['condition']`` values of an ``.h5ad`` without loading ``X`` (backed read).
+
+    Raises
+    ------
+    DataError
+        If ``obs['condition']`` is missing (the message names the key and file).
+    """
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        if CONDITION not in adata.obs:
+            raise DataError(f"{path}: obs key {CONDITION!r} missing")
+        return sorted(str(c) for c in pd.unique(adata.obs[CONDITION].astype(str)))
+    finally:
+        adata.file.close()
+
+
+def read_raw(path: str | Path, *, perturbation_column: str = "gene",
+             control_labels: Iterable[str] = ("non-targeting", CONTROL), delimiter: str = "_") -> ad.AnnData:
+    """Read a raw-counts ``.h5ad`` (layout (b)) and write canonical GEARS names to ``obs['condition']``.
+
+    Parameters
+    ----------
+    path
+        ``.h5ad`` with raw counts in ``X`` (or ``layers['counts']``), cells x genes ``(n_cells, n_genes)``.
+    perturbation_column
+        ``obs`` column with the raw labels, e.g. ``gene`` holding ``non-targeting``, ``KLF1``,
+        ``KLF1_CEBPA`` or ``KLF1|CEBPA``.
+    control_labels
+        Labels meaning control cells (whole label or one part of a combination).
+    delimiter
+        Separator of a combination's genes in the raw labels.
+
+    Returns
+    -------
+    anndata.AnnData
+        The file's content with ``obs['condition']`` set (``ctrl``, ``A+ctrl``, ``A+B``; ``B+A`` labels
+        become ``A+B``); the original column is kept.
+
+    Raises
+    ------
+    DataError
+        If the column is missing, a label is unreadable or a gene name contains ``+``; the message
+        names the column and label.
+    """
+    adata = ad.read_h5ad(path)
+    if perturbation_column not in adata.obs:
+        raise DataError(f"{path}: obs key {perturbation_column!r} (perturbation column) missing; "
+                        f"obs has {', '.join(map(str, adata.obs.columns)) or 'no columns'}")
+    labels = adata.obs[perturbation_column].astype(str)
+    controls = tuple(control_labels)
+    mapping = {}
+    for label in pd.unique(labels):
+        if SEP in label and delimiter != SEP:
+            raise DataError(f"{path}: obs[{perturbation_column!r}] label {label!r} contains {SEP!r}, "
+                            f"which is reserved for GEARS condition names")
+        try:
+            mapping[label] = parse_condition(label, control_labels=controls, delimiter=delimiter)
+        except ConditionError as e:
+            raise DataError(f"{path}: obs[{perturbation_column!r}]: {e}") from e
+    adata.obs[CONDITION] = pd.Categorical(labels.map(mapping))
+    n_ctrl = int((adata.obs[CONDITION] == CONTROL).sum())
+    log.info("%s: %d cells, %d raw labels -> %d conditions, %d control cells", path, adata.n_obs,
+             len(mapping), adata.obs[CONDITION].nunique(), n_ctrl)
+    return adata
