@@ -8,6 +8,8 @@ double in sorted order, singles as ``A+ctrl``).
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from collections.abc import Iterable
 
 from pertadapt.data.keys import CONTROL, SEP
@@ -18,7 +20,10 @@ __all__ = [
     "condition_genes",
     "is_control",
     "parse_condition",
+    "unify_spellings",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class ConditionError(ValueError):
@@ -143,3 +148,37 @@ def parse_condition(label: str, *, control_labels: Iterable[str] = (CONTROL,), d
     if text in controls:
         return CONTROL
     return _from_genes(_genes_of(text.split(delimiter), text, controls))
+
+
+def unify_spellings(names: Iterable[str]) -> dict[str, str]:
+    """Map every spelling to one name per condition, keeping spellings that are already unique.
+
+    A condition written one way only keeps that spelling (so data from GEARS's published files is
+    unchanged); a condition written several ways (``A+B`` and ``B+A``) maps all of them to
+    :func:`canonical_condition` and logs a warning naming them.
+
+    Parameters
+    ----------
+    names
+        Condition names; duplicates are fine.
+
+    Returns
+    -------
+    dict of str to str
+        Spelling -> unified name, one entry per distinct spelling (``ctrl`` included).
+
+    Raises
+    ------
+    ConditionError
+        As :func:`condition_genes`.
+    """
+    by_key: dict[str, set[str]] = defaultdict(set)
+    for name in names:
+        by_key[canonical_condition(str(name))].add(str(name))
+    mapping = {}
+    for key, spellings in by_key.items():
+        if len(spellings) > 1:
+            log.warning("conditions %s are one condition; using %r", " and ".join(sorted(spellings)), key)
+        for spelling in spellings:
+            mapping[spelling] = key if len(spellings) > 1 else spelling
+    return mapping

@@ -16,9 +16,9 @@ Two kinds are provided, each mirroring the GEARS split of the same name (``gears
 
 Both GEARS draws depend only on sorted arrays (``np.unique`` / ``np.setdiff1d``), so assignment does
 not depend on the input order. ``A+B`` and ``B+A`` (and ``A+ctrl`` / ``ctrl+A``) are one condition:
-each group of spellings is represented by its smallest spelling while drawing, and every spelling
-lands in the representative's set. When each condition has one spelling (as in GEARS's published
-files) the assignment is exactly GEARS's.
+a condition written several ways is drawn once under its canonical name
+(:func:`pertadapt.data.conditions.unify_spellings`) and every spelling lands in the same set. When
+each condition has one spelling (as in GEARS's published files) the assignment is exactly GEARS's.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pertadapt.data.conditions import canonical_condition, condition_genes, is_control
+from pertadapt.data.conditions import condition_genes, is_control, unify_spellings
 from pertadapt.data.io import atomic_write_text
 from pertadapt.data.keys import CONTROL
 
@@ -195,17 +195,11 @@ def _single(perts: Sequence[str], frac: float,
 
 
 def _representatives(conditions: Sequence[str]) -> dict[str, list[str]]:
-    """Smallest spelling -> all spellings of each non-control condition (``A+B`` ~ ``B+A``)."""
-    by_key: dict[str, set[str]] = defaultdict(set)
-    for c in conditions:
-        if not is_control(c):
-            by_key[canonical_condition(c)].add(str(c))
-    reps = {}
-    for spellings in by_key.values():
-        ordered = sorted(spellings)
-        if len(ordered) > 1:
-            log.warning("conditions %s are one condition; they are split together", " and ".join(ordered))
-        reps[ordered[0]] = ordered
+    """Unified name -> all its spellings, for non-control conditions (``A+B`` ~ ``B+A``)."""
+    reps: dict[str, list[str]] = defaultdict(list)
+    for spelling, name in sorted(unify_spellings(conditions).items()):
+        if not is_control(name):
+            reps[name].append(spelling)
     return reps
 
 
