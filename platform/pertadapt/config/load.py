@@ -23,6 +23,7 @@ from pertadapt.config.schema import ConfigError, RunConfig
 __all__ = [
     "config_hash",
     "config_to_dict",
+    "dotted_to_nested",
     "config_from_dict",
     "load_run_config",
     "read_yaml",
@@ -141,6 +142,20 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
         layers.append(_overrides_to_conf(overrides))
         source += f" + overrides {overrides}"
     return _validate(source, *layers)
+
+
+def dotted_to_nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"optim.lr": 0.1}`` → ``{"optim": {"lr": 0.1}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = str(key).split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"key '{key}': '{part}' is both a value and a section")
+        node[leaf] = value
+    return out
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
-from anndata import AnnData
 
 from pertadapt.data import keys
+from pertadapt.data.conditions import condition_genes
 from pertadapt.types import Batch
 
-__all__ = ["PairedCells", "PerturbData", "condition_genes_of", "load_perturb_data"]
-
-
-def condition_genes_of(condition: str) -> list[str]:
-    """Genes of a GEARS condition: ``'A+ctrl'`` → ``['A']``, ``'A+B'`` → ``['A', 'B']``, ``'ctrl'`` → ``[]``."""
-    return [g for g in condition.split(keys.SEP) if g != keys.CONTROL]
+__all__ = ["PairedCells", "PerturbData", "load_perturb_data", "read_perturb_data"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ class PerturbData:
         return np.asarray(self.X[cells].mean(axis=0)).ravel().astype(np.float32)
 
 
-def load_perturb_data(adata: AnnData, *, n_de: int = 20) -> PerturbData:
+def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20) -> PerturbData:
     """Turn a prepared AnnData into :class:`PerturbData`.
 
     Reads ``obs['condition']``, ``obs['condition_name']``, ``obs['cell_type']``, ``obs['total_count']``,
@@ -106,6 +103,11 @@ def load_perturb_data(adata: AnnData, *, n_de: int = 20) -> PerturbData:
     return PerturbData(genes, sp.csr_matrix(X, dtype=np.float32), adata.obs[keys.TOTAL_COUNT].to_numpy(np.float32),
                        cell_condition.astype(np.int64), cell_type.astype(np.int64), tuple(map(str, conditions)),
                        de_idx, nz_idx)
+
+
+def read_perturb_data(path: str | Path, *, n_de: int = 20) -> PerturbData:
+    """Read a prepared ``.h5ad`` into :class:`PerturbData`."""
+    return load_perturb_data(ad.read_h5ad(path), n_de=n_de)
 
 
 class PairedCells(torch.utils.data.Dataset):
@@ -148,7 +150,7 @@ class PairedCells(torch.utils.data.Dataset):
         self.cond_pert = np.full((n_cond, 2), -1, dtype=np.int64)
         self.cond_pos = np.full((n_cond, 2), -1, dtype=np.int64)
         for ci, c in enumerate(data.conditions):
-            for j, g in enumerate(condition_genes_of(c)[:2]):
+            for j, g in enumerate(condition_genes(c)[:2]):
                 self.cond_pert[ci, j] = vocab.get(g, -1)
                 self.cond_pos[ci, j] = gpos.get(g, -1)
 

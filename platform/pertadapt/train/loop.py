@@ -1,0 +1,183 @@
+"""The one training loop: batch → forward → loss → backward → step → validate → report.
+
+It knows nothing about Ray, DeepSpeed or W&B: the engine owns distribution, the ``report``
+callback owns logging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pertadapt.config.schema import RunConfig
+from pertadapt.data.dataset import PairedCells
+from pertadapt.eval import compute_metrics
+from pertadapt.train.engine import Engine
+from pertadapt.types import Batch, LossOutput
+
+__all__ = ["EvalSet", "predict_condition_means", "train"]
+
+log = logging.getLogger(__name__)
+Report = Callable[[dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Cells to evaluate, the subgroups of their conditions, and the reference statistics.
+
+    Attributes
+    ----------
+    cells
+        Paired cells of the evaluated conditions.
+    subgroups
+        subgroup name → conditions (e.g. ``combo_seen0``).
+    ctrl_mean
+        ``(N,)`` mean expression of all control cells.
+    """
+
+    cells: PairedCells
+    subgroups: Mapping[str, Sequence[str]]
+    ctrl_mean: np.ndarray
+
+
+def _micro_batches(order: np.ndarray, size: int) -> list[np.ndarray]:
+    return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+@torch.no_grad()
+def predict_condition_means(engine: Engine, cells: PairedCells, batch_size: int
+                            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Mean prediction and mean truth per condition, computed across all ranks.
+
+    Batches are dealt round-robin to ranks (the last ones padded with a repeat so that every rank
+    runs the same number of forwards, as ZeRO-3 requires); per-condition sums are gathered.
+
+    Returns
+    -------
+    pred, truth
+        condition → ``(N,)`` means over that condition's cells.
+    """
+    engine.train(False)
+    batches = _micro_batches(np.arange(len(cells)), batch_size)
+    per_rank = math.ceil(len(batches) / engine.world_size)
+    mine = [batches[i] if i < len(batches) else None
+            for i in range(engine.rank, per_rank * engine.world_size, engine.world_size)]
+    n_genes = len(cells.data.genes)
+    sums: dict[int, list[np.ndarray]] = {}
+    for items in mine:
+        batch = cells.batch(batches[-1] if items is None else items)
+        pred = engine.forward(batch).cpu().double().numpy()
+        if items is None:
+            continue
+        truth = batch.y.double().numpy()
+        for c in np.unique(batch.cond_id.numpy()):
+            rows = batch.cond_id.numpy() == c
+            acc = sums.setdefault(int(c), [np.zeros(n_genes), np.zeros(n_genes), np.zeros(1)])
+            acc[0] += pred[rows].sum(0)
+            acc[1] += truth[rows].sum(0)
+            acc[2] += rows.sum()
+    merged: dict[int, list[np.ndarray]] = {}
+    for part in engine.gather(sums):
+        for c, (p, t, n) in part.items():
+            acc = merged.setdefault(c, [np.zeros(n_genes), np.zeros(n_genes), np.zeros(1)])
+            acc[0] += p
+            acc[1] += t
+            acc[2] += n
+    names = cells.data.conditions
+    pred_means = {names[c]: (p / n).astype(np.float32) for c, (p, t, n) in merged.items()}
+    truth_means = {names[c]: (t / n).astype(np.float32) for c, (p, t, n) in merged.items()}
+    return pred_means, truth_means
+
+
+def evaluate(engine: Engine, es: EvalSet, prefix: str, batch_size: int) -> tuple[dict[str, float], dict]:
+    """GEARS metrics of one split (ctrl excluded), flattened with ``prefix``; also the mean predictions."""
+    pred, truth = predict_condition_means(engine, es.cells, batch_size)
+    pred.pop("ctrl", None)
+    truth.pop("ctrl", None)
+    de = {c: es.cells.data.de_idx[c] for c in pred}
+    metrics = compute_metrics(pred, truth, es.ctrl_mean, de, subgroups=es.subgroups)
+    return metrics.flat(prefix), pred
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    return (directory / "latest").exists() or (directory / "state.pt").exists()
+
+
+def _epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    per_rank = n // world if n >= world else 1
+    return order[rank * per_rank: (rank + 1) * per_rank] if n >= world else order[:1]
+
+
+def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet, test: EvalSet,
+          loss_fn: Callable[[torch.Tensor, Batch], LossOutput], run_dir: Path, report: Report,
+          *, resume: bool = False) -> dict[str, Any]:
+    """Train, select the best epoch on ``eval.select_metric``, test it, and return the final metrics.
+
+    Parameters
+    ----------
+    cfg
+        The run config (``optim`` and ``eval`` sections are read).
+    engine
+        Torch or DeepSpeed engine.
+    train_cells, val, test
+        Training cells and the two evaluation sets.
+    loss_fn
+        ``(pred, batch) -> LossOutput``.
+    run_dir
+        Where checkpoints (``ckpt/last``, ``ckpt/best``) and ``metrics.jsonl`` go.
+    report
+        Called with each epoch's metrics and then the final metrics (rank 0 forwards them).
+    resume
+        Continue from ``ckpt/last`` when it exists.
+    """
+    o = cfg.optim
+    ckpt_last, ckpt_best = run_dir / "ckpt" / "last", run_dir / "ckpt" / "best"
+    start, best = 0, math.inf
+    if resume and _has_checkpoint(ckpt_last):
+        state = engine.load(ckpt_last)
+        start, best = state["epoch"] + 1, state["best"]
+        log.info("resumed from %s at epoch %d", ckpt_last, start)
+    history = run_dir / "metrics.jsonl"
+    select = cfg.eval.select_metric
+    for epoch in range(start, o.epochs):
+        engine.train(True)
+        engine.set_lr(o.lr * o.step_gamma ** epoch)
+        order = _epoch_order(len(train_cells), cfg.seed, epoch, engine.rank, engine.world_size)
+        batches = _micro_batches(order, o.micro_batch_size)
+        if o.max_steps_per_epoch is not None:
+            per_step = max(1, o.batch_size // (o.micro_batch_size * engine.world_size))
+            batches = batches[: o.max_steps_per_epoch * per_step]
+        losses = []
+        for items in batches:
+            batch = train_cells.batch(items)
+            out = loss_fn(engine.forward(batch), batch)
+            engine.backward(out.total * cfg.loss.scale)
+            engine.step()
+            losses.append(float(out.total))
+        val_metrics, _ = evaluate(engine, val, "val", cfg.eval.batch_size)
+        row = {"epoch": epoch, "lr": o.lr * o.step_gamma ** epoch, "train_loss": float(np.mean(losses)),
+               **val_metrics}
+        if not math.isfinite(row["train_loss"]):
+            raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}")
+        if val_metrics[select] < best:
+            best = val_metrics[select]
+            engine.save(ckpt_best, {"epoch": epoch, "best": best})
+        engine.save(ckpt_last, {"epoch": epoch, "best": best})
+        if engine.rank == 0:
+            with history.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        report(row)
+    state = engine.load(ckpt_best)
+    test_metrics, test_pred = evaluate(engine, test, "test", cfg.eval.batch_size)
+    val_metrics, _ = evaluate(engine, val, "val", cfg.eval.batch_size)
+    final = {"best_epoch": state["epoch"], **val_metrics, **test_metrics}
+    return {"metrics": final, "test_predictions": test_pred}

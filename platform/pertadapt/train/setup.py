@@ -1,0 +1,160 @@
+"""Everything a run needs, built from its config: data, split, GO structures, datasets, provenance.
+
+This is where the data and GO layers meet the models: arrays go in, no model sees a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pertadapt.config.schema import ConfigError, RunConfig
+from pertadapt.data.conditions import condition_genes
+from pertadapt.data.dataset import PairedCells, PerturbData, read_perturb_data
+from pertadapt.data.io import sha256_file
+from pertadapt.data.splits import ConditionSplit, split_conditions
+from pertadapt.models.build import ModelInputs
+from pertadapt.train.loop import EvalSet
+
+__all__ = ["RunData", "cache_dir", "ensure_data_file", "prepare_run_data", "provenance"]
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """``$PERTADAPT_CACHE`` or ``~/.cache/pertadapt``."""
+    return Path(os.environ.get("PERTADAPT_CACHE", Path.home() / ".cache" / "pertadapt"))
+
+
+def ensure_data_file(cfg: RunConfig) -> Path:
+    """The run's ``.h5ad``: ``data.path``, or the simulator preset generated once into the cache."""
+    if cfg.data.path is not None:
+        p = Path(cfg.data.path)
+        if not p.is_file():
+            raise ConfigError(f"data.path: file not found: {p}")
+        return p
+    from pertadapt.data.io import write_h5ad_atomic
+    from pertadapt.data.simulate import simulate
+
+    out = cache_dir() / "simulated" / f"{cfg.data.simulate_preset}_seed{cfg.data.simulate_seed}.h5ad"
+    if not out.is_file():
+        log.info("simulating preset %r (seed %d) → %s", cfg.data.simulate_preset, cfg.data.simulate_seed, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_h5ad_atomic(simulate(cfg.data.simulate_preset, seed=cfg.data.simulate_seed), out)
+    return out
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Data-derived inputs of one run.
+
+    Attributes
+    ----------
+    data
+        Arrays of the prepared dataset.
+    split
+        Condition split.
+    pert_vocab
+        Perturbation genes (sorted) with GO annotations; conditions outside it were dropped.
+    inputs
+        Arrays for the model builder (genes, GO graph, GO mask, control mean).
+    train, val, test
+        Paired cells of each split.
+    hashes
+        ``data_sha256``, ``gene_order_sha256``, ``go_mask_sha256``.
+    """
+
+    data: PerturbData
+    split: ConditionSplit
+    pert_vocab: tuple[str, ...]
+    inputs: ModelInputs
+    train: PairedCells
+    val: EvalSet
+    test: EvalSet
+    hashes: dict[str, str]
+
+
+def _gene_hash(genes: tuple[str, ...]) -> str:
+    return hashlib.sha256("\n".join(genes).encode()).hexdigest()
+
+
+def _mask_arrays(cfg: RunConfig, ann, genes: tuple[str, ...]) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    from pertadapt.go import build_go_mask
+
+    if not cfg.adapter.enabled or cfg.adapter.attention_mask == "none":
+        return None, None, "none"
+    mask = build_go_mask(ann, genes, threshold=cfg.go.mask_threshold, kind=cfg.adapter.attention_mask,
+                         seed=cfg.seed)
+    csr = mask.csr
+    return csr.indptr.astype(np.int64), csr.indices.astype(np.int64), mask.sha256
+
+
+def prepare_run_data(cfg: RunConfig) -> RunData:
+    """Load the data, split its conditions, build the GO graph and mask, and pair the cells."""
+    from pertadapt.go import build_gene_graph, load_annotations
+
+    path = ensure_data_file(cfg)
+    data = read_perturb_data(path, n_de=cfg.data.n_de)
+    ann = load_annotations(cfg.go.source, obo=cfg.go.obo, gaf=cfg.go.gaf, aspects=tuple(cfg.go.aspects),
+                           propagate=cfg.go.propagate)
+    targets = sorted({g for c in data.conditions for g in condition_genes(c)})
+    missing = [g for g in targets if not ann.gene2terms.get(g)]
+    if missing:
+        if cfg.data.missing_go == "fail":
+            raise ValueError(f"perturbation targets without GO annotation: {missing} (data.missing_go=fail)")
+        log.warning("dropping conditions of %d targets without GO annotation: %s", len(missing), missing[:10])
+    keep = [c for c in data.conditions if not set(condition_genes(c)) & set(missing)]
+    split = split_conditions(keep, cfg.data.split, seed=cfg.split_seed,
+                             train_gene_frac=cfg.data.train_gene_frac,
+                             combo_seen2_train_frac=cfg.data.combo_seen2_train_frac)
+    pert_vocab = tuple(g for g in targets if g not in set(missing))
+    graph = build_gene_graph(ann, pert_vocab, threshold=cfg.go.graph_threshold, top_k=cfg.go.graph_top_k)
+    indptr, indices, mask_hash = _mask_arrays(cfg, ann, data.genes)
+    ctrl_mean = data.mean_expression(data.control_cells)
+    inputs = ModelInputs(data.genes, len(pert_vocab), graph.src, graph.dst, graph.weight, indptr, indices, ctrl_mean)
+    seed = cfg.seed
+    train = PairedCells(data, [*split.train], pert_vocab, seed=seed, n_de=cfg.data.n_de)
+    val = EvalSet(PairedCells(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de),
+                  split.val_subgroups, ctrl_mean)
+    test = EvalSet(PairedCells(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de),
+                   split.subgroups, ctrl_mean)
+    hashes = {"data_sha256": sha256_file(path), "gene_order_sha256": _gene_hash(data.genes),
+              "go_mask_sha256": mask_hash, "go_source": ann.source}
+    return RunData(data, split, pert_vocab, inputs, train, val, test, hashes)
+
+
+def _git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(extra: dict[str, object]) -> dict[str, object]:
+    """Git SHA, package versions and the given hashes, for ``provenance.json``."""
+    pkgs = {}
+    for name in ("pertadapt", "torch", "deepspeed", "ray", "optuna", "wandb", "anndata", "scanpy", "numpy"):
+        try:
+            pkgs[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pkgs[name] = None
+    return {"git_sha": _git_sha(), "packages": pkgs, **extra}
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Atomic JSON write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
