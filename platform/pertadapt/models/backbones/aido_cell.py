@@ -62,9 +62,11 @@ __all__ = [
     "CheckpointError",
     "bundled_gene_vocab",
     "build_aido_cell",
+    "check_state_dict",
     "check_vocabulary",
     "read_gene_file",
     "read_safetensors",
+    "resolve_vocab",
     "write_safetensors",
 ]
 
