@@ -1,9 +1,154 @@
-"""`pertadapt` commands of the evaluate area (registered by :mod:`pertadapt.cli.main`)."""
+"""`pertadapt eval` and `pertadapt baselines` (registered by :mod:`pertadapt.cli.main`).
+
+``SPLIT.json`` needs the keys ``train``, ``val``, ``test`` (condition lists) and ``subgroups``
+(subgroup name -> test conditions), as written by the data layer's split. Metrics are computed on the
+``test`` conditions; predictions of train/val conditions are allowed (the GI metrics use predicted
+singles) and otherwise ignored.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
 import typer
+
+log = logging.getLogger("pertadapt")
+
+#: Genes with the highest control mean used for the GI metrics (stand-in for GEARS's unshipped
+#: ``genes_with_hi_mean.npy``; bounds the O(n²) distance correlation).
+GI_GENES = 1000
+
+
+def _read_split(path: Path) -> dict:
+    doc = json.loads(path.read_text())
+    missing = [k for k in ("train", "val", "test", "subgroups") if k not in doc]
+    if missing:
+        raise ValueError(f"{path}: key(s) {', '.join(missing)} missing")
+    return doc
+
+
+def _jsonable(value: object) -> object:
+    """Non-finite floats -> ``None`` so that the output is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _evaluate(adata: object, split: dict, conditions: list[str], matrix: np.ndarray, *, gi: bool) -> dict:
+    """Metrics of predicted condition means on the split's test conditions (``metrics.json`` layout)."""
+    from pertadapt.data.conditions import condition_genes
+    from pertadapt.data.keys import CONDITION_NAME, TOP_NON_DROPOUT_DE_KEY
+    from pertadapt.data.summaries import condition_means, control_mean, de_indices, non_dropout_de_indices
+    from pertadapt.eval import compute_metrics, gi_metrics, top_variable_genes
+    from pertadapt.eval.metrics import DIRECTION_TOP_N
+
+    known = set(split["train"]) | set(split["val"]) | set(split["test"])
+    outside = [c for c in conditions if c not in known]
+    if outside:
+        raise ValueError(f"{len(outside)} predicted condition(s) are not in the split, first {outside[0]!r}")
+    pred = dict(zip(conditions, matrix, strict=True))
+    unpredicted = [c for c in split["test"] if c not in pred]
+    if unpredicted:
+        raise ValueError(f"{len(unpredicted)} test condition(s) have no prediction, first {unpredicted[0]!r}")
+    if CONDITION_NAME not in adata.obs:
+        raise ValueError("the dataset has no obs['condition_name']; run `pertadapt data prepare` first")
+    genes = [str(g) for g in adata.var_names]
+    names, means = condition_means(adata)
+    truth = dict(zip(names, means, strict=True))
+    ctrl = control_mean(adata)
+    de = de_indices(adata, n=max(DIRECTION_TOP_N))
+    nd = non_dropout_de_indices(adata) if TOP_NON_DROPOUT_DE_KEY in adata.uns else None
+    if nd is None:
+        log.warning("uns[%r] missing: the *_non_dropout metrics are left out", TOP_NON_DROPOUT_DE_KEY)
+    test_pred = {c: pred[c] for c in split["test"]}
+    metrics = compute_metrics(test_pred, truth, ctrl, de, subgroups=split["subgroups"],
+                              non_dropout_de_idx=nd, hvg_idx=top_variable_genes(means), gene_names=genes)
+    doc = metrics.to_dict()
+    doubles = [c for c in split["test"] if len(condition_genes(c)) == 2]
+    if gi and doubles:
+        result = gi_metrics(pred, truth, ctrl, doubles, gene_idx=np.argsort(ctrl)[-GI_GENES:])
+        doc["gi"] = {"overall": result.overall, "per_double": result.per_double}
+    return _jsonable(doc)
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    from pertadapt.data.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+
+
+def eval_command(
+    pred: Annotated[Path, typer.Option("--pred", help="Predictions: obs['condition'], X per cell or per condition.")],
+    data: Annotated[Path, typer.Option("--data", help="Prepared dataset (.h5ad) with the uns DE keys.")],
+    split: Annotated[Path, typer.Option("--split", help="SPLIT.json with train/val/test/subgroups.")],
+    out: Annotated[Path, typer.Option("--out", help="Output metrics.json.")],
+    gi: Annotated[bool, typer.Option("--gi/--no-gi", help="Also genetic-interaction metrics of test doubles "
+                                     "(Theil-Sen, about 2 s per prediction and double).")] = False,
+) -> None:
+    """GEARS-compatible metrics (overall, per subgroup, per perturbation) of a prediction file."""
+    from pertadapt.data.summaries import read_dataset, read_predictions
+
+    try:
+        doc_split = _read_split(split)
+        adata = read_dataset(data)
+        conditions, matrix = read_predictions(pred, [str(g) for g in adata.var_names])
+        doc = _evaluate(adata, doc_split, conditions, matrix, gi=gi)
+    except ValueError as e:
+        log.error("eval: %s", e)
+        raise typer.Exit(1) from e
+    _write_json(out, doc)
+    log.info("eval: %d test perturbations, mse_de %.4g -> %s", len(doc["per_perturbation"]),
+             doc["overall"].get("mse_de", float("nan")), out)
+
+
+def baselines_command(
+    data: Annotated[Path, typer.Argument(help="Prepared dataset (.h5ad).")],
+    split: Annotated[Path, typer.Option("--split", help="SPLIT.json with train/val/test/subgroups.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    linear_k: Annotated[int, typer.Option("--linear-k", help="PCs of baseline_linear.")] = 10,
+    linear_ridge: Annotated[float, typer.Option("--linear-ridge", help="Ridge penalty of baseline_linear.")] = 0.1,
+    gi: Annotated[bool, typer.Option("--gi/--no-gi", help="Also genetic-interaction metrics of test doubles.")] = False,
+) -> None:
+    """Fit every baseline on the training conditions; write DIR/<name>.h5ad and DIR/<name>.metrics.json."""
+    from pertadapt.baselines import BASELINES, fit_baseline
+    from pertadapt.data.keys import CONTROL
+    from pertadapt.data.summaries import condition_means, control_mean, read_dataset, write_predictions
+
+    try:
+        doc_split = _read_split(split)
+        adata = read_dataset(data)
+        genes = [str(g) for g in adata.var_names]
+        names, means = condition_means(adata)
+        by_name = dict(zip(names, means, strict=True))
+        absent = [c for c in doc_split["train"] if c not in by_name]
+        if absent:
+            raise ValueError(f"{len(absent)} training condition(s) have no cells, first {absent[0]!r}")
+        train = {c: by_name[c] for c in doc_split["train"]}
+        ctrl = control_mean(adata)
+        targets = sorted({*doc_split["train"], *doc_split["val"], *doc_split["test"]} - {CONTROL})
+        for name in BASELINES:
+            model = fit_baseline(name, train, ctrl, linear_k=linear_k, linear_ridge=linear_ridge,
+                                 gene_names=genes)
+            predicted = model.predict(targets)
+            matrix = np.stack([predicted[c] for c in targets])
+            write_predictions(out / f"{name}.h5ad", targets, matrix, genes)
+            doc = _evaluate(adata, doc_split, targets, matrix, gi=gi)
+            _write_json(out / f"{name}.metrics.json", doc)
+            log.info("%s: test mse_de %.4g, pearson_delta %.4g", name, doc["overall"].get("mse_de", float("nan")),
+                     doc["overall"].get("pearson_delta", float("nan")))
+    except ValueError as e:
+        log.error("baselines: %s", e)
+        raise typer.Exit(1) from e
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add ``eval`` and ``baselines`` to the root app."""
+    app.command("eval")(eval_command)
+    app.command("baselines")(baselines_command)

@@ -1,1 +1,16 @@
-"""pertadapt.eval."""
+"""Evaluation metrics on condition means (numpy only): GEARS family, cell-eval family, GI metrics."""
+
+from __future__ import annotations
+
+from pertadapt.eval.gi import GIMetrics, gi_metrics, gi_params
+from pertadapt.eval.metrics import Metrics, compute_metrics, pearson0, top_variable_genes
+
+__all__ = [
+    "GIMetrics",
+    "Metrics",
+    "compute_metrics",
+    "gi_metrics",
+    "gi_params",
+    "pearson0",
+    "top_variable_genes",
+]
