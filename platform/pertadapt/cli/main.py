@@ -35,9 +35,9 @@ def main() -> None:
 
 
 def _register_groups() -> None:
-    from pertadapt.cli import data, embed, evaluate, go, simulate
+    from pertadapt.cli import data, embed, evaluate, go, runs, simulate
 
-    for module in (data, go, evaluate, simulate, embed):
+    for module in (runs, simulate, data, go, evaluate, embed):
         module.register(app)
 
 

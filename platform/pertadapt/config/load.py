@@ -66,7 +66,8 @@ def resolve_config_path(ref: str | Path, relative_to: Path | None = None) -> Pat
     candidates = [ref]
     if relative_to is not None:
         candidates.append(relative_to.parent / ref)
-    candidates += [Path("configs") / ref, Path("configs") / f"{ref}.yaml"]
+    repo = Path(__file__).resolve().parents[3]  # the checkout, for editable installs run elsewhere
+    candidates += [Path("configs") / ref, repo / ref, repo / "configs" / ref]
     for c in candidates:
         if c.is_file():
             return c

@@ -120,7 +120,7 @@ def load_ablation(path: str | Path, *, extra_overrides: Mapping[str, Any] | None
     for req in ("name", "base", "arms"):
         if req not in raw:
             raise ConfigError(f"{path}: missing required key '{req}'")
-    base = resolve_config_path(raw["base"], path)
+    base = resolve_config_path(raw["base"])
     seeds = raw.get("seeds", [1])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
