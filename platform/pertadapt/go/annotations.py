@@ -1,0 +1,312 @@
+"""The in-memory GO annotation table (gene symbol -> GO term set) and its three sources."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from pertadapt.go.errors import GeneListError, GOError
+from pertadapt.go.sources import (
+    Annotation,
+    TermRecord,
+    default_cache_dir,
+    fetch_debian,
+    read_bundled,
+    read_debian,
+    write_obo,
+)
+
+if TYPE_CHECKING:
+    from goatools.obo_parser import GODag
+
+__all__ = ["ASPECTS", "SOURCES", "GOAnnotations", "SymbolResolution", "load_annotations", "resolve_symbols",
+           "suggest"]
+
+log = logging.getLogger(__name__)
+
+ASPECTS = ("BP", "MF", "CC")
+SOURCES = ("bundled", "debian", "obo")
+
+
+@dataclass(frozen=True)
+class GOAnnotations:
+    """Gene symbol -> GO term set, with provenance.
+
+    Attributes
+    ----------
+    gene2terms
+        Annotated symbol -> frozenset of GO ids (only genes with at least one term).
+    source
+        ``bundled``, ``debian`` or ``obo``.
+    version
+        Release dates and package versions (e.g. ``go_release``, ``gene2go_date``, ``GO.db``).
+    aspects
+        Aspects kept (subset of BP, MF, CC).
+    propagate
+        Whether term sets include all ``is_a`` (and optionally ``part_of``) ancestors.
+    term_aspect
+        GO id -> aspect, for every term of the ontology.
+    term_name
+        GO id -> term name, for reports.
+    symbols
+        Every known gene symbol, annotated or not (the NCBI symbol universe for the human
+        sources; the GAF's symbols for ``obo``).
+    aliases
+        Alias -> candidate official symbols (sorted); one candidate = unambiguous.
+    """
+
+    gene2terms: Mapping[str, frozenset[str]]
+    source: str
+    version: Mapping[str, str]
+    aspects: tuple[str, ...]
+    propagate: bool
+    term_aspect: Mapping[str, str] = field(default_factory=dict, repr=False)
+    term_name: Mapping[str, str] = field(default_factory=dict, repr=False)
+    symbols: frozenset[str] = field(default_factory=frozenset, repr=False)
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+
+    def sha256(self) -> str:
+        """Hex sha256 of the content: aspects, propagation flag and every gene's sorted term set."""
+        h = hashlib.sha256(f"{','.join(self.aspects)}|{int(self.propagate)}\n".encode())
+        for gene in sorted(self.gene2terms):
+            h.update(f"{gene}\t{','.join(sorted(self.gene2terms[gene]))}\n".encode())
+        return h.hexdigest()
+
+    @property
+    def n_terms(self) -> int:
+        """Number of distinct GO terms used by the annotations."""
+        return len(frozenset().union(*self.gene2terms.values()))
+
+
+@dataclass(frozen=True)
+class SymbolResolution:
+    """How each requested gene name maps onto the annotation table.
+
+    Attributes
+    ----------
+    genes
+        The requested names, in order.
+    symbols
+        Official symbol for each requested name (``None`` when unknown or ambiguous).
+    via_alias
+        Name -> symbol for names resolved through an unambiguous alias.
+    ambiguous
+        Name -> candidate symbols for aliases shared by several genes (left unresolved).
+    unknown
+        Names that are neither a symbol nor an alias.
+    """
+
+    genes: tuple[str, ...]
+    symbols: tuple[str | None, ...]
+    via_alias: Mapping[str, str]
+    ambiguous: Mapping[str, tuple[str, ...]]
+    unknown: tuple[str, ...]
+
+
+def _check_unique(genes: Sequence[str]) -> None:
+    dups = sorted(g for g, n in Counter(genes).items() if n > 1)
+    if dups:
+        shown = ", ".join(dups[:20]) + (" …" if len(dups) > 20 else "")
+        raise GeneListError(f"gene list has {len(dups)} duplicated name(s): {shown}")
+
+
+def resolve_symbols(ann: GOAnnotations, genes: Sequence[str]) -> SymbolResolution:
+    """Map gene names to official symbols: exact symbol first, then an unambiguous alias.
+
+    Parameters
+    ----------
+    ann
+        Annotation table.
+    genes
+        Names to resolve, shape (N,); must be unique.
+
+    Returns
+    -------
+    SymbolResolution
+
+    Raises
+    ------
+    GeneListError
+        The list contains duplicates (they are named).
+    """
+    _check_unique(genes)
+    symbols: list[str | None] = []
+    via_alias: dict[str, str] = {}
+    ambiguous: dict[str, tuple[str, ...]] = {}
+    unknown: list[str] = []
+    for g in genes:
+        if g in ann.gene2terms or g in ann.symbols:
+            symbols.append(g)
+            continue
+        cands = ann.aliases.get(g, ())
+        if len(cands) == 1:
+            symbols.append(cands[0])
+            via_alias[g] = cands[0]
+        else:
+            symbols.append(None)
+            if cands:
+                ambiguous[g] = cands
+            else:
+                unknown.append(g)
+    if via_alias or ambiguous:
+        log.debug("resolved %d names via aliases; %d ambiguous aliases left unresolved: %s", len(via_alias),
+                  len(ambiguous), ", ".join(sorted(ambiguous)[:20]))
+    return SymbolResolution(tuple(genes), tuple(symbols), MappingProxyType(via_alias),
+                            MappingProxyType(ambiguous), tuple(unknown))
+
+
+def suggest(ann: GOAnnotations, name: str, n: int = 3) -> list[str]:
+    """Suggest official symbols for an unknown or ambiguous name (alias candidates, case, spelling).
+
+    Parameters
+    ----------
+    ann
+        Annotation table.
+    name
+        The unknown gene name.
+    n
+        Most spelling suggestions returned.
+
+    Returns
+    -------
+    list of str
+        Candidate symbols, best first.
+    """
+    out = list(ann.aliases.get(name, ()))
+    upper = name.upper()
+    if upper != name and (upper in ann.symbols or upper in ann.gene2terms):
+        out.append(upper)
+    out += list(ann.aliases.get(upper, ())) if upper != name else []
+    if not out:
+        universe = sorted(ann.symbols | set(ann.gene2terms))
+        out = difflib.get_close_matches(upper, universe, n=n, cutoff=0.85)
+    return list(dict.fromkeys(out))
+
+
+def _alias_map(pairs: Iterable[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
+    table: dict[str, set[str]] = {}
+    for symbol, alias in pairs:
+        if alias != symbol:
+            table.setdefault(alias, set()).add(symbol)
+    return {a: tuple(sorted(s)) for a, s in table.items()}
+
+
+def _dag_for_terms(terms: list[TermRecord], version: Mapping[str, str], cache_dir: Path) -> GODag:
+    from pertadapt.go.obo import load_dag
+
+    path = cache_dir / "go" / "obo" / f"go-{version.get('go_release', 'unknown')}-{len(terms)}.obo"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_obo(terms, path, version.get("go_release", "unknown"))
+    return load_dag(path)
+
+
+def load_annotations(source: str = "bundled", *, obo: str | os.PathLike[str] | None = None,
+                     gaf: str | os.PathLike[str] | None = None, aspects: Sequence[str] = ASPECTS,
+                     propagate: bool = False, part_of: bool = False, exclude_evidence: Sequence[str] = (),
+                     cache_dir: str | os.PathLike[str] | None = None) -> GOAnnotations:
+    """Load a GO annotation table.
+
+    Parameters
+    ----------
+    source
+        ``bundled`` (package data: GO 2022-07-01 / NCBI gene2go 2022-09-12, human), ``debian``
+        (download ``r-bioc-go.db`` + ``r-bioc-org.hs.eg.db`` with apt-get into the cache, once) or
+        ``obo`` (your ``obo`` + ``gaf`` files, read with goatools).
+    obo, gaf
+        Ontology and annotation files for ``source="obo"``.
+    aspects
+        Aspects to keep (BP, MF, CC).
+    propagate
+        Add all ancestors up ``is_a`` (goatools) to every gene's term set; the default is direct
+        annotations, as GEARS.
+    part_of
+        With ``propagate``, also climb ``part_of`` edges.
+    exclude_evidence
+        Evidence codes to drop (e.g. ``("ND", "IEA")``); GEARS keeps all.
+    cache_dir
+        Cache root (default ``$PERTADAPT_CACHE`` or ``~/.cache/pertadapt``).
+
+    Returns
+    -------
+    GOAnnotations
+
+    Raises
+    ------
+    GOError
+        Bad arguments; :class:`GOFormatError` for malformed files (with line number);
+        :class:`GOSourceUnavailable` when apt is unavailable for ``debian``.
+    """
+    if source not in SOURCES:
+        raise GOError(f"unknown GO source {source!r}; expected one of {', '.join(SOURCES)}")
+    bad = [a for a in aspects if a not in ASPECTS]
+    if bad or not aspects:
+        raise GOError(f"aspects must be a non-empty subset of BP, MF, CC; got {list(aspects)}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    dag = None
+    if source == "obo":
+        if obo is None or gaf is None:
+            raise GOError("source='obo' needs both an OBO file (obo=) and a GAF file (gaf=)")
+        from pertadapt.go.obo import load_dag, read_gaf
+
+        dag = load_dag(Path(obo))
+        rows, alias_pairs, dropped = read_gaf(Path(gaf), dag)
+        if dropped:
+            log.warning("%s: %d annotation rows use terms absent from %s (obsolete?); dropped", gaf, dropped, obo)
+        version = {"obo": str(obo), "gaf": str(gaf), "go_release": str(dag.data_version)}
+        uniq = {o.item_id: o for o in dag.values()}.values()
+        term_aspect = {o.item_id: {"biological_process": "BP", "molecular_function": "MF",
+                                   "cellular_component": "CC"}.get(o.namespace, "") for o in uniq}
+        term_name = {o.item_id: o.name for o in uniq}
+    else:
+        if source == "bundled":
+            rows, terms, alias_pairs, version = read_bundled()
+        else:
+            rows, terms, alias_pairs, version = read_debian(fetch_debian(cache))
+        term_aspect = {t.go_id: t.aspect for t in terms}
+        term_name = {t.go_id: t.name for t in terms}
+        if propagate:
+            dag = _dag_for_terms(terms, version, cache)
+    gene2terms = _direct(rows, set(aspects), set(exclude_evidence))
+    if propagate:
+        assert dag is not None
+        up = _ancestors_of(dag, gene2terms, part_of)
+        keep = set(aspects)
+        gene2terms = {g: frozenset(t for t in ts.union(*(up[x] for x in ts)) if term_aspect.get(t) in keep)
+                      for g, ts in gene2terms.items()}
+    symbols = frozenset(s for s, _ in alias_pairs) | frozenset(gene2terms)
+    version = dict(version)
+    if exclude_evidence:
+        version["exclude_evidence"] = ",".join(sorted(exclude_evidence))
+    if part_of and propagate:
+        version["propagate_relationships"] = "is_a,part_of"
+    ann = GOAnnotations(MappingProxyType(gene2terms), source, MappingProxyType(version), tuple(aspects), propagate,
+                        MappingProxyType(term_aspect), MappingProxyType(term_name), symbols,
+                        MappingProxyType(_alias_map(alias_pairs)))
+    log.info("GO annotations (%s, GO %s): %d genes, %d terms, aspects %s, %s", source,
+             version.get("go_release", "?"), len(gene2terms), ann.n_terms, "+".join(aspects),
+             "propagated" if propagate else "direct")
+    return ann
+
+
+def _direct(rows: Iterable[Annotation], aspects: set[str], exclude: set[str]) -> dict[str, frozenset[str]]:
+    table: dict[str, set[str]] = {}
+    for r in rows:
+        if r.aspect in aspects and r.evidence not in exclude:
+            table.setdefault(r.symbol, set()).add(r.go_id)
+    return {g: frozenset(ts) for g, ts in table.items()}
+
+
+def _ancestors_of(dag: GODag, gene2terms: Mapping[str, frozenset[str]], part_of: bool) -> dict[str, frozenset[str]]:
+    from pertadapt.go.obo import ancestors
+
+    used = frozenset().union(*gene2terms.values()) if gene2terms else frozenset()
+    return ancestors(dag, used, part_of)
