@@ -87,7 +87,7 @@ def _gene_hash(genes: tuple[str, ...]) -> str:
 
 
 def _mask_arrays(cfg: RunConfig, ann, genes: tuple[str, ...]) -> tuple[np.ndarray | None, np.ndarray | None, str]:
-    from pertadapt.go import build_go_mask
+    from pertadapt.go.similarity import build_go_mask
 
     if not cfg.adapter.enabled or cfg.adapter.attention_mask == "none":
         return None, None, "none"
@@ -99,7 +99,8 @@ def _mask_arrays(cfg: RunConfig, ann, genes: tuple[str, ...]) -> tuple[np.ndarra
 
 def prepare_run_data(cfg: RunConfig) -> RunData:
     """Load the data, split its conditions, build the GO graph and mask, and pair the cells."""
-    from pertadapt.go import build_gene_graph, load_annotations
+    from pertadapt.go.annotations import load_annotations
+    from pertadapt.go.similarity import build_gene_graph
 
     path = ensure_data_file(cfg)
     data = read_perturb_data(path, n_de=cfg.data.n_de)
