@@ -179,7 +179,7 @@ class _PackedSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
         """``(B, L, dim)`` with ``(B, L)`` bool key validity → ``(B, L, dim)``."""
         b, n, d = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         # a row with no valid key (an all-zero cell) attends to itself instead of producing NaN
         mask = key_valid[:, None, None, :] | ~key_valid.any(dim=1)[:, None, None, None]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,

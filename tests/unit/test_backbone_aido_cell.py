@@ -1,0 +1,160 @@
+"""AIDO.Cell backbone: published HF layout round trip, input handling, mismatch errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pertadapt.models.backbones.aido_cell import (
+    AIDOCell,
+    CheckpointError,
+    build_aido_cell,
+    read_safetensors,
+    write_safetensors,
+)
+from pertadapt.models.backbones.base import Backbone
+
+GENES = [f"GENE{i}" for i in range(40)]
+
+
+def _model(**kw) -> AIDOCell:
+    torch.manual_seed(0)
+    return build_aido_cell(checkpoint=None, genes=GENES, hidden_size=32, layers=2, heads=4, **kw).eval()
+
+
+def _cells() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    counts = torch.poisson(torch.rand(3, len(GENES), generator=g) * 4)
+    total = counts.sum(1) * 1.5  # raw totals include genes outside the vocabulary
+    return torch.log1p(counts / total[:, None] * 1e4), total
+
+
+def test_published_names_and_protocol() -> None:
+    m = _model()
+    assert isinstance(m, Backbone)
+    names = set(m.state_dict())
+    for key in ("gene_embedding.linear1.weight", "gene_embedding.linear2.bias", "gene_embedding.lookup_table.weight",
+                "gene_embedding.mask_embedding.weight", "gene_embedding.pad_embedding.weight",
+                "position_embedding.weight", "encoder.layer.0.attention.ln.weight",
+                "encoder.layer.0.attention.self.query.weight", "encoder.layer.1.attention.self.value.bias",
+                "encoder.layer.0.attention.output.dense.weight", "encoder.layer.0.ln.weight",
+                "encoder.layer.1.mlp.gate_proj.weight", "encoder.layer.1.mlp.up_proj.weight",
+                "encoder.layer.1.mlp.down_proj.weight", "encoder.ln.weight"):
+        assert key in names, key
+    assert m.position_embedding.weight.shape == (len(GENES) + 2, 32)
+    assert len(m.transformer_layers()) == 2
+
+
+def test_encode_shape_drops_depth_tokens_and_model_input() -> None:
+    m = _model()
+    x, total = _cells()
+    assert m.encode(x, total).shape == (3, len(GENES), 32)
+    seq = m.model_input(x, total)
+    assert seq.shape == (3, len(GENES) + 2)
+    # code mode: the log1p values are re-normalised as counts; depth = max(log10 Σx, 5) = 5 here
+    expect = torch.log1p(x / x.sum(1, keepdim=True) * 1e4).clamp(max=20)
+    torch.testing.assert_close(seq[:, :-2], expect)
+    assert torch.all(seq[:, -2:] == 5.0)
+    # intended mode: AIDO.Cell's preprocessing of the counts, depth tokens from the raw totals
+    m.input_mode = "intended"
+    seq = m.model_input(x, total * 1e3)
+    torch.testing.assert_close(seq[:, -1], torch.log10(total * 1e3).clamp(min=5))
+    counts = torch.expm1(x)
+    torch.testing.assert_close(seq[:, :-2], torch.log1p(counts / counts.sum(1, keepdim=True) * 1e4), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_values_clipped_at_20() -> None:
+    m = _model()
+    x = torch.zeros(1, len(GENES))
+    x[0, 0] = 1.0  # a single expressed gene: log1p(1e4) < 20, the depth tokens are floored at 5
+    assert float(m.model_input(x, torch.tensor([1.0])).max()) <= 20.0
+    m.input_mode = "intended"
+    huge = m.model_input(x, torch.tensor([1e30]))
+    assert float(huge[0, -1]) == 20.0
+
+
+def test_attention_mixes_genes() -> None:
+    """Changing one gene's value changes other genes' embeddings (attention runs over genes)."""
+    m = _model()
+    x, total = _cells()
+    y = x.clone()
+    y[:, 0] += 2.0
+    assert not torch.allclose(m.encode(x, total)[:, 1:], m.encode(y, total)[:, 1:])
+
+
+def test_save_load_roundtrip_identical(tmp_path) -> None:
+    m = _model()
+    x, total = _cells()
+    m.save_pretrained_dir(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "cellfoundation"
+    assert cfg["max_position_embeddings"] == len(GENES)
+    assert cfg["hidden_act"] == "swiglu"
+    assert cfg["normalization_type"] == "RMSNorm"
+    loaded = AIDOCell.from_pretrained_dir(tmp_path).eval()
+    assert loaded.genes == tuple(GENES)
+    assert torch.equal(loaded.encode(x, total), m.encode(x, total))
+
+
+def test_bert_prefix_and_bin_checkpoint(tmp_path) -> None:
+    """The ...ForMaskedLM layout: ``bert.``-prefixed keys plus a ``cls.*`` head, as pytorch_model.bin."""
+    m = _model()
+    m.save_pretrained_dir(tmp_path)
+    state = {f"bert.{k}": v for k, v in read_safetensors(tmp_path / "model.safetensors").items()}
+    state["cls.predictions.decoder.weight"] = torch.zeros(1, 32)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    x, total = _cells()
+    assert torch.equal(AIDOCell.from_pretrained_dir(tmp_path).eval().encode(x, total), m.encode(x, total))
+
+
+def test_safetensors_roundtrip_dtypes(tmp_path) -> None:
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).view(2, 3)}
+    write_safetensors(tmp_path / "t.safetensors", tensors)
+    back = read_safetensors(tmp_path / "t.safetensors")
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+
+
+def test_build_checks_gene_vocabulary(tmp_path) -> None:
+    _model().save_pretrained_dir(tmp_path)
+    model = build_aido_cell(checkpoint=str(tmp_path), genes=GENES, hidden_size=8, layers=1, heads=1)
+    assert model.hidden_size == 32  # the checkpoint's config wins over the random-init sizes
+    swapped = [*GENES[:3], GENES[4], GENES[3], *GENES[5:]]
+    with pytest.raises(CheckpointError, match=r"3: 'GENE4' != 'GENE3'"):
+        build_aido_cell(checkpoint=str(tmp_path), genes=swapped, hidden_size=8, layers=1, heads=1)
+    with pytest.raises(CheckpointError, match=r"data genes \(39\).*vocabulary \(40\).*GENE39"):
+        build_aido_cell(checkpoint=str(tmp_path), genes=GENES[:-1], hidden_size=8, layers=1, heads=1)
+
+
+def test_shape_and_name_mismatch_errors(tmp_path) -> None:
+    m = _model()
+    m.save_pretrained_dir(tmp_path)
+    state = read_safetensors(tmp_path / "model.safetensors")
+    state["encoder.layer.0.mlp.up_proj.weight"] = torch.zeros(7, 32)
+    del state["encoder.ln.weight"]
+    write_safetensors(tmp_path / "model.safetensors", state)
+    with pytest.raises(CheckpointError, match=r"missing 1 keys.*encoder\.ln\.weight.*up_proj\.weight: checkpoint "
+                                              r"\(7, 32\) vs model \(80, 32\)"):
+        AIDOCell.from_pretrained_dir(tmp_path)
+
+
+def test_gene_list_length_must_match_positions(tmp_path) -> None:
+    _model().save_pretrained_dir(tmp_path)
+    (tmp_path / "genes.txt").write_text("\n".join(GENES[:-2]) + "\n")
+    with pytest.raises(CheckpointError, match="38 genes but the model has 40 gene positions"):
+        AIDOCell.from_pretrained_dir(tmp_path)
+    (tmp_path / "genes.txt").unlink()
+    with pytest.raises(CheckpointError, match="40 gene positions .* no genes.txt"):
+        AIDOCell.from_pretrained_dir(tmp_path)
+
+
+def test_unsupported_config_rejected(tmp_path) -> None:
+    _model().save_pretrained_dir(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["position_embedding_type"] = "rope"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="position_embedding_type='rope'"):
+        AIDOCell.from_pretrained_dir(tmp_path)
