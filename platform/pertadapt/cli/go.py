@@ -1,9 +1,149 @@
-"""`pertadapt` commands of the go area (registered by :mod:`pertadapt.cli.main`)."""
+"""`pertadapt go ...`: build the GO gene graph + attention mask, and report GO coverage of a dataset."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import typer
+
+if TYPE_CHECKING:
+    from pertadapt.go import GOAnnotations
+
+log = logging.getLogger("pertadapt.cli.go")
+
+go_app = typer.Typer(help="Gene Ontology: gene graph, attention mask, coverage.", no_args_is_help=True)
+
+_SOURCE_HELP = "GO source: bundled (offline, shipped), debian (apt-get download), obo (--obo + --gaf)."
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.add_typer(go_app, name="go")
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{a:,} / {b:,} ({100.0 * a / max(b, 1):.1f}%)"
+
+
+def _fail(message: str) -> typer.Exit:
+    log.error(message)
+    return typer.Exit(code=2)
+
+
+def _load(source: str, obo: Path | None, gaf: Path | None, propagate: bool) -> GOAnnotations:
+    from pertadapt.go import load_annotations
+
+    return load_annotations(source, obo=obo, gaf=gaf, propagate=propagate)
+
+
+def _check_names(ann: GOAnnotations, genes: list[str], origin: str, allow_unknown: bool) -> None:
+    from pertadapt.go import resolve_symbols, suggest
+
+    res = resolve_symbols(ann, genes)
+    bad = [*res.unknown, *res.ambiguous]
+    if not bad:
+        return
+    lines = []
+    for g in bad[:25]:
+        hint = suggest(ann, g)
+        lines.append(f"  {g}" + (f"  (did you mean: {', '.join(hint)}?)" if hint else ""))
+    more = f"\n  … and {len(bad) - 25} more" if len(bad) > 25 else ""
+    msg = (f"{origin}: {len(res.unknown)} unknown gene symbol(s) and {len(res.ambiguous)} ambiguous alias(es) "
+           f"in the {ann.source} GO source:\n" + "\n".join(lines) + more)
+    if not allow_unknown:
+        raise _fail(msg + "\nFix the names, or pass --allow-unknown to give them no GO terms.")
+    log.warning(msg)
+
+
+@go_app.command("build")
+def build(
+    out: Path = typer.Option(..., "--out", help="Output directory (gene_graph.* and go_mask.*)."),
+    genes_file: Path | None = typer.Option(None, "--genes", help="Gene list, one symbol per line, in model order."),
+    from_data: Path | None = typer.Option(None, "--from-data", help="Take the genes from an .h5ad's var."),
+    source: str = typer.Option("bundled", "--source", help=_SOURCE_HELP),
+    obo: Path | None = typer.Option(None, "--obo", help="OBO ontology file (source obo)."),
+    gaf: Path | None = typer.Option(None, "--gaf", help="GAF annotation file (source obo)."),
+    propagate: bool = typer.Option(False, "--propagate/--direct", help="Propagate annotations up is_a."),
+    threshold: float = typer.Option(0.1, help="Jaccard threshold (exclusive) of graph and mask."),
+    top_k: int = typer.Option(20, "--top-k", help="Graph neighbours per gene besides the self-loop."),
+    mask_kind: str = typer.Option("go", "--mask-kind", help="go, random_degree_matched or none."),
+    seed: int = typer.Option(0, help="Seed of random_degree_matched."),
+    allow_unknown: bool = typer.Option(False, "--allow-unknown", help="Unknown symbols get no GO terms."),
+) -> None:
+    """Build the GEARS-style GO gene graph and the sparse GO attention mask for a gene list."""
+    from rich.progress import Progress
+
+    from pertadapt.go import (
+        GOError,
+        build_gene_graph,
+        build_go_mask,
+        build_graph_and_mask,
+        read_gene_list,
+        read_h5ad_genes,
+        save_gene_graph,
+        save_go_mask,
+    )
+
+    if (genes_file is None) == (from_data is None):
+        raise _fail("give exactly one of --genes FILE or --from-data H5AD")
+    try:
+        origin = str(genes_file or from_data)
+        genes = read_gene_list(genes_file) if genes_file is not None else read_h5ad_genes(from_data)[0]
+        ann = _load(source, obo, gaf, propagate)
+        _check_names(ann, genes, origin, allow_unknown)
+        with Progress(transient=True) as bar:
+            task = bar.add_task("GO Jaccard blocks", total=len(genes))
+
+            def tick(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            if mask_kind == "go":
+                graph, mask = build_graph_and_mask(ann, genes, graph_threshold=threshold, top_k=top_k,
+                                                   mask_threshold=threshold, progress=tick)
+            else:
+                graph = build_gene_graph(ann, genes, threshold=threshold, top_k=top_k, progress=tick)
+                mask = build_go_mask(ann, genes, threshold=threshold, kind=mask_kind, seed=seed, progress=tick)
+        save_gene_graph(graph, out / "gene_graph")
+        save_go_mask(mask, out / "go_mask")
+    except GOError as e:
+        raise _fail(f"{origin}: {e}") from e
+    log.info("wrote %s: graph %d edges (sha256 %s…), mask %s density %.4f, mean degree %.1f (sha256 %s…)",
+             out, graph.n_edges, graph.sha256[:12], mask.kind, mask.density, mask.mean_degree, mask.sha256[:12])
+
+
+@go_app.command("coverage")
+def coverage_cmd(
+    h5ad: Path = typer.Argument(..., help="GEARS-layout .h5ad (var gene_name, obs condition)."),
+    vocab: Path | None = typer.Option(None, "--vocab", help="Model vocabulary file (default: the data's genes)."),
+    source: str = typer.Option("bundled", "--source", help=_SOURCE_HELP),
+    obo: Path | None = typer.Option(None, "--obo", help="OBO ontology file (source obo)."),
+    gaf: Path | None = typer.Option(None, "--gaf", help="GAF annotation file (source obo)."),
+    propagate: bool = typer.Option(False, "--propagate/--direct", help="Propagate annotations up is_a."),
+    threshold: float = typer.Option(0.1, help="Mask Jaccard threshold."),
+) -> None:
+    """Report how many vocabulary genes and perturbation targets have GO, and the mask density."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pertadapt.go import GOError, coverage, read_gene_list, read_h5ad_genes
+
+    try:
+        genes, targets = read_h5ad_genes(h5ad)
+        vocabulary = read_gene_list(vocab) if vocab is not None else genes
+        ann = _load(source, obo, gaf, propagate)
+        rep = coverage(ann, vocabulary, targets, threshold=threshold)
+    except GOError as e:
+        raise _fail(f"{h5ad}: {e}") from e
+    table = Table(title=f"GO coverage of {h5ad.name} ({rep['go_source']}, GO {rep['go_version'].get('go_release', '?')})")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("vocabulary genes with GO", _pct(rep["n_vocab_with_go"], rep["n_vocab"]))
+    table.add_row("perturbation targets with GO", _pct(rep["n_targets_with_go"], rep["n_targets"]))
+    table.add_row("mask density", f"{rep['mask_density']:.4f}")
+    table.add_row("mask mean degree", f"{rep['mask_mean_degree']:.1f}")
+    table.add_row("unknown vocabulary symbols", str(len(rep["vocab_unknown"])))
+    table.add_row("targets not in vocabulary", ", ".join(rep["targets_not_in_vocab"]) or "-")
+    table.add_row("targets without GO", ", ".join(rep["targets_without_go"]) or "-")
+    Console().print(table)
