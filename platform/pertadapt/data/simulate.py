@@ -1,0 +1,690 @@
+"""Perturb-seq simulator on real human GO annotations, with a stored, noise-free ground truth.
+
+No real Perturb-seq screen can be downloaded on the platform's machines, so the default dataset and
+the held-out benchmark are simulated. The simulator is a vectorised NumPy/SciPy model written for
+this package; it is not SERGIO (PyPI ``sergio-scsim``). SERGIO integrates a chemical Langevin
+equation cell by cell and gene by gene in Python loops: its authors report minutes to hours for a
+few thousand genes, it needs a hand-written master-regulator input file, it has no notion of CRISPR
+perturbations, genetic-interaction types or GO, and its technical-noise model (outliers, library
+size, dropout) is a post-hoc step, not a negative binomial with a 10x-like mean-variance trend. Here
+the perturbation steady states are a fixed point computed for all conditions at once (one sparse
+product per iteration), counts are drawn in chunks of cells with one Gamma-Poisson draw, and the
+``demo`` preset takes about a second.
+
+Generative model (every random draw comes from ``numpy.random.default_rng`` streams spawned from
+``seed``, so the same preset, seed and overrides give a byte-identical matrix):
+
+1. **Genes.** ``n_genes`` real human symbols that have direct GO annotations (the bundled table of
+   :mod:`pertadapt.go`) and are in the 19,264-gene foundation-model vocabulary. A fraction
+   ``module_frac`` is drawn in blocks of 4-12 genes from GO terms annotated to 10-200 of the
+   candidates ("modules"), the rest uniformly, so that GO neighbourhoods exist inside the panel. Genes
+   are ordered as in the vocabulary.
+2. **Network.** A sparse directed gene-regulatory network with about ``mean_out_degree * n_genes``
+   edges: a share ``1 - go_signal`` placed uniformly over ordered gene pairs, a share ``go_signal``
+   with pair probability proportional to the GO Jaccard similarity ``J_ij`` (capped at 1). With
+   ``go_signal = 0`` edges ignore GO; with ``go_signal = 1`` every edge joins GO-similar genes. Edge
+   signs are positive with probability ``p_activation``; magnitudes are uniform in [0.3, 1] and are
+   rescaled so that each gene's absolute incoming weights sum to at most ``weight_scale`` < 1.
+3. **Perturbations.** ``n_singles`` target genes, drawn among genes with outgoing edges (like the
+   transcription factors of Norman et al. 2019), and ``n_doubles`` distinct pairs of them. The
+   guide clamps the target's log expression: CRISPRi to ``log(1 - e)`` with knock-down efficiency
+   ``e ~ U(kd_efficiency)``, CRISPRa to ``+U(activation_log_fc)``.
+4. **Steady state.** The log fold changes ``z`` of the other genes solve the saturating fixed point
+   ``z_j = S tanh(sum_i W_ij z_i / S)`` with ``S = max_log_fc``; the map is a contraction (incoming
+   weight sums < 1), so iteration converges to the unique steady state.
+5. **Genetic interactions** (Norman et al. 2019, Fig. 4). Each double gets a type in
+   :data:`GI_TYPES` with proportions ``gi_mix``; ``z_ab`` is the joint steady state with both genes
+   clamped and only its downstream part (targets excluded) is changed: ``additive`` keeps ``z_ab``;
+   ``synergy`` multiplies it by ``1 + g``, ``g ~ U(0.5, 1)``; ``buffering`` (suppression) by
+   ``1 - g``, ``g ~ U(0.4, 0.7)``; ``epistasis`` returns the dominant gene's single response plus
+   ``g ~ U(0, 0.2)`` of the rest; ``neomorphic`` adds effects of size ``U(0.7, 1.5)`` (random sign)
+   on ``n_neomorphic_genes`` genes that are downstream of neither target. The type, ``g`` and the
+   dominant gene are stored per double.
+6. **Cells.** ``n_control`` control cells and ``cells_per_condition`` cells per perturbation. A
+   perturbed cell is a non-responder (incomplete knock-down, no shift) with probability
+   ``nonresponder_frac``. Each cell draws a batch (of ``n_batches``, gene shifts ``N(0, batch_sd)``)
+   and a log-normal library size (median ``library_median``, log-sd ``library_log_sd``).
+7. **Counts.** ``count ~ NB(mean = L * pi_g * exp(z + batch), dispersion phi_g)`` drawn as
+   Gamma-Poisson, ``var = mean + phi_g mean^2``. Baseline means at the median library are
+   log-normal (median ``gene_mean_median`` UMI per cell, log10-sd ``gene_mean_log10_sd``) and the
+   dispersion follows a decreasing trend ``phi_g = dispersion_asymptote (1 + mean_g^-1/2)`` with
+   log-normal scatter (sd 0.25).
+
+Realism targets (checked by ``tests/unit/test_simulate_validation.py``): droplet UMI counts are
+negative binomial without zero inflation, Poisson-like (variance/mean near 1) for genes below 0.1
+UMI per cell and quadratic above (Svensson 2020, *Nat. Biotechnol.* 38:147; Hafemeister & Satija
+2019, *Genome Biol.* 20:296, whose fitted NB ``theta`` is about 1-100, i.e. ``phi`` 0.01-1); the
+log-log slope of variance against mean over genes therefore lies between 1 and 2, and the zero
+fraction of a panel of expressed/variable genes is typically 0.5-0.95 (a whole 10x transcriptome is
+about 0.9-0.95). Library sizes of 10x cell-line screens are log-normal with a log-sd of about
+0.3-0.5.
+
+Ground truth, in ``uns['sim']`` (h5ad-writable): the genes, the network edges and weights, the
+conditions with their latent log fold changes, the expected mean log-normalised expression per
+condition (``true_mean``, what a perfect model predicts for the mean of ``X`` over the condition's
+cells) and its shift from control, GI type and parameter per double, the parameters as JSON and the
+seed. ``true_mean`` is the expectation of ``log1p(target_sum * count / total)`` over the NB noise,
+the library-size distribution (7-node Gauss-Hermite), the batches and the non-responder mixture,
+with the cell total replaced by its expectation; counts with mean up to 30 are summed exactly, above
+that a second-order delta method is used. :func:`score_against_truth` scores predictions against it.
+
+What this is not: biology. The network, effect sizes and GI types are random draws from the rules
+above, with real gene names and real GO annotations attached. See ``docs/simulator.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from numpy.polynomial.hermite_e import hermegauss
+from scipy.special import gammaln
+
+from pertadapt.data.keys import CELL_TYPE, CONDITION, CONTROL, GENE_NAME, SEP
+from pertadapt.data.prepare import prepare_adata
+from pertadapt.go.annotations import load_annotations
+from pertadapt.go.similarity import jaccard_matrix
+
+__all__ = [
+    "GI_TYPES",
+    "MODALITIES",
+    "PRESETS",
+    "SIM_KEY",
+    "SimParams",
+    "score_against_truth",
+    "simulate",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``uns`` key of the ground truth.
+SIM_KEY = "sim"
+#: Genetic-interaction types of doubles, in the order of :attr:`SimParams.gi_mix`.
+GI_TYPES = ("additive", "synergy", "buffering", "epistasis", "neomorphic")
+#: Perturbation modalities: CRISPR interference (knock-down) or activation (over-expression).
+MODALITIES = ("crispri", "crispra")
+
+_MODULE_TERM_SIZE = (10, 200)
+_MODULE_BLOCK = (4, 12)
+_EXACT_MAX_MEAN = 30.0
+_LIBRARY_NODES = 7
+_CELL_CHUNK = 4096
+_MAX_ITER = 500
+_TOL = 1e-8
+
+
+@dataclass(frozen=True)
+class SimParams:
+    """Parameters of one simulated screen (see the module docstring for the model).
+
+    Sizes: ``n_genes`` measured genes, ``n_singles`` single and ``n_doubles`` double perturbations,
+    ``cells_per_condition`` cells per perturbation and ``n_control`` control cells.
+    """
+
+    n_genes: int = 240
+    n_singles: int = 24
+    n_doubles: int = 12
+    cells_per_condition: int = 40
+    n_control: int = 400
+    modality: str = "crispra"
+    #: 0 = network edges independent of GO, 1 = edges only between GO-similar genes.
+    go_signal: float = 0.8
+    #: Fraction of the genes drawn in blocks from GO terms (so GO neighbourhoods exist in the panel).
+    module_frac: float = 0.6
+    mean_out_degree: float = 3.0
+    p_activation: float = 0.6
+    #: Upper bound of each gene's summed absolute incoming weight (< 1: unique steady state).
+    weight_scale: float = 0.9
+    #: Saturation ``S`` of the downstream log fold changes.
+    max_log_fc: float = 3.0
+    #: CRISPRi knock-down efficiency range (fraction of the target's mRNA removed).
+    kd_efficiency: tuple[float, float] = (0.6, 0.95)
+    #: CRISPRa log fold-change range of the target.
+    activation_log_fc: tuple[float, float] = (1.0, 3.0)
+    #: Proportions of :data:`GI_TYPES` among the doubles.
+    gi_mix: tuple[float, float, float, float, float] = (0.3, 0.2, 0.2, 0.15, 0.15)
+    n_neomorphic_genes: int = 10
+    #: Probability that a perturbed cell does not respond (incomplete knock-down).
+    nonresponder_frac: float = 0.1
+    library_median: float = 8000.0
+    library_log_sd: float = 0.35
+    #: Median over genes of the baseline mean UMI per cell at the median library size.
+    gene_mean_median: float = 0.3
+    gene_mean_log10_sd: float = 0.6
+    dispersion_asymptote: float = 0.1
+    n_batches: int = 1
+    batch_sd: float = 0.0
+    cell_type: str = "K562"
+
+    def __post_init__(self) -> None:
+        for name in ("n_genes", "cells_per_condition", "n_control", "n_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        for name in ("n_singles", "n_doubles", "n_neomorphic_genes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {getattr(self, name)!r}")
+        if self.n_singles + self.n_doubles < 1:
+            raise ValueError("n_singles / n_doubles: at least one perturbation is needed")
+        if self.n_singles > self.n_genes:
+            raise ValueError(f"n_singles: {self.n_singles} perturbed genes but only n_genes={self.n_genes} genes")
+        max_pairs = self.n_singles * (self.n_singles - 1) // 2
+        if self.n_doubles > max_pairs:
+            raise ValueError(f"n_doubles: {self.n_doubles} doubles but only {max_pairs} pairs of "
+                             f"n_singles={self.n_singles} genes exist")
+        if self.n_neomorphic_genes > self.n_genes:
+            raise ValueError(f"n_neomorphic_genes: {self.n_neomorphic_genes} > n_genes={self.n_genes}")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality: {self.modality!r} is not one of {', '.join(MODALITIES)}")
+        for name in ("go_signal", "module_frac", "p_activation", "nonresponder_frac"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1], got {value!r}")
+        if self.nonresponder_frac == 1.0:
+            raise ValueError("nonresponder_frac: 1 leaves no responding cell")
+        if not 0.0 < self.weight_scale < 1.0:
+            raise ValueError(f"weight_scale: expected a value in (0, 1), got {self.weight_scale!r}")
+        lo, hi = self.kd_efficiency
+        if not 0.0 <= lo <= hi < 1.0:
+            raise ValueError(f"kd_efficiency: expected 0 <= low <= high < 1, got {self.kd_efficiency!r}")
+        lo, hi = self.activation_log_fc
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"activation_log_fc: expected 0 <= low <= high, got {self.activation_log_fc!r}")
+        if len(self.gi_mix) != len(GI_TYPES) or min(self.gi_mix) < 0 or not np.isclose(sum(self.gi_mix), 1.0):
+            raise ValueError(f"gi_mix: expected {len(GI_TYPES)} probabilities ({', '.join(GI_TYPES)}) "
+                             f"in [0, 1] summing to 1, got {self.gi_mix!r}")
+        for name in ("mean_out_degree", "max_log_fc", "library_median", "gene_mean_median",
+                     "dispersion_asymptote"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        for name in ("library_log_sd", "gene_mean_log10_sd", "batch_sd"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a non-negative number, got {getattr(self, name)!r}")
+
+
+#: Named parameter sets. ``demo`` feeds ``make demo``; the others are generated on demand.
+PRESETS: dict[str, SimParams] = {
+    # Small: ~1 s to generate, trainable in minutes on 2 CPU cores, non-empty GEARS test groups.
+    "demo": SimParams(),
+    # Held-out quality benchmark (GEARS simulation split).
+    "benchmark": SimParams(n_genes=2000, n_singles=160, n_doubles=110, cells_per_condition=50,
+                           n_control=2000, n_batches=2, batch_sd=0.1),
+    # Norman et al. 2019 (K562 CRISPRa, GEARS processing): 5,045 genes, 105 singles, 131 doubles,
+    # ~91k cells of which ~11k controls.
+    "norman_like": SimParams(n_genes=5045, n_singles=105, n_doubles=131, cells_per_condition=335,
+                             n_control=11000, library_median=13000.0, gene_mean_median=0.5,
+                             n_batches=2, batch_sd=0.1),
+    # Replogle et al. 2022 K562 essential screen (CRISPRi, GEARS processing): ~5,000 genes,
+    # ~1,090 single knock-downs, no doubles, ~160k cells.
+    "replogle_like": SimParams(n_genes=5000, n_singles=1090, n_doubles=0, cells_per_condition=140,
+                               n_control=10000, modality="crispri", library_median=11000.0,
+                               gene_mean_median=0.5, n_batches=2, batch_sd=0.1),
+}
+
+
+# --------------------------------------------------------------------------- genes and network
+
+
+def _vocabulary() -> list[str]:
+    text = resources.files("pertadapt").joinpath("resources", "fm_gene_vocab_19264.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _choose_genes(gene2terms: Mapping[str, frozenset[str]], p: SimParams,
+                  rng: np.random.Generator) -> list[str]:
+    """Draw ``n_genes`` annotated vocabulary genes, a share ``module_frac`` in GO-term blocks."""
+    vocab = _vocabulary()
+    order = {g: i for i, g in enumerate(vocab)}
+    candidates = sorted(g for g in order if gene2terms.get(g))
+    if p.n_genes > len(candidates):
+        raise ValueError(f"n_genes: {p.n_genes} requested but only {len(candidates)} vocabulary genes "
+                         "have GO annotations")
+    term2genes: dict[str, list[str]] = {}
+    for g in candidates:
+        for t in gene2terms[g]:
+            term2genes.setdefault(t, []).append(g)
+    lo, hi = _MODULE_TERM_SIZE
+    modules = sorted(t for t, gs in term2genes.items() if lo <= len(gs) <= hi)
+    chosen: set[str] = set()
+    n_module = round(p.module_frac * p.n_genes)
+    while len(chosen) < n_module and modules:
+        members = [g for g in term2genes[modules[rng.integers(len(modules))]] if g not in chosen]
+        k = min(int(rng.integers(_MODULE_BLOCK[0], _MODULE_BLOCK[1] + 1)), n_module - len(chosen), len(members))
+        chosen.update(members[i] for i in rng.choice(len(members), size=k, replace=False))
+    rest = [g for g in candidates if g not in chosen]
+    chosen.update(rest[i] for i in rng.choice(len(rest), size=p.n_genes - len(chosen), replace=False))
+    return sorted(chosen, key=order.__getitem__)
+
+
+def _sample_network(jac: sp.csr_matrix, p: SimParams,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample directed edges ``src -> dst`` and weights; shapes ``(E,)`` each, sorted by (src, dst)."""
+    n = p.n_genes
+    n_edges = p.mean_out_degree * n
+    n_pairs = n * (n - 1)
+    # GO-independent share: uniform over ordered pairs i != j (pair id -> (i, j)).
+    k = min(rng.binomial(n_pairs, min(1.0, (1.0 - p.go_signal) * n_edges / n_pairs)), n_pairs)
+    ids = rng.choice(n_pairs, size=k, replace=False)
+    src_r, off = np.divmod(ids, n - 1)
+    dst_r = off + (off >= src_r)
+    # GO share: pair probability proportional to the Jaccard similarity.
+    jo = sp.triu(jac, 1, format="coo") + sp.tril(jac, -1, format="coo")
+    jo = jo.tocoo()
+    total = float(jo.data.sum())
+    prob = np.minimum(1.0, p.go_signal * n_edges * jo.data / total) if total > 0 else np.zeros(jo.nnz)
+    keep = rng.random(jo.nnz) < prob
+    key = np.unique(np.concatenate([src_r * n + dst_r, jo.row[keep].astype(np.int64) * n + jo.col[keep]]))
+    src, dst = np.divmod(key, n)
+    sign = np.where(rng.random(key.size) < p.p_activation, 1.0, -1.0)
+    weight = sign * rng.uniform(0.3, 1.0, key.size)
+    in_sum = np.bincount(dst, weights=np.abs(weight), minlength=n)
+    weight *= p.weight_scale / np.maximum(1.0, in_sum[dst])
+    return src, dst, weight
+
+
+# --------------------------------------------------------------------------- perturbation responses
+
+
+def _steady_state(w: sp.csr_matrix, clamp_idx: np.ndarray, clamp_val: np.ndarray, s: float) -> np.ndarray:
+    """Fixed point of ``z = S tanh(z W / S)`` with clamped targets.
+
+    Parameters
+    ----------
+    w
+        ``(G, G)`` weights, ``w[i, j]`` = effect of gene ``i`` on gene ``j``.
+    clamp_idx, clamp_val
+        ``(C, 2)`` target gene indices (``-1`` = none) and their clamped log fold changes.
+    s
+        Saturation of the downstream log fold changes.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(C, G)`` steady-state log fold changes.
+    """
+    rows, slots = np.nonzero(clamp_idx >= 0)
+    cols, vals = clamp_idx[rows, slots], clamp_val[rows, slots]
+    z = np.zeros((clamp_idx.shape[0], w.shape[0]))
+    z[rows, cols] = vals
+    wt = w.T.tocsr()
+    for _ in range(_MAX_ITER):
+        new = s * np.tanh((wt @ z.T).T / s)
+        new[rows, cols] = vals
+        delta = np.abs(new - z).max(initial=0.0)
+        z = new
+        if delta < _TOL:
+            break
+    return z
+
+
+def _descendants(w: sp.csr_matrix, genes: np.ndarray) -> np.ndarray:
+    """``(G,)`` boolean mask of genes reachable from any of ``genes`` (excluded unless on a cycle)."""
+    reach = np.zeros(w.shape[0], dtype=bool)
+    frontier = np.zeros(w.shape[0], dtype=bool)
+    frontier[genes] = True
+    adj = (w != 0).astype(np.int8).T.tocsr()
+    while frontier.any():
+        nxt = (adj @ frontier.astype(np.int8)) > 0
+        frontier = nxt & ~reach
+        reach |= nxt
+    return reach
+
+
+def _assign_gi(n_doubles: int, mix: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
+    """``(D,)`` GI type indices with counts from ``mix`` by largest remainder, in random order."""
+    quota = np.asarray(mix) * n_doubles
+    counts = np.floor(quota).astype(int)
+    counts[np.argsort(-(quota - counts), kind="stable")[: n_doubles - counts.sum()]] += 1
+    return rng.permutation(np.repeat(np.arange(len(mix)), counts))
+
+
+def _apply_gi(z_joint: np.ndarray, z_dominant: np.ndarray, targets: np.ndarray, types: np.ndarray,
+              w: sp.csr_matrix, p: SimParams,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Apply the GI type of each double to the downstream part of its joint steady state.
+
+    Parameters
+    ----------
+    z_joint
+        ``(D, G)`` steady states with both genes of each double clamped.
+    z_dominant
+        ``(D, 2, G)`` single-perturbation steady states of the two genes of each double.
+    targets
+        ``(D, 2)`` gene indices of the two targets.
+    types
+        ``(D,)`` indices into :data:`GI_TYPES`.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(D, G)`` double log fold changes (targets keep their clamped values), ``(D,)`` GI
+        parameter ``g``, ``(D,)`` dominant slot (0 or 1 for epistasis, -1 otherwise).
+    """
+    z = z_joint.copy()
+    param = np.zeros(len(types))
+    dominant = np.full(len(types), -1)
+    for d, t in enumerate(types):
+        kind = GI_TYPES[t]
+        if kind == "synergy":
+            param[d] = rng.uniform(0.5, 1.0)
+            z[d] *= 1.0 + param[d]
+        elif kind == "buffering":
+            param[d] = rng.uniform(0.4, 0.7)
+            z[d] *= 1.0 - param[d]
+        elif kind == "epistasis":
+            param[d] = rng.uniform(0.0, 0.2)
+            dominant[d] = rng.integers(2)
+            dom = z_dominant[d, dominant[d]]
+            z[d] = dom + param[d] * (z_joint[d] - dom)
+        elif kind == "neomorphic":
+            param[d] = rng.uniform(0.7, 1.5)
+            free = np.flatnonzero(~_descendants(w, targets[d]))
+            free = np.setdiff1d(free, targets[d])
+            hit = rng.choice(free, size=min(p.n_neomorphic_genes, free.size), replace=False)
+            z[d, hit] += param[d] * np.where(rng.random(hit.size) < 0.5, 1.0, -1.0)
+    rows = np.repeat(np.arange(len(types)), 2)
+    cols = targets.ravel()
+    z[rows, cols] = z_joint[rows, cols]
+    return z, param, dominant
+
+
+# --------------------------------------------------------------------------- observation model
+
+
+def _nb_expected_log1p(mean: np.ndarray, phi: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``E[log1p(scale * X)]`` for ``X ~ NB(mean, phi)`` (``var = mean + phi mean^2``).
+
+    Parameters
+    ----------
+    mean, phi, scale
+        ``(E,)`` arrays, one entry per expectation.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(E,)`` expectations: exact sums over the support for ``mean <= 30`` (truncated where the
+        remaining tail is negligible and renormalised), a second-order delta method above.
+    """
+    out = np.empty(mean.shape)
+    big = mean > _EXACT_MAX_MEAN
+    m, a = mean[big], scale[big]
+    out[big] = np.log1p(a * m) - a**2 * (m + phi[big] * m**2) / (2.0 * (1.0 + a * m) ** 2)
+    exact = np.flatnonzero(~big)
+    exact = exact[np.argsort(mean[exact], kind="stable")]
+    for lo in range(0, exact.size, 2048):
+        idx = exact[lo: lo + 2048]
+        m_hi, phi_hi = mean[idx[-1]], phi[idx].max()
+        k = np.arange(min(1024, int(np.ceil(m_hi + 12.0 * np.sqrt(m_hi + phi_hi * m_hi**2) + 8))), dtype=float)
+        r = 1.0 / phi[idx, None]
+        m = mean[idx, None]
+        logpmf = (gammaln(k + r) - gammaln(r) - gammaln(k + 1.0)
+                  + r * np.log(r / (r + m)) + k * np.log(m / (r + m)))
+        pmf = np.exp(logpmf)
+        out[idx] = (pmf * np.log1p(scale[idx, None] * k)).sum(1) / pmf.sum(1)
+    return out
+
+
+def _expected_log_norm(z: np.ndarray, responder: float, pi: np.ndarray, phi: np.ndarray,
+                       batch_shift: np.ndarray, p: SimParams, target_sum: float) -> np.ndarray:
+    """Noise-free mean log-normalised expression per condition.
+
+    Parameters
+    ----------
+    z
+        ``(C, G)`` latent log fold changes of responding cells (row 0 = control, all zero).
+    responder
+        Probability that a perturbed cell responds.
+    pi, phi
+        ``(G,)`` baseline expression share and NB dispersion.
+    batch_shift
+        ``(B, G)`` log shifts of the batches (equally likely).
+    target_sum
+        The ``normalize_total`` target used for ``X``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(C, G)`` ``E[log1p(target_sum * count / total)]`` over NB noise, library size, batch and
+        the non-responder mixture (the cell total replaced by its expectation).
+    """
+    nodes, weights = hermegauss(_LIBRARY_NODES)
+    weights = weights / weights.sum()
+    libs = p.library_median * np.exp(p.library_log_sd * nodes)
+    n_cond, n_genes = z.shape
+
+    def state_mean(zz: np.ndarray) -> np.ndarray:
+        acc = np.zeros(zz.shape)
+        for shift in batch_shift:
+            rel = pi * np.exp(zz + shift)
+            totals = rel.sum(1, keepdims=True)
+            for lib, wt in zip(libs, weights, strict=True):
+                scale = np.broadcast_to(target_sum / (lib * totals), zz.shape)
+                phis = np.broadcast_to(phi, zz.shape)
+                acc += wt * _nb_expected_log1p((lib * rel).ravel(), phis.ravel(),
+                                               scale.ravel()).reshape(zz.shape)
+        return acc / len(batch_shift)
+
+    ctrl = state_mean(np.zeros((1, n_genes)))
+    resp = state_mean(z[1:])
+    return np.vstack([ctrl, responder * resp + (1.0 - responder) * ctrl])
+
+
+def _draw_counts(z: np.ndarray, cell_cond: np.ndarray, responds: np.ndarray, batch: np.ndarray,
+                 lib: np.ndarray, pi: np.ndarray, phi: np.ndarray, batch_shift: np.ndarray,
+                 rng: np.random.Generator) -> sp.csr_matrix:
+    """``(N, G)`` float32 CSR of NB (Gamma-Poisson) UMI counts, drawn in chunks of cells."""
+    blocks = []
+    shape = 1.0 / phi
+    for lo in range(0, cell_cond.size, _CELL_CHUNK):
+        sl = slice(lo, lo + _CELL_CHUNK)
+        log_fc = z[cell_cond[sl]] * responds[sl, None] + batch_shift[batch[sl]]
+        mean = lib[sl, None] * pi * np.exp(log_fc)
+        counts = rng.poisson(rng.gamma(shape, mean / shape))
+        blocks.append(sp.csr_matrix(counts.astype(np.float32)))
+    return sp.vstack(blocks, format="csr")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _resolve(preset: str, overrides: Mapping[str, object]) -> SimParams:
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(SimParams)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: unknown simulator parameter(s); valid: {', '.join(sorted(fields))}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def simulate(preset: str = "demo", seed: int = 0, **overrides: object) -> ad.AnnData:
+    """Simulate a Perturb-seq screen and return it prepared for training.
+
+    Parameters
+    ----------
+    preset
+        A key of :data:`PRESETS`.
+    seed
+        Seed of every random draw; the same preset, seed and overrides give an identical matrix.
+    **overrides
+        :class:`SimParams` fields replacing the preset's values.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``(N cells, G genes)`` in the layout of :func:`pertadapt.data.prepare.prepare_adata` (raw
+        counts in ``layers['counts']``, log1p-normalised sparse ``X``, GEARS ``obs``/``uns`` keys),
+        plus ``obs['batch']``, ``obs['responder']`` and the ground truth in ``uns['sim']``.
+
+    Raises
+    ------
+    ValueError
+        Unknown preset or parameter, or impossible parameter values (the message names the
+        parameter).
+    """
+    p = _resolve(preset, overrides)
+    t0 = time.perf_counter()
+    r_genes, r_net, r_pert, r_gi, r_expr, r_cells = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6))
+    ann = load_annotations("bundled")
+    genes = _choose_genes(ann.gene2terms, p, r_genes)
+    n = len(genes)
+    src, dst, weight = _sample_network(sp.csr_matrix(jaccard_matrix(ann, genes)), p, r_net)
+    w = sp.csr_matrix((weight, (src, dst)), shape=(n, n))
+
+    regulators = np.flatnonzero(np.bincount(src, minlength=n) > 0)
+    others = np.setdiff1d(np.arange(n), regulators)
+    k = min(p.n_singles, regulators.size)
+    targets = np.sort(np.concatenate([r_pert.choice(regulators, size=k, replace=False),
+                                      r_pert.choice(others, size=p.n_singles - k, replace=False)]))
+    if p.modality == "crispri":
+        clamp = np.log1p(-r_pert.uniform(*p.kd_efficiency, size=targets.size))
+    else:
+        clamp = r_pert.uniform(*p.activation_log_fc, size=targets.size)
+    iu, ju = np.triu_indices(p.n_singles, 1)
+    pick = np.sort(r_pert.choice(iu.size, size=p.n_doubles, replace=False))
+    pairs = np.stack([iu[pick], ju[pick]], axis=1)
+
+    clamp_idx = np.full((p.n_singles + p.n_doubles, 2), -1)
+    clamp_val = np.zeros(clamp_idx.shape)
+    clamp_idx[: p.n_singles, 0] = targets
+    clamp_val[: p.n_singles, 0] = clamp
+    clamp_idx[p.n_singles:] = targets[pairs]
+    clamp_val[p.n_singles:] = clamp[pairs]
+    z_pert = _steady_state(w, clamp_idx, clamp_val, p.max_log_fc)
+    z_single = z_pert[: p.n_singles]
+    gi = _assign_gi(p.n_doubles, p.gi_mix, r_gi)
+    z_double, gi_param, dominant = _apply_gi(z_pert[p.n_singles:], z_single[pairs], targets[pairs], gi, w, p, r_gi)
+    z = np.vstack([np.zeros((1, n)), z_single, z_double])
+    gene_arr = np.asarray(genes, dtype=object)
+    doubles = [SEP.join(sorted(pair)) for pair in gene_arr[targets[pairs]].tolist()]
+    conditions = [CONTROL, *(f"{g}{SEP}{CONTROL}" for g in gene_arr[targets]), *doubles]
+
+    gene_mean = p.gene_mean_median * 10.0 ** r_expr.normal(0.0, p.gene_mean_log10_sd, n)
+    pi = gene_mean / p.library_median
+    phi = p.dispersion_asymptote * (1.0 + gene_mean**-0.5) * np.exp(r_expr.normal(0.0, 0.25, n))
+    batch_shift = r_expr.normal(0.0, p.batch_sd, (p.n_batches, n))
+
+    sizes = np.array([p.n_control] + [p.cells_per_condition] * (len(conditions) - 1))
+    cell_cond = np.repeat(np.arange(len(conditions)), sizes)
+    responds = (r_cells.random(cell_cond.size) >= p.nonresponder_frac) & (cell_cond > 0)
+    batch = r_cells.integers(p.n_batches, size=cell_cond.size)
+    lib = p.library_median * np.exp(r_cells.normal(0.0, p.library_log_sd, cell_cond.size))
+    counts = _draw_counts(z, cell_cond, responds, batch, lib, pi, phi, batch_shift, r_cells)
+
+    obs = pd.DataFrame({
+        CONDITION: pd.Categorical(np.asarray(conditions)[cell_cond], categories=conditions),
+        CELL_TYPE: p.cell_type,
+        "batch": pd.Categorical([f"batch{b}" for b in batch]),
+        "responder": responds,
+    }, index=[f"cell{i:07d}" for i in range(cell_cond.size)])
+    raw = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame({GENE_NAME: genes}, index=genes))
+    totals = np.asarray(counts.sum(1)).ravel()
+    target_sum = float(np.median(totals[counts.getnnz(axis=1) > 0]))
+    adata = prepare_adata(raw, min_genes=1, target_sum=target_sum, cell_type_default=p.cell_type)
+
+    true_mean = _expected_log_norm(z, 1.0 - p.nonresponder_frac, pi, phi, batch_shift, p, target_sum)
+    adata.uns[SIM_KEY] = {
+        "seed": int(seed),
+        "preset": preset,
+        "params": json.dumps(dataclasses.asdict(p), sort_keys=True),
+        "genes": gene_arr,
+        "edge_src": src,
+        "edge_dst": dst,
+        "edge_weight": weight,
+        "conditions": np.asarray(conditions, dtype=object),
+        "latent_log_fc": z,
+        "true_mean": true_mean,
+        "true_shift": true_mean - true_mean[0],
+        "targets": gene_arr[targets],
+        "target_log_fc": clamp,
+        "doubles": np.asarray(doubles, dtype=object),
+        "gi_type": np.asarray([GI_TYPES[t] for t in gi], dtype=object),
+        "gi_param": gi_param,
+        "gi_dominant": np.asarray([gene_arr[targets[pairs[d, s]]] if s >= 0 else ""
+                                   for d, s in enumerate(dominant)], dtype=object),
+        "gene_mean": gene_mean,
+        "dispersion": phi,
+        "batch_shift": batch_shift,
+        "target_sum": target_sum,
+    }
+    log.info("simulated preset %r (seed %d): %d cells x %d genes, %d singles, %d doubles, %d edges in %.1f s",
+             preset, seed, adata.n_obs, adata.n_vars, p.n_singles, p.n_doubles, src.size,
+             time.perf_counter() - t0)
+    return adata
+
+
+def score_against_truth(adata: ad.AnnData, pred_means: Mapping[str, np.ndarray], *,
+                        n_de: int = 20) -> dict:
+    """Score predicted mean log-normalised expression against the simulator's noise-free truth.
+
+    Parameters
+    ----------
+    adata
+        A simulated AnnData (with ``uns['sim']``); predictions follow its ``var_names`` order.
+    pred_means
+        Condition name (``A+ctrl`` / ``A+B``, as in ``obs['condition']``) -> ``(G,)`` predicted mean
+        of ``X`` over the condition's cells.
+    n_de
+        Genes with the largest true ``|shift|`` used by the ``*_de`` metrics.
+
+    Returns
+    -------
+    dict
+        ``mse``, ``mse_de``, ``pearson_delta``, ``pearson_delta_de`` and ``direction_de`` (fraction
+        of the ``n_de`` genes whose predicted shift from the true control mean has the true sign),
+        each averaged over the scored conditions; ``n_conditions``; and ``per_condition``
+        (condition -> the same five metrics). Pearson values are NaN where a vector is constant.
+
+    Raises
+    ------
+    ValueError
+        No ground truth, an unknown or control condition, or a prediction of the wrong shape.
+    """
+    if SIM_KEY not in adata.uns:
+        raise ValueError("adata: no uns['sim'] ground truth (not made by pertadapt.data.simulate)")
+    sim = adata.uns[SIM_KEY]
+    conds = [str(c) for c in sim["conditions"]]
+    truth = np.asarray(sim["true_mean"])
+    order = pd.Index([str(g) for g in sim["genes"]]).get_indexer(adata.var_names)
+    if (order < 0).any():
+        raise ValueError("adata: var_names differ from the simulated genes")
+    truth = truth[:, order]
+    ctrl = truth[conds.index(CONTROL)]
+    index = {c: i for i, c in enumerate(conds)}
+    per: dict[str, dict[str, float]] = {}
+    for cond, pred in pred_means.items():
+        if cond == CONTROL or cond not in index:
+            raise ValueError(f"pred_means: {cond!r} is not a simulated perturbation")
+        pred = np.asarray(pred, dtype=float)
+        if pred.shape != (truth.shape[1],):
+            raise ValueError(f"pred_means[{cond!r}]: expected shape ({truth.shape[1]},), got {pred.shape}")
+        true_delta = truth[index[cond]] - ctrl
+        pred_delta = pred - ctrl
+        de = np.argsort(-np.abs(true_delta), kind="stable")[:n_de]
+        per[cond] = {
+            "mse": float(np.mean((pred - truth[index[cond]]) ** 2)),
+            "mse_de": float(np.mean((pred[de] - truth[index[cond], de]) ** 2)),
+            "pearson_delta": _pearson(pred_delta, true_delta),
+            "pearson_delta_de": _pearson(pred_delta[de], true_delta[de]),
+            "direction_de": float(np.mean(np.sign(pred_delta[de]) == np.sign(true_delta[de]))),
+        }
+    metrics = ("mse", "mse_de", "pearson_delta", "pearson_delta_de", "direction_de")
+    summary: dict = {m: float(np.mean([v[m] for v in per.values()])) if per else float("nan") for m in metrics}
+    summary["n_conditions"] = len(per)
+    summary["per_condition"] = per
+    return summary
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
