@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml requirements.txt requirements-dev.txt
 demo: install
 	$(BIN)/pertadapt demo
 
+# pytest exits 5 when no test ran; that must fail too (it does: make stops on any non-zero exit).
 test: install
 	$(BIN)/ruff check platform tests
 	$(BIN)/lint-imports
@@ -41,4 +42,4 @@ lint: install
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache

@@ -29,15 +29,9 @@ def _train(config: Path = typer.Argument(..., help="Run config YAML (may use bas
 
     ensure_data_file(cfg)
     if cfg.engine.name == "deepspeed":
-        import ray
-        from pertadapt.train.worker import fit_with_ray_train
+        from pertadapt.train.worker import train_on_local_ray
 
-        ray.init(num_cpus=cfg.engine.workers * cfg.engine.cpus_per_worker + 1, log_to_driver=False)
-        try:
-            fit_with_ray_train(cfg, run_dir, name=f"train-{cfg.name}", storage_path=run_dir / "ray",
-                               wandb_name=cfg.name, resume=resume)
-        finally:
-            ray.shutdown()
+        train_on_local_ray(cfg, run_dir, resume=resume)
     else:
         from pertadapt.report.wandb import open_logger
         from pertadapt.train.run import run

@@ -9,6 +9,7 @@ every seed (``stage`` = ``hpo`` / ``final`` in the results).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -181,7 +182,7 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     sweep_dir = sweep_dir.resolve()
     concurrent = ablation.max_concurrent_trials
     workers = max(t.config.engine.workers * t.config.engine.cpus_per_worker for t in ablation.trials)
-    ray.init(num_cpus=num_cpus or concurrent * (workers + 0.01) + 1, log_to_driver=False,
+    ray.init(num_cpus=num_cpus or math.ceil(concurrent * (workers + 0.01)) + 1, log_to_driver=False,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(
                  ("PERTADAPT_", "WANDB_", "DS_", "OMP_", "RAY_TRAIN_"))}})
     try:

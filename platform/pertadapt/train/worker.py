@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from pertadapt.config.schema import RunConfig
 from pertadapt.report.wandb import open_logger
 from pertadapt.train.run import run
 
-__all__ = ["fit_with_ray_train", "train_fn_per_worker"]
+__all__ = ["fit_with_ray_train", "train_fn_per_worker", "train_on_local_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +86,15 @@ def fit_with_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path
     if result.error is not None:
         raise result.error
     return dict(result.metrics or {})
+
+
+def train_on_local_ray(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+    """Start a local Ray instance sized for ``engine.workers``, run :func:`fit_with_ray_train`, stop Ray."""
+    import ray
+
+    ray.init(num_cpus=math.ceil(cfg.engine.workers * cfg.engine.cpus_per_worker) + 1, log_to_driver=False)
+    try:
+        return fit_with_ray_train(cfg, run_dir, name=f"train-{cfg.name}", storage_path=run_dir / "ray",
+                                  wandb_name=cfg.name, resume=resume)
+    finally:
+        ray.shutdown()
