@@ -19,7 +19,6 @@ if TYPE_CHECKING:
         suggest,
     )
     from pertadapt.go.bench import run_go_benchmark
-    from pertadapt.go.coverage import coverage, read_gene_list, read_h5ad_genes
     from pertadapt.go.errors import GeneListError, GOError, GOFormatError, GOSourceUnavailable
     from pertadapt.go.similarity import (
         GeneGraph,
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
         jaccard_matrix,
     )
     from pertadapt.go.sources import export_bundled_table, fetch_debian
+    from pertadapt.go.stats import coverage, read_gene_list, read_h5ad_genes
     from pertadapt.go.store import (
         cached_gene_graph,
         cached_go_mask,
@@ -44,7 +44,7 @@ _WHERE = {
     "GOAnnotations": "annotations", "SymbolResolution": "annotations", "load_annotations": "annotations",
     "resolve_symbols": "annotations", "suggest": "annotations",
     "run_go_benchmark": "bench",
-    "coverage": "coverage", "read_gene_list": "coverage", "read_h5ad_genes": "coverage",
+    "coverage": "stats", "read_gene_list": "stats", "read_h5ad_genes": "stats",
     "GOError": "errors", "GOFormatError": "errors", "GOSourceUnavailable": "errors", "GeneListError": "errors",
     "GOMask": "similarity", "GeneGraph": "similarity", "build_gene_graph": "similarity",
     "build_go_mask": "similarity", "build_graph_and_mask": "similarity", "jaccard_matrix": "similarity",
