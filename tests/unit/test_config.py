@@ -76,7 +76,7 @@ def test_bad_file_names_file_and_key(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pertadapt.cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pertadapt.cli", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
 
 

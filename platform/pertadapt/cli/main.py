@@ -14,10 +14,11 @@ log = logging.getLogger("pertadapt")
 
 
 def _setup_logging(verbose: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)], force=True)
 
 
 @app.callback()
@@ -42,7 +43,3 @@ def _register_groups() -> None:
 
 
 _register_groups()
-
-
-if __name__ == "__main__":
-    main()

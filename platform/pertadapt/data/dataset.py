@@ -19,7 +19,10 @@ from pertadapt.data import keys
 from pertadapt.data.conditions import condition_genes
 from pertadapt.types import Batch
 
-__all__ = ["PairedCells", "PerturbData", "load_perturb_data", "read_perturb_data"]
+#: DE genes kept per condition for the metrics (GEARS' frac_correct_direction_200).
+N_METRIC_DE = 200
+
+__all__ = ["N_METRIC_DE", "PairedCells", "PerturbData", "load_perturb_data", "read_perturb_data"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,8 @@ class PerturbData:
     conditions
         Condition names (GEARS style), ``ctrl`` included.
     de_idx
-        condition → ``(n_de,)`` top DE gene positions in rank order (absent for ctrl).
+        condition → top DE gene positions in rank order, at least the first 200 (training uses the first
+        ``n_de``; the direction metrics use up to 200); absent for ctrl.
     nz_idx
         condition → sorted positions of genes with non-zero mean (absent for ctrl).
     """
@@ -97,7 +101,7 @@ def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20) -> PerturbData:
         ranked = adata.uns[keys.DE_KEY].get(name)
         if ranked is None:
             raise KeyError(f"uns['{keys.DE_KEY}'] has no entry for condition '{c}' ({name})")
-        de_idx[c] = np.array([pos[str(g)] for g in list(ranked)[:n_de]], dtype=np.int64)
+        de_idx[c] = np.array([pos[str(g)] for g in list(ranked)[:max(n_de, N_METRIC_DE)]], dtype=np.int64)
         nz_idx[c] = np.asarray(adata.uns[keys.NON_ZERO_KEY][name], dtype=np.int64)
     X = adata.X if sp.issparse(adata.X) else sp.csr_matrix(adata.X)
     return PerturbData(genes, sp.csr_matrix(X, dtype=np.float32), adata.obs[keys.TOTAL_COUNT].to_numpy(np.float32),

@@ -14,10 +14,11 @@ from pertadapt.config.schema import RunConfig
 from pertadapt.models.adapter import PerturbationAdapter
 from pertadapt.models.attention import SparseMask
 from pertadapt.models.backbones.registry import build_backbone
+from pertadapt.models.finetune import apply_finetune
 from pertadapt.models.head import GeneHead
 from pertadapt.models.losses import LOSSES
-from pertadapt.models.perturbation import PerturbationEncoder
 from pertadapt.models.pertadapt_model import PertAdaptModel
+from pertadapt.models.perturbation import PerturbationEncoder
 from pertadapt.types import Batch, LossOutput
 
 __all__ = ["ModelInputs", "build_loss", "build_model", "trainable_parameters"]
@@ -72,22 +73,9 @@ def build_model(cfg: RunConfig, inputs: ModelInputs) -> PertAdaptModel:
         adapter = PerturbationAdapter(d, acfg.heads, acfg.ffn_dim, acfg.layers, mask, acfg.chunk_size)
     head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden)
     model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject)
-    _apply_finetune(model.backbone, bcfg.name, bcfg.finetune, bcfg.last_k)
+    if bcfg.name != "learned":  # FM off: the per-gene embedding is a trained part of the model
+        apply_finetune(model.backbone, bcfg.finetune, last_k=bcfg.last_k)
     return model
-
-
-def _apply_finetune(backbone: nn.Module, name: str, mode: str, last_k: int) -> None:
-    if name == "learned":  # FM off: the per-gene embedding is a trained part of the model
-        return
-    train_all = mode == "full"
-    for p in backbone.parameters():
-        p.requires_grad_(train_all)
-    if mode == "last_k":
-        for layer in backbone.transformer_layers()[-last_k:]:
-            for p in layer.parameters():
-                p.requires_grad_(True)
-    elif mode == "lora":
-        raise NotImplementedError("backbone.finetune=lora is not available yet")
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -21,7 +21,8 @@ from torch import nn
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.types import Batch
 
-__all__ = ["DeepSpeedEngine", "Engine", "TorchEngine", "build_engine", "deepspeed_config", "find_deepspeed_json"]
+__all__ = ["DeepSpeedEngine", "Engine", "TorchEngine", "build_engine", "consolidated_state_dict", "deepspeed_config",
+           "find_deepspeed_json"]
 
 log = logging.getLogger(__name__)
 _REPO_DS_DIR = Path(__file__).resolve().parents[3] / "cluster" / "deepspeed"
@@ -82,7 +83,11 @@ def _clip_value_hooks(params: list[nn.Parameter], clip: float | None) -> None:
 
 
 def _accumulation(cfg: RunConfig, world_size: int) -> int:
-    return max(1, cfg.optim.batch_size // (cfg.optim.micro_batch_size * world_size))
+    per_step = cfg.optim.micro_batch_size * world_size
+    if cfg.optim.batch_size % per_step:
+        raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} cells per step is not a multiple of "
+                          f"optim.micro_batch_size × workers = {per_step}")
+    return cfg.optim.batch_size // per_step
 
 
 def _optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
@@ -236,6 +241,21 @@ class DeepSpeedEngine:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+
+def consolidated_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model state dict from a checkpoint of either engine (ZeRO shards are merged).
+
+    Parameters
+    ----------
+    directory
+        A checkpoint directory written by :meth:`Engine.save` (``ckpt/best`` or ``ckpt/last``).
+    """
+    if (directory / "state.pt").exists():
+        return torch.load(directory / "state.pt", map_location="cpu", weights_only=False)["model"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="ds")
 
 
 def build_engine(model: nn.Module, cfg: RunConfig) -> Engine:

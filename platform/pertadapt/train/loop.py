@@ -111,10 +111,18 @@ def _has_checkpoint(directory: Path) -> bool:
     return (directory / "latest").exists() or (directory / "state.pt").exists()
 
 
-def _epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
+def _epoch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
+    """This rank's cells for one epoch, so that every optimiser step sees the same cells at any world size.
+
+    The seeded permutation is cut into steps of ``batch_size`` cells (a last partial step is dropped, so
+    every rank runs the same number of micro-batches); rank ``r`` takes the ``r``-th slice of each step.
+    """
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    per_rank = n // world if n >= world else 1
-    return order[rank * per_rank: (rank + 1) * per_rank] if n >= world else order[:1]
+    per_rank = batch_size // world
+    steps = n // batch_size
+    if steps == 0:
+        raise ValueError(f"{n} training cells are fewer than one optimiser step (optim.batch_size={batch_size})")
+    return order[: steps * batch_size].reshape(steps, world, per_rank)[:, rank].ravel()
 
 
 def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet, test: EvalSet,
@@ -151,7 +159,7 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
     for epoch in range(start, o.epochs):
         engine.train(True)
         engine.set_lr(o.lr * o.step_gamma ** epoch)
-        order = _epoch_order(len(train_cells), cfg.seed, epoch, engine.rank, engine.world_size)
+        order = _epoch_order(len(train_cells), o.batch_size, cfg.seed, epoch, engine.rank, engine.world_size)
         batches = _micro_batches(order, o.micro_batch_size)
         if o.max_steps_per_epoch is not None:
             per_step = max(1, o.batch_size // (o.micro_batch_size * engine.world_size))
@@ -164,7 +172,8 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
             engine.step()
             losses.append(float(out.total))
         val_metrics, _ = evaluate(engine, val, "val", cfg.eval.batch_size)
-        row = {"epoch": epoch, "lr": o.lr * o.step_gamma ** epoch, "train_loss": float(np.mean(losses)),
+        all_losses = np.concatenate([np.asarray(x) for x in engine.gather(losses)])
+        row = {"epoch": epoch, "lr": o.lr * o.step_gamma ** epoch, "train_loss": float(np.mean(all_losses)),
                **val_metrics}
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}")

@@ -1,0 +1,5 @@
+"""``python -m pertadapt.cli``."""
+
+from pertadapt.cli.main import main
+
+main()
