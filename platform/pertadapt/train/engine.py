@@ -227,8 +227,21 @@ class DeepSpeedEngine:
             g["lr"] = lr
 
     def train(self, mode: bool = True) -> None:
+        if not mode:
+            self._average_buffers()
         self.ds.train(mode)
         _frozen_backbone_eval(self.model)
+
+    def _average_buffers(self) -> None:
+        """Average floating buffers (BatchNorm running statistics) across ranks before evaluation.
+
+        Each rank updates its BN statistics on its own micro-batches; without this, ranks would evaluate
+        their shards of the validation set with different statistics.
+        """
+        for buf in self.model.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(self.world_size)
 
     def save(self, directory: Path, client_state: dict[str, Any]) -> None:
         self.ds.save_checkpoint(str(directory), tag="ds", client_state=client_state)

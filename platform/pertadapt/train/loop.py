@@ -170,7 +170,7 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
             out = loss_fn(engine.forward(batch), batch)
             engine.backward(out.total * cfg.loss.scale)
             engine.step()
-            losses.append(float(out.total))
+            losses.append(float(out.total.detach()))
         val_metrics, _ = evaluate(engine, val, "val", cfg.eval.batch_size)
         all_losses = np.concatenate([np.asarray(x) for x in engine.gather(losses)])
         row = {"epoch": epoch, "lr": o.lr * o.step_gamma ** epoch, "train_loss": float(np.mean(all_losses)),

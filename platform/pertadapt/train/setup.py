@@ -87,11 +87,11 @@ def _gene_hash(genes: tuple[str, ...]) -> str:
 
 
 def _mask_arrays(cfg: RunConfig, ann, genes: tuple[str, ...]) -> tuple[np.ndarray | None, np.ndarray | None, str]:
-    from pertadapt.go.similarity import build_go_mask
+    from pertadapt.go import cached_go_mask
 
     if not cfg.adapter.enabled or cfg.adapter.attention_mask == "none":
         return None, None, "none"
-    mask = build_go_mask(ann, genes, threshold=cfg.go.mask_threshold, kind=cfg.adapter.attention_mask,
+    mask = cached_go_mask(ann, genes, threshold=cfg.go.mask_threshold, kind=cfg.adapter.attention_mask,
                          seed=cfg.seed)
     csr = mask.csr
     return csr.indptr.astype(np.int64), csr.indices.astype(np.int64), mask.sha256
@@ -99,8 +99,7 @@ def _mask_arrays(cfg: RunConfig, ann, genes: tuple[str, ...]) -> tuple[np.ndarra
 
 def prepare_run_data(cfg: RunConfig) -> RunData:
     """Load the data, split its conditions, build the GO graph and mask, and pair the cells."""
-    from pertadapt.go.annotations import load_annotations
-    from pertadapt.go.similarity import build_gene_graph
+    from pertadapt.go import cached_gene_graph, load_annotations
 
     path = ensure_data_file(cfg)
     data = read_perturb_data(path, n_de=cfg.data.n_de)
@@ -117,7 +116,7 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
                              train_gene_frac=cfg.data.train_gene_frac,
                              combo_seen2_train_frac=cfg.data.combo_seen2_train_frac)
     pert_vocab = tuple(g for g in targets if g not in set(missing))
-    graph = build_gene_graph(ann, pert_vocab, threshold=cfg.go.graph_threshold, top_k=cfg.go.graph_top_k)
+    graph = cached_gene_graph(ann, pert_vocab, threshold=cfg.go.graph_threshold, top_k=cfg.go.graph_top_k)
     indptr, indices, mask_hash = _mask_arrays(cfg, ann, data.genes)
     ctrl_mean = data.mean_expression(data.control_cells)
     inputs = ModelInputs(data.genes, len(pert_vocab), graph.src, graph.dst, graph.weight, indptr, indices, ctrl_mean)
