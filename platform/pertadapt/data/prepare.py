@@ -9,7 +9,8 @@ Steps of :func:`prepare_adata` (names in :data:`PREPARE_STEPS`):
    ``min_genes`` detected genes (``sc.pp.filter_cells``); keep counts in ``layers['counts']`` and their
    row sums in ``obs['total_count']``.
 3. ``normalize``: ``sc.pp.normalize_total`` (``target_sum=None`` = median library size, as the
-   reference pipeline) and ``sc.pp.log1p``.
+   reference pipeline) and ``sc.pp.log1p``, computed in place by row chunks with scanpy's arithmetic
+   (scanpy's own functions allocate several full-size temporaries).
 4. ``de`` (:func:`add_de_genes`): GEARS ``get_DE_genes``, i.e. ``obs['dose_val']``, ``obs['control']``,
    ``obs['condition_name']`` and, per cell type, ``sc.tl.rank_genes_groups`` (t-test, ``rankby_abs``,
    all genes, against ``{cell_type}_ctrl_1``) into ``uns['rank_genes_groups_cov_all']``; then GEARS
@@ -66,18 +67,40 @@ PREPARE_KEY = "pertadapt_prepare"
 
 
 def _align(x: sp.csr_matrix, genes: pd.Index, vocabulary: pd.Index) -> sp.csr_matrix:
-    """Columns of ``x`` reordered to ``vocabulary`` (absent genes all-zero), float32 CSR ``(n_cells, n_vocab)``."""
-    pos = vocabulary.get_indexer(genes).astype(np.int32)
-    new_cols = pos[x.indices]
-    keep = new_cols >= 0
-    per_row = np.add.reduceat(keep, x.indptr[:-1]) if x.nnz else np.zeros(x.shape[0], dtype=np.int64)
-    per_row[np.diff(x.indptr) == 0] = 0
-    indptr = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
-    out = sp.csr_matrix((x.data[keep].astype(np.float32), new_cols[keep].astype(np.int32), indptr),
-                        shape=(x.shape[0], len(vocabulary)))
+    """Columns of ``x`` reordered to ``vocabulary`` (absent genes all-zero), float32 CSR ``(n_cells, n_vocab)``.
+
+    ``genes`` must be unique. Memory: the output plus one int32 array of its non-zeros.
+    """
+    source_col = genes.get_indexer(vocabulary)
+    if len(genes) == len(vocabulary) and np.array_equal(source_col, np.arange(len(genes))):
+        out = x.astype(np.float32, copy=True)
+    else:
+        present = np.flatnonzero(source_col >= 0).astype(np.int32)
+        sub = x[:, source_col[present]]
+        out = sp.csr_matrix((sub.data.astype(np.float32, copy=False), present[sub.indices], sub.indptr),
+                            shape=(x.shape[0], len(vocabulary)))
     out.sort_indices()
     out.eliminate_zeros()
     return out
+
+
+def _normalize_log1p(x: sp.csr_matrix, target_sum: float | None, rows_per_chunk: int = 20_000) -> float:
+    """In place, row chunk by row chunk: ``sc.pp.normalize_total`` then ``sc.pp.log1p`` on CSR ``x``.
+
+    Same arithmetic as scanpy (each row divided by ``row_sum / target``, rows summing to 0 left at 0,
+    ``target_sum=None`` = median row sum), without scanpy's full-size temporaries. Returns the target.
+    """
+    totals = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
+    target = float(np.median(totals)) if target_sum is None else float(target_sum)
+    factor = totals / target
+    factor[factor == 0] = 1.0
+    for r0 in range(0, x.shape[0], rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, x.shape[0])
+        lo, hi = x.indptr[r0], x.indptr[r1]
+        block = x.data[lo:hi]
+        block /= np.repeat(factor[r0:r1], np.diff(x.indptr[r0:r1 + 1])).astype(np.float32)
+        np.log1p(block, out=block)
+    return target
 
 
 def _condition_obs(obs: pd.DataFrame) -> pd.DataFrame:
@@ -272,9 +295,7 @@ def prepare_adata(adata: ad.AnnData, *, vocabulary: Sequence[str] | None = None,
     out = _drop_small_groups(out)
 
     step("normalize")
-    sc.pp.normalize_total(out, target_sum=target_sum)
-    used_target = float(np.median(out.obs[TOTAL_COUNT])) if target_sum is None else float(target_sum)
-    sc.pp.log1p(out)
+    used_target = _normalize_log1p(out.X, target_sum)
     out.uns["log1p"] = {"base": None}
 
     step("de")
