@@ -38,16 +38,13 @@ def prepare(
     delimiter: str = typer.Option("_", "--delimiter", help="Raw layout: separator of combined genes."),
 ) -> None:
     """Preprocess raw counts: align genes, filter cells, normalise, log1p, GEARS DE keys."""
-    import anndata as ad
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pertadapt.data.conditions import ConditionError
-    from pertadapt.data.io import DataError, read_raw, write_h5ad_atomic
+    from pertadapt.data.io import DataError, read_counts, write_h5ad_atomic
     from pertadapt.data.prepare import PREPARE_STEPS, prepare_adata
 
-    if not in_path.is_file():
-        raise _fail(f"{in_path}: no such file")
     vocabulary = None
     if vocab is not None:
         if not vocab.is_file():
@@ -62,14 +59,13 @@ def prepare(
             progress.update(task, description=name, advance=1)
 
         try:
-            if perturbation_column is not None:
-                adata = read_raw(in_path, perturbation_column=perturbation_column,
-                                 control_labels=control_label, delimiter=delimiter)
-            else:
-                adata = ad.read_h5ad(in_path)
+            adata = read_counts(in_path, perturbation_column=perturbation_column, control_labels=control_label,
+                                delimiter=delimiter)
             result = prepare_adata(adata, vocabulary=vocabulary, min_genes=min_genes, target_sum=target_sum,
                                    n_de=n_de, cell_type_default=cell_type, on_step=on_step)
-        except (DataError, ConditionError) as e:
+        except DataError as e:
+            raise _fail(str(e)) from e
+        except ConditionError as e:
             raise _fail(f"{in_path}: {e}") from e
         del adata
         progress.update(task, description="write", advance=1)
@@ -85,21 +81,18 @@ def validate(
     min_cells: int = typer.Option(2, "--min-cells", help="Conditions with fewer cells are errors."),
 ) -> None:
     """Summarise a file and list every problem; exit 1 if there is an error."""
-    import anndata as ad
     from rich.console import Console
     from rich.table import Table
 
-    from pertadapt.data.validate import EXPECT, validate_adata
+    from pertadapt.data.io import DataError
+    from pertadapt.data.validate import EXPECT, validate_file
 
     if expect is not None and expect not in EXPECT:
         raise _fail(f"--expect {expect!r} is not one of {', '.join(EXPECT)}")
-    if not file.is_file():
-        raise _fail(f"{file}: no such file")
     try:
-        adata = ad.read_h5ad(file)
-    except OSError as e:
-        raise _fail(f"{file}: not a readable .h5ad ({e})") from e
-    report = validate_adata(adata, expect=expect, min_cells_per_condition=min_cells)
+        report = validate_file(file, expect=expect, min_cells_per_condition=min_cells)
+    except DataError as e:
+        raise _fail(str(e)) from e
     table = Table(title=str(file), show_header=False)
     for key, value in report.summary.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))

@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "read_conditions",
+    "read_counts",
     "read_raw",
     "sha256_file",
     "write_h5ad_atomic",
@@ -144,3 +145,24 @@ def read_raw(path: str | Path, *, perturbation_column: str = "gene",
     log.info("%s: %d cells, %d raw labels -> %d conditions, %d control cells", path, adata.n_obs,
              len(mapping), adata.obs[CONDITION].nunique(), n_ctrl)
     return adata
+
+
+def read_counts(path: str | Path, *, perturbation_column: str | None = None,
+                control_labels: Iterable[str] = ("non-targeting", CONTROL), delimiter: str = "_") -> ad.AnnData:
+    """Read the input of ``prepare``: layout (b) via :func:`read_raw` if ``perturbation_column`` is given,
+    else an ``.h5ad`` that already has ``obs['condition']``.
+
+    Raises
+    ------
+    DataError
+        If the file is missing or unreadable (the message names it), or as :func:`read_raw`.
+    """
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        if perturbation_column is not None:
+            return read_raw(path, perturbation_column=perturbation_column, control_labels=control_labels,
+                            delimiter=delimiter)
+        return ad.read_h5ad(path)
+    except OSError as e:
+        raise DataError(f"{path}: not a readable .h5ad ({e})") from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -17,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pertadapt.data.conditions import ConditionError, canonical_condition, condition_genes
-from pertadapt.data.io import DataError
+from pertadapt.data.io import DataError, read_counts
 from pertadapt.data.keys import (
     CELL_TYPE,
     CONDITION,
@@ -31,7 +32,7 @@ from pertadapt.data.keys import (
     TOP_NON_ZERO_DE_KEY,
 )
 
-__all__ = ["EXPECT", "Problem", "ValidationReport", "gene_names", "matrix_kind", "validate_adata"]
+__all__ = ["EXPECT", "Problem", "ValidationReport", "gene_names", "matrix_kind", "validate_adata", "validate_file"]
 
 log = logging.getLogger(__name__)
 
@@ -278,3 +279,14 @@ def validate_adata(adata: ad.AnnData, *, expect: str | None = None, min_cells_pe
     for p in report.problems:
         log.debug("%s", p)
     return report
+
+
+def validate_file(path: str | Path, *, expect: str | None = None, min_cells_per_condition: int = 2) -> ValidationReport:
+    """Read an ``.h5ad`` and :func:`validate_adata` it.
+
+    Raises
+    ------
+    pertadapt.data.io.DataError
+        If the file is missing or unreadable (the message names it).
+    """
+    return validate_adata(read_counts(path), expect=expect, min_cells_per_condition=min_cells_per_condition)
