@@ -1,0 +1,39 @@
+"""GPU checks (``-m gpu``; skipped without CUDA): the adapter and a training run on the device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pertadapt.models.adapter import PerturbationAdapter
+from pertadapt.models.attention import SparseMask
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_masked_adapter_matches_cpu_on_gpu() -> None:
+    torch.manual_seed(0)
+    n = 3000
+    rng = np.random.default_rng(0)
+    rows = [np.unique(np.r_[i, rng.choice(n, 40)]) for i in range(n)]
+    indptr = torch.tensor(np.r_[0, np.cumsum([len(r) for r in rows])])
+    indices = torch.tensor(np.concatenate(rows))
+    adapter = PerturbationAdapter(64, 8, 32, 1, SparseMask(indptr, indices), chunk_size=512).eval()
+    x = torch.randn(2, n, 64)
+    with torch.no_grad():
+        cpu = adapter(x)
+        gpu = adapter.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_training_run_on_gpu(demo_h5ad: Path, tmp_path: Path) -> None:
+    from pertadapt.config import load_run_config
+    from pertadapt.train.run import run
+
+    cfg = load_run_config(REPO / "configs" / "smoke.yaml", [f"data.path={demo_h5ad}", "engine.use_gpu=true"])
+    metrics = run(cfg, tmp_path / "gpu")
+    assert np.isfinite(metrics["test_mse_de"])
