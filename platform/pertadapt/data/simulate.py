@@ -9,7 +9,7 @@ perturbations, genetic-interaction types or GO, and its technical-noise model (o
 size, dropout) is a post-hoc step, not a negative binomial with a 10x-like mean-variance trend. Here
 the perturbation steady states are a fixed point computed for all conditions at once (one sparse
 product per iteration), counts are drawn in chunks of cells with one Gamma-Poisson draw, and the
-``demo`` preset takes about a second.
+``demo`` preset takes about 2 s (half of it loading the GO table).
 
 Generative model (every random draw comes from ``numpy.random.default_rng`` streams spawned from
 ``seed``, so the same preset, seed and overrides give a byte-identical matrix):
