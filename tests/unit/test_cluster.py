@@ -1,0 +1,215 @@
+"""Cluster definitions: every launcher YAML and KubeRay manifest validates offline; errors carry key paths."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from pertadapt.cli import cluster as cluster_cli
+from pertadapt.cluster import ClusterKind, Problem, detect_kind, validate_document, validate_file
+
+REPO = Path(__file__).resolve().parents[2]
+RAY_FILES = sorted((REPO / "cluster" / "ray").glob("*.yaml"))
+KUBERAY_FILES = sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))
+SBATCH = REPO / "cluster" / "slurm" / "ray_cluster.sbatch"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def _paths(problems: tuple[Problem, ...] | list[Problem]) -> list[str]:
+    return [p.path for p in problems]
+
+
+def test_every_cluster_file_is_found() -> None:
+    assert {p.name for p in RAY_FILES} == {"local.yaml", "aws.yaml", "gcp.yaml"}
+    assert {p.name for p in KUBERAY_FILES} == {"rayjob.yaml", "raycluster.yaml"}
+
+
+@pytest.mark.parametrize("path", RAY_FILES + KUBERAY_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_file_validates(path: Path) -> None:
+    (report,) = validate_file(path)
+    assert report.ok, [str(p) for p in report.problems]
+    expected = ClusterKind.RAY_LAUNCHER if path.parent.name == "ray" else ClusterKind(_load(path)["kind"])
+    assert report.kind is expected
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cloud_head_takes_no_trials_and_workers_have_gpus(name: str) -> None:
+    cfg = _load(REPO / "cluster" / "ray" / name)
+    types = cfg["available_node_types"]
+    assert types[cfg["head_node_type"]]["resources"] == {"CPU": 0}
+    workers = [t for key, t in types.items() if key != cfg["head_node_type"]]
+    assert workers
+    assert all(t["resources"]["GPU"] > 0 and t["resources"]["CPU"] > 0 for t in workers)
+
+
+@pytest.mark.parametrize("path", RAY_FILES, ids=lambda p: p.name)
+def test_setup_installs_torch_first_and_pins_ray(path: Path) -> None:
+    cfg = _load(path)
+    common = cfg.get("setup_commands", [])
+    for role in ("head_setup_commands", "worker_setup_commands"):
+        commands = common + cfg.get(role, [])
+        torch_at = next(i for i, c in enumerate(commands) if "torch==2.13.0" in c)
+        repo_at = next(i for i, c in enumerate(commands) if "-e ~/pertadapt" in c)
+        assert torch_at < repo_at
+        assert "DS_BUILD_OPS=0" in commands[repo_at]
+        assert '"ray[default,tune,train]==2.60.0"' in commands[repo_at]
+    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_rayjob_runs_the_demo_sweep_with_token_auth() -> None:
+    job = _load(REPO / "cluster" / "kuberay" / "rayjob.yaml")
+    assert "pertadapt sweep ablations/demo.yaml --out /shared/runs/demo" in job["spec"]["entrypoint"]
+    assert (REPO / "ablations" / "demo.yaml").is_file()
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert env["WANDB_MODE"] == "offline"
+    assert env["RAY_AUTH_MODE"] == "token"
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_bogus_key_is_reported_with_its_path() -> None:
+    cfg = _load(REPO / "cluster" / "ray" / "aws.yaml")
+    cfg["bogus_field"] = 1
+    cfg["available_node_types"]["gpu_worker"]["min_wrokers"] = 0
+    report = validate_document(cfg)
+    assert sorted(_paths(report.problems)) == ["available_node_types.gpu_worker.min_wrokers", "bogus_field"]
+    assert all(p.message == "unknown key" for p in report.problems)
+
+
+def test_wrong_type_is_reported_before_ray_prepares_the_config() -> None:
+    cfg = _load(REPO / "cluster" / "ray" / "gcp.yaml")
+    cfg["max_workers"] = "two"
+    cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"] = 0.5
+    problems = validate_document(cfg).problems
+    assert sorted(_paths(problems)) == ["available_node_types.gpu_worker.resources.GPU", "max_workers"]
+    assert "'two' is not of type 'integer'" in {p.message for p in problems}
+
+
+def test_missing_worker_ips_is_reported() -> None:
+    cfg = _load(REPO / "cluster" / "ray" / "local.yaml")
+    del cfg["provider"]["worker_ips"]
+    (problem,) = validate_document(cfg).problems
+    assert problem.path == "provider.worker_ips"
+
+
+def test_ray_semantic_check_runs_after_the_schema() -> None:
+    cfg = _load(REPO / "cluster" / "ray" / "aws.yaml")
+    cfg["head_node_type"] = "no_such_type"
+    (problem,) = validate_document(cfg).problems
+    assert "head_node_type" in problem.message
+
+
+def test_kuberay_typo_and_wrong_type_are_reported_with_paths() -> None:
+    job = _load(REPO / "cluster" / "kuberay" / "rayjob.yaml")
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    group["replicaz"] = group.pop("replicas")
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
+    job["spec"]["shutdownAfterJobFinishes"] = "yes"
+    problems = validate_document(job).problems
+    assert sorted(_paths(problems)) == [
+        "spec.rayClusterSpec.headGroupSpec.rayStartParams.num-cpus",
+        "spec.rayClusterSpec.workerGroupSpecs[0].replicaz",
+        "spec.shutdownAfterJobFinishes",
+    ]
+
+
+def test_kuberay_missing_required_key() -> None:
+    cluster = _load(REPO / "cluster" / "kuberay" / "raycluster.yaml")
+    del cluster["spec"]["workerGroupSpecs"][0]["groupName"]
+    (problem,) = validate_document(cluster).problems
+    assert problem.path == "spec.workerGroupSpecs[0].groupName"
+
+
+@pytest.mark.parametrize(("doc", "path"), [
+    ({"apiVersion": "ray.io/v1alpha1", "kind": "RayJob"}, "apiVersion"),
+    ({"apiVersion": "ray.io/v1", "kind": "RayService"}, "kind"),
+    ({"cluster_name": "x"}, "<root>"),
+    (["provider"], "<root>"),
+])
+def test_unknown_kind(doc: Any, path: str) -> None:
+    with pytest.raises(ValueError, match=f"^{path}: "):
+        detect_kind(doc)
+    report = validate_document(doc)
+    assert report.kind is None
+    assert _paths(report.problems) == [path]
+
+
+def test_multi_document_file_and_yaml_errors(tmp_path: Path) -> None:
+    both = tmp_path / "both.yaml"
+    job = _load(REPO / "cluster" / "kuberay" / "rayjob.yaml")
+    job["spec"]["entrypointz"] = job["spec"].pop("entrypoint")
+    both.write_text(yaml.safe_dump_all([_load(REPO / "cluster" / "kuberay" / "raycluster.yaml"), job]))
+    first, second = validate_file(both)
+    assert first.ok
+    assert first.kind is ClusterKind.RAY_CLUSTER
+    assert _paths(second.problems) == ["[1].spec.entrypointz"]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("provider: {type: local\n")
+    (report,) = validate_file(broken)
+    assert report.kind is None
+    assert report.problems[0].message.startswith("not valid YAML")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    assert not validate_file(empty)[0].ok
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Root."""
+
+    cluster_cli.register(app)
+    return app
+
+
+def test_cli_validate_exit_codes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    runner = CliRunner()
+    res = runner.invoke(_app(), ["cluster", "validate", *map(str, RAY_FILES + KUBERAY_FILES)])
+    assert res.exit_code == 0, res.output
+    bad = tmp_path / "bad.yaml"
+    cfg = _load(REPO / "cluster" / "ray" / "local.yaml")
+    del cfg["provider"]["worker_ips"]
+    bad.write_text(yaml.safe_dump(cfg))
+    with caplog.at_level(logging.ERROR, logger="pertadapt.cli.cluster"):
+        res = runner.invoke(_app(), ["cluster", "validate", str(RAY_FILES[0]), str(bad)])
+    assert res.exit_code == 2
+    assert any("provider.worker_ips" in r.getMessage() for r in caplog.records)
+    assert runner.invoke(_app(), ["cluster", "validate", str(tmp_path / "missing.yaml")]).exit_code == 2
+
+
+def test_validation_imports_no_heavy_framework() -> None:
+    code = ("import sys; from pertadapt.cluster import validate_file; "
+            f"assert all(r.ok for f in {[str(p) for p in RAY_FILES + KUBERAY_FILES]!r} for r in validate_file(f)); "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'wandb') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_slurm_script_parses_and_uses_token_auth() -> None:
+    bash = shutil.which("bash")
+    assert bash is not None
+    subprocess.run([bash, "-n", str(SBATCH)], check=True, timeout=30)
+    text = SBATCH.read_text()
+    assert "export RAY_AUTH_MODE=token" in text
+    assert "export RAY_AUTH_TOKEN" in text
+    assert "ray start --head --block" in text
+    assert "ray start --block" in text
+    assert "trap stop_ray EXIT" in text
+    assert 'SWEEP=(pertadapt sweep "$ABLATION" --out "$OUT")' in text
