@@ -15,7 +15,14 @@ import yaml
 from typer.testing import CliRunner
 
 from pertadapt.cli import cluster as cluster_cli
-from pertadapt.cluster import ClusterKind, Problem, detect_kind, validate_document, validate_file
+from pertadapt.cluster import (
+    ClusterKind,
+    Problem,
+    UnknownKindError,
+    detect_kind,
+    validate_document,
+    validate_file,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_FILES = sorted((REPO / "cluster" / "ray").glob("*.yaml"))
@@ -142,8 +149,9 @@ def test_kuberay_missing_required_key() -> None:
     (["provider"], "<root>"),
 ])
 def test_unknown_kind(doc: Any, path: str) -> None:
-    with pytest.raises(ValueError, match=f"^{path}: "):
+    with pytest.raises(UnknownKindError, match=f"^{path}: ") as err:
         detect_kind(doc)
+    assert err.value.path == path
     report = validate_document(doc)
     assert report.kind is None
     assert _paths(report.problems) == [path]

@@ -8,6 +8,7 @@ from pertadapt.cluster.validate import (
     ClusterKind,
     Problem,
     Report,
+    UnknownKindError,
     default_schema_dir,
     detect_kind,
     format_path,
@@ -17,5 +18,5 @@ from pertadapt.cluster.validate import (
     validate_ray_launcher,
 )
 
-__all__ = ["ClusterKind", "Problem", "Report", "default_schema_dir", "detect_kind", "format_path",
+__all__ = ["ClusterKind", "Problem", "Report", "UnknownKindError", "default_schema_dir", "detect_kind", "format_path",
            "validate_document", "validate_file", "validate_kuberay", "validate_ray_launcher"]

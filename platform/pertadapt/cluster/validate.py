@@ -49,6 +49,23 @@ class ClusterKind(StrEnum):
     RAY_CLUSTER = "RayCluster"
 
 
+class UnknownKindError(ValueError):
+    """The document is neither a Ray cluster launcher config nor a supported KubeRay manifest.
+
+    Parameters
+    ----------
+    path
+        Key path at fault (``apiVersion``, ``kind`` or ``<root>``).
+    reason
+        What is wrong there.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 _KUBERAY_SCHEMA_FILES = {ClusterKind.RAY_JOB: "rayjob.v1.json", ClusterKind.RAY_CLUSTER: "raycluster.v1.json"}
 
 
@@ -145,25 +162,25 @@ def detect_kind(doc: Any) -> ClusterKind:
 
     Raises
     ------
-    ValueError
-        When the kind cannot be told; the message names the key path at fault.
+    UnknownKindError
+        When the kind cannot be told; it names the key path at fault.
     """
     if not isinstance(doc, Mapping):
-        raise ValueError(f"{ROOT}: expected a mapping, got {type(doc).__name__}")
+        raise UnknownKindError(ROOT, f"expected a mapping, got {type(doc).__name__}")
     api = doc.get("apiVersion")
     if api is not None:
         if api != KUBERAY_API_VERSION:
-            raise ValueError(f"apiVersion: expected {KUBERAY_API_VERSION!r}, got {api!r}")
+            raise UnknownKindError("apiVersion", f"expected {KUBERAY_API_VERSION!r}, got {api!r}")
         kind = doc.get("kind")
         for known in _KUBERAY_SCHEMA_FILES:
             if kind == known.value:
                 return known
         names = ", ".join(k.value for k in _KUBERAY_SCHEMA_FILES)
-        raise ValueError(f"kind: expected one of {names}, got {kind!r}")
+        raise UnknownKindError("kind", f"expected one of {names}, got {kind!r}")
     if "provider" in doc:
         return ClusterKind.RAY_LAUNCHER
-    raise ValueError(f"{ROOT}: neither a Ray cluster launcher file (no 'provider:') "
-                     f"nor a KubeRay manifest (no 'apiVersion: {KUBERAY_API_VERSION}')")
+    raise UnknownKindError(ROOT, "neither a Ray cluster launcher file (no 'provider:') "
+                                 f"nor a KubeRay manifest (no 'apiVersion: {KUBERAY_API_VERSION}')")
 
 
 def _schema_problems(doc: Any, schema: Mapping[str, Any]) -> list[Problem]:
@@ -288,9 +305,8 @@ def validate_document(doc: Any, schema_dir: Path | None = None) -> Report:
     """
     try:
         kind = detect_kind(doc)
-    except ValueError as e:
-        path, _, message = str(e).partition(": ")
-        return Report(None, (Problem(path, message),))
+    except UnknownKindError as e:
+        return Report(None, (Problem(e.path, e.reason),))
     if kind is ClusterKind.RAY_LAUNCHER:
         problems = validate_ray_launcher(doc)
     else:
