@@ -106,7 +106,7 @@ def test_cli_bad_ablation_exits_2(tmp_path: Path) -> None:
 
 
 def test_every_command_has_help() -> None:
-    for cmd in ("train", "sweep", "report", "demo", "simulate", "eval", "baselines"):
+    for cmd in ("train", "sweep", "report", "demo", "simulate", "eval", "baselines", "cluster", "bench", "data", "go", "embed"):
         res = _cli(cmd, "--help")
         assert res.returncode == 0, (cmd, res.stderr)
         assert "Usage" in res.stdout

@@ -36,9 +36,9 @@ def main() -> None:
 
 
 def _register_groups() -> None:
-    from pertadapt.cli import bench, data, embed, evaluate, go, runs, simulate
+    from pertadapt.cli import bench, cluster, data, embed, evaluate, go, runs, simulate
 
-    for module in (runs, simulate, data, go, evaluate, embed, bench):
+    for module in (runs, simulate, data, go, evaluate, embed, bench, cluster):
         module.register(app)
 
 

@@ -5,7 +5,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["PerturbationEncoder", "mlp_bn"]
+__all__ = ["PerturbationEncoder", "max_norm_rows", "mlp_bn"]
+
+
+def max_norm_rows(weight: torch.Tensor, max_norm: float = 1.0) -> torch.Tensor:
+    """Rows of ``weight`` rescaled to L2 norm ≤ ``max_norm`` (out of place).
+
+    ``nn.Embedding(max_norm=...)`` renormalises the stored weight in place during the forward pass,
+    which sharded engines (ZeRO) silently undo; this functional form gives the same embedding on every
+    engine. Unlike the in-place version, the gradient flows through the rescaling.
+
+    Parameters
+    ----------
+    weight
+        ``(n, d)`` embedding table.
+    max_norm
+        Largest allowed row norm.
+    """
+    norms = weight.norm(dim=1, keepdim=True).clamp(min=1e-7)
+    return weight * (max_norm / norms).clamp(max=1.0)
 
 
 def mlp_bn(sizes: list[int]) -> nn.Sequential:
@@ -35,7 +53,7 @@ class PerturbationEncoder(nn.Module):
     def __init__(self, n_perts: int, d: int, edge_src: torch.Tensor, edge_dst: torch.Tensor,
                  edge_weight: torch.Tensor) -> None:
         super().__init__()
-        self.emb = nn.Embedding(n_perts, d, max_norm=1.0)
+        self.emb = nn.Embedding(n_perts, d)
         self.lin = nn.Linear(d, d)
         self.fuse = mlp_bn([d, d, d])
         src, dst, w = self._with_self_loops(n_perts, edge_src.long(), edge_dst.long(), edge_weight.float())
@@ -55,7 +73,7 @@ class PerturbationEncoder(nn.Module):
 
     def propagated(self) -> torch.Tensor:
         """``(n_perts, d)`` GO-propagated perturbation embeddings."""
-        x = self.emb(torch.arange(self.emb.num_embeddings, device=self.emb.weight.device))
+        x = max_norm_rows(self.emb.weight)
         msg = x[self.src] * self.norm[:, None]
         return self.lin(torch.zeros_like(x).index_add_(0, self.dst, msg))
 

@@ -157,6 +157,12 @@ def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path
     return {k: v for k, v in best.config.items() if k != "trial"}
 
 
+def _runtime_env() -> dict[str, Any]:
+    """Forward the platform's environment (cache, W&B mode, DeepSpeed accelerator, threads) to every worker."""
+    prefixes = ("PERTADAPT_", "WANDB_", "DS_", "OMP_", "RAY_TRAIN_")
+    return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(prefixes)}}
+
+
 def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace | None = None,
               data_paths: Mapping[str, str], num_cpus: float | None = None) -> Path:
     """Run every trial of ``ablation`` on a local Ray cluster this function starts and stops.
@@ -182,9 +188,11 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     sweep_dir = sweep_dir.resolve()
     concurrent = ablation.max_concurrent_trials
     workers = max(t.config.engine.workers * t.config.engine.cpus_per_worker for t in ablation.trials)
-    ray.init(num_cpus=num_cpus or math.ceil(concurrent * (workers + 0.01)) + 1, log_to_driver=False,
-             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(
-                 ("PERTADAPT_", "WANDB_", "DS_", "OMP_", "RAY_TRAIN_"))}})
+    if os.environ.get("RAY_ADDRESS"):  # joining a cluster (ray job submit, KubeRay, SLURM): it owns resources
+        ray.init(log_to_driver=False, runtime_env=_runtime_env())
+    else:
+        ray.init(num_cpus=num_cpus or math.ceil(concurrent * (workers + 0.01)) + 1, log_to_driver=False,
+                 runtime_env=_runtime_env())
     try:
         specs = [_spec(t, sweep_dir, data_paths) for t in ablation.trials]
         if search_space is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pertadapt.models.perturbation import max_norm_rows
+
 __all__ = ["LearnedGeneEmbedding", "TinyTransformer"]
 
 
@@ -57,11 +59,11 @@ class LearnedGeneEmbedding(nn.Module):
     def __init__(self, n_genes: int, hidden_size: int) -> None:
         super().__init__()
         self.hidden_size = hidden_size
-        self.gene = nn.Embedding(n_genes, hidden_size, max_norm=1.0)
+        self.gene = nn.Embedding(n_genes, hidden_size)
 
     def encode(self, x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
         """``(batch, N)`` → ``(batch, N, d)``; ignores the cell's values by design."""
-        e = self.gene(torch.arange(self.gene.num_embeddings, device=x_ctrl.device))
+        e = max_norm_rows(self.gene.weight)  # rows of norm ≤ 1, as the reference's max_norm=1 embedding
         return e.expand(x_ctrl.shape[0], -1, -1)
 
     def transformer_layers(self) -> list[nn.Module]:
