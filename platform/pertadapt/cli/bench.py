@@ -48,11 +48,11 @@ def _baselines(n_genes: int = typer.Option(2000), n_conditions: int = typer.Opti
 
 @bench.command("adapter")
 def _adapter(n_genes: int = typer.Option(None, help="First N vocabulary genes (default: all 19,264)."),
-             chunk_size: int = typer.Option(2048)) -> None:
-    """Paper-size PA forward + backward over the FM vocabulary with the real GO mask, batch 1, CPU."""
+             chunk_size: int = typer.Option(2048), device: str = typer.Option("cpu", help="cpu or cuda.")) -> None:
+    """Paper-size PA forward + backward over the FM vocabulary with the real GO mask, batch 1."""
     from pertadapt.train.bench import run_adapter_benchmark
 
-    _show("perturbation adapter", run_adapter_benchmark(n_genes, chunk_size=chunk_size))
+    _show(f"perturbation adapter ({device})", run_adapter_benchmark(n_genes, chunk_size=chunk_size, device=device))
 
 
 def register(app: typer.Typer) -> None:
