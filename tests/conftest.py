@@ -35,3 +35,32 @@ def demo_h5ad(cache_dir: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _chdir_repo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
+
+
+def _assert_best_checkpoint_reproduces_test_predictions(cfg, run_dir: Path) -> None:
+    """Reload ``run_dir/ckpt/best`` into a fresh model and re-predict one test condition's mean."""
+    import numpy as np
+    import torch
+
+    from pertadapt.data.summaries import read_predictions
+    from pertadapt.models import build_model
+    from pertadapt.train.engine import consolidated_state_dict
+    from pertadapt.train.setup import prepare_run_data
+
+    rd = prepare_run_data(cfg)
+    model = build_model(cfg, rd.inputs)
+    model.load_state_dict(consolidated_state_dict(run_dir / "ckpt" / "best"))
+    model.eval()
+    cells = rd.test.cells
+    conds = np.asarray(cells.data.conditions)[cells.data.cell_condition[cells.cells]]
+    first = sorted(set(conds) - {"ctrl"})[0]
+    with torch.no_grad():
+        pred = model(cells.batch(np.flatnonzero(conds == first))).double().mean(0).numpy()
+    names, means = read_predictions(run_dir / "test_predictions.h5ad", list(rd.data.genes))
+    np.testing.assert_allclose(means[names.index(first)], pred, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def assert_checkpoint_reproduces():
+    """``f(cfg, run_dir)``: the best checkpoint reloads and reproduces the saved test predictions."""
+    return _assert_best_checkpoint_reproduces_test_predictions

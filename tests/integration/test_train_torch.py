@@ -7,15 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from pertadapt.config import load_run_config
-from pertadapt.data.summaries import read_predictions
-from pertadapt.models import build_model
-from pertadapt.train.engine import consolidated_state_dict
 from pertadapt.train.run import run
-from pertadapt.train.setup import prepare_run_data
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,22 +52,10 @@ def test_same_seed_same_metrics(smoke_run: tuple[Path, dict], demo_h5ad: Path, t
     assert other["test_mse_de"] != pytest.approx(first["test_mse_de"], rel=1e-6)
 
 
-def test_best_checkpoint_reloads_and_reproduces_test_predictions(smoke_run: tuple[Path, dict],
-                                                                 demo_h5ad: Path) -> None:
+def test_best_checkpoint_reloads_and_reproduces_test_predictions(smoke_run: tuple[Path, dict], demo_h5ad: Path,
+                                                                 assert_checkpoint_reproduces) -> None:
     run_dir, _ = smoke_run
-    cfg = _cfg(demo_h5ad)
-    rd = prepare_run_data(cfg)
-    model = build_model(cfg, rd.inputs)
-    model.load_state_dict(consolidated_state_dict(run_dir / "ckpt" / "best"))
-    model.eval()
-    cells = rd.test.cells
-    conds = np.asarray(cells.data.conditions)[cells.data.cell_condition[cells.cells]]
-    first = sorted(set(conds) - {"ctrl"})[0]
-    items = np.flatnonzero(conds == first)
-    with torch.no_grad():
-        pred = model(cells.batch(items)).double().mean(0).numpy()
-    names, means = read_predictions(run_dir / "test_predictions.h5ad", list(rd.data.genes))
-    np.testing.assert_allclose(means[names.index(first)], pred, rtol=1e-4, atol=1e-5)
+    assert_checkpoint_reproduces(_cfg(demo_h5ad), run_dir)
 
 
 def test_resume_continues_from_last_checkpoint(demo_h5ad: Path, tmp_path: Path) -> None:

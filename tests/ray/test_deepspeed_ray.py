@@ -5,17 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from pertadapt.config import load_run_config
-from pertadapt.data.summaries import read_predictions
-from pertadapt.models import build_model
 from pertadapt.report.wandb import find_offline_runs, read_offline_run
-from pertadapt.train.engine import consolidated_state_dict
 from pertadapt.train.run import run
-from pertadapt.train.setup import prepare_run_data
 from pertadapt.train.worker import train_on_local_ray
 
 pytestmark = pytest.mark.ray
@@ -28,7 +22,8 @@ def _cfg(demo_h5ad: Path, *overrides: str):
 
 
 @pytest.mark.usefixtures("no_leftover_ray")
-def test_two_worker_deepspeed_run_records_world_size_and_reloads(demo_h5ad: Path, tmp_path: Path) -> None:
+def test_two_worker_deepspeed_run_records_world_size_and_reloads(demo_h5ad: Path, tmp_path: Path,
+                                                                 assert_checkpoint_reproduces) -> None:
     cfg = _cfg(demo_h5ad, "engine.deepspeed_config=zero2.json", "logging.wandb=offline")
     run_dir = tmp_path / "ds"
     train_on_local_ray(cfg, run_dir)
@@ -39,17 +34,7 @@ def test_two_worker_deepspeed_run_records_world_size_and_reloads(demo_h5ad: Path
     assert (best / "mp_rank_00_model_states.pt").is_file()
     assert len(list(best.glob("*optim_states.pt"))) == 2
     # the consolidated checkpoint reloads into a fresh model and reproduces the saved test predictions
-    rd = prepare_run_data(cfg)
-    model = build_model(cfg, rd.inputs)
-    model.load_state_dict(consolidated_state_dict(run_dir / "ckpt" / "best"))
-    model.eval()
-    cells = rd.test.cells
-    conds = np.asarray(cells.data.conditions)[cells.data.cell_condition[cells.cells]]
-    first = sorted(set(conds) - {"ctrl"})[0]
-    with torch.no_grad():
-        pred = model(cells.batch(np.flatnonzero(conds == first))).double().mean(0).numpy()
-    names, means = read_predictions(run_dir / "test_predictions.h5ad", list(rd.data.genes))
-    np.testing.assert_allclose(means[names.index(first)], pred, rtol=1e-4, atol=1e-5)
+    assert_checkpoint_reproduces(cfg, run_dir)
     # exactly one W&B run (rank 0 only), finished, whose summary is the final metrics
     runs = find_offline_runs(run_dir)
     assert len(runs) == 1
