@@ -36,6 +36,11 @@ def test_every_search_space_loads(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "cluster").rglob("*.json")), ids=lambda p: p.name)
+def test_every_json_under_cluster_parses(path: Path) -> None:
+    assert isinstance(json.loads(path.read_text()), dict)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "cluster" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
 def test_every_deepspeed_json_builds(path: Path) -> None:
     from pertadapt.train.engine import deepspeed_config
 
