@@ -75,3 +75,18 @@ def test_baselines_run_as_models(name: str, demo_h5ad: Path, tmp_path: Path) -> 
     assert (tmp_path / name / "test_predictions.h5ad").is_file()
     if name == "baseline_nochange":
         assert m["test_pearson_delta"] == pytest.approx(0.0)
+
+
+def test_go_options_change_the_structures_handed_to_the_model(demo_h5ad: Path) -> None:
+    from pertadapt.train.setup import prepare_run_data
+
+    base = prepare_run_data(_cfg(demo_h5ad))
+    looser = prepare_run_data(_cfg(demo_h5ad, "go.mask_threshold=0.05"))
+    assert len(looser.inputs.mask_indices) > len(base.inputs.mask_indices)
+    rnd = prepare_run_data(_cfg(demo_h5ad, "adapter.attention_mask=random_degree_matched"))
+    assert rnd.hashes["go_mask_sha256"] != base.hashes["go_mask_sha256"]
+    assert abs(len(rnd.inputs.mask_indices) - len(base.inputs.mask_indices)) <= 0.05 * len(base.inputs.mask_indices)
+    none = prepare_run_data(_cfg(demo_h5ad, "adapter.attention_mask=none"))
+    assert none.inputs.mask_indptr is None
+    sparser_graph = prepare_run_data(_cfg(demo_h5ad, "go.graph_top_k=2"))
+    assert len(sparser_graph.inputs.graph_src) < len(base.inputs.graph_src)

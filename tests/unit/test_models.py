@@ -177,3 +177,26 @@ def test_inject_perturbed_only_changes_output() -> None:
     p.load_state_dict(a.state_dict())
     with torch.no_grad():
         assert (a(b) - p(b)).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("name", ["aido_cell", "scfoundation"])
+def test_fm_backbones_build_through_the_registry(name: str) -> None:
+    m = _model(f"backbone.name={name}", "backbone.finetune=frozen")
+    assert m(_batch()).shape == (6, N)
+    assert not any(p.requires_grad for p in m.backbone.parameters())
+
+
+def test_adapter_size_options_change_the_adapter() -> None:
+    one, two = _model("adapter.layers=1"), _model("adapter.layers=2")
+    n1 = sum(p.numel() for p in one.adapter.parameters())
+    assert sum(p.numel() for p in two.adapter.parameters()) == 2 * n1
+    wide = _model("adapter.ffn_dim=32")
+    assert sum(p.numel() for p in wide.adapter.parameters()) > n1
+    assert _model("adapter.heads=4").adapter.blocks[0].heads == 4
+
+
+@pytest.mark.parametrize(("mode", "trainable"), [("frozen", False), ("last_k", True), ("full", True),
+                                                 ("lora", True)])
+def test_finetune_modes_select_backbone_parameters(mode: str, trainable: bool) -> None:
+    m = _model("backbone.name=tiny", f"backbone.finetune={mode}")
+    assert any(p.requires_grad for p in m.backbone.parameters()) is trainable

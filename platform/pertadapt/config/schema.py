@@ -117,10 +117,17 @@ class BackboneConfig:
     #: ``frozen`` (paper), ``last_k``, ``full`` or ``lora``.
     finetune: str = "frozen"
     last_k: int = 1
+    #: LoRA rank for ``finetune: lora``.
+    lora_rank: int = 8
+    #: AIDO.Cell input: ``code`` (log1p data re-normalised as counts, as the reference) or ``intended``.
+    input_mode: str = "code"
 
     def __post_init__(self) -> None:
         _choice("backbone.name", self.name, BACKBONES)
         _choice("backbone.finetune", self.finetune, ("frozen", "last_k", "full", "lora"))
+        _choice("backbone.input_mode", self.input_mode, ("code", "intended"))
+        if self.input_mode != "code" and self.name != "aido_cell":
+            raise ConfigError("backbone.input_mode: only the aido_cell backbone has input modes")
         _check("backbone.hidden_size", self.hidden_size > 0, "a positive integer", self.hidden_size)
         _check("backbone.heads", self.heads > 0 and self.hidden_size % self.heads == 0,
                "a positive divisor of backbone.hidden_size", self.heads)

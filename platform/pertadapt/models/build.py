@@ -55,8 +55,9 @@ class ModelInputs:
 def build_model(cfg: RunConfig, inputs: ModelInputs) -> PertAdaptModel:
     """Build the PertAdapt network and set which backbone parameters train (``backbone.finetune``)."""
     bcfg, acfg, d = cfg.backbone, cfg.adapter, cfg.model.hidden_size
+    extra = {"input_mode": bcfg.input_mode} if bcfg.name == "aido_cell" else {}
     backbone = build_backbone(bcfg.name, checkpoint=bcfg.checkpoint, genes=inputs.genes,
-                              hidden_size=bcfg.hidden_size, layers=bcfg.layers, heads=bcfg.heads)
+                              hidden_size=bcfg.hidden_size, layers=bcfg.layers, heads=bcfg.heads, **extra)
     if backbone.genes is not None and tuple(backbone.genes) != tuple(inputs.genes):
         bad = [g for g, h in zip(inputs.genes, backbone.genes, strict=False) if g != h][:5]
         raise ValueError(f"data genes do not match the {bcfg.name} vocabulary (first mismatches: {bad}); "
@@ -74,7 +75,7 @@ def build_model(cfg: RunConfig, inputs: ModelInputs) -> PertAdaptModel:
     head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden)
     model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject)
     if bcfg.name != "learned":  # FM off: the per-gene embedding is a trained part of the model
-        apply_finetune(model.backbone, bcfg.finetune, last_k=bcfg.last_k)
+        apply_finetune(model.backbone, bcfg.finetune, last_k=bcfg.last_k, lora_rank=bcfg.lora_rank)
     return model
 
 
