@@ -110,13 +110,16 @@ def _print_summary(results: Path, reference: str) -> None:
 
     s = summarise(load_results(results))
     table = Table(title=f"mean ± sd over seeds (reference: {reference})")
-    table.add_column("arm")
+    table.add_column("arm", no_wrap=True)
     table.add_column("n", justify="right")
     for m in KEY_METRICS:
-        table.add_column(m, justify="right")
+        table.add_column(m.removeprefix("test_"), justify="right", no_wrap=True)
     for _, r in s.iterrows():
-        table.add_row(str(r["arm"]), str(r["n"]), *[f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_sd']:.4f}" for m in KEY_METRICS])
-    Console().print(table)
+        table.add_row(str(r["arm"]), str(r["n"]), *[f"{r[f'{m}_mean']:.4f}±{r[f'{m}_sd']:.4f}" for m in KEY_METRICS])
+    console = Console()
+    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(table)
 
 
 def _report(sweep_dir: Path = typer.Argument(..., help="A sweep directory (with results.csv)."),

@@ -26,7 +26,8 @@ td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} th{background:#f3f
 .ref{font-weight:bold} .baseline{color:#666}</style></head><body>
 <h1>Ablation report: {{ name }}</h1>
 <p>{{ n_trials }} finished trials ({{ n_failed }} failed), {{ n_arms }} arms, seeds {{ seeds }}.
-Reference arm: <b>{{ reference }}</b>. Values are mean ± sd over seeds, [95% t-interval half-width].
+Reference arm: <b>{{ reference }}</b>. Values are mean ± sd over seeds, [95% t-interval half-width];
+in the plot, bars are means, whiskers the 95% t-interval and dots the individual seeds.
 Metrics follow GEARS semantics (lower MSE and higher Pearson are better).</p>
 <h2>Summary</h2>{{ summary_html }}
 <h2>Test MSE on the top-20 DE genes</h2><img src="data:image/png;base64,{{ plot }}" alt="test_mse_de per arm">
@@ -40,12 +41,16 @@ def _fmt(mean: float, sd: float, ci: float) -> str:
     return f"{mean:.4f} ± {sd:.4f} [{ci:.4f}]"
 
 
-def _plot(summary: pd.DataFrame, metric: str, reference: str) -> str:
+def _plot(summary: pd.DataFrame, df: pd.DataFrame, metric: str, reference: str) -> str:
     fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(summary)), 3.5))
     colors = ["#c0392b" if a == reference else "#95a5a6" if str(a).startswith("baseline_") else "#2980b9"
               for a in summary["arm"]]
     err = summary[f"{metric}_ci95"].fillna(0.0)
-    ax.bar(summary["arm"].astype(str), summary[f"{metric}_mean"], yerr=err, color=colors, capsize=3)
+    arms = summary["arm"].astype(str).tolist()
+    ax.bar(arms, summary[f"{metric}_mean"], yerr=err, color=colors, capsize=3, alpha=0.8)
+    for i, arm in enumerate(arms):  # one dot per seed
+        ys = df.loc[df["arm"].astype(str) == arm, metric].astype(float)
+        ax.scatter([i] * len(ys), ys, color="black", s=10, zorder=3)
     ax.set_ylabel(metric)
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
@@ -84,7 +89,7 @@ def write_report(results_csv: Path, out: Path, *, name: str, reference: str) -> 
                       paired_tests(df, base, "test_mse_de").to_html(index=False, float_format="%.4g")))
     html = _TEMPLATE.render(name=name, n_trials=len(df), n_failed=len(raw) - len(df), n_arms=df["arm"].nunique(),
                             seeds=sorted(df["seed"].unique().tolist()), reference=reference,
-                            summary_html=table.to_html(index=False), plot=_plot(summary, "test_mse_de", reference),
+                            summary_html=table.to_html(index=False), plot=_plot(summary, df, "test_mse_de", reference),
                             tests=tests, results=results_csv)
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(html)
