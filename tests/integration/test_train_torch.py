@@ -38,6 +38,7 @@ def test_run_dir_describes_itself(smoke_run: tuple[Path, dict], demo_h5ad: Path)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["data"]["path"] == str(demo_h5ad)
     assert np.isfinite(metrics["test_mse_de"])
+    assert 0.0 < metrics["test_truth_mse_de"] < 1.0  # simulated data: scored against the noise-free truth
     assert metrics == pytest.approx(json.loads((run_dir / "final_metrics.json").read_text()))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]

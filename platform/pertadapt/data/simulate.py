@@ -82,6 +82,7 @@ import dataclasses
 import json
 import logging
 import time
+from pathlib import Path
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -700,3 +701,25 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     if a.std() == 0 or b.std() == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def score_file_against_truth(path: str | Path, pred_means: Mapping[str, np.ndarray], *,
+                             n_de: int = 20) -> dict[str, float] | None:
+    """:func:`score_against_truth` for a data file; ``None`` when the file is not simulated.
+
+    Only ``uns`` and ``var`` are needed, so the file is opened in backed mode (``X`` is not loaded).
+
+    Returns
+    -------
+    dict or None
+        The averaged metrics (``mse``, ``mse_de``, ``pearson_delta``, ``pearson_delta_de``,
+        ``direction_de``), without the per-condition table.
+    """
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        if SIM_KEY not in adata.uns:
+            return None
+        scores = score_against_truth(adata, pred_means, n_de=n_de)
+    finally:
+        adata.file.close()
+    return {k: float(v) for k, v in scores.items() if k not in ("per_condition", "n_conditions")}

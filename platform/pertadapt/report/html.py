@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from pertadapt.report.tables import KEY_METRICS, load_results, paired_tests, summarise
+from pertadapt.report.tables import KEY_METRICS, TRUTH_METRICS, load_results, paired_tests, summarise
 
 __all__ = ["write_report"]
 
@@ -28,7 +28,8 @@ td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} th{background:#f3f
 <p>{{ n_trials }} finished trials ({{ n_failed }} failed), {{ n_arms }} arms, seeds {{ seeds }}.
 Reference arm: <b>{{ reference }}</b>. Values are mean ± sd over seeds, [95% t-interval half-width];
 in the plot, bars are means, whiskers the 95% t-interval and dots the individual seeds.
-Metrics follow GEARS semantics (lower MSE and higher Pearson are better).</p>
+Metrics follow GEARS semantics (lower MSE and higher Pearson are better). On simulated data,
+<code>test_truth_*</code> columns score the predictions against the simulator's noise-free truth.</p>
 <h2>Summary</h2>{{ summary_html }}
 <h2>Test MSE on the top-20 DE genes</h2><img src="data:image/png;base64,{{ plot }}" alt="test_mse_de per arm">
 {% for title, table in tests %}<h2>{{ title }}</h2>{{ table }}{% endfor %}
@@ -76,9 +77,10 @@ def write_report(results_csv: Path, out: Path, *, name: str, reference: str) -> 
     """
     raw = pd.read_csv(results_csv)
     df = load_results(results_csv)
-    summary = summarise(df)
+    metrics = [*KEY_METRICS, *(m for m in TRUTH_METRICS if m in df)]
+    summary = summarise(df, metrics)
     table = pd.DataFrame({"arm": summary["arm"], "seeds": summary["n"]})
-    for m in KEY_METRICS:
+    for m in metrics:
         if f"{m}_mean" in summary:
             table[m] = [_fmt(a, b, c) for a, b, c in zip(summary[f"{m}_mean"], summary[f"{m}_sd"],
                                                          summary[f"{m}_ci95"], strict=True)]

@@ -13,10 +13,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["KEY_METRICS", "load_results", "paired_tests", "summarise"]
+__all__ = ["KEY_METRICS", "TRUTH_METRICS", "load_results", "paired_tests", "summarise"]
 
 #: Metrics shown by default (lower is better for mse*, higher for pearson*).
 KEY_METRICS = ("test_mse_de", "test_mse", "test_pearson_delta", "test_pearson_delta_de")
+#: Distance to the simulator's noise-free truth (present for simulated data only).
+TRUTH_METRICS = ("test_truth_mse_de", "test_truth_pearson_delta_de")
 _PAIR_KEYS = ("dataset", "backbone_set", "seed")
 
 

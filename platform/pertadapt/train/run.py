@@ -19,6 +19,7 @@ import yaml
 from pertadapt.baselines import fit_baseline
 from pertadapt.config.load import config_to_dict
 from pertadapt.config.schema import RunConfig
+from pertadapt.data.simulate import score_file_against_truth
 from pertadapt.data.summaries import write_predictions
 from pertadapt.eval import compute_metrics
 from pertadapt.models.build import build_loss, build_model
@@ -104,6 +105,9 @@ def run(cfg: RunConfig, run_dir: Path, *, report: Report = lambda m: None, resum
                        resume=resume)
         metrics, preds = result["metrics"], result["test_predictions"]
     if rank == 0:
+        truth = score_file_against_truth(rd.data_path, preds)
+        if truth is not None:  # simulated data: distance to the noise-free truth, not only to noisy means
+            metrics.update({f"test_truth_{k}": v for k, v in truth.items()})
         if cfg.model.name != "pertadapt":
             _write_run_files(cfg, run_dir, rd, world)
         conds = sorted(preds)

@@ -70,6 +70,8 @@ class RunData:
         Paired cells of each split.
     hashes
         ``data_sha256``, ``gene_order_sha256``, ``go_mask_sha256``.
+    data_path
+        The ``.h5ad`` the data came from.
     """
 
     data: PerturbData
@@ -80,6 +82,7 @@ class RunData:
     val: EvalSet
     test: EvalSet
     hashes: dict[str, str]
+    data_path: Path
 
 
 def _gene_hash(genes: tuple[str, ...]) -> str:
@@ -128,7 +131,7 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
                    split.subgroups, ctrl_mean)
     hashes = {"data_sha256": sha256_file(path), "gene_order_sha256": _gene_hash(data.genes),
               "go_mask_sha256": mask_hash, "go_source": ann.source}
-    return RunData(data, split, pert_vocab, inputs, train, val, test, hashes)
+    return RunData(data, split, pert_vocab, inputs, train, val, test, hashes, path)
 
 
 def _git_sha() -> str:
