@@ -82,10 +82,10 @@ import dataclasses
 import json
 import logging
 import time
-from pathlib import Path
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
