@@ -91,3 +91,9 @@ def test_go_options_change_the_structures_handed_to_the_model(demo_h5ad: Path) -
     assert none.inputs.mask_indptr is None
     sparser_graph = prepare_run_data(_cfg(demo_h5ad, "go.graph_top_k=2"))
     assert len(sparser_graph.inputs.graph_src) < len(base.inputs.graph_src)
+
+
+def test_backed_data_trains_to_the_same_metrics(smoke_run: tuple[Path, dict], demo_h5ad: Path, tmp_path: Path) -> None:
+    _, in_memory = smoke_run
+    backed = run(_cfg(demo_h5ad, "data.backed=true"), tmp_path / "backed")
+    assert backed["test_mse_de"] == pytest.approx(in_memory["test_mse_de"], rel=1e-6)

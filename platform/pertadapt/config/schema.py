@@ -71,6 +71,8 @@ class DataConfig:
     n_de: int = 20
     #: What to do with conditions whose genes lack GO annotations: ``drop`` (warn) or ``fail``.
     missing_go: str = "drop"
+    #: Keep the expression matrix on disk and read each batch's rows on demand (bounded memory).
+    backed: bool = False
 
     def __post_init__(self) -> None:
         _choice("data.split", self.split, ("simulation", "single"))

@@ -34,7 +34,8 @@ class PerturbData:
     genes
         ``(N,)`` model gene order (``var_names``).
     X
-        ``(n_cells, N)`` CSR float32 log1p-normalised expression.
+        ``(n_cells, N)`` log1p-normalised expression: an in-memory CSR matrix, or the file-backed
+        sparse dataset of an AnnData opened with ``backed='r'`` (rows are then read on demand).
     total_count
         ``(n_cells,)`` raw UMI totals.
     cell_condition
@@ -51,7 +52,7 @@ class PerturbData:
     """
 
     genes: tuple[str, ...]
-    X: sp.csr_matrix
+    X: object
     total_count: np.ndarray
     cell_condition: np.ndarray
     cell_type: np.ndarray
@@ -69,13 +70,23 @@ class PerturbData:
         """Indices of all control cells."""
         return self.cells_of([keys.CONTROL])
 
-    def mean_expression(self, cells: np.ndarray) -> np.ndarray:
-        """``(N,)`` mean of ``X`` over ``cells``."""
-        return np.asarray(self.X[cells].mean(axis=0)).ravel().astype(np.float32)
+    def rows(self, cells: np.ndarray) -> sp.csr_matrix:
+        """Rows ``cells`` of ``X`` (any order, repeats allowed) as CSR; works in memory and backed."""
+        unique, inverse = np.unique(cells, return_inverse=True)
+        block = self.X[unique]
+        block = block if sp.issparse(block) else sp.csr_matrix(block)
+        return sp.csr_matrix(block)[inverse]
+
+    def mean_expression(self, cells: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """``(N,)`` mean of ``X`` over ``cells`` (read ``chunk`` rows at a time)."""
+        total = np.zeros(len(self.genes))
+        for start in range(0, len(cells), chunk):
+            total += np.asarray(self.rows(cells[start: start + chunk]).sum(axis=0)).ravel()
+        return (total / max(len(cells), 1)).astype(np.float32)
 
 
 def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20) -> PerturbData:
-    """Turn a prepared AnnData into :class:`PerturbData`.
+    """Turn a prepared AnnData (in memory or opened with ``backed='r'``) into :class:`PerturbData`.
 
     Reads ``obs['condition']``, ``obs['condition_name']``, ``obs['cell_type']``, ``obs['total_count']``,
     ``X`` (log1p) and ``uns['rank_genes_groups_cov_all']`` / ``uns['non_zeros_gene_idx']``.
@@ -103,15 +114,29 @@ def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20) -> PerturbData:
             raise KeyError(f"uns['{keys.DE_KEY}'] has no entry for condition '{c}' ({name})")
         de_idx[c] = np.array([pos[str(g)] for g in list(ranked)[:max(n_de, N_METRIC_DE)]], dtype=np.int64)
         nz_idx[c] = np.asarray(adata.uns[keys.NON_ZERO_KEY][name], dtype=np.int64)
-    X = adata.X if sp.issparse(adata.X) else sp.csr_matrix(adata.X)
-    return PerturbData(genes, sp.csr_matrix(X, dtype=np.float32), adata.obs[keys.TOTAL_COUNT].to_numpy(np.float32),
+    if adata.isbacked:
+        X = adata.X  # file-backed; rows are read per batch
+    else:
+        X = sp.csr_matrix(adata.X if sp.issparse(adata.X) else np.asarray(adata.X), dtype=np.float32)
+    return PerturbData(genes, X, adata.obs[keys.TOTAL_COUNT].to_numpy(np.float32),
                        cell_condition.astype(np.int64), cell_type.astype(np.int64), tuple(map(str, conditions)),
                        de_idx, nz_idx)
 
 
-def read_perturb_data(path: str | Path, *, n_de: int = 20) -> PerturbData:
-    """Read a prepared ``.h5ad`` into :class:`PerturbData`."""
-    return load_perturb_data(ad.read_h5ad(path), n_de=n_de)
+def read_perturb_data(path: str | Path, *, n_de: int = 20, backed: bool = False) -> PerturbData:
+    """Read a prepared ``.h5ad`` into :class:`PerturbData`.
+
+    Parameters
+    ----------
+    path
+        Prepared file (``pertadapt data prepare`` layout).
+    n_de
+        DE genes per condition used by training.
+    backed
+        Keep ``X`` on disk and read the rows of each batch on demand, so memory stays bounded by
+        ``obs``/``uns`` and one batch (the file must hold a sparse CSR ``X``).
+    """
+    return load_perturb_data(ad.read_h5ad(path, backed="r" if backed else None), n_de=n_de)
 
 
 class PairedCells(torch.utils.data.Dataset):
@@ -186,9 +211,9 @@ class PairedCells(torch.utils.data.Dataset):
                 nz[r] = False
                 nz[r, d.nz_idx[name]] = True
         return Batch(
-            x_ctrl=torch.from_numpy(d.X[pairs].toarray()),
+            x_ctrl=torch.from_numpy(d.rows(pairs).toarray().astype(np.float32)),
             total_count=torch.from_numpy(d.total_count[pairs]),
-            y=torch.from_numpy(d.X[cells].toarray()),
+            y=torch.from_numpy(d.rows(cells).toarray().astype(np.float32)),
             pert_idx=torch.from_numpy(self.cond_pert[cond]),
             pert_gene_pos=torch.from_numpy(self.cond_pos[cond]),
             cond_id=torch.from_numpy(cond),

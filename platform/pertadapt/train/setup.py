@@ -105,7 +105,7 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     from pertadapt.go import cached_gene_graph, load_annotations
 
     path = ensure_data_file(cfg)
-    data = read_perturb_data(path, n_de=cfg.data.n_de)
+    data = read_perturb_data(path, n_de=cfg.data.n_de, backed=cfg.data.backed)
     ann = load_annotations(cfg.go.source, obo=cfg.go.obo, gaf=cfg.go.gaf, aspects=tuple(cfg.go.aspects),
                            propagate=cfg.go.propagate)
     targets = sorted({g for c in data.conditions for g in condition_genes(c)})
