@@ -45,19 +45,15 @@ def test_two_worker_deepspeed_run_records_world_size_and_reloads(demo_h5ad: Path
 
 @pytest.mark.usefixtures("no_leftover_ray")
 def test_zero3_two_workers_matches_plain_torch(demo_h5ad: Path, tmp_path: Path) -> None:
-    """Same cells per optimiser step at any world size, so the losses agree within tolerance.
+    """Same cells per optimiser step at any world size, so the losses agree up to float reductions.
 
-    Measured: the accumulated gradients before the first optimiser step equal the torch engine's to
-    1e-6, and the first Adam updates agree to ~1e-5 relative; after three steps the mean training loss
-    differs by < 1% (DeepSpeed's optimiser step on CPU is not bit-identical to a bare torch Adam step,
-    which matters where gradients are near Adam's eps). Weight decay is off to keep the comparison tight.
     Validation metrics are not compared: BatchNorm running statistics are updated per rank on half the
     micro-batches and averaged, which after three steps is a different (not wrong) estimate.
     """
-    common = ["optim.clip_value=null", "optim.weight_decay=0", "logging.wandb=disabled"]
+    common = ["logging.wandb=disabled"]
     run(_cfg(demo_h5ad, "engine.name=torch", "engine.workers=1", *common), tmp_path / "torch")
     ds_cfg = _cfg(demo_h5ad, "engine.deepspeed_config=zero3.json", *common)
     train_on_local_ray(ds_cfg, tmp_path / "zero3")
     rows = {name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
             for name in ("torch", "zero3")}
-    assert rows["zero3"]["train_loss"] == pytest.approx(rows["torch"]["train_loss"], rel=2e-2)
+    assert rows["zero3"]["train_loss"] == pytest.approx(rows["torch"]["train_loss"], rel=1e-4)

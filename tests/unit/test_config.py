@@ -115,3 +115,11 @@ def test_every_command_has_help() -> None:
         res = _cli(cmd, "--help")
         assert res.returncode == 0, (cmd, res.stderr)
         assert "Usage" in res.stdout
+
+
+def test_deepspeed_norm_clipping_is_off() -> None:
+    """DeepSpeed's default global-norm clipping would silently change the paper's update rule."""
+    from pertadapt.train.engine import deepspeed_config
+
+    ds = deepspeed_config(load_run_config(REPO / "configs" / "demo.yaml"), world_size=2)
+    assert ds["gradient_clipping"] == 0.0

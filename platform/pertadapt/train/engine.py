@@ -181,8 +181,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"{path}: keys {sorted(extra)} belong in the run config (optim.*), not the DeepSpeed "
                           f"JSON; allowed: {sorted(_ALLOWED_DS_KEYS)}")
     accumulation = _accumulation(cfg, world_size)
+    # gradient_clipping=0: DeepSpeed would otherwise clip the global gradient norm at 1.0 by default; the
+    # paper clips gradient *values* (optim.clip_value, applied per micro-batch by the engine's hooks).
     ds.update(train_micro_batch_size_per_gpu=cfg.optim.micro_batch_size, gradient_accumulation_steps=accumulation,
-              train_batch_size=cfg.optim.micro_batch_size * accumulation * world_size)
+              train_batch_size=cfg.optim.micro_batch_size * accumulation * world_size, gradient_clipping=0.0)
     return ds
 
 
