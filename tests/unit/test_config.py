@@ -123,3 +123,12 @@ def test_deepspeed_norm_clipping_is_off() -> None:
 
     ds = deepspeed_config(load_run_config(REPO / "configs" / "demo.yaml"), world_size=2)
     assert ds["gradient_clipping"] == 0.0
+
+
+def test_cli_unreadable_data_file_exits_1_with_its_name(tmp_path: Path) -> None:
+    bad = tmp_path / "not_h5ad.h5ad"
+    bad.write_text("hello")
+    res = _cli("train", "configs/smoke.yaml", f"data.path={bad}", "--out", str(tmp_path / "run"))
+    assert res.returncode == 1
+    assert "not_h5ad.h5ad" in res.stderr
+    assert "Traceback" not in res.stderr

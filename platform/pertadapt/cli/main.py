@@ -27,12 +27,20 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 
 def main() -> None:
-    """Console-script entry point: config errors exit with code 2 and a one-line message."""
+    """Console-script entry point.
+
+    Config errors exit with code 2 and a one-line message naming the file and key; data, GO and
+    checkpoint errors (all ``ValueError`` subclasses that name the offending file, gene or condition)
+    exit with code 1 and a one-line message (``-v`` shows the traceback).
+    """
     try:
         app()
     except ConfigError as e:
-        logging.getLogger("pertadapt").error("config error: %s", e)
+        log.error("config error: %s", e)
         raise SystemExit(2) from e
+    except ValueError as e:
+        log.error("error: %s", e, exc_info=log.isEnabledFor(logging.DEBUG))
+        raise SystemExit(1) from e
 
 
 def _register_groups() -> None:

@@ -17,6 +17,7 @@ import torch
 
 from pertadapt.data import keys
 from pertadapt.data.conditions import condition_genes
+from pertadapt.data.io import DataError
 from pertadapt.types import Batch
 
 #: DE genes kept per condition for the metrics (GEARS' frac_correct_direction_200).
@@ -136,7 +137,14 @@ def read_perturb_data(path: str | Path, *, n_de: int = 20, backed: bool = False)
         Keep ``X`` on disk and read the rows of each batch on demand, so memory stays bounded by
         ``obs``/``uns`` and one batch (the file must hold a sparse CSR ``X``).
     """
-    return load_perturb_data(ad.read_h5ad(path, backed="r" if backed else None), n_de=n_de)
+    try:
+        adata = ad.read_h5ad(path, backed="r" if backed else None)
+    except OSError as e:
+        raise DataError(f"{path}: not a readable .h5ad file ({e})") from e
+    try:
+        return load_perturb_data(adata, n_de=n_de)
+    except KeyError as e:
+        raise DataError(f"{path}: {e.args[0]}") from e
 
 
 class PairedCells(torch.utils.data.Dataset):

@@ -112,7 +112,8 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     missing = [g for g in targets if not ann.gene2terms.get(g)]
     if missing:
         if cfg.data.missing_go == "fail":
-            raise ValueError(f"perturbation targets without GO annotation: {missing} (data.missing_go=fail)")
+            raise ConfigError(f"data.missing_go=fail: perturbation targets without GO annotation: {missing} "
+                              "(set data.missing_go=drop to drop their conditions)")
         log.warning("dropping conditions of %d targets without GO annotation: %s", len(missing), missing[:10])
     keep = [c for c in data.conditions if not set(condition_genes(c)) & set(missing)]
     split = split_conditions(keep, cfg.data.split, seed=cfg.split_seed,
@@ -124,7 +125,7 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     ctrl_mean = data.mean_expression(data.control_cells)
     inputs = ModelInputs(data.genes, len(pert_vocab), graph.src, graph.dst, graph.weight, indptr, indices, ctrl_mean)
     seed = cfg.seed
-    train = PairedCells(data, [*split.train], pert_vocab, seed=seed, n_de=cfg.data.n_de)
+    train = PairedCells(data, split.train, pert_vocab, seed=seed, n_de=cfg.data.n_de)
     val = EvalSet(PairedCells(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de),
                   split.val_subgroups, ctrl_mean)
     test = EvalSet(PairedCells(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de),
