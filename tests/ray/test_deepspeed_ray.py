@@ -57,3 +57,4 @@ def test_zero3_two_workers_matches_plain_torch(demo_h5ad: Path, tmp_path: Path) 
     rows = {name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
             for name in ("torch", "zero3")}
     assert rows["zero3"]["train_loss"] == pytest.approx(rows["torch"]["train_loss"], rel=1e-4)
+

@@ -74,7 +74,7 @@ class PerturbationEncoder(nn.Module):
     def propagated(self) -> torch.Tensor:
         """``(n_perts, d)`` GO-propagated perturbation embeddings."""
         x = max_norm_rows(self.emb.weight)
-        msg = x[self.src] * self.norm[:, None]
+        msg = x[self.src] * self.norm[:, None].to(x.dtype)
         return self.lin(torch.zeros_like(x).index_add_(0, self.dst, msg))
 
     def forward(self, pert_idx: torch.Tensor) -> torch.Tensor:
