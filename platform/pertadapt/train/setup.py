@@ -41,10 +41,17 @@ def ensure_data_file(cfg: RunConfig) -> Path:
         if not p.is_file():
             raise ConfigError(f"data.path: file not found: {p}")
         return p
+    from pertadapt import __version__
     from pertadapt.data.io import write_h5ad_atomic
-    from pertadapt.data.simulate import simulate
+    from pertadapt.data.simulate import PRESETS, simulate
 
-    out = cache_dir() / "simulated" / f"{cfg.data.simulate_preset}_seed{cfg.data.simulate_seed}.h5ad"
+    preset = cfg.data.simulate_preset
+    if preset not in PRESETS:
+        raise ConfigError(f"data.simulate_preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    # the file name carries the preset's parameters and the package version, so a changed simulator
+    # never reuses a stale cached file
+    key = hashlib.sha256(f"{PRESETS[preset]!r}|{__version__}".encode()).hexdigest()[:10]
+    out = cache_dir() / "simulated" / f"{preset}_seed{cfg.data.simulate_seed}_{key}.h5ad"
     if not out.is_file():
         log.info("simulating preset %r (seed %d) → %s", cfg.data.simulate_preset, cfg.data.simulate_seed, out)
         out.parent.mkdir(parents=True, exist_ok=True)
