@@ -76,3 +76,14 @@ def test_zero3_bf16_autocast_two_workers_trains(demo_h5ad: Path, tmp_path: Path)
                   for n in ("bf16", "fp32"))
     assert bf16 != fp32  # the precision knob really changes the arithmetic ...
     assert bf16 == pytest.approx(fp32, rel=5e-2)  # ... and only by rounding
+
+
+@pytest.mark.usefixtures("no_leftover_ray")
+def test_zero3_cpu_offload_matches_zero3(demo_h5ad: Path, tmp_path: Path) -> None:
+    """Optimizer + parameter offload (ZeRO-Infinity style, to CPU) changes where state lives, not the maths."""
+    common = ["logging.wandb=disabled"]
+    for name in ("zero3", "zero3_offload"):
+        train_on_local_ray(_cfg(demo_h5ad, f"engine.deepspeed_config={name}.json", *common), tmp_path / name)
+    losses = [json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+              for n in ("zero3", "zero3_offload")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

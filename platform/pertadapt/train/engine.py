@@ -165,7 +165,7 @@ def find_deepspeed_json(name: str) -> Path:
     raise ConfigError(f"engine.deepspeed_config: {name!r} not found (looked in ., cluster/deepspeed/)")
 
 
-_ALLOWED_DS_KEYS = {"zero_optimization", "bf16", "fp16", "torch_autocast", "zero_allow_untested_optimizer", "steps_per_print",
+_ALLOWED_DS_KEYS = {"zero_optimization", "bf16", "fp16", "torch_autocast", "zero_force_ds_cpu_optimizer", "zero_allow_untested_optimizer", "steps_per_print",
                     "wall_clock_breakdown", "communication_data_type", "activation_checkpointing"}
 
 
