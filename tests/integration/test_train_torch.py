@@ -97,3 +97,13 @@ def test_backed_data_trains_to_the_same_metrics(smoke_run: tuple[Path, dict], de
     _, in_memory = smoke_run
     backed = run(_cfg(demo_h5ad, "data.backed=true"), tmp_path / "backed")
     assert backed["test_mse_de"] == pytest.approx(in_memory["test_mse_de"], rel=1e-6)
+
+
+def test_select_mode_max_picks_the_epoch_with_the_highest_metric(demo_h5ad: Path, tmp_path: Path) -> None:
+    m = run(_cfg(demo_h5ad, "optim.epochs=3", "eval.select_metric=val_pearson_delta", "eval.select_mode=max"),
+            tmp_path / "max")
+    rows = [json.loads(line) for line in (tmp_path / "max" / "metrics.jsonl").read_text().splitlines()]
+    assert m["best_epoch"] == int(np.argmax([r["val_pearson_delta"] for r in rows]))
+    again = run(_cfg(demo_h5ad, "optim.epochs=1"), tmp_path / "max")  # fresh run in the same dir
+    assert len((tmp_path / "max" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert np.isfinite(again["test_mse_de"])

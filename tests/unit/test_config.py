@@ -67,6 +67,8 @@ def test_base_inheritance_and_overrides() -> None:
     ("loss.name=huber", "loss.name"),
     ("backbone.name=gpt", "backbone.name"),
     ("engine.workers=0", "engine.workers"),
+    ("eval.select_metric=mse_de", "eval.select_metric"),
+    ("eval.select_mode=best", "eval.select_mode"),
 ])
 def test_bad_values_name_the_key(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

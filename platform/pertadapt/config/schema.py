@@ -238,7 +238,14 @@ class EvalConfig:
     """Model selection and evaluation batch size."""
 
     select_metric: str = "val_mse_de"
+    #: ``min`` for errors (``val_mse_de``), ``max`` for correlations (``val_pearson_delta``).
+    select_mode: str = "min"
     batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check("eval.select_metric", self.select_metric.startswith("val_"), "a validation metric name (val_...)",
+               self.select_metric)
+        _choice("eval.select_mode", self.select_mode, ("min", "max"))
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,9 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
         start, best = state["epoch"] + 1, state["best"]
         log.info("resumed from %s at epoch %d", ckpt_last, start)
     history = run_dir / "metrics.jsonl"
-    select = cfg.eval.select_metric
+    if start == 0 and engine.rank == 0:
+        history.unlink(missing_ok=True)  # a fresh run in an existing directory starts a fresh history
+    select, sign = cfg.eval.select_metric, (1.0 if cfg.eval.select_mode == "min" else -1.0)
     for epoch in range(start, o.epochs):
         engine.train(True)
         engine.set_lr(o.lr * o.step_gamma ** epoch)
@@ -177,8 +179,11 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
                **val_metrics}
         if not math.isfinite(row["train_loss"]):
             raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}")
-        if val_metrics[select] < best:
-            best = val_metrics[select]
+        if select not in val_metrics:
+            raise KeyError(f"eval.select_metric: {select!r} is not a validation metric "
+                           f"(e.g. {', '.join(sorted(val_metrics)[:6])}, ...)")
+        if sign * val_metrics[select] < best:
+            best = sign * val_metrics[select]
             engine.save(ckpt_best, {"epoch": epoch, "best": best})
         engine.save(ckpt_last, {"epoch": epoch, "best": best})
         if engine.rank == 0:
