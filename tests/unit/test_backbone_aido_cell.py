@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import pickle
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from pertadapt.models.backbones.aido_cell import (
-    AIDOCell,
-    CheckpointError,
-    build_aido_cell,
-    read_safetensors,
-    write_safetensors,
-)
+from pertadapt.models.backbones.aido_cell import AIDOCell, build_aido_cell
 from pertadapt.models.backbones.base import Backbone
+from pertadapt.models.backbones.checkpoint import CheckpointError, read_safetensors, write_safetensors
 
 GENES = [f"GENE{i}" for i in range(40)]
 
@@ -69,11 +67,16 @@ def test_encode_shape_drops_depth_tokens_and_model_input() -> None:
 def test_values_clipped_at_20() -> None:
     m = _model()
     x = torch.zeros(1, len(GENES))
-    x[0, 0] = 1.0  # a single expressed gene: log1p(1e4) < 20, the depth tokens are floored at 5
-    assert float(m.model_input(x, torch.tensor([1.0])).max()) <= 20.0
+    x[0, 0] = 1e25  # code mode: depth = log10(Σx) = 25 is clipped; the gene value log1p(1e4) is not
+    seq = m.model_input(x, torch.tensor([1.0]))
+    assert float(seq[0, 0]) == pytest.approx(math.log1p(1e4), rel=1e-6)
+    assert seq[0, -2:].tolist() == [20.0, 20.0]
+    x[0, 0] = 1.0  # small total: the depth tokens are floored at 5
+    assert m.model_input(x, torch.tensor([1.0]))[0, -2:].tolist() == [5.0, 5.0]
     m.input_mode = "intended"
     huge = m.model_input(x, torch.tensor([1e30]))
-    assert float(huge[0, -1]) == 20.0
+    assert huge[0, -2:].tolist() == [20.0, 20.0]
+    assert m.model_input(x, torch.tensor([1e7]))[0, -2:].tolist() == [pytest.approx(7.0), pytest.approx(7.0)]
 
 
 def test_attention_mixes_genes() -> None:
@@ -111,11 +114,55 @@ def test_bert_prefix_and_bin_checkpoint(tmp_path) -> None:
     assert torch.equal(AIDOCell.from_pretrained_dir(tmp_path).eval().encode(x, total), m.encode(x, total))
 
 
-def test_safetensors_roundtrip_dtypes(tmp_path) -> None:
-    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).view(2, 3)}
-    write_safetensors(tmp_path / "t.safetensors", tensors)
-    back = read_safetensors(tmp_path / "t.safetensors")
-    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+def test_model_safetensors_is_the_hf_layout(tmp_path) -> None:
+    """model.safetensors holds every state-dict tensor under its own name, with HF's ``format: pt`` metadata."""
+    m = _model()
+    m.save_pretrained_dir(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert set(f.keys()) == set(m.state_dict())
+        w = f.get_tensor("encoder.layer.1.mlp.down_proj.weight")
+    assert torch.equal(w, m.encoder.layer[1].mlp.down_proj.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "genes.txt", "model.safetensors"]
+
+
+class _Payload:
+    """Unpickling this creates ``path``: stands for arbitrary code in a crafted checkpoint."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_pickle_only_checkpoint_refused_without_running_it(tmp_path) -> None:
+    m = _model()
+    m.save_pretrained_dir(tmp_path)
+    state = read_safetensors(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({**state, "bert.extra": _Payload(marker)}, tmp_path / "pytorch_model.bin")
+    pickle.loads(pickle.dumps(_Payload(marker)))
+    assert marker.exists()  # the payload is real: plain unpickling runs it
+    marker.unlink()
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refused to load: it refers to io\.open"):
+        AIDOCell.from_pretrained_dir(tmp_path)
+    assert not marker.exists()
+
+
+def test_corrupt_weight_files_are_checkpoint_errors(tmp_path) -> None:
+    _model().save_pretrained_dir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        AIDOCell.from_pretrained_dir(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a readable torch checkpoint"):
+        AIDOCell.from_pretrained_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        AIDOCell.from_pretrained_dir(tmp_path)
 
 
 def test_build_checks_gene_vocabulary(tmp_path) -> None:

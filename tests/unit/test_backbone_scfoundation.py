@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from pertadapt.models.backbones.aido_cell import CheckpointError
 from pertadapt.models.backbones.base import Backbone
+from pertadapt.models.backbones.checkpoint import CheckpointError
 from pertadapt.models.backbones.scfoundation import (
     SCFoundation,
     build_scfoundation,
@@ -132,4 +132,29 @@ def test_shape_mismatch_and_layout_errors(tmp_path) -> None:
     raw["gene"]["config"]["model_config"]["mae_autobin"]["decoder"]["module_type"] = "performer_gau"
     torch.save(raw, tmp_path / "models.ckpt")
     with pytest.raises(CheckpointError, match="unsupported model"):
+        SCFoundation.from_pretrained_dir(tmp_path)
+
+
+class _Payload:
+    """Unpickling this creates ``path``: stands for arbitrary code in a crafted checkpoint."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_pickle_checkpoint_refused_without_running_it(tmp_path) -> None:
+    _model().save_pretrained_dir(tmp_path)
+    raw = torch.load(tmp_path / "models.ckpt", weights_only=True)
+    marker = tmp_path / "pwned"
+    raw["gene"]["config"]["extra"] = _Payload(marker)
+    torch.save(raw, tmp_path / "models.ckpt")
+    with pytest.raises(CheckpointError, match=r"models\.ckpt: refused to load: it refers to io\.open"):
+        SCFoundation.from_pretrained_dir(tmp_path)
+    assert not marker.exists()
+    del raw["gene"]["config"]["extra"]
+    torch.save({"gene": {"config": raw["gene"]["config"]}}, tmp_path / "models.ckpt")
+    with pytest.raises(CheckpointError, match="must map 'config' and 'state_dict' to dicts"):
         SCFoundation.from_pretrained_dir(tmp_path)

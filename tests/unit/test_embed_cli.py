@@ -19,6 +19,11 @@ VOCAB = [f"GENE{i}" for i in range(20)]
 runner = CliRunner()
 
 
+def _text(output: str) -> str:
+    """CLI output with rich's line wrapping and box drawing undone."""
+    return " ".join(output.replace("│", " ").split())
+
+
 def _h5ad(path, *, layer: bool, with_total: bool, gene_column: bool) -> tuple[np.ndarray, np.ndarray]:
     """5 cells over 17 vocabulary genes (shuffled) + 2 genes outside it; returns aligned counts and totals."""
     rng = np.random.default_rng(0)
@@ -105,19 +110,64 @@ def test_embed_scfoundation_raw_x(tmp_path) -> None:
     np.testing.assert_allclose(np.load(out), _expected(loaded, aligned, totals), atol=1e-5)
 
 
-@pytest.mark.parametrize(("problem", "message"), [
-    ("vocab", "none of its"), ("normalised", "does not hold raw counts"), ("backbone", "no checkpoint loader")])
-def test_embed_errors_leave_no_output(tmp_path, problem: str, message: str) -> None:
+@pytest.mark.parametrize(("problem", "message", "code"), [
+    ("vocab", "none of its", 1), ("normalised", "does not hold raw counts", 1),
+    ("backbone", "no checkpoint loader", 2), ("not_h5ad", "not a readable .h5ad", 1)])
+def test_embed_errors_leave_no_output(tmp_path, problem: str, message: str, code: int) -> None:
     torch.manual_seed(0)
     build_aido_cell(checkpoint=None, genes=VOCAB, hidden_size=8, layers=1, heads=1).save_pretrained_dir(tmp_path / "c")
     genes = ["X1", "X2"] if problem == "vocab" else VOCAB[:2]
     values = np.array([[0.5, 1.5], [2.0, 0.0]], dtype=np.float32) if problem == "normalised" else np.ones((2, 2))
     ad.AnnData(X=values.astype(np.float32), var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "d.h5ad")
+    if problem == "not_h5ad":
+        (tmp_path / "d.h5ad").write_text("cell,GENE0\nc1,3\n")
     out = tmp_path / "e.npy"
     name = "tiny" if problem == "backbone" else "aido_cell"
     res = runner.invoke(app, ["embed", "--backbone", name, "--checkpoint", str(tmp_path / "c"), "--data",
                               str(tmp_path / "d.h5ad"), "--out", str(out)])
-    assert res.exit_code != 0
-    assert message in res.output
+    assert res.exit_code == code, res.output
+    assert message in _text(res.output)
+    assert "Traceback" not in res.output
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+class _Payload:
+    """Unpickling this creates ``path``: stands for arbitrary code in a crafted checkpoint."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_embed_refuses_pickle_only_checkpoint(tmp_path) -> None:
+    """A pytorch_model.bin whose unpickling would run code: one-line refusal, exit 1, the code never runs."""
+    torch.manual_seed(0)
+    build_aido_cell(checkpoint=None, genes=VOCAB, hidden_size=8, layers=1, heads=1).save_pretrained_dir(tmp_path / "c")
+    (tmp_path / "c" / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"encoder.ln.weight": _Payload(marker)}, tmp_path / "c" / "pytorch_model.bin")
+    _h5ad(tmp_path / "d.h5ad", layer=True, with_total=True, gene_column=True)
+    out = tmp_path / "e.npy"
+    res = runner.invoke(app, ["embed", "--backbone", "aido_cell", "--checkpoint", str(tmp_path / "c"), "--data",
+                              str(tmp_path / "d.h5ad"), "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "pytorch_model.bin: refused to load: it refers to io.open; only tensors" in _text(res.output)
+    assert "Traceback" not in res.output
+    assert "UnpicklingError" not in res.output
+    assert not marker.exists()
+    assert not out.exists()
+
+
+def test_embed_out_directory_is_a_usage_error(tmp_path) -> None:
+    torch.manual_seed(0)
+    build_aido_cell(checkpoint=None, genes=VOCAB, hidden_size=8, layers=1, heads=1).save_pretrained_dir(tmp_path / "c")
+    _h5ad(tmp_path / "d.h5ad", layer=True, with_total=True, gene_column=True)
+    (tmp_path / "out.npy").mkdir()
+    res = runner.invoke(app, ["embed", "--backbone", "aido_cell", "--checkpoint", str(tmp_path / "c"), "--data",
+                              str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "out.npy")])
+    assert res.exit_code == 2, res.output
+    assert "is a directory" in _text(res.output)
+    assert list((tmp_path / "out.npy").iterdir()) == []

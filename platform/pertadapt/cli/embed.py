@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,31 +45,34 @@ def embed(
 
     Cells get the input PertAdapt feeds the backbone: ``log1p(counts / total · 1e4)`` in vocabulary order
     (genes matched by name, absent ones zero) and the raw total (``obs['total_count']`` or the row sum).
-    The array is written to a temporary file beside ``--out`` and renamed when complete.
+    The array is written to a temporary file beside ``--out`` and renamed when complete. An unreadable,
+    mismatching or unsafe checkpoint (anything beyond tensors, e.g. a crafted pickle) and unusable data
+    exit with code 1 and a one-line message; nothing is written then.
     """
     import numpy as np
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pertadapt.data.embed_io import read_counts_for_vocab
-    from pertadapt.models.backbones.aido_cell import CheckpointError
+    from pertadapt.files import atomic_write
 
     if backbone not in PRETRAINED:
         raise typer.BadParameter(f"{backbone!r} has no checkpoint loader; use one of {', '.join(PRETRAINED)}",
                                  param_hint="--backbone")
     if out.suffix != ".npy":
         raise typer.BadParameter("the output must be a .npy file", param_hint="--out")
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a directory; give the path of a .npy file", param_hint="--out")
     try:
         model = _load_backbone(backbone, checkpoint, input_mode)
         cells = read_counts_for_vocab(data, model.genes)
-    except (CheckpointError, ValueError) as e:
+    except ValueError as e:  # CheckpointError and DataError name the file and what is wrong
         log.error("%s", e)
         raise typer.Exit(1) from e
     model = model.to(device).eval()
     shape = (cells.n_cells, len(model.genes), model.hidden_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with torch.no_grad(), Progress(*columns, transient=True) as progress:
@@ -83,9 +85,8 @@ def embed(
                 progress.advance(task, stop - start)
         array.flush()
         del array
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(out, write)
     log.info("wrote %s: float32 %s (cells, genes, d) from %s via %s", out, shape, cells.source, backbone)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from pertadapt.data.io import DataError
 from pertadapt.data.keys import COUNTS_LAYER, GENE_NAME, TOTAL_COUNT
 
 __all__ = ["AlignedCounts", "read_counts_for_vocab"]
@@ -69,7 +70,7 @@ def _check_raw(matrix: sp.spmatrix | np.ndarray, source: str) -> None:
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
     sample = np.asarray(values[: 1_000_000], dtype=np.float64)
     if sample.size and (sample.min() < 0 or not np.all(sample == np.round(sample))):
-        raise ValueError(f"{source} does not hold raw counts (found negative or non-integer values); "
+        raise DataError(f"{source} does not hold raw counts (found negative or non-integer values); "
                          f"store raw UMI counts in X or in layers['{COUNTS_LAYER}']")
 
 
@@ -80,13 +81,16 @@ def read_counts_for_vocab(path: str | Path, vocab: Sequence[str]) -> AlignedCoun
 
     Raises
     ------
-    ValueError
-        When the matrix is not raw counts, a vocabulary gene occurs twice in the data, or no gene matches
-        (the message names examples from both sides).
+    DataError
+        When the file is not a readable ``.h5ad``, the matrix is not raw counts, a vocabulary gene occurs
+        twice in the data, or no gene matches (the message names examples from both sides).
     """
     import anndata as ad
 
-    adata = ad.read_h5ad(path)
+    try:
+        adata = ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(f"{path}: not a readable .h5ad ({e})") from e
     if COUNTS_LAYER in adata.layers:
         matrix, source = adata.layers[COUNTS_LAYER], f"layers['{COUNTS_LAYER}']"
     else:
@@ -96,10 +100,10 @@ def read_counts_for_vocab(path: str | Path, vocab: Sequence[str]) -> AlignedCoun
     position = {g: i for i, g in enumerate(vocab)}
     dupes = sorted(g for g, c in Counter(names).items() if c > 1 and g in position)
     if dupes:
-        raise ValueError(f"{path}: vocabulary genes occur more than once in the data: {dupes[:10]}")
+        raise DataError(f"{path}: vocabulary genes occur more than once in the data: {dupes[:10]}")
     data_cols = [j for j, g in enumerate(names) if g in position]
     if not data_cols:
-        raise ValueError(f"{path}: none of its {len(names)} genes (e.g. {names[:5]}) is in the backbone "
+        raise DataError(f"{path}: none of its {len(names)} genes (e.g. {names[:5]}) is in the backbone "
                          f"vocabulary (e.g. {list(vocab[:5])})")
     csr = sp.csr_matrix(matrix, dtype=np.float32)
     totals = (np.asarray(adata.obs[TOTAL_COUNT], dtype=np.float64) if TOTAL_COUNT in adata.obs

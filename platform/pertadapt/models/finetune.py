@@ -1,13 +1,12 @@
 """Which backbone parameters train: ``frozen`` (paper), ``last_k``, ``full`` or ``lora``.
 
 LoRA is implemented here (a weight parametrization ``W ↦ W + (α/r)·B A``) rather than through
-``peft``: ``pip install --dry-run peft`` into this environment pulls ``transformers``, ``tokenizers``,
-``accelerate`` and ``safetensors``, which are not project dependencies (the dependency pins may not be
-changed here), and ``peft`` only wraps ``nn.Linear`` modules, while scFoundation's encoder and
-``nn.MultiheadAttention`` keep q/k/v in one packed ``in_proj_weight`` parameter. A parametrization
-covers both. ``B`` starts at zero, so a freshly adapted backbone computes exactly what it did before.
-A LoRA-adapted module serialises through ``state_dict()`` only (a ``torch.nn.utils.parametrize`` rule);
-:func:`merge_lora` folds the adapters back into plain weights.
+``peft``: ``pip install --dry-run peft`` into this environment pulls ``transformers``, ``tokenizers`` and
+``accelerate``, which are not project dependencies, and ``peft`` only wraps ``nn.Linear`` modules, while
+scFoundation's encoder and ``nn.MultiheadAttention`` keep q/k/v in one packed ``in_proj_weight``
+parameter. A parametrization covers both. ``B`` starts at zero, so a freshly adapted backbone computes
+exactly what it did before. A LoRA-adapted module serialises through ``state_dict()`` only (a
+``torch.nn.utils.parametrize`` rule): ``parametrizations.<name>.original`` plus the adapters.
 """
 
 from __future__ import annotations
@@ -15,16 +14,15 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["FINETUNE_MODES", "LoRADelta", "apply_finetune", "lora_targets", "merge_lora"]
+__all__ = ["FINETUNE_MODES", "LoRADelta", "apply_finetune", "lora_targets"]
 
 log = logging.getLogger(__name__)
-
-FINETUNE_MODES = ("frozen", "last_k", "full", "lora")
 
 #: Attention projection weights (names relative to a transformer block) that LoRA adapts:
 #: AIDO.Cell ``attention.self.{query,key,value}`` / ``attention.output.dense``; scFoundation encoder and
@@ -80,6 +78,48 @@ class _EvalOnlyTrain:
         return nn.Module.train(self.module, False)
 
 
+def _frozen(backbone: nn.Module, *, last_k: int, lora_rank: int, lora_alpha: float) -> list[nn.Parameter]:
+    """Nothing trains; the backbone stays in eval mode even when its parent calls ``train()``."""
+    backbone.train = _EvalOnlyTrain(backbone)
+    backbone.eval()
+    return []
+
+
+def _full(backbone: nn.Module, *, last_k: int, lora_rank: int, lora_alpha: float) -> list[nn.Parameter]:
+    """Every parameter trains."""
+    return list(backbone.parameters())
+
+
+def _last_k(backbone: nn.Module, *, last_k: int, lora_rank: int, lora_alpha: float) -> list[nn.Parameter]:
+    """The parameters of the last ``last_k`` blocks of ``transformer_layers()``."""
+    layers = backbone.transformer_layers()
+    if not 1 <= last_k <= len(layers):
+        raise ValueError(f"backbone.last_k: {last_k} is outside 1..{len(layers)} (the backbone's blocks)")
+    return list(dict.fromkeys(p for layer in layers[-last_k:] for p in layer.parameters()))
+
+
+def _lora(backbone: nn.Module, *, last_k: int, lora_rank: int, lora_alpha: float) -> list[nn.Parameter]:
+    """Rank-``lora_rank`` adapters on every attention projection (see :func:`lora_targets`)."""
+    if lora_rank < 1:
+        raise ValueError(f"backbone.lora_rank: expected a positive integer, got {lora_rank}")
+    targets = lora_targets(backbone)
+    if not targets:
+        raise ValueError(f"backbone.finetune=lora: {type(backbone).__name__} has no attention projections to adapt")
+    params: list[nn.Parameter] = []
+    for owner, attr in targets:
+        out_features, in_features = getattr(owner, attr).shape
+        delta = LoRADelta(out_features, in_features, lora_rank, lora_alpha).to(getattr(owner, attr))
+        parametrize.register_parametrization(owner, attr, delta)
+        params += [delta.lora_A, delta.lora_B]
+    return params
+
+
+#: ``backbone.finetune`` name → function setting up the mode and returning the parameters that train
+#: (the names of the schema's ``backbone.finetune`` choices).
+FINETUNE_MODES: dict[str, Callable[..., list[nn.Parameter]]] = {
+    "frozen": _frozen, "last_k": _last_k, "full": _full, "lora": _lora}
+
+
 def apply_finetune(backbone: nn.Module, mode: str, *, last_k: int = 1, lora_rank: int = 8,
                    lora_alpha: float = 16.0) -> list[nn.Parameter]:
     """Set which backbone parameters train and return them (what the optimiser gets from the backbone).
@@ -89,10 +129,11 @@ def apply_finetune(backbone: nn.Module, mode: str, *, last_k: int = 1, lora_rank
     backbone
         A :class:`~pertadapt.models.backbones.base.Backbone` module.
     mode
-        ``frozen``: nothing trains and the backbone stays in eval mode even when its parent calls
-        ``train()`` (as the reference re-sets it every epoch). ``last_k``: only the last ``last_k`` blocks
-        of ``transformer_layers()``. ``full``: every parameter. ``lora``: rank-``lora_rank`` adapters on
-        the attention projections of every block; the original weights stay frozen.
+        A key of :data:`FINETUNE_MODES`. ``frozen``: nothing trains and the backbone stays in eval mode
+        even when its parent calls ``train()`` (as the reference re-sets it every epoch). ``last_k``: only
+        the last ``last_k`` blocks of ``transformer_layers()``. ``full``: every parameter. ``lora``:
+        rank-``lora_rank`` adapters on the attention projections of every block; the original weights
+        stay frozen.
     last_k
         Number of trailing blocks for ``last_k`` (``1 ≤ last_k ≤`` number of blocks).
     lora_rank, lora_alpha
@@ -114,55 +155,10 @@ def apply_finetune(backbone: nn.Module, mode: str, *, last_k: int = 1, lora_rank
         raise ValueError(f"backbone.finetune: {mode!r} is not one of {', '.join(FINETUNE_MODES)}")
     for p in backbone.parameters():
         p.requires_grad_(False)
-    if mode == "frozen":
-        backbone.train = _EvalOnlyTrain(backbone)
-        backbone.eval()
-        return []
-    backbone.__dict__.pop("train", None)
+    backbone.__dict__.pop("train", None)  # a previous ``frozen`` pin
     backbone.train()
-    if mode == "full":
-        params = list(backbone.parameters())
-    elif mode == "last_k":
-        layers = backbone.transformer_layers()
-        if not 1 <= last_k <= len(layers):
-            raise ValueError(f"backbone.last_k: {last_k} is outside 1..{len(layers)} (the backbone's blocks)")
-        params = list(dict.fromkeys(p for layer in layers[-last_k:] for p in layer.parameters()))
-    else:
-        params = _add_lora(backbone, lora_rank, lora_alpha)
+    params = FINETUNE_MODES[mode](backbone, last_k=last_k, lora_rank=lora_rank, lora_alpha=lora_alpha)
     for p in params:
         p.requires_grad_(True)
     log.info("backbone finetune=%s: %d trainable parameters", mode, sum(p.numel() for p in params))
     return params
-
-
-def _add_lora(backbone: nn.Module, rank: int, alpha: float) -> list[nn.Parameter]:
-    if rank < 1:
-        raise ValueError(f"lora_rank: expected a positive integer, got {rank}")
-    targets = lora_targets(backbone)
-    if not targets:
-        raise ValueError(f"finetune=lora: {type(backbone).__name__} has no attention projections to adapt")
-    params: list[nn.Parameter] = []
-    for owner, attr in targets:
-        out_features, in_features = getattr(owner, attr).shape
-        delta = LoRADelta(out_features, in_features, rank, alpha).to(getattr(owner, attr))
-        parametrize.register_parametrization(owner, attr, delta)
-        params += [delta.lora_A, delta.lora_B]
-    return params
-
-
-def merge_lora(backbone: nn.Module) -> int:
-    """Fold every LoRA update into its weight and remove the adapters (e.g. before ``save_pretrained_dir``).
-
-    Returns
-    -------
-    int
-        Number of merged weights.
-    """
-    merged = 0
-    for module in list(backbone.modules()):
-        if parametrize.is_parametrized(module):
-            for attr in list(module.parametrizations.keys()):
-                if any(isinstance(p, LoRADelta) for p in module.parametrizations[attr]):
-                    parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-                    merged += 1
-    return merged

@@ -46,199 +46,66 @@ from __future__ import annotations
 import json
 import logging
 import math
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "AIDOCell",
-    "AIDOCellConfig",
-    "CheckpointError",
-    "bundled_gene_vocab",
-    "build_aido_cell",
-    "check_state_dict",
-    "check_vocabulary",
-    "read_gene_file",
-    "read_safetensors",
-    "resolve_vocab",
-    "write_safetensors",
-]
+from pertadapt.files import atomic_write_json
+from pertadapt.models.backbones.checkpoint import (
+    CheckpointError,
+    build_or_load,
+    load_checked_state,
+    read_safetensors,
+    read_torch_file,
+    resolve_vocab,
+    write_gene_file,
+    write_safetensors,
+)
+from pertadapt.models.backbones.layers import (
+    N_DEPTH_TOKENS,
+    DepthTokenBackbone,
+    SoftBinEmbedding,
+    SoftBinNames,
+)
+
+__all__ = ["AIDOCell", "AIDOCellConfig", "AIDOCellLayer", "build_aido_cell"]
 
 log = logging.getLogger(__name__)
 
-#: Number of read-depth tokens appended after the genes.
-N_DEPTH_TOKENS = 2
 #: Values above this are clipped (AIDO.Cell preprocessing).
 CLIP_VALUE = 20.0
 #: Floor of the depth tokens, in log10 units.
 MIN_DEPTH = 5.0
-#: File name of the gene vocabulary written next to our checkpoints.
-GENES_FILE = "genes.txt"
-_TSV_VOCAB = "OS_scRNA_gene_index.19264.tsv"
+#: Published state-dict names of the value embedding ``gene_embedding``.
+_VALUE_EMBEDDING_NAMES = SoftBinNames("linear1", "linear2", "lookup_table", "mask_embedding", "pad_embedding")
 _INPUT_MODES = ("code", "intended")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit: wrong layout, parameter names/shapes or gene vocabulary."""
-
-
 # ---------------------------------------------------------------------------------------------------
-# gene vocabularies (shared with the scFoundation loader)
+# weight files (safetensors, or tensor-only torch pickles)
 # ---------------------------------------------------------------------------------------------------
-
-
-def bundled_gene_vocab() -> tuple[str, ...]:
-    """The 19,264-gene input vocabulary of AIDO.Cell and scFoundation, in model order."""
-    text = resources.files("pertadapt").joinpath("resources/fm_gene_vocab_19264.txt").read_text()
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
-
-
-def read_gene_file(directory: Path) -> tuple[str, ...] | None:
-    """Gene vocabulary stored in a checkpoint directory, or ``None`` when it holds none.
-
-    Reads ``genes.txt`` (one symbol per line) or the published ``OS_scRNA_gene_index.19264.tsv``
-    (column ``gene_name``).
-    """
-    plain = directory / GENES_FILE
-    if plain.is_file():
-        return tuple(line.strip() for line in plain.read_text().splitlines() if line.strip())
-    tsv = directory / _TSV_VOCAB
-    if tsv.is_file():
-        rows = [line.split("\t") for line in tsv.read_text().splitlines() if line.strip()]
-        col = rows[0].index("gene_name")
-        return tuple(r[col] for r in rows[1:])
-    return None
-
-
-def resolve_vocab(directory: Path, n_genes: int, what: str) -> tuple[str, ...]:
-    """The gene vocabulary of a checkpoint with ``n_genes`` gene positions.
-
-    Raises
-    ------
-    CheckpointError
-        When the stored list has another length, or no list is stored and ``n_genes`` is not 19,264.
-    """
-    genes = read_gene_file(directory)
-    if genes is None:
-        genes = bundled_gene_vocab()
-        if n_genes != len(genes):
-            raise CheckpointError(f"{what}: the model has {n_genes} gene positions but {directory} holds no "
-                                  f"{GENES_FILE}; only the bundled {len(genes)}-gene vocabulary is known")
-    if len(genes) != n_genes:
-        raise CheckpointError(f"{what}: the gene list has {len(genes)} genes but the model has {n_genes} "
-                              "gene positions")
-    return genes
-
-
-def check_vocabulary(data_genes: Sequence[str], model_genes: Sequence[str], what: str) -> None:
-    """Require the data's gene order to equal a checkpoint's vocabulary.
-
-    Raises
-    ------
-    CheckpointError
-        Naming the lengths and the first mismatching positions (``index: data gene != model gene``).
-    """
-    data_genes, model_genes = tuple(data_genes), tuple(model_genes)
-    if data_genes == model_genes:
-        return
-    bad = [f"{i}: {a!r} != {b!r}" for i, (a, b) in enumerate(zip(data_genes, model_genes, strict=False))
-           if a != b][:5]
-    missing = [g for g in model_genes if g not in set(data_genes)][:5]
-    raise CheckpointError(
-        f"{what}: data genes ({len(data_genes)}) do not match the checkpoint vocabulary ({len(model_genes)}); "
-        f"first mismatches (data != checkpoint): {bad or 'none in the common prefix'}; "
-        f"checkpoint genes absent from the data: {missing or 'none'}")
-
-
-def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Require ``state`` to have exactly the model's parameter/buffer names and shapes.
-
-    Raises
-    ------
-    CheckpointError
-        Naming missing and unexpected keys and every shape mismatch (checkpoint vs model).
-    """
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} keys (first: {missing[:5]})")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys (first: {unexpected[:5]})")
-    if shapes:
-        problems.append(f"shape mismatches: {shapes[:5]}")
-    if problems:
-        raise CheckpointError(f"{what}: " + "; ".join(problems))
-
-
-# ---------------------------------------------------------------------------------------------------
-# safetensors (the format is small and documented; the package is not a dependency here)
-# ---------------------------------------------------------------------------------------------------
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` file: 8-byte little-endian header length, JSON header, raw data.
-
-    Returns
-    -------
-    dict[str, torch.Tensor]
-        Tensors on CPU with the stored dtypes and shapes.
-    """
-    raw = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    data = bytearray(raw[8 + n:])
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        dtype = _ST_DTYPES[info["dtype"]]
-        flat = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin) \
-            if end > begin else torch.empty(0, dtype=dtype)
-        out[name] = flat.reshape(info["shape"]).clone()
-    return out
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write ``tensors`` as a ``.safetensors`` file (``{"format": "pt"}`` metadata, 8-byte aligned header)."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    blobs, offset = [], 0
-    for name, t in tensors.items():
-        blob = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for blob in blobs:
-            f.write(blob)
 
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF checkpoint directory (single file or sharded with an index)."""
+    """All tensors of an HF checkpoint directory (single file or sharded with an index).
+
+    Raises
+    ------
+    CheckpointError
+        When no weight file is found, the index is unreadable, or a file is unreadable or unsafe.
+    """
     for index_name, reader in (("model.safetensors.index.json", read_safetensors),
-                               ("pytorch_model.bin.index.json", _torch_load)):
+                               ("pytorch_model.bin.index.json", _read_bin)):
         index = directory / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: expected JSON with a 'weight_map' of name -> shard file") from e
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
                 state.update(reader(directory / shard))
@@ -246,12 +113,16 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / "model.safetensors").is_file():
         return read_safetensors(directory / "model.safetensors")
     if (directory / "pytorch_model.bin").is_file():
-        return _torch_load(directory / "pytorch_model.bin")
+        return _read_bin(directory / "pytorch_model.bin")
     raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin (nor a sharded index)")
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin`` state dict, read without unpickling arbitrary objects."""
+    state = read_torch_file(path)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), found {type(state).__name__}")
+    return dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,7 +169,10 @@ class AIDOCellConfig:
         absent = [k for k in required if k not in d]
         if absent:
             raise CheckpointError(f"config.json: missing fields {absent}")
-        return cls(**{k: d[k] for k in names})
+        try:
+            return cls(**{k: d[k] for k in names})
+        except TypeError as e:
+            raise CheckpointError(f"config.json: a field has the wrong type ({e})") from e
 
     def to_json_dict(self) -> dict[str, object]:
         """The published ``config.json`` content (with the fixed fields of the HF config class)."""
@@ -332,25 +206,6 @@ def _norm(cfg: AIDOCellConfig) -> nn.Module:
     if cfg.normalization_type == "RMSNorm":
         return _RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-
-class _ValueEmbedding(nn.Module):
-    """Auto-discretisation of a scalar value into a softmax mixture of ``bin_num`` learned bins."""
-
-    def __init__(self, cfg: AIDOCellConfig) -> None:
-        super().__init__()
-        self.bin_alpha = cfg.bin_alpha
-        self.linear1 = nn.Linear(1, cfg.bin_num)
-        self.linear2 = nn.Linear(cfg.bin_num, cfg.bin_num)
-        self.lookup_table = nn.Embedding(cfg.bin_num, cfg.hidden_size)
-        self.mask_embedding = nn.Embedding(1, cfg.hidden_size)
-        self.pad_embedding = nn.Embedding(1, cfg.hidden_size)
-
-    def forward(self, values: torch.Tensor) -> torch.Tensor:
-        """``(B, L)`` values → ``(B, L, hidden)`` token embeddings."""
-        h = F.leaky_relu(self.linear1(values[..., None]), 0.1)
-        h = self.bin_alpha * h + self.linear2(h)
-        return torch.softmax(h, dim=-1) @ self.lookup_table.weight
 
 
 class _SelfProjections(nn.Module):
@@ -432,7 +287,7 @@ class _Encoder(nn.Module):
         return self.ln(h)
 
 
-class AIDOCell(nn.Module):
+class AIDOCell(DepthTokenBackbone):
     """AIDO.Cell encoder implementing the :class:`~pertadapt.models.backbones.base.Backbone` protocol.
 
     Parameters
@@ -440,7 +295,7 @@ class AIDOCell(nn.Module):
     config
         Architecture; ``config.max_position_embeddings`` must equal ``len(genes)``.
     genes
-        Gene vocabulary in input order (``N`` symbols).
+        The ``N`` gene symbols of the vocabulary, in input order (one position each).
     input_mode
         ``"code"`` (reference behaviour, default) or ``"intended"``; see the module docstring.
     """
@@ -456,7 +311,8 @@ class AIDOCell(nn.Module):
         self.genes: tuple[str, ...] | None = tuple(genes)
         self.hidden_size = config.hidden_size
         self.input_mode = input_mode
-        self.gene_embedding = _ValueEmbedding(config)
+        self.gene_embedding = SoftBinEmbedding(config.bin_num, config.hidden_size, config.bin_alpha,
+                                               _VALUE_EMBEDDING_NAMES)
         self.position_embedding = nn.Embedding(config.max_position_embeddings + N_DEPTH_TOKENS, config.hidden_size)
         self.encoder = _Encoder(config)
         self._init_weights()
@@ -509,23 +365,6 @@ class AIDOCell(nn.Module):
         h = self.gene_embedding(values.to(dtype)) + self.position_embedding.weight[: values.shape[1]]
         return self.encoder(h)
 
-    def encode(self, x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
-        """Embed control cells gene by gene.
-
-        Parameters
-        ----------
-        x_ctrl
-            ``(B, N)`` log1p-normalised expression in :attr:`genes` order.
-        total_count
-            ``(B,)`` raw UMI totals.
-
-        Returns
-        -------
-        torch.Tensor
-            ``(B, N, hidden_size)`` last hidden states with the two depth tokens dropped.
-        """
-        return self.forward_tokens(self.model_input(x_ctrl, total_count))[:, :-N_DEPTH_TOKENS]
-
     def transformer_layers(self) -> list[nn.Module]:
         """The encoder blocks ``encoder.layer`` in order."""
         return list(self.encoder.layer)
@@ -545,12 +384,16 @@ class AIDOCell(nn.Module):
         config_path = directory / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{directory}: no config.json (expected an AIDO.Cell HF checkpoint directory)")
-        cfg = AIDOCellConfig.from_json_dict(json.loads(config_path.read_text()))
+        try:
+            raw = json.loads(config_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+        if not isinstance(raw, Mapping):
+            raise CheckpointError(f"{config_path}: expected a JSON object, found {type(raw).__name__}")
+        cfg = AIDOCellConfig.from_json_dict(raw)
         genes = resolve_vocab(directory, cfg.max_position_embeddings, f"aido_cell checkpoint {directory}")
         model = cls(cfg, genes, input_mode=input_mode)
-        state = _strip_hf_prefix(_read_hf_weights(directory))
-        check_state_dict(model, state, f"aido_cell checkpoint {directory}")
-        model.load_state_dict(state)
+        load_checked_state(model, _strip_hf_prefix(_read_hf_weights(directory)), f"aido_cell checkpoint {directory}")
         log.info("loaded AIDO.Cell (%d layers, hidden %d, %d genes) from %s", cfg.num_hidden_layers,
                  cfg.hidden_size, len(genes), directory)
         return model
@@ -558,10 +401,9 @@ class AIDOCell(nn.Module):
     def save_pretrained_dir(self, directory: str | Path) -> None:
         """Write ``config.json``, ``model.safetensors`` (``CellFoundationModel`` names) and ``genes.txt``."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.config.to_json_dict(), indent=2) + "\n")
+        atomic_write_json(directory / "config.json", self.config.to_json_dict())
         write_safetensors(directory / "model.safetensors", self.state_dict())
-        (directory / GENES_FILE).write_text("\n".join(self.genes or ()) + "\n")
+        write_gene_file(directory, self.genes or ())
 
 
 def _strip_hf_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -596,12 +438,10 @@ def build_aido_cell(*, checkpoint: str | None, genes: Sequence[str] | None, hidd
     CheckpointError
         Naming the first gene mismatches, or a layout/shape problem of the checkpoint.
     """
-    if checkpoint is None:
-        vocab = tuple(genes) if genes is not None else bundled_gene_vocab()
+    def random_init(vocab: tuple[str, ...]) -> AIDOCell:
         cfg = AIDOCellConfig(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
                              intermediate_size=math.ceil(2.5 * hidden_size), max_position_embeddings=len(vocab))
         return AIDOCell(cfg, vocab, input_mode=input_mode)
-    model = AIDOCell.from_pretrained_dir(checkpoint, input_mode=input_mode)
-    if genes is not None:
-        check_vocabulary(genes, model.genes or (), f"aido_cell checkpoint {checkpoint}")
-    return model
+
+    return build_or_load(checkpoint, genes, random_init=random_init, what="aido_cell",
+                         load=lambda path: AIDOCell.from_pretrained_dir(path, input_mode=input_mode))

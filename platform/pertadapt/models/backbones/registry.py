@@ -1,42 +1,45 @@
-"""Closed registry of backbones by name."""
+"""Closed registry of backbones by name (the names of ``pertadapt.config.schema.BACKBONES``)."""
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Sequence
+from collections.abc import Callable
 
 from torch import nn
 
+from pertadapt.models.backbones.aido_cell import build_aido_cell
+from pertadapt.models.backbones.scfoundation import build_scfoundation
+from pertadapt.models.backbones.tiny import build_learned, build_tiny
+
 __all__ = ["BACKBONES", "build_backbone"]
 
-#: name → ``"module:function"``; each builder takes ``(*, checkpoint, genes, hidden_size, layers, heads)``.
-BACKBONES: dict[str, str] = {
-    "tiny": "pertadapt.models.backbones.registry:_build_tiny",
-    "learned": "pertadapt.models.backbones.registry:_build_learned",
-    "aido_cell": "pertadapt.models.backbones.aido_cell:build_aido_cell",
-    "scfoundation": "pertadapt.models.backbones.scfoundation:build_scfoundation",
+#: name → builder taking ``(*, checkpoint, genes, hidden_size, layers, heads)`` (``aido_cell`` also
+#: ``input_mode``) and returning a :class:`~pertadapt.models.backbones.base.Backbone` module.
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "tiny": build_tiny,
+    "learned": build_learned,
+    "aido_cell": build_aido_cell,
+    "scfoundation": build_scfoundation,
 }
 
 
-def _build_tiny(*, checkpoint: str | None, genes: Sequence[str], hidden_size: int, layers: int,
-                heads: int) -> nn.Module:
-    from pertadapt.models.backbones.tiny import TinyTransformer
+def build_backbone(name: str, **kwargs: object) -> nn.Module:
+    """Build a backbone by registry name.
 
-    if checkpoint is not None:
-        raise ValueError("backbone.checkpoint: the 'tiny' backbone is random-init and takes no checkpoint")
-    return TinyTransformer(len(genes), hidden_size, layers, heads)
+    Parameters
+    ----------
+    name
+        A key of :data:`BACKBONES`.
+    **kwargs
+        The builder's keyword arguments (``checkpoint``, ``genes``, ``hidden_size``, ``layers``, ``heads``,
+        and ``input_mode`` for ``aido_cell``).
 
-
-def _build_learned(*, checkpoint: str | None, genes: Sequence[str], hidden_size: int, layers: int,
-                   heads: int) -> nn.Module:
-    from pertadapt.models.backbones.tiny import LearnedGeneEmbedding
-
-    return LearnedGeneEmbedding(len(genes), hidden_size)
-
-
-def build_backbone(name: str, **kwargs) -> nn.Module:
-    """Build a backbone by registry name; an unknown name lists the valid ones."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}")
-    module, fn = BACKBONES[name].split(":")
-    return getattr(importlib.import_module(module), fn)(**kwargs)
+    Raises
+    ------
+    ValueError
+        For an unknown name, listing the valid ones.
+    """
+    try:
+        builder = BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"backbone.name: unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}") from None
+    return builder(**kwargs)

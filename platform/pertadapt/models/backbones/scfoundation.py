@@ -24,7 +24,7 @@ Differences from the shipped code, on purpose
 * Random features are never redrawn (``calls_since_last_redraw`` is kept only for the layout); the
   reference redraws every 1,000 training calls, which never happens with the paper's frozen backbone.
 * The loader runs on CPU (the original calls ``.cuda()``) and reads the checkpoint with
-  ``weights_only=True`` unless ``trusted=True``.
+  ``torch.load(weights_only=True)`` only: a file holding other pickled objects is refused.
 
 Checkpoint layout
 -----------------
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +49,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pertadapt.models.backbones.aido_cell import (
-    GENES_FILE,
+from pertadapt.files import atomic_write
+from pertadapt.models.backbones.checkpoint import (
     CheckpointError,
-    bundled_gene_vocab,
-    check_state_dict,
-    check_vocabulary,
+    build_or_load,
+    load_checked_state,
+    read_torch_file,
     resolve_vocab,
+    write_gene_file,
+)
+from pertadapt.models.backbones.layers import (
+    N_DEPTH_TOKENS,
+    DepthTokenBackbone,
+    SoftBinEmbedding,
+    SoftBinNames,
 )
 
 __all__ = ["SCFoundation", "SCFoundationConfig", "build_scfoundation"]
@@ -66,8 +72,9 @@ log = logging.getLogger(__name__)
 CKPT_FILE = "models.ckpt"
 #: Entry of ``models.ckpt`` holding the gene-expression model.
 CKPT_KEY = "gene"
-_N_DEPTH = 2
 _KERNEL_EPS = 1e-4
+#: Published state-dict names of the value embedding ``token_emb``.
+_TOKEN_EMBEDDING_NAMES = SoftBinNames("mlp", "mlp2", "emb", "emb_mask", "emb_pad")
 
 
 @dataclass(frozen=True)
@@ -143,25 +150,6 @@ class SCFoundationConfig:
 # ---------------------------------------------------------------------------------------------------
 # modules (attribute names = published state-dict names)
 # ---------------------------------------------------------------------------------------------------
-
-
-class _AutoDiscretization(nn.Module):
-    """Scalar value → softmax mixture of ``bin_num`` learned bin embeddings."""
-
-    def __init__(self, cfg: SCFoundationConfig) -> None:
-        super().__init__()
-        self.bin_alpha = cfg.bin_alpha
-        self.mlp = nn.Linear(1, cfg.bin_num)
-        self.mlp2 = nn.Linear(cfg.bin_num, cfg.bin_num)
-        self.emb = nn.Embedding(cfg.bin_num, cfg.encoder_dim)
-        self.emb_mask = nn.Embedding(1, cfg.encoder_dim)
-        self.emb_pad = nn.Embedding(1, cfg.encoder_dim)
-
-    def forward(self, values: torch.Tensor) -> torch.Tensor:
-        """``(B, L)`` values → ``(B, L, encoder_dim)``."""
-        h = F.leaky_relu(self.mlp(values[..., None]), 0.1)
-        h = self.bin_alpha * h + self.mlp2(h)
-        return torch.softmax(h, dim=-1) @ self.emb.weight
 
 
 class _PackedSelfAttention(nn.Module):
@@ -363,6 +351,12 @@ class _Performer(nn.Module):
         # layout only: the reference's redraw counter (projections are never redrawn here)
         self.register_buffer("calls_since_last_redraw", torch.tensor(0))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, dec_dim)`` through every Performer block in order."""
+        for block in self.net.layers:
+            x = block(x)
+        return x
+
 
 class _Decoder(nn.Module):
     def __init__(self, cfg: SCFoundationConfig) -> None:
@@ -371,13 +365,11 @@ class _Decoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.decoder_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, L, dec_dim)`` → ``(B, L, dec_dim)``."""
-        for block in self.performer.net.layers:
-            x = block(x)
-        return self.norm(x)
+        """``(B, L, dec_dim)`` → ``(B, L, dec_dim)``: the Performer, then the final norm."""
+        return self.norm(self.performer(x))
 
 
-class SCFoundation(nn.Module):
+class SCFoundation(DepthTokenBackbone):
     """scFoundation encoder–decoder implementing the :class:`~pertadapt.models.backbones.base.Backbone` protocol.
 
     Parameters
@@ -390,13 +382,14 @@ class SCFoundation(nn.Module):
 
     def __init__(self, config: SCFoundationConfig, genes: Sequence[str]) -> None:
         super().__init__()
-        if len(genes) + _N_DEPTH != config.seq_len:
+        if len(genes) + N_DEPTH_TOKENS != config.seq_len:
             raise CheckpointError(f"scfoundation: {len(genes)} genes but seq_len={config.seq_len} "
-                                  f"(expected genes + {_N_DEPTH})")
+                                  f"(expected genes + {N_DEPTH_TOKENS})")
         self.config = config
         self.genes: tuple[str, ...] | None = tuple(genes)
         self.hidden_size = config.decoder_dim
-        self.token_emb = _AutoDiscretization(config)
+        self.token_emb = SoftBinEmbedding(config.bin_num, config.encoder_dim, config.bin_alpha,
+                                          _TOKEN_EMBEDDING_NAMES)
         self.pos_emb = nn.Embedding(config.seq_len + 1, config.encoder_dim)
         self.encoder = _Encoder(config)
         self.decoder = _Decoder(config)
@@ -408,7 +401,7 @@ class SCFoundation(nn.Module):
     @staticmethod
     def model_input(x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
         """``(B, N)`` log1p values and ``(B,)`` raw totals → ``(B, N + 2)`` sequence ``[x, T, S]``."""
-        depth = torch.log10(total_count.to(x_ctrl.dtype))[:, None].expand(-1, _N_DEPTH)
+        depth = torch.log10(total_count.to(x_ctrl.dtype))[:, None].expand(-1, N_DEPTH_TOKENS)
         return torch.cat([x_ctrl, depth], dim=1)
 
     def forward_tokens(self, seq: torch.Tensor) -> torch.Tensor:
@@ -430,29 +423,12 @@ class SCFoundation(nn.Module):
         width = int(n_nonzero.max())
         order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :width]  # non-zeros first, ascending
         valid = torch.arange(width, device=seq.device)[None, :] < n_nonzero[:, None]
-        enc = torch.where(valid[..., None], self.token_emb(seq.gather(1, order)), self.token_emb.emb_pad.weight[0])
+        enc = torch.where(valid[..., None], self.token_emb(seq.gather(1, order)), self.token_emb.pad_row)
         enc = enc + self.pos_emb(torch.where(valid, order, self.config.seq_len))
         enc = self.encoder(enc, valid)
         dec = self.token_emb(seq).masked_scatter(nonzero[..., None], enc[valid])
         dec = self.decoder_embed(dec + self.pos_emb.weight[: seq.shape[1]])
         return self.norm(self.decoder(dec))
-
-    def encode(self, x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
-        """Embed control cells gene by gene.
-
-        Parameters
-        ----------
-        x_ctrl
-            ``(B, N)`` log1p-normalised expression in :attr:`genes` order.
-        total_count
-            ``(B,)`` raw UMI totals (depth tokens ``T = S = log10 total``).
-
-        Returns
-        -------
-        torch.Tensor
-            ``(B, N, decoder_dim)`` with the two depth tokens dropped.
-        """
-        return self.forward_tokens(self.model_input(x_ctrl, total_count))[:, :-_N_DEPTH]
 
     def transformer_layers(self) -> list[nn.Module]:
         """Encoder blocks then Performer decoder blocks, in execution order."""
@@ -461,40 +437,41 @@ class SCFoundation(nn.Module):
     # -- checkpoints ----------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained_dir(cls, path: str | Path, *, trusted: bool = False) -> SCFoundation:
+    def from_pretrained_dir(cls, path: str | Path) -> SCFoundation:
         """Load the ``gene`` model of a published ``models.ckpt`` (a file, or a directory holding it).
+
+        The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, never
+        arbitrary pickled objects.
 
         Parameters
         ----------
         path
             ``models.ckpt`` or its directory; a ``genes.txt`` beside it overrides the bundled vocabulary.
-        trusted
-            Unpickle arbitrary objects (``weights_only=False``); only for checkpoints you trust.
 
         Raises
         ------
         CheckpointError
-            When the layout, parameter names/shapes or the gene list do not fit.
+            When the file is unreadable or holds other objects, or the layout, parameter names/shapes or
+            the gene list do not fit.
         """
         path = Path(path)
         file = path / CKPT_FILE if path.is_dir() else path
         if not file.is_file():
             raise CheckpointError(f"scfoundation: {file} does not exist")
-        try:
-            raw = torch.load(file, map_location="cpu", weights_only=not trusted)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"scfoundation: {file} holds objects beyond tensors and plain containers; "
-                                  f"pass trusted=True if you trust it ({e})") from e
+        raw = read_torch_file(file)
         if not isinstance(raw, Mapping) or CKPT_KEY not in raw:
             keys = list(raw) if isinstance(raw, Mapping) else type(raw).__name__
             raise CheckpointError(f"scfoundation: {file} has no {CKPT_KEY!r} entry (found {keys})")
         entry = raw[CKPT_KEY]
+        if not (isinstance(entry, Mapping) and isinstance(entry.get("config"), Mapping)
+                and isinstance(entry.get("state_dict"), Mapping)):
+            raise CheckpointError(f"scfoundation: {file}: entry {CKPT_KEY!r} must map 'config' and 'state_dict' "
+                                  "to dicts")
         cfg = SCFoundationConfig.from_checkpoint_config(entry["config"])
-        genes = resolve_vocab(file.parent, cfg.seq_len - _N_DEPTH, f"scfoundation checkpoint {file}")
+        genes = resolve_vocab(file.parent, cfg.seq_len - N_DEPTH_TOKENS, f"scfoundation checkpoint {file}")
         model = cls(cfg, genes)
         state = {k.removeprefix("model."): v for k, v in entry["state_dict"].items()}
-        check_state_dict(model, state, f"scfoundation checkpoint {file}")
-        model.load_state_dict(state)
+        load_checked_state(model, state, f"scfoundation checkpoint {file}")
         log.info("loaded scFoundation (encoder %d×%d, decoder %d×%d, %d genes) from %s", cfg.encoder_depth,
                  cfg.encoder_dim, cfg.decoder_depth, cfg.decoder_dim, len(genes), file)
         return model
@@ -502,11 +479,10 @@ class SCFoundation(nn.Module):
     def save_pretrained_dir(self, directory: str | Path) -> None:
         """Write ``models.ckpt`` in the published layout and ``genes.txt`` into ``directory``."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {f"model.{k}": v.detach().clone() for k, v in self.state_dict().items()}
-        torch.save({CKPT_KEY: {"config": self.config.to_checkpoint_config(), "state_dict": state}},
-                   directory / CKPT_FILE)
-        (directory / GENES_FILE).write_text("\n".join(self.genes or ()) + "\n")
+        ckpt = {CKPT_KEY: {"config": self.config.to_checkpoint_config(), "state_dict": state}}
+        atomic_write(directory / CKPT_FILE, lambda p: torch.save(ckpt, p))
+        write_gene_file(directory, self.genes or ())
 
 
 def build_scfoundation(*, checkpoint: str | None, genes: Sequence[str] | None, hidden_size: int, layers: int,
@@ -529,13 +505,11 @@ def build_scfoundation(*, checkpoint: str | None, genes: Sequence[str] | None, h
     CheckpointError
         Naming the first gene mismatches, or a layout/shape problem of the checkpoint.
     """
-    if checkpoint is None:
-        vocab = tuple(genes) if genes is not None else bundled_gene_vocab()
-        cfg = SCFoundationConfig(seq_len=len(vocab) + _N_DEPTH, encoder_dim=hidden_size, encoder_depth=layers,
+    def random_init(vocab: tuple[str, ...]) -> SCFoundation:
+        cfg = SCFoundationConfig(seq_len=len(vocab) + N_DEPTH_TOKENS, encoder_dim=hidden_size, encoder_depth=layers,
                                  encoder_heads=heads, decoder_dim=hidden_size, decoder_depth=max(1, layers // 2),
                                  decoder_heads=heads, decoder_dim_head=hidden_size // heads)
         return SCFoundation(cfg, vocab)
-    model = SCFoundation.from_pretrained_dir(checkpoint)
-    if genes is not None:
-        check_vocabulary(genes, model.genes or (), f"scfoundation checkpoint {checkpoint}")
-    return model
+
+    return build_or_load(checkpoint, genes, random_init=random_init, load=SCFoundation.from_pretrained_dir,
+                         what="scfoundation")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from pertadapt.models.perturbation import max_norm_rows
 
-__all__ = ["LearnedGeneEmbedding", "TinyTransformer"]
+__all__ = ["LearnedGeneEmbedding", "TinyTransformer", "build_learned", "build_tiny"]
 
 
 class TinyTransformer(nn.Module):
@@ -69,3 +71,27 @@ class LearnedGeneEmbedding(nn.Module):
     def transformer_layers(self) -> list[nn.Module]:
         """No transformer blocks."""
         return []
+
+
+def build_tiny(*, checkpoint: str | None, genes: Sequence[str], hidden_size: int, layers: int,
+               heads: int) -> TinyTransformer:
+    """Registry builder for ``backbone.name: tiny`` (random init over the data's ``genes``).
+
+    Raises
+    ------
+    ValueError
+        When a checkpoint is given (``tiny`` has none).
+    """
+    if checkpoint is not None:
+        raise ValueError("backbone.checkpoint: the 'tiny' backbone is random-init and takes no checkpoint")
+    return TinyTransformer(len(genes), hidden_size, layers, heads)
+
+
+def build_learned(*, checkpoint: str | None, genes: Sequence[str], hidden_size: int, layers: int,
+                  heads: int) -> LearnedGeneEmbedding:
+    """Registry builder for ``backbone.name: learned`` (FM off).
+
+    ``checkpoint``, ``layers`` and ``heads`` are ignored, so an ablation's FM-off arm may share a base
+    config that names a pretrained checkpoint.
+    """
+    return LearnedGeneEmbedding(len(genes), hidden_size)

@@ -1,0 +1,104 @@
+"""Building blocks shared by the pretrained backbones (AIDO.Cell, scFoundation)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["N_DEPTH_TOKENS", "DepthTokenBackbone", "SoftBinEmbedding", "SoftBinNames"]
+
+#: Read-depth tokens both pretrained backbones append after the ``N`` gene values.
+N_DEPTH_TOKENS = 2
+
+
+class SoftBinNames(NamedTuple):
+    """Attribute (state-dict) names of a :class:`SoftBinEmbedding`'s submodules in a published layout."""
+
+    #: ``Linear(1 → bin_num)``.
+    first: str
+    #: Residual ``Linear(bin_num → bin_num)``.
+    second: str
+    #: ``Embedding(bin_num, dim)``: the bin table.
+    table: str
+    #: ``Embedding(1, dim)``: the masked-value row (layout only here).
+    mask: str
+    #: ``Embedding(1, dim)``: the padding row.
+    pad: str
+
+
+class SoftBinEmbedding(nn.Module):
+    """Auto-discretisation of a scalar value into a softmax mixture of ``bin_num`` learned bins.
+
+    ``h = LeakyReLU₀.₁(W₁ v)``, ``h ← α·h + W₂ h``, embedding ``= softmax(h) · table`` — the value
+    embedding of both AIDO.Cell and scFoundation, which differ only in their parameter names.
+
+    Parameters
+    ----------
+    bin_num
+        Number of bins.
+    dim
+        Embedding width.
+    alpha
+        Weight ``α`` of the residual.
+    names
+        Submodule names, so that ``state_dict()`` matches the published checkpoint.
+    """
+
+    def __init__(self, bin_num: int, dim: int, alpha: float, names: SoftBinNames) -> None:
+        super().__init__()
+        self.bin_alpha = alpha
+        self.names = names
+        for name, module in zip(names, (nn.Linear(1, bin_num), nn.Linear(bin_num, bin_num),
+                                        nn.Embedding(bin_num, dim), nn.Embedding(1, dim), nn.Embedding(1, dim)),
+                                strict=True):
+            self.add_module(name, module)
+
+    @property
+    def pad_row(self) -> torch.Tensor:
+        """``(dim,)`` embedding of a padding slot."""
+        return self.get_submodule(self.names.pad).weight[0]
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` values → ``(B, L, dim)`` token embeddings."""
+        first, second, table = (self.get_submodule(n) for n in self.names[:3])
+        h = F.leaky_relu(first(values[..., None]), 0.1)
+        h = self.bin_alpha * h + second(h)
+        return torch.softmax(h, dim=-1) @ table.weight
+
+
+class DepthTokenBackbone(nn.Module, ABC):
+    """A pretrained backbone whose sequence is the ``N`` gene values followed by two read-depth tokens.
+
+    Subclasses define how a cell becomes that sequence (:meth:`model_input`) and how the sequence is
+    encoded (:meth:`forward_tokens`); :meth:`encode` (the
+    :class:`~pertadapt.models.backbones.base.Backbone` method) chains them and drops the depth tokens.
+    """
+
+    @abstractmethod
+    def model_input(self, x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
+        """``(B, N)`` log1p expression and ``(B,)`` raw totals → the ``(B, N + 2)`` input sequence."""
+
+    @abstractmethod
+    def forward_tokens(self, seq: torch.Tensor) -> torch.Tensor:
+        """``(B, N + 2)`` sequence → ``(B, N + 2, hidden_size)`` output states (depth tokens included)."""
+
+    def encode(self, x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
+        """Embed control cells gene by gene.
+
+        Parameters
+        ----------
+        x_ctrl
+            ``(B, N)`` log1p-normalised expression in :attr:`genes` order.
+        total_count
+            ``(B,)`` raw UMI totals.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, N, hidden_size)`` output states with the two depth tokens dropped.
+        """
+        return self.forward_tokens(self.model_input(x_ctrl, total_count))[:, :-N_DEPTH_TOKENS]
