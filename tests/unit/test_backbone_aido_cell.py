@@ -205,3 +205,32 @@ def test_unsupported_config_rejected(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="position_embedding_type='rope'"):
         AIDOCell.from_pretrained_dir(tmp_path)
+
+
+def test_sharded_safetensors_checkpoint(tmp_path) -> None:
+    """An HF sharded checkpoint (``model.safetensors.index.json`` + shards) loads to the same model."""
+    m = _model()
+    m.save_pretrained_dir(tmp_path)
+    state = read_safetensors(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        write_safetensors(tmp_path / shard, {k: state[k] for k in keys})
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    x, total = _cells()
+    assert torch.equal(AIDOCell.from_pretrained_dir(tmp_path).eval().encode(x, total), m.encode(x, total))
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors: not a readable safetensors"):
+        AIDOCell.from_pretrained_dir(tmp_path)
+
+
+def test_non_tensor_entries_rejected(tmp_path) -> None:
+    m = _model()
+    m.save_pretrained_dir(tmp_path)
+    state = read_safetensors(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({**state, "encoder.ln.weight": [1.0, 2.0]}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"entries that are not tensors: \['encoder\.ln\.weight'\]"):
+        AIDOCell.from_pretrained_dir(tmp_path)

@@ -34,7 +34,9 @@ A directory with ``config.json`` (HF ``model_type: cellfoundation``; fields ``hi
 ``num_hidden_layers``, ``num_attention_heads``, ``intermediate_size``, ``max_position_embeddings`` = N,
 ``bin_num``, ``bin_alpha``, ``layer_norm_eps``, ``normalization_type``, ``add_linear_bias``,
 ``hidden_act: swiglu``, ``position_embedding_type: absolute``) and ``model.safetensors`` or
-``pytorch_model.bin`` (optionally sharded with an ``*.index.json``). State-dict names are those of
+``pytorch_model.bin`` (optionally sharded with an ``*.index.json``), read with the ``safetensors``
+package or ``torch.load(weights_only=True)`` — a ``.bin`` holding anything beyond tensors is refused,
+never unpickled. State-dict names are those of
 ``CellFoundationModel``, with or without the ``bert.`` prefix of the ``…ForMaskedLM`` wrappers (whose
 ``cls.*`` head is ignored). The gene vocabulary is read from ``genes.txt`` (one symbol per line) or
 ``OS_scRNA_gene_index.19264.tsv`` in the directory, else the bundled 19,264-gene list when ``N`` is
