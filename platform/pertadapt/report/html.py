@@ -1,99 +1,256 @@
-"""Offline HTML report of a sweep: summary table, paired tests, and plots (self-contained file)."""
+"""The sweep report on disk: ``report.html`` (self-contained), ``report.md``, CSVs and PNGs.
+
+Entry point: :func:`write_sweep_report` (``pertadapt report`` and the end of ``pertadapt sweep``).
+"""
 
 from __future__ import annotations
 
 import base64
-import io
-import math
-import os
+import html as html_lib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
-from pertadapt.report.tables import KEY_METRICS, TRUTH_METRICS, load_results, paired_tests, summarise
+from pertadapt.files import atomic_write_bytes, atomic_write_text
+from pertadapt.report.document import SweepReport, build_report
+from pertadapt.report.stats import ALPHA, BOOTSTRAP_RESAMPLES
+from pertadapt.report.tables import LayoutTable, load_sweep
 
-__all__ = ["write_report"]
+__all__ = ["ReportPaths", "render_html", "render_markdown", "write_report", "write_sweep_report"]
 
-_TEMPLATE = jinja2.Template("""<!doctype html>
-<html><head><meta charset="utf-8"><title>pertadapt report: {{ name }}</title>
-<style>body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse;margin:1em 0}
-td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} th{background:#f3f3f3} td:first-child{text-align:left}
-.ref{font-weight:bold} .baseline{color:#666}</style></head><body>
-<h1>Ablation report: {{ name }}</h1>
-<p>{{ n_trials }} finished trials ({{ n_failed }} failed), {{ n_arms }} arms, seeds {{ seeds }}.
-Reference arm: <b>{{ reference }}</b>. Values are mean ± sd over seeds, [95% t-interval half-width];
-in the plot, bars are means, whiskers the 95% t-interval and dots the individual seeds.
-Metrics follow GEARS semantics (lower MSE and higher Pearson are better). On simulated data,
-<code>test_truth_*</code> columns score the predictions against the simulator's noise-free truth.</p>
-<h2>Summary</h2>{{ summary_html }}
-<h2>Test MSE on the top-20 DE genes</h2><img src="data:image/png;base64,{{ plot }}" alt="test_mse_de per arm">
-{% for title, table in tests %}<h2>{{ title }}</h2>{{ table }}{% endfor %}
-<p>Source: {{ results }}</p></body></html>""")
+log = logging.getLogger(__name__)
+
+_TRIAL_COLUMNS = ("trial", "dataset", "backbone", "arm", "seed", "status", "attempts", "error")
+_TEST_COLUMNS = ("dataset", "backbone", "arm", "metric", "n_pairs", "mean_diff", "ci_low", "ci_high", "p", "p_holm",
+                 "verdict")
+_METHOD = (f"Paired tests: pairs are the (test condition, seed) combinations present in both the arm and the "
+           f"reference; Wilcoxon signed-rank on arm − reference (two-sided, zeros dropped); p-values Holm-corrected "
+           f"across every row of the table; verdicts at Holm {ALPHA}. CIs of the mean difference: hierarchical "
+           f"bootstrap ({BOOTSTRAP_RESAMPLES} resamples of seeds, then conditions within each seed; percentile "
+           f"95%). Table cells: mean over successful seeds [95% t-interval over seeds] n=successful/all trials; "
+           f"bold = best in its column (lowest error, highest correlation); grey rows are baselines.")
+
+_HTML = jinja2.Environment(autoescape=True).from_string("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>pertadapt report: {{ r.sweep.name }}</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+tr.baseline td{color:#888;background:#fafafa} tr.reference td:first-child{font-weight:bold}
+td.best{font-weight:bold} .alert{background:#fdecea;border:1px solid #e0a9a4;padding:.7em 1em}
+.worse{color:#b2182b} .better{color:#1a7837} figure{margin:1em 0} img{max-width:100%}
+figcaption{font-size:13px;color:#555} .wrap{overflow-x:auto} code{background:#f5f5f5}
+</style></head><body>
+<h1>Ablation report: {{ r.sweep.name }}</h1>
+<p>{{ counts }} Reference arm: <b>{{ r.sweep.reference }}</b>. Metrics: {{ r.metrics | join(", ") }}.</p>
+{% if not n_ok %}<p class="alert">{{ all_failed }}</p>{% endif %}
+{% if r.sentences %}<h2>Findings</h2><ul id="findings">
+{% for s in sentences %}<li>{{ s }}</li>{% endfor %}</ul>{% endif %}
+{% if r.notes %}<h2>Notes</h2><ul>{% for n in r.notes %}<li>{{ n }}</li>{% endfor %}</ul>{% endif %}
+{% for t in tables %}<h2>Test metrics: {{ t.scope }}</h2><div class="wrap"><table>
+<thead><tr><th>arm</th>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
+{% for arm, base, cells, best in t.rows %}<tr class="{{ 'baseline' if base }}{{ ' reference' if arm == r.sweep.reference }}">
+<td>{{ arm }}</td>{% for c, b in zip(cells, best) %}<td class="{{ 'best' if b }}">{{ c }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table></div>{% endfor %}
+{% if tests %}<h2>Paired tests against {{ r.sweep.reference }}</h2><div class="wrap"><table>
+<thead><tr>{% for c in test_columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in tests %}<tr>{% for c in row[:-1] %}<td>{{ c }}</td>{% endfor %}
+<td class="{{ row[-1] }}">{{ row[-1] }}</td></tr>{% endfor %}</tbody></table></div>{% endif %}
+{% for f in figures %}<figure><img src="data:image/png;base64,{{ f.b64 }}" alt="{{ f.caption }}">
+<figcaption>{{ f.caption }}</figcaption></figure>{% endfor %}
+{% if failed %}<h2>Failed, stopped or missing trials ({{ failed | length }})</h2><div class="wrap"><table>
+<thead><tr>{% for c in failed_columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in failed %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</tbody></table></div>{% endif %}
+<h2>Method</h2><p>{{ method }}</p>
+<p>Source: <code>{{ r.sweep.root }}</code></p>
+</body></html>
+""")
 
 
-def _fmt(mean: float, sd: float, ci: float) -> str:
-    if math.isnan(sd):
-        return f"{mean:.4f}"
-    return f"{mean:.4f} ± {sd:.4f} [{ci:.4f}]"
+def _fmt(x: object) -> str:
+    if isinstance(x, float | np.floating):
+        return "" if not np.isfinite(x) else f"{x:.3g}" if abs(x) < 1e-3 and x != 0 else f"{x:.4g}"
+    return str(x)
 
 
-def _plot(summary: pd.DataFrame, df: pd.DataFrame, metric: str, reference: str) -> str:
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(summary)), 3.5))
-    colors = ["#c0392b" if a == reference else "#95a5a6" if str(a).startswith("baseline_") else "#2980b9"
-              for a in summary["arm"]]
-    err = summary[f"{metric}_ci95"].fillna(0.0)
-    arms = summary["arm"].astype(str).tolist()
-    ax.bar(arms, summary[f"{metric}_mean"], yerr=err, color=colors, capsize=3, alpha=0.8)
-    for i, arm in enumerate(arms):  # one dot per seed
-        ys = df.loc[df["arm"].astype(str) == arm, metric].astype(float)
-        ax.scatter([i] * len(ys), ys, color="black", s=10, zorder=3)
-    ax.set_ylabel(metric)
-    ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+def _counts(r: SweepReport) -> str:
+    t = r.sweep.trials
+    n_ok = int((t["status"] == "ok").sum())
+    seeds = sorted(t["seed"].unique().tolist())
+    return (f"{len(t)} trials: {n_ok} ok, {len(t) - n_ok} failed/stopped/missing; {t['arm'].nunique()} arms; "
+            f"seeds {', '.join(map(str, seeds))}.")
 
 
-def write_report(results_csv: Path, out: Path, *, name: str, reference: str) -> Path:
-    """Render the HTML report of ``results.csv`` into ``out`` (atomic write).
+def _all_failed(r: SweepReport) -> str:
+    return (f"Every one of the {len(r.sweep.trials)} trials failed: there are no metrics to compare. "
+            "The errors are listed below.")
+
+
+def _shown(df: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """The ``columns`` of ``df`` that exist and are not all empty (no blank ``backbone`` column)."""
+    return [c for c in columns if c in df and not (df[c].astype(str) == "").all()]
+
+
+def _rows(df: pd.DataFrame, columns: Sequence[str]) -> list[list[str]]:
+    cols = _shown(df, columns)
+    return [[_fmt(v) for v in row] for row in df[cols].itertuples(index=False)]
+
+
+def render_html(r: SweepReport) -> str:
+    """The self-contained HTML page (figures inline as base64 PNG, no external resources)."""
+    failed_cols = _shown(r.sweep.not_ok, _TRIAL_COLUMNS)
+    return _HTML.render(
+        r=r, counts=_counts(r), n_ok=len(r.sweep.ok), all_failed=_all_failed(r), zip=zip,
+        sentences=[s.replace("`", "") for s in r.sentences], tables=r.tables,
+        test_columns=_shown(r.tests, _TEST_COLUMNS), tests=_rows(r.tests, _TEST_COLUMNS),
+        figures=[{"caption": f.caption, "b64": base64.b64encode(f.png).decode()} for f in r.figures],
+        failed_columns=failed_cols, failed=_rows(r.sweep.not_ok, failed_cols), method=_METHOD)
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(s: str) -> str:
+        return html_lib.escape(str(s)).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _md_layout(t: LayoutTable, reference: str) -> str:
+    rows = []
+    for arm, base, cells, best in t.rows:
+        name = f"**{arm}**" if arm == reference else f"*{arm}* (baseline)" if base else arm
+        rows.append([name, *(f"**{c}**" if b else c for c, b in zip(cells, best, strict=True))])
+    return _md_table(["arm", *t.columns], rows)
+
+
+def render_markdown(r: SweepReport) -> str:
+    """``report.md``: the same content as the HTML, figures linked as the PNG files next to it."""
+    parts = [f"# Ablation report: {r.sweep.name}", "",
+             f"{_counts(r)} Reference arm: **{r.sweep.reference}**. Metrics: {', '.join(r.metrics)}.", ""]
+    if r.sweep.ok.empty:
+        parts += [f"> **{_all_failed(r)}**", ""]
+    if r.sentences:
+        parts += ["## Findings", "", *(f"- {s}" for s in r.sentences), ""]
+    if r.notes:
+        parts += ["## Notes", "", *(f"- {n}" for n in r.notes), ""]
+    for t in r.tables:
+        parts += [f"## Test metrics: {t.scope}", "", _md_layout(t, r.sweep.reference), ""]
+    if not r.tests.empty:
+        cols = _shown(r.tests, _TEST_COLUMNS)
+        parts += [f"## Paired tests against {r.sweep.reference}", "", _md_table(cols, _rows(r.tests, cols)), ""]
+    for f in r.figures:
+        parts += [f"![{f.caption}]({f.name})", "", f"*{f.caption}*", ""]
+    if not r.sweep.not_ok.empty:
+        cols = _shown(r.sweep.not_ok, _TRIAL_COLUMNS)
+        parts += [f"## Failed, stopped or missing trials ({len(r.sweep.not_ok)})", "",
+                  _md_table(cols, _rows(r.sweep.not_ok, cols)), ""]
+    parts += ["## Method", "", _METHOD, "", f"Source: `{r.sweep.root}`", ""]
+    return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """The files of a written report and the report itself.
+
+    Attributes
+    ----------
+    directory
+        Where everything went (``SWEEP/report`` by default).
+    html, markdown
+        ``report.html`` (self-contained) and ``report.md``.
+    summary_csv, paired_tests_csv, per_condition_csv
+        ``summary.csv`` (one row per dataset × backbone × arm), ``paired_tests.csv``, ``per_condition.csv``
+        (long).
+    tables
+        ``table_<scope>.csv``: the paper-layout tables as text.
+    figures
+        The PNGs.
+    report
+        The content (for the console table and W&B).
+    """
+
+    directory: Path
+    html: Path
+    markdown: Path
+    summary_csv: Path
+    paired_tests_csv: Path
+    per_condition_csv: Path
+    tables: tuple[Path, ...]
+    figures: tuple[Path, ...]
+    report: SweepReport
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    atomic_write_text(path, df.to_csv(index=False))
+
+
+def write_sweep_report(sweep_dir: Path, *, out: Path | None = None, metrics: Sequence[str] | None = None,
+                       reference: str | None = None) -> ReportPaths:
+    """Analyse a sweep directory and write its report (every file atomically).
 
     Parameters
     ----------
-    results_csv
-        The sweep's ``results.csv``.
+    sweep_dir
+        Directory with ``results.csv`` (and ``sweep.json``, ``runs/<trial>/per_condition.csv``).
     out
-        Output ``.html`` path.
-    name
-        Ablation name (title).
+        Output directory (default ``sweep_dir/report``).
+    metrics
+        Metrics to tabulate and test (``mse_de`` or ``test_mse_de``); default the key metrics plus the
+        truth metrics on simulated data. The first is the headline of the sentences.
     reference
-        The arm every other arm is tested against (the full model).
+        Reference arm (default ``sweep.json``'s ``reference_arm``, else ``full``).
+
+    Returns
+    -------
+    ReportPaths
+        What was written, plus the report content.
+
+    Raises
+    ------
+    DataError
+        ``results.csv`` missing or malformed.
+    ConfigError
+        Unknown metric or reference arm.
     """
-    raw = pd.read_csv(results_csv)
-    df = load_results(results_csv)
-    metrics = [*KEY_METRICS, *(m for m in TRUTH_METRICS if m in df)]
-    summary = summarise(df, metrics)
-    table = pd.DataFrame({"arm": summary["arm"], "seeds": summary["n"]})
-    for m in metrics:
-        if f"{m}_mean" in summary:
-            table[m] = [_fmt(a, b, c) for a, b, c in zip(summary[f"{m}_mean"], summary[f"{m}_sd"],
-                                                         summary[f"{m}_ci95"], strict=True)]
-    tests = [(f"Paired t-tests against {reference} (test_mse_de)",
-              paired_tests(df, reference, "test_mse_de").to_html(index=False, float_format="%.4g"))]
-    for base in sorted(a for a in df["arm"].unique() if str(a).startswith("baseline_")):
-        tests.append((f"Paired t-tests against {base} (test_mse_de)",
-                      paired_tests(df, base, "test_mse_de").to_html(index=False, float_format="%.4g")))
-    html = _TEMPLATE.render(name=name, n_trials=len(df), n_failed=len(raw) - len(df), n_arms=df["arm"].nunique(),
-                            seeds=sorted(df["seed"].unique().tolist()), reference=reference,
-                            summary_html=table.to_html(index=False), plot=_plot(summary, df, "test_mse_de", reference),
-                            tests=tests, results=results_csv)
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(html)
-    os.replace(tmp, out)
-    return out
+    sweep_dir = Path(sweep_dir)
+    report = build_report(load_sweep(sweep_dir, reference), metrics)
+    directory = Path(out) if out is not None else sweep_dir / "report"
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"summary": directory / "summary.csv", "tests": directory / "paired_tests.csv",
+             "per_condition": directory / "per_condition.csv"}
+    _write_csv(paths["summary"], report.summary)
+    _write_csv(paths["tests"], report.tests)
+    _write_csv(paths["per_condition"], report.sweep.per_condition)
+    tables = []
+    for t in report.tables:
+        tables.append(directory / f"table_{t.scope}.csv")
+        _write_csv(tables[-1], t.to_frame())
+    figures = []
+    for f in report.figures:
+        figures.append(directory / f.name)
+        atomic_write_bytes(figures[-1], f.png)
+    atomic_write_text(directory / "report.md", render_markdown(report))
+    atomic_write_text(directory / "report.html", render_html(report))
+    log.info("report: %d trials (%d ok), %d paired tests, %d figures -> %s", len(report.sweep.trials),
+             len(report.sweep.ok), len(report.tests), len(figures), directory / "report.html")
+    return ReportPaths(directory=directory, html=directory / "report.html", markdown=directory / "report.md",
+                       summary_csv=paths["summary"], paired_tests_csv=paths["tests"],
+                       per_condition_csv=paths["per_condition"], tables=tuple(tables), figures=tuple(figures),
+                       report=report)
+
+
+def write_report(results_csv: Path, out: Path, *, name: str, reference: str) -> Path:
+    """Transitional call of ``cli/runs.py``: :func:`write_sweep_report` of ``results_csv``'s directory.
+
+    ``out`` and ``name`` are ignored (the report goes to ``SWEEP/report/``, the name comes from
+    ``sweep.json``); remove once ``cli/runs.py`` calls :func:`write_sweep_report`.
+    """
+    del out, name
+    return write_sweep_report(Path(results_csv).parent, reference=reference).html

@@ -1,74 +1,355 @@
-"""Results table → per-arm summaries (mean ± sd, 95% CI over seeds) and paired tests.
+"""A sweep directory → tidy tables: trials (every status), long per-condition values, per-arm summaries.
 
-Pure pandas/scipy; consumed by the HTML report and the console table.
+Pure pandas/scipy; consumed by the HTML/Markdown report, the console table and the W&B tables.
+
+Naming: a *metric* is a per-condition name such as ``mse_de`` (the columns of a run's
+``per_condition.csv``); the trial-level value of metric ``m`` in ``results.csv`` is ``test_<m>``
+overall and ``test_<subgroup>_<m>`` per GEARS subgroup. ``--metric test_mse_de`` and ``--metric mse_de``
+mean the same thing.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["KEY_METRICS", "TRUTH_METRICS", "load_results", "paired_tests", "summarise"]
+from pertadapt.data.io import DataError
 
-#: Metrics shown by default (lower is better for mse*, higher for pearson*).
+__all__ = [
+    "KEY_METRICS",
+    "OVERALL",
+    "SUBGROUPS",
+    "TRUTH_METRICS",
+    "LayoutTable",
+    "SweepData",
+    "arm_order",
+    "default_metrics",
+    "layout_tables",
+    "load_results",
+    "load_sweep",
+    "lower_is_better",
+    "metric_column",
+    "normalise_metric",
+    "summarise",
+]
+
+log = logging.getLogger(__name__)
+
+#: Metrics shown by default, as ``results.csv`` columns (lower is better for mse*, higher for pearson*).
 KEY_METRICS = ("test_mse_de", "test_mse", "test_pearson_delta", "test_pearson_delta_de")
 #: Distance to the simulator's noise-free truth (present for simulated data only).
 TRUTH_METRICS = ("test_truth_mse_de", "test_truth_pearson_delta_de")
-_PAIR_KEYS = ("dataset", "backbone_set", "seed")
+#: GEARS test subgroups, in the paper's column order.
+SUBGROUPS = ("combo_seen0", "combo_seen1", "combo_seen2", "unseen_single")
+#: Scope name of the metrics over all test conditions.
+OVERALL = "overall"
+#: Arm names that are baselines when ``results.csv`` has no ``is_baseline`` column, in display order.
+_BASELINE_NAMES = ("baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear", "gears")
+_LOWER_IS_BETTER = ("mse", "mae", "truth_mse", "truth_mae")
+_GROUP = ("dataset", "backbone", "arm")
+
+
+def normalise_metric(name: str) -> str:
+    """``test_mse_de`` → ``mse_de`` (per-condition name); other names unchanged."""
+    return name.removeprefix("test_")
+
+
+def metric_column(metric: str, scope: str = OVERALL) -> str:
+    """The ``results.csv`` column of ``metric`` over ``scope`` (``overall`` or a subgroup)."""
+    m = normalise_metric(metric)
+    return f"test_{m}" if scope == OVERALL else f"test_{scope}_{m}"
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether smaller values of ``metric`` are better (errors: ``mse*``, ``mae*``, ``truth_mse*``)."""
+    return normalise_metric(metric).startswith(_LOWER_IS_BETTER)
+
+
+def default_metrics(trials: pd.DataFrame) -> list[str]:
+    """:data:`KEY_METRICS` plus the truth metrics present in ``trials``, as per-condition names."""
+    return [normalise_metric(m) for m in (*KEY_METRICS, *(t for t in TRUTH_METRICS if t in trials))]
+
+
+@dataclass(frozen=True)
+class SweepData:
+    """Everything the report reads from a sweep directory.
+
+    Attributes
+    ----------
+    root
+        The sweep directory.
+    name
+        Ablation name (``sweep.json``; the directory name when absent).
+    reference
+        The arm every other arm is tested against.
+    trials
+        One row per trial of ``results.csv`` whatever its status, with ``dataset``, ``backbone``, ``arm``,
+        ``seed``, ``status``, ``error``, ``is_baseline``, ``run_path`` (the run directory found on this
+        machine) and every metric column.
+    per_condition
+        Long table ``dataset, backbone, arm, seed, condition, subgroup, metric, value``: the union of the
+        ok trials' ``per_condition.csv``.
+    missing_per_condition
+        Keys of ok trials without a ``per_condition.csv`` (left out of the paired tests).
+    """
+
+    root: Path
+    name: str
+    reference: str
+    trials: pd.DataFrame
+    per_condition: pd.DataFrame
+    missing_per_condition: tuple[str, ...]
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        """The trials with ``status == ok``."""
+        return self.trials[self.trials["status"] == "ok"]
+
+    @property
+    def not_ok(self) -> pd.DataFrame:
+        """Failed, stopped and missing trials."""
+        return self.trials[self.trials["status"] != "ok"]
+
+
+def _read_results(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from e
+    missing = [c for c in ("trial", "arm", "seed", "status") if c not in df]
+    if missing:
+        raise DataError(f"{path}: column(s) {', '.join(missing)} missing (expected a sweep's results.csv)")
+    if "backbone" not in df:
+        df["backbone"] = df["backbone_set"] if "backbone_set" in df else ""
+    for col in ("dataset", "backbone", "error", "run_dir"):
+        df[col] = df[col].fillna("").astype(str) if col in df else ""
+    df["arm"] = df["arm"].astype(str)
+    df["status"] = df["status"].fillna("missing").astype(str)
+    if "is_baseline" in df:
+        df["is_baseline"] = df["is_baseline"].astype(str).str.lower().isin(("true", "1"))
+    else:
+        df["is_baseline"] = df["arm"].isin(_BASELINE_NAMES) | df["arm"].str.startswith("baseline_")
+    df.loc[(df["status"] != "ok") & (df["error"] == ""), "error"] = "no final metrics (no error recorded)"
+    return df
 
 
 def load_results(path: Path) -> pd.DataFrame:
-    """Read ``results.csv`` (only rows with ``status == ok``)."""
-    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    for col in ("dataset", "backbone_set"):
-        if col in df:
-            df[col] = df[col].fillna("")
+    """Read ``results.csv``: only the rows with ``status == ok`` (see :func:`load_sweep` for all rows)."""
+    df = _read_results(Path(path))
     return df[df["status"] == "ok"].copy()
 
 
-def summarise(df: pd.DataFrame, metrics: Sequence[str] = KEY_METRICS) -> pd.DataFrame:
-    """One row per arm: ``n`` seeds and, per metric, mean, sd and the 95% t-interval half-width.
+def _run_path(sweep_dir: Path, row: pd.Series) -> Path:
+    """The trial's run directory: ``run_dir`` when it exists here, else ``<sweep>/runs/<trial>`` (moved sweeps)."""
+    recorded = Path(row["run_dir"]) if row["run_dir"] else None
+    if recorded is not None and recorded.is_dir():
+        return recorded
+    return sweep_dir / "runs" / str(row["trial"])
 
-    ``ci95 = t_{0.975, n-1} · sd / √n`` (NaN for one seed).
+
+def _read_per_condition(path: Path, row: pd.Series) -> pd.DataFrame:
+    wide = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    if "condition" not in wide:
+        raise DataError(f"{path}: no 'condition' column (expected one row per test condition)")
+    if "subgroup" not in wide:
+        wide["subgroup"] = ""
+    wide["subgroup"] = wide["subgroup"].fillna("").astype(str)
+    values = [c for c in wide if c not in ("condition", "subgroup")]
+    long = wide.melt(id_vars=["condition", "subgroup"], value_vars=values, var_name="metric", value_name="value")
+    long["value"] = pd.to_numeric(long["value"], errors="coerce")
+    for col in ("dataset", "backbone", "arm", "seed"):
+        long.insert(len(long.columns) - 4, col, row[col])
+    return long
+
+
+def load_sweep(sweep_dir: Path, reference: str | None = None) -> SweepData:
+    """Read a sweep directory (``results.csv``, ``sweep.json``, each run's ``per_condition.csv``).
+
+    Parameters
+    ----------
+    sweep_dir
+        Directory with ``results.csv``.
+    reference
+        Reference arm; default ``sweep.json``'s ``reference_arm``, else ``full``.
+
+    Raises
+    ------
+    DataError
+        ``results.csv`` missing or without the trial columns; a ``per_condition.csv`` without ``condition``.
     """
-    rows = []
-    for arm, g in df.groupby("arm", sort=False):
-        row: dict[str, float | str | int] = {"arm": arm, "n": len(g)}
-        for m in metrics:
-            if m not in g:
-                continue
-            x = g[m].astype(float).to_numpy()
-            sd = float(np.std(x, ddof=1)) if len(x) > 1 else math.nan
-            half = float(stats.t.ppf(0.975, len(x) - 1) * sd / math.sqrt(len(x))) if len(x) > 1 else math.nan
-            row.update({f"{m}_mean": float(np.mean(x)), f"{m}_sd": sd, f"{m}_ci95": half})
-        rows.append(row)
-    return pd.DataFrame(rows)
+    sweep_dir = Path(sweep_dir)
+    results = sweep_dir / "results.csv"
+    if not results.is_file():
+        raise DataError(f"{results}: not found (is {sweep_dir} a sweep directory?)")
+    meta_file = sweep_dir / "sweep.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    trials = _read_results(results)
+    trials["run_path"] = [str(_run_path(sweep_dir, r)) for _, r in trials.iterrows()]
+    frames, missing = [], []
+    for _, row in trials[trials["status"] == "ok"].iterrows():
+        path = Path(row["run_path"]) / "per_condition.csv"
+        if path.is_file():
+            frames.append(_read_per_condition(path, row))
+        else:
+            missing.append(str(row["trial"]))
+    if missing:
+        log.warning("%d ok trial(s) have no per_condition.csv and are left out of the paired tests, first %s",
+                    len(missing), missing[0])
+    cols = ["dataset", "backbone", "arm", "seed", "condition", "subgroup", "metric", "value"]
+    per = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+    return SweepData(root=sweep_dir, name=str(meta.get("name") or sweep_dir.name),
+                     reference=reference or str(meta.get("reference_arm") or "full"), trials=trials,
+                     per_condition=per, missing_per_condition=tuple(missing))
 
 
-def paired_tests(df: pd.DataFrame, reference: str, metric: str, others: Sequence[str] | None = None) -> pd.DataFrame:
-    """Paired t-tests of each arm against ``reference`` on ``metric``, pairing trials by dataset, backbone and seed.
+def arm_order(trials: pd.DataFrame, reference: str) -> list[str]:
+    """Arms for display: the reference first, the other model arms in file order, the baselines last."""
+    arms = list(dict.fromkeys(trials["arm"]))
+    base = set(trials.loc[trials["is_baseline"], "arm"]) if "is_baseline" in trials else set()
+    rank = {name: i for i, name in enumerate(_BASELINE_NAMES)}
+    models = [a for a in arms if a not in base and a != reference]
+    baselines = sorted((a for a in arms if a in base and a != reference), key=lambda a: rank.get(a, len(rank)))
+    return ([reference] if reference in arms else []) + models + baselines
+
+
+def _t_interval(x: np.ndarray) -> tuple[float, float, float]:
+    """Mean and the 95% t-interval over seeds (NaN bounds for fewer than two values)."""
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(np.mean(x))
+    if len(x) < 2:
+        return mean, math.nan, math.nan
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=mean, scale=stats.sem(x))
+    return mean, float(lo), float(hi)
+
+
+def summarise(trials: pd.DataFrame, metrics: Sequence[str] = KEY_METRICS) -> pd.DataFrame:
+    """One row per (dataset, backbone, arm): trial counts and, per ``results.csv`` column, seed statistics.
+
+    Parameters
+    ----------
+    trials
+        Rows of ``results.csv``, any status (a missing ``status`` column means all ok).
+    metrics
+        ``results.csv`` columns (e.g. ``test_mse_de``, ``test_combo_seen0_mse_de``); absent ones are skipped.
 
     Returns
     -------
     pandas.DataFrame
-        ``arm``, ``n_pairs``, ``mean_diff`` (arm − reference), ``t``, ``p`` (two-sided; NaN with < 2 pairs
-        or zero variance of the differences).
+        ``dataset, backbone, arm, is_baseline, n_trials, n`` (ok trials), ``n_failed`` (not ok) and per
+        metric ``<m>_mean``, ``<m>_sd``, ``<m>_ci_low``, ``<m>_ci_high`` (95% t-interval over the ok seeds
+        with a finite value) and ``<m>_n`` (those seeds). Failed trials count in ``n_trials``, never in means.
     """
-    ref = df[df["arm"] == reference].set_index(list(_PAIR_KEYS))[metric]
+    df = trials.copy()
+    for col, default in (("dataset", ""), ("backbone", ""), ("status", "ok"), ("is_baseline", False)):
+        if col not in df:
+            df[col] = df["backbone_set"] if col == "backbone" and "backbone_set" in df else default
     rows = []
-    for arm in others if others is not None else [a for a in df["arm"].unique() if a != reference]:
-        cur = df[df["arm"] == arm].set_index(list(_PAIR_KEYS))[metric]
-        joined = pd.concat([cur.rename("a"), ref.rename("r")], axis=1, join="inner").astype(float)
-        d = (joined["a"] - joined["r"]).to_numpy()
-        t, p = (math.nan, math.nan)
-        if len(d) > 1 and np.std(d) > 0:
-            res = stats.ttest_rel(joined["a"], joined["r"])
-            t, p = float(res.statistic), float(res.pvalue)
-        rows.append({"arm": arm, "reference": reference, "metric": metric, "n_pairs": len(d),
-                     "mean_diff": float(d.mean()) if len(d) else math.nan, "t": t, "p": p})
+    for (dataset, backbone, arm), g in df.groupby(list(_GROUP), sort=False):
+        ok = g[g["status"] == "ok"]
+        row: dict[str, object] = {"dataset": dataset, "backbone": backbone, "arm": arm,
+                                  "is_baseline": bool(g["is_baseline"].any()), "n_trials": len(g),
+                                  "n": len(ok), "n_failed": len(g) - len(ok)}
+        for m in metrics:
+            if m not in g:
+                continue
+            x = pd.to_numeric(ok[m], errors="coerce").to_numpy(dtype=float)
+            x = x[np.isfinite(x)]
+            mean, lo, hi = _t_interval(x)
+            row.update({f"{m}_mean": mean, f"{m}_sd": float(np.std(x, ddof=1)) if len(x) > 1 else math.nan,
+                        f"{m}_ci_low": lo, f"{m}_ci_high": hi, f"{m}_n": len(x)})
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class LayoutTable:
+    """A table in the paper's layout: rows = arms, columns = datasets × metrics, cells as text.
+
+    Attributes
+    ----------
+    scope
+        ``overall`` or a subgroup name.
+    columns
+        Column headers (``<metric>`` or ``<dataset>/<backbone> <metric>`` when there are several).
+    rows
+        ``(arm, is_baseline, cells, best)``: cell text ``mean [ci_low, ci_high] n=k/N`` and whether the
+        cell is the best of its column (lowest error, highest correlation).
+    """
+
+    scope: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, bool, tuple[str, ...], tuple[bool, ...]], ...]
+
+    def to_frame(self) -> pd.DataFrame:
+        """The table as strings, ``arm`` first."""
+        return pd.DataFrame([[arm, *cells] for arm, _, cells, _ in self.rows], columns=["arm", *self.columns])
+
+
+def _cell(r: pd.Series, col: str) -> str:
+    mean = r.get(f"{col}_mean", math.nan)
+    if not np.isfinite(mean):
+        return f"— n=0/{r['n_trials']}"
+    ci = (f" [{r[f'{col}_ci_low']:.3g}, {r[f'{col}_ci_high']:.3g}]"
+          if np.isfinite(r[f"{col}_ci_low"]) else "")
+    return f"{mean:.4g}{ci} n={int(r[f'{col}_n'])}/{int(r['n_trials'])}"
+
+
+def layout_tables(summary: pd.DataFrame, metrics: Sequence[str], reference: str,
+                  scopes: Sequence[str]) -> list[LayoutTable]:
+    """The paper's tables, one per scope that has values: reference first, baselines last, best in bold.
+
+    Parameters
+    ----------
+    summary
+        :func:`summarise` output over the columns of ``metrics`` × ``scopes``.
+    metrics
+        Per-condition metric names.
+    reference
+        Reference arm (first row).
+    scopes
+        ``overall`` and subgroup names.
+    """
+    if summary.empty:
+        return []
+    keys = list(dict.fromkeys(zip(summary["dataset"], summary["backbone"], strict=True)))
+    several = len(keys) > 1
+    order = arm_order(summary, reference)
+    by = summary.set_index(list(_GROUP))
+    tables = []
+    for scope in scopes:
+        cols = [(k, m) for k in keys for m in metrics if f"{metric_column(m, scope)}_mean" in summary
+                and summary.loc[(summary["dataset"] == k[0]) & (summary["backbone"] == k[1]),
+                                f"{metric_column(m, scope)}_mean"].notna().any()]
+        if not cols:
+            continue
+        best = {}
+        for k, m in cols:
+            values = summary.loc[(summary["dataset"] == k[0]) & (summary["backbone"] == k[1]),
+                                 f"{metric_column(m, scope)}_mean"]
+            best[(k, m)] = values.min() if lower_is_better(m) else values.max()
+        rows = []
+        for arm in order:
+            cells, bold, base = [], [], False
+            for k, m in cols:
+                col = metric_column(m, scope)
+                if (*k, arm) not in by.index:
+                    cells.append("")
+                    bold.append(False)
+                    continue
+                r = by.loc[(*k, arm)]
+                base = base or bool(r["is_baseline"])
+                cells.append(_cell(r, col))
+                bold.append(bool(np.isfinite(r[f"{col}_mean"]) and r[f"{col}_mean"] == best[(k, m)]))
+            rows.append((arm, base, tuple(cells), tuple(bold)))
+        headers = tuple(f"{'/'.join(p for p in k if p)} {m}" if several else m for k, m in cols)
+        tables.append(LayoutTable(scope=scope, columns=headers, rows=tuple(rows)))
+    return tables

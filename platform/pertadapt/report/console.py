@@ -1,0 +1,59 @@
+"""The sweep summary as a rich console table (what ``pertadapt sweep`` and ``pertadapt report`` print)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from pertadapt.report.document import SweepReport
+from pertadapt.report.tables import arm_order, metric_column
+
+__all__ = ["print_summary", "summary_table"]
+
+
+def summary_table(report: SweepReport) -> Table:
+    """Overall test metrics per dataset × backbone × arm (mean [95% CI] over ok seeds), plus the verdict.
+
+    Columns: ``dataset`` (when there are several), ``arm``, ``n`` (ok/all trials), one per metric, and
+    the paired-test verdict on the headline metric.
+    """
+    s = report.summary
+    several = s[["dataset", "backbone"]].drop_duplicates().shape[0] > 1 if not s.empty else False
+    table = Table(title=f"{report.sweep.name}: test metrics, mean [95% CI] over seeds "
+                        f"(reference: {report.sweep.reference})")
+    if several:
+        table.add_column("dataset", no_wrap=True)
+    table.add_column("arm", no_wrap=True)
+    table.add_column("n", justify="right")
+    for m in report.metrics:
+        table.add_column(m, justify="right", no_wrap=True)
+    table.add_column(f"vs {report.sweep.reference} ({report.metrics[0]})", no_wrap=True)
+    verdicts = {(r["dataset"], r["backbone"], r["arm"]): r["verdict"]
+                for _, r in report.tests[report.tests["metric"] == report.metrics[0]].iterrows()}
+    order = {a: i for i, a in enumerate(arm_order(report.sweep.trials, report.sweep.reference))}
+    for _, r in s.assign(_o=s["arm"].map(order)).sort_values(["dataset", "backbone", "_o"]).iterrows():
+        cells = []
+        for m in report.metrics:
+            col = metric_column(m)
+            mean = r.get(f"{col}_mean", float("nan"))
+            ci = (f" [{r[f'{col}_ci_low']:.3g}, {r[f'{col}_ci_high']:.3g}]"
+                  if mean == mean and r[f"{col}_ci_low"] == r[f"{col}_ci_low"] else "")
+            cells.append(f"{mean:.4g}{ci}" if mean == mean else "—")
+        style = "dim" if r["is_baseline"] else "bold" if r["arm"] == report.sweep.reference else None
+        verdict = "reference" if r["arm"] == report.sweep.reference else verdicts.get(
+            (r["dataset"], r["backbone"], r["arm"]), "")
+        where = ["/".join(p for p in (r["dataset"], r["backbone"]) if p)] if several else []
+        table.add_row(*where, str(r["arm"]), f"{r['n']}/{r['n_trials']}", *cells, verdict, style=style)
+    return table
+
+
+def print_summary(report: SweepReport, console: Console | None = None) -> None:
+    """Print :func:`summary_table` (160 columns wide when not on a terminal, so logs are not squeezed)."""
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=160)
+    console.print(summary_table(report))
+    failed = report.sweep.not_ok
+    for _, r in failed.iterrows():
+        console.print(f"[red]{r['status']}[/red] {r['trial']}: {r['error']}")

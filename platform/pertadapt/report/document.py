@@ -1,0 +1,266 @@
+"""What the report says, independent of its format: tables, verdict sentences, figures and notes.
+
+:func:`build_report` turns a loaded sweep into a :class:`SweepReport`; :mod:`pertadapt.report.html`
+renders it as HTML and Markdown and writes the files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from pertadapt.config import ConfigError
+from pertadapt.data.io import DataError
+from pertadapt.report import plots
+from pertadapt.report.stats import paired_tests, sentence
+from pertadapt.report.tables import (
+    OVERALL,
+    SUBGROUPS,
+    TRUTH_METRICS,
+    LayoutTable,
+    SweepData,
+    arm_order,
+    default_metrics,
+    layout_tables,
+    metric_column,
+    normalise_metric,
+    summarise,
+)
+
+__all__ = ["N_DE_PLOT", "N_DE_PLOT_CONDITIONS", "Figure", "SweepReport", "build_report"]
+
+log = logging.getLogger(__name__)
+
+#: Test perturbations shown in the predicted-vs-observed figure.
+N_DE_PLOT_CONDITIONS = 4
+#: Top DE genes per perturbation in that figure.
+N_DE_PLOT = 20
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One PNG of the report: file name, caption and bytes."""
+
+    name: str
+    caption: str
+    png: bytes
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """Everything the report shows.
+
+    Attributes
+    ----------
+    sweep
+        The loaded sweep.
+    metrics
+        Per-condition metric names, the first one is the headline (sentences, learning curves).
+    scopes
+        ``overall`` and the subgroups with values.
+    summary
+        :func:`~pertadapt.report.tables.summarise` rows over metrics × scopes.
+    tests
+        :func:`~pertadapt.report.stats.paired_tests` rows.
+    tables
+        Paper-layout tables (one per scope).
+    sentences
+        One sentence per (dataset, backbone, arm) on the headline metric.
+    figures
+        The PNG figures.
+    notes
+        What was skipped and why (figures that could not be drawn, trials without per-condition data).
+    """
+
+    sweep: SweepData
+    metrics: tuple[str, ...]
+    scopes: tuple[str, ...]
+    summary: pd.DataFrame
+    tests: pd.DataFrame
+    tables: tuple[LayoutTable, ...]
+    sentences: tuple[str, ...]
+    figures: tuple[Figure, ...]
+    notes: tuple[str, ...] = field(default=())
+
+
+def _check_metrics(sweep: SweepData, metrics: Sequence[str]) -> None:
+    if sweep.ok.empty:
+        return
+    known = {normalise_metric(c) for c in sweep.trials if c.startswith("test_")} | set(sweep.per_condition["metric"])
+    unknown = [m for m in metrics if m not in known]
+    if unknown:
+        raise ConfigError(f"--metric {unknown[0]!r}: not in {sweep.root / 'results.csv'} nor any per_condition.csv; "
+                          f"known: {', '.join(sorted(k for k in known if not k.startswith(('val_', 'train_'))))}")
+
+
+def _scopes(sweep: SweepData, metrics: Sequence[str]) -> list[str]:
+    extra = sorted(set(sweep.per_condition["subgroup"]) - set(SUBGROUPS) - {""})
+    return [OVERALL, *(s for s in (*SUBGROUPS, *extra) if any(metric_column(m, s) in sweep.trials for m in metrics))]
+
+
+def _describe_arms(trials: pd.DataFrame, reference: str) -> dict[str, str]:
+    """Arm → the ``cfg.*`` values that differ from the reference (``key: value``, at most three)."""
+    cfg = [c for c in trials if c.startswith("cfg.")]
+    ref = trials[trials["arm"] == reference]
+    if ref.empty or not cfg:
+        return {}
+    base = ref.iloc[0]
+    out = {}
+    for arm, g in trials.groupby("arm", sort=False):
+        row = g.iloc[0]
+        diff = [f"{c.removeprefix('cfg.')}: {row[c]}" for c in cfg
+                if str(row[c]) != str(base[c]) and not (pd.isna(row[c]) and pd.isna(base[c]))]
+        if arm != reference and diff:
+            out[str(arm)] = ", ".join(diff[:3]) + (", …" if len(diff) > 3 else "")
+    return out
+
+
+def _read_history(run: Path) -> pd.DataFrame | None:
+    path = run / "metrics.jsonl"
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    h = pd.read_json(path, lines=True)
+    return h.drop_duplicates("epoch", keep="last").sort_values("epoch") if "epoch" in h else None
+
+
+def _de_figure(sweep: SweepData, key: tuple[str, str], arms: Sequence[str], colours: dict[str, str],
+               label: str) -> Figure:
+    """Predicted vs observed top-DE changes of :data:`N_DE_PLOT_CONDITIONS` test perturbations (one seed)."""
+    ok = sweep.ok[(sweep.ok["dataset"] == key[0]) & (sweep.ok["backbone"] == key[1])]
+    ref = ok[ok["arm"] == sweep.reference]
+    if ref.empty:
+        raise DataError(f"no successful {sweep.reference!r} trial")
+    first = ref.sort_values("seed").iloc[0]
+    cfg_file = Path(first["run_path"]) / "config.yaml"
+    data_path = (yaml.safe_load(cfg_file.read_text()) or {}).get("data", {}).get("path") if cfg_file.is_file() else None
+    if not data_path or not Path(data_path).is_file():
+        raise DataError(f"{cfg_file}: data.path {data_path!r} is not a file here")
+    from pertadapt.data.dataset import read_perturb_data  # imports torch: only when there is data to read
+    from pertadapt.data.summaries import read_predictions
+
+    data = read_perturb_data(data_path, for_training=False)
+    genes = list(data.genes)
+    observed_means = data.condition_means
+    ctrl = data.ctrl_mean
+    de = {c: idx[:N_DE_PLOT] for c, idx in data.de_idx.items()}
+    pc = sweep.per_condition
+    mine = pc[(pc["dataset"] == key[0]) & (pc["backbone"] == key[1]) & (pc["arm"] == sweep.reference)
+              & (pc["seed"] == first["seed"])].drop_duplicates("condition")
+    by_group = mine.groupby("subgroup", sort=True)["condition"].apply(sorted)
+    picked: list[str] = [c[0] for c in by_group if c]  # one per subgroup first, then fill up
+    picked += [c for c in sorted(mine["condition"]) if c not in picked]
+    picked = [c for c in picked if c in de and c in observed_means][:N_DE_PLOT_CONDITIONS]
+    if not picked:
+        raise DataError("no test condition with observed cells and a DE list")
+    observed = {c: ([genes[i] for i in de[c]], observed_means[c][de[c]] - ctrl[de[c]]) for c in picked}
+    predicted: dict[str, dict[str, np.ndarray]] = {}
+    for arm in arms:
+        run = ok[(ok["arm"] == arm) & (ok["seed"] == first["seed"])]
+        path = Path(run.iloc[0]["run_path"]) / "test_predictions.h5ad" if not run.empty else None
+        if path is None or not path.is_file():
+            continue
+        conds, matrix = read_predictions(path, genes)
+        rows = dict(zip(conds, matrix, strict=True))
+        predicted[arm] = {c: rows[c][de[c]] - ctrl[de[c]] for c in picked if c in rows}
+    return Figure(f"de_changes{label}.png",
+                  f"Predicted vs observed change from control on the top-{N_DE_PLOT} DE genes of "
+                  f"{len(picked)} test perturbations (seed {first['seed']}; bars observed, dots predicted)",
+                  plots.de_changes_plot(observed, predicted, colours, f"{key[0] or 'data'}: top-DE changes"))
+
+
+def _figures(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str], summary: pd.DataFrame,
+             tests: pd.DataFrame, arms: Sequence[str]) -> tuple[list[Figure], list[str]]:
+    figures: list[Figure] = []
+    notes: list[str] = []
+    baselines = set(sweep.trials.loc[sweep.trials["is_baseline"], "arm"])
+    colours = plots.arm_colours(arms, baselines)
+    keys = list(dict.fromkeys(zip(summary["dataset"], summary["backbone"], strict=True)))
+    for key in keys:
+        where = "/".join(p for p in key if p)
+        label = "_" + "_".join(p for p in key if p) if where else ""
+        title = where or sweep.name
+        s = summary[(summary["dataset"] == key[0]) & (summary["backbone"] == key[1])]
+        ok = sweep.ok[(sweep.ok["dataset"] == key[0]) & (sweep.ok["backbone"] == key[1])]
+        if ok.empty:
+            continue
+        t = tests[(tests["dataset"] == key[0]) & (tests["backbone"] == key[1])]
+        if t["mean_diff"].notna().any():
+            figures.append(Figure(f"forest{label}.png",
+                                  f"{title}: mean difference to {sweep.reference} over (condition, seed) pairs, "
+                                  "hierarchical-bootstrap 95% CI; green better, red worse, grey no difference "
+                                  "(Holm 0.05)", plots.forest_plot(t, metrics, f"{title}: arm − {sweep.reference}")))
+        else:
+            notes.append(f"{title}: no forest plot (no paired per-condition data)")
+        shown = [m for m in metrics if any(f"{metric_column(m, sc)}_mean" in s for sc in scopes)]
+        figures.append(Figure(f"subgroups{label}.png",
+                              f"{title}: mean over seeds per subgroup (bars) and the individual seeds (dots)",
+                              plots.subgroup_bars_plot(s, ok, shown, scopes, arms, colours, title)))
+        histories = {a: [h for r in ok[ok["arm"] == a]["run_path"] if (h := _read_history(Path(r))) is not None]
+                     for a in arms}
+        histories = {a: h for a, h in histories.items() if h}
+        val = f"val_{metrics[0]}"
+        if histories and any(val in h for hs in histories.values() for h in hs):
+            figures.append(Figure(f"learning_curves{label}.png",
+                                  f"{title}: train loss and {val} per epoch (thin: seeds, thick: mean)",
+                                  plots.learning_curves_plot(histories, val, colours, title)))
+        else:
+            notes.append(f"{title}: no learning curves (no metrics.jsonl with {val})")
+        try:
+            figures.append(_de_figure(sweep, key, [a for a in arms if a not in baselines] or list(arms), colours,
+                                      label))
+        except (DataError, OSError) as e:
+            notes.append(f"{title}: no predicted-vs-observed DE figure ({e})")
+        pairs = [(metric_column(t.removeprefix("test_truth_")), t) for t in TRUTH_METRICS
+                 if f"{t}_mean" in s and f"{metric_column(t.removeprefix('test_truth_'))}_mean" in s]
+        if pairs:
+            figures.append(Figure(f"truth_vs_observed{label}.png",
+                                  f"{title} (simulated): error against the observed means (plain) and against "
+                                  "the simulator's noise-free truth (hatched), mean over seeds",
+                                  plots.truth_vs_observed_plot(s, pairs, arms, colours, title)))
+    return figures, notes
+
+
+def build_report(sweep: SweepData, metrics: Sequence[str] | None = None) -> SweepReport:
+    """Tables, tests, sentences and figures of a loaded sweep.
+
+    Parameters
+    ----------
+    sweep
+        From :func:`~pertadapt.report.tables.load_sweep`.
+    metrics
+        Metric names (``mse_de`` or ``test_mse_de``); default :data:`~pertadapt.report.tables.KEY_METRICS`
+        plus the truth metrics present.
+
+    Raises
+    ------
+    ConfigError
+        A metric that no trial has; a reference arm that is not in the sweep.
+    """
+    metrics = [normalise_metric(m) for m in metrics] if metrics else default_metrics(sweep.trials)
+    _check_metrics(sweep, metrics)
+    if not sweep.trials.empty and sweep.reference not in set(sweep.trials["arm"]):
+        raise ConfigError(f"reference arm {sweep.reference!r} is not in {sweep.root / 'results.csv'}; arms: "
+                          f"{', '.join(dict.fromkeys(sweep.trials['arm']))}")
+    scopes = _scopes(sweep, metrics)
+    summary = summarise(sweep.trials, [metric_column(m, s) for s in scopes for m in metrics])
+    arms = arm_order(sweep.trials, sweep.reference)
+    tests = paired_tests(sweep.per_condition, sweep.reference, metrics, arms=arms)
+    described = _describe_arms(sweep.trials, sweep.reference)
+    headline = tests[tests["metric"] == metrics[0]]
+    sentences = [sentence(r, described.get(r["arm"], "")) for _, r in headline.iterrows()]
+    notes = []
+    if sweep.missing_per_condition:
+        notes.append(f"{len(sweep.missing_per_condition)} ok trial(s) have no per_condition.csv and are not in the "
+                     f"paired tests: {', '.join(sweep.missing_per_condition)}")
+    if not sweep.ok.empty and sweep.ok[sweep.ok["arm"] == sweep.reference].empty:
+        notes.append(f"the reference arm {sweep.reference!r} has no successful trial: nothing could be tested")
+    figures, fig_notes = _figures(sweep, metrics, scopes, summary, tests, arms) if not sweep.ok.empty else ([], [])
+    return SweepReport(sweep=sweep, metrics=tuple(metrics), scopes=tuple(scopes), summary=summary, tests=tests,
+                       tables=tuple(layout_tables(summary, metrics, sweep.reference, scopes)),
+                       sentences=tuple(sentences), figures=tuple(figures), notes=tuple(notes + fig_notes))
