@@ -21,7 +21,7 @@ from pertadapt.report.document import SweepReport, build_report
 from pertadapt.report.stats import ALPHA, BOOTSTRAP_RESAMPLES
 from pertadapt.report.tables import LayoutTable, load_sweep
 
-__all__ = ["ReportPaths", "render_html", "render_markdown", "write_report", "write_sweep_report"]
+__all__ = ["ReportPaths", "render_html", "render_layout_markdown", "render_markdown", "write_report", "write_sweep_report"]
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _md_layout(t: LayoutTable, reference: str) -> str:
+def render_layout_markdown(t: LayoutTable, reference: str) -> str:
+    """A paper-layout table in Markdown: reference in bold, baselines marked, best cells in bold."""
     rows = []
     for arm, base, cells, best in t.rows:
         name = f"**{arm}**" if arm == reference else f"*{arm}* (baseline)" if base else arm
@@ -141,7 +142,7 @@ def render_markdown(r: SweepReport) -> str:
     if r.notes:
         parts += ["## Notes", "", *(f"- {n}" for n in r.notes), ""]
     for t in r.tables:
-        parts += [f"## Test metrics: {t.scope}", "", _md_layout(t, r.sweep.reference), ""]
+        parts += [f"## Test metrics: {t.scope}", "", render_layout_markdown(t, r.sweep.reference), ""]
     if not r.tests.empty:
         cols = _shown(r.tests, _TEST_COLUMNS)
         parts += [f"## Paired tests against {r.sweep.reference}", "", _md_table(cols, _rows(r.tests, cols)), ""]

@@ -85,3 +85,181 @@ def read_offline_run(run_dir: Path) -> dict[str, Any]:
     summary = data.get("summary", {})
     data["summary"] = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in summary.items()}
     return data
+
+
+import dataclasses  # noqa: E402  (the report functions below were added after the logger code)
+import typing  # noqa: E402
+
+if typing.TYPE_CHECKING:  # annotations only: report.html is imported where it is used
+    from pertadapt.report.html import ReportPaths
+
+
+def _report_run_names(ablation: str) -> tuple[str, str]:
+    """W&B group and run name of a sweep's summary run (trials use the groups ``<ablation>/<arm>``)."""
+    return f"{ablation}/summary", f"{ablation}-report"
+
+
+def log_report_to_wandb(paths: ReportPaths, run: Any | None = None, *, project: str = "pertadapt",
+                        mode: str | None = None) -> Any:
+    """Log a written report to the sweep's summary run: ``summary.csv`` and ``paired_tests.csv`` as
+    ``wandb.Table`` (keys ``report/summary``, ``report/paired_tests``) and every figure as ``wandb.Image``
+    (``report/<figure stem>``, e.g. ``report/forest_sim``).
+
+    Parameters
+    ----------
+    paths
+        From :func:`pertadapt.report.html.write_sweep_report`.
+    run
+        An open W&B run to log to (left open); ``None`` opens the summary run (group ``<ablation>/summary``,
+        files under ``paths.directory/wandb``) and finishes it.
+    project
+        W&B project of the run opened here.
+    mode
+        ``offline``/``online``/``disabled`` for the run opened here (default ``$WANDB_MODE``, else offline).
+
+    Returns
+    -------
+    wandb.Run or None
+        The run logged to (``None`` when ``mode='disabled'``).
+    """
+    import pandas as pd
+    import wandb
+
+    mode = mode or os.environ.get("WANDB_MODE", "offline")
+    if run is None and mode == "disabled":
+        return None
+    own = run is None
+    if own:
+        group, name = _report_run_names(paths.report.sweep.name)
+        run = WandbLogger(project=project, group=group, name=name, directory=paths.directory,
+                          config={"sweep_dir": str(paths.report.sweep.root),
+                                  "reference_arm": paths.report.sweep.reference}, mode=mode).run
+    captions = {f.name: f.caption for f in paths.report.figures}
+    payload: dict[str, Any] = {
+        "report/summary": wandb.Table(dataframe=pd.read_csv(paths.summary_csv)),
+        "report/paired_tests": wandb.Table(dataframe=pd.read_csv(paths.paired_tests_csv, keep_default_na=False,
+                                                                 na_values=[""])),
+    }
+    payload.update({f"report/{p.stem}": wandb.Image(str(p), caption=captions.get(p.name, "")) for p in paths.figures})
+    run.log(payload)
+    if own:
+        run.finish()
+    return run
+
+
+def build_wandb_report_spec(paths: ReportPaths, *, project: str | None = None, entity: str | None = None) -> Path:
+    """Build the sweep's W&B Report with ``wandb-workspaces`` and save its spec, without any network call.
+
+    One section per question: the ablation table (findings, the overall table, the logged summary and
+    paired-test tables), the forest plot (media of the summary run) and the learning curves (train loss
+    and the headline validation metric of the trial runs, grouped by ``<ablation>/<arm>``).
+
+    Parameters
+    ----------
+    paths
+        From :func:`pertadapt.report.html.write_sweep_report`.
+    project
+        W&B project (default ``$WANDB_PROJECT``, else ``pertadapt``).
+    entity
+        W&B entity (default ``$WANDB_ENTITY``; empty means "your default entity" at publish time).
+
+    Returns
+    -------
+    pathlib.Path
+        ``paths.directory/wandb_report.json`` (publish with :func:`publish_wandb_report`).
+    """
+    import wandb_workspaces.reports.v2 as wr
+    from wandb_workspaces import expr
+
+    from pertadapt.files import atomic_write_json
+    from pertadapt.report.html import render_layout_markdown
+
+    r = paths.report
+    project = project or os.environ.get("WANDB_PROJECT") or "pertadapt"
+    entity = entity if entity is not None else os.environ.get("WANDB_ENTITY", "")
+    group, name = _report_run_names(r.sweep.name)
+    summary_runs = wr.Runset(entity=entity, project=project, name="summary run",
+                             filters=[expr.Metric("Group") == group])
+    trial_runs = wr.Runset(entity=entity, project=project, name="trials",
+                           filters=[expr.Metric("Group").isin([f"{r.sweep.name}/{a}" for a in
+                                                               dict.fromkeys(r.sweep.trials["arm"])])])
+    overall = [t for t in r.tables if t.scope == "overall"]
+    blocks: list[Any] = [
+        wr.H1(f"Ablation report: {r.sweep.name}"),
+        wr.P(f"Reference arm: {r.sweep.reference}. {len(r.sweep.ok)} of {len(r.sweep.trials)} trials succeeded."),
+        wr.H2("Which components matter? The ablation table"),
+        wr.MarkdownBlock("\n".join(f"- {s}" for s in r.sentences) or "No paired tests (no successful trials)."),
+    ]
+    if overall:
+        blocks.append(wr.MarkdownBlock(render_layout_markdown(overall[0], r.sweep.reference)))
+    blocks.append(wr.PanelGrid(runsets=[summary_runs], panels=[
+        wr.WeavePanelSummaryTable(table_name="report/summary", layout=wr.Layout(w=24, h=10)),
+        wr.WeavePanelSummaryTable(table_name="report/paired_tests", layout=wr.Layout(w=24, h=10))]))
+    forest = [f"report/{Path(f.name).stem}" for f in r.figures if f.name.startswith("forest")]
+    if forest:
+        blocks += [wr.H2(f"How large are the differences to {r.sweep.reference}? Forest plot"),
+                   wr.PanelGrid(runsets=[summary_runs], panels=[
+                       wr.MediaBrowser(title="forest plot", media_keys=forest, layout=wr.Layout(w=24, h=12))])]
+    blocks += [wr.H2("Did every arm train? Learning curves"),
+               wr.PanelGrid(runsets=[trial_runs], panels=[
+                   wr.LinePlot(title="train loss", x="Step", y=["train_loss"], groupby="Group",
+                               groupby_aggfunc="mean", groupby_rangefunc="minmax", layout=wr.Layout(w=12, h=8)),
+                   wr.LinePlot(title=f"val_{r.metrics[0]}", x="Step", y=[f"val_{r.metrics[0]}"], groupby="Group",
+                               groupby_aggfunc="mean", groupby_rangefunc="minmax",
+                               layout=wr.Layout(x=12, w=12, h=8))])]
+    report = wr.Report(project=project, entity=entity, title=f"pertadapt ablation: {r.sweep.name}"[:128],
+                       description=f"Sweep {r.sweep.root}", blocks=blocks)
+    out = paths.directory / "wandb_report.json"
+    atomic_write_json(out, _spec_to_json(report))
+    return out
+
+
+def _spec_to_json(obj: Any) -> Any:
+    """A ``wandb_workspaces.reports.v2`` object tree as JSON: ``{"__type__": class name, **init fields}``.
+
+    The library's own serialisation (``Report._to_model``) looks run sets' projects up online, so the
+    offline spec keeps the constructor arguments instead; :func:`_spec_from_json` rebuilds the objects.
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"__type__": type(obj).__name__,
+                **{f.name: _spec_to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}}
+    if isinstance(obj, list | tuple):
+        return [_spec_to_json(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _spec_to_json(v) for k, v in obj.items()}
+    return obj
+
+
+def _spec_from_json(doc: Any, entity: str = "") -> Any:
+    """Rebuild the objects of :func:`_spec_to_json`; an empty ``entity`` field becomes ``entity``."""
+    import wandb_workspaces.reports.v2 as wr
+
+    if isinstance(doc, dict) and "__type__" in doc:
+        kwargs = {k: _spec_from_json(v, entity) for k, v in doc.items() if k != "__type__"}
+        if kwargs.get("entity") == "" and entity:
+            kwargs["entity"] = entity
+        return getattr(wr, doc["__type__"])(**kwargs)
+    if isinstance(doc, list):
+        return [_spec_from_json(v, entity) for v in doc]
+    if isinstance(doc, dict):
+        return {k: _spec_from_json(v, entity) for k, v in doc.items()}
+    return doc
+
+
+def publish_wandb_report(spec: Path) -> str:
+    """Create the W&B Report saved by :func:`build_wandb_report_spec` (online; needs ``WANDB_API_KEY``).
+
+    Returns
+    -------
+    str
+        The report's URL.
+    """
+    import wandb
+
+    doc = json.loads(Path(spec).read_text())
+    report = _spec_from_json(doc, entity=doc.get("entity") or wandb.Api().default_entity)
+    report.save()
+    return str(report.url)
+
+
+__all__ += ["build_wandb_report_spec", "log_report_to_wandb", "publish_wandb_report"]
