@@ -39,7 +39,7 @@ def test_build_from_genes_and_data(tmp_path: Path, h5ad: Path) -> None:
     res = runner.invoke(app, ["go", "build", "--from-data", str(h5ad), "--out", str(tmp_path / "d"),
                               "--mask-kind", "none"])
     assert res.exit_code == 0, res.output
-    assert load_go_mask(tmp_path / "d" / "go_mask").is_full
+    assert load_go_mask(tmp_path / "d" / "go_mask").csr is None
 
 
 def test_build_bad_input_exits_2(tmp_path: Path) -> None:

@@ -57,13 +57,14 @@ def test_jaccard_hand_checked(tiny: GOAnnotations) -> None:
     np.testing.assert_array_equal(d, d.T)
 
 
-def test_jaccard_two_lists_and_alias(tiny: GOAnnotations) -> None:
-    j = jaccard_matrix(tiny, ["OLD_A", "C"], ["B", "D", "AMB"], threshold=0.2).toarray()
-    assert j.shape == (2, 3)
-    assert j[0, 0] == pytest.approx(0.5)
-    assert j[0, 1] == pytest.approx(0.5)
-    assert j[1, 1] == 0.0  # 1/6 is below the 0.2 threshold
-    assert j[0, 2] == 0.0  # ambiguous alias is not resolved
+def test_jaccard_threshold_and_alias(tiny: GOAnnotations) -> None:
+    j = jaccard_matrix(tiny, ["OLD_A", "C", "B", "D", "AMB"], threshold=0.2).toarray()
+    assert j.shape == (5, 5)
+    assert j[0, 2] == pytest.approx(0.5)  # OLD_A resolves to A: |{2,3}| / |{1,2,3,4}|
+    assert j[0, 3] == pytest.approx(0.5)
+    assert j[1, 3] == 0.0  # 1/6 is below the 0.2 threshold
+    assert not j[4].any()  # ambiguous alias is not resolved
+    assert not j[:, 4].any()
 
 
 def test_graph_topk_and_self_loops(tiny: GOAnnotations) -> None:
@@ -111,7 +112,6 @@ def test_mask_properties(tiny: GOAnnotations) -> None:
 def test_mask_none_not_materialised(tiny: GOAnnotations) -> None:
     m = build_go_mask(tiny, ["A", "B", "C"], kind="none")
     assert m.csr is None
-    assert m.is_full
     assert m.density == 1.0
     assert m.mean_degree == 3.0
     assert m.sha256 != build_go_mask(tiny, ["A", "B", "C"]).sha256
@@ -167,7 +167,7 @@ def test_save_load_roundtrip_and_cache(tiny: GOAnnotations, tmp_path: Path) -> N
     assert g2.genes == g.genes
     full = build_go_mask(tiny, genes, kind="none")
     save_go_mask(full, tmp_path / "full")
-    assert load_go_mask(tmp_path / "full").is_full
+    assert load_go_mask(tmp_path / "full").csr is None
     # a corrupted structure is refused
     np.savez(tmp_path / "m.npz", indptr=m.csr.indptr, indices=np.zeros_like(m.csr.indices))
     with pytest.raises(GOError, match="sha256"):

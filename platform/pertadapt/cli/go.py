@@ -1,8 +1,17 @@
-"""`pertadapt go ...`: build the GO gene graph + attention mask, and report GO coverage of a dataset."""
+"""`pertadapt go ...`: build the GO gene graph + attention mask, and report GO coverage of a dataset.
+
+Exit codes (as ``pertadapt.cli.main`` documents): 2 for configuration mistakes, i.e. bad options and
+bad gene lists given with ``--genes`` / ``--vocab`` (missing, not text, duplicated or unknown
+names); 1 for bad data, i.e. the ``.h5ad`` (missing, not HDF5, truncated, or its genes) and the GO
+source files. Every failure is one message naming the file, without a traceback, and nothing is
+written.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,9 +36,27 @@ def _pct(a: int, b: int) -> str:
     return f"{a:,} / {b:,} ({100.0 * a / max(b, 1):.1f}%)"
 
 
-def _fail(message: str) -> typer.Exit:
+_CONFIG_ERROR = 2
+_DATA_ERROR = 1
+
+
+def _fail(message: str, code: int = _CONFIG_ERROR) -> typer.Exit:
     log.error(message)
-    return typer.Exit(code=2)
+    return typer.Exit(code=code)
+
+
+@contextmanager
+def _exit_on_go_error(code: int, origin: str | None = None) -> Iterator[None]:
+    """Turn a ``GOError`` into one logged message (prefixed by ``origin`` unless it names it) and exit ``code``."""
+    from pertadapt.go import GOError
+
+    try:
+        yield
+    except GOError as e:
+        message = str(e)
+        if origin is not None and not message.startswith(origin):
+            message = f"{origin}: {message}"
+        raise _fail(message, code) from e
 
 
 def _load(source: str, obo: Path | None, gaf: Path | None, propagate: bool) -> GOAnnotations:
@@ -38,7 +65,7 @@ def _load(source: str, obo: Path | None, gaf: Path | None, propagate: bool) -> G
     return load_annotations(source, obo=obo, gaf=gaf, propagate=propagate)
 
 
-def _check_names(ann: GOAnnotations, genes: list[str], origin: str, allow_unknown: bool) -> None:
+def _check_names(ann: GOAnnotations, genes: list[str], origin: str, allow_unknown: bool, code: int) -> None:
     from pertadapt.go import resolve_symbols, suggest
 
     res = resolve_symbols(ann, genes)
@@ -53,7 +80,7 @@ def _check_names(ann: GOAnnotations, genes: list[str], origin: str, allow_unknow
     msg = (f"{origin}: {len(res.unknown)} unknown gene symbol(s) and {len(res.ambiguous)} ambiguous alias(es) "
            f"in the {ann.source} GO source:\n" + "\n".join(lines) + more)
     if not allow_unknown:
-        raise _fail(msg + "\nFix the names, or pass --allow-unknown to give them no GO terms.")
+        raise _fail(msg + "\nFix the names, or pass --allow-unknown to give them no GO terms.", code)
     log.warning(msg)
 
 
@@ -76,10 +103,11 @@ def build(
     from rich.progress import Progress
 
     from pertadapt.go import (
-        GOError,
         build_gene_graph,
         build_go_mask,
         build_graph_and_mask,
+        check_build_options,
+        check_source,
         read_gene_list,
         read_h5ad_genes,
         save_gene_graph,
@@ -88,11 +116,17 @@ def build(
 
     if (genes_file is None) == (from_data is None):
         raise _fail("give exactly one of --genes FILE or --from-data H5AD")
-    try:
-        origin = str(genes_file or from_data)
+    with _exit_on_go_error(_CONFIG_ERROR):
+        check_source(source, obo=obo, gaf=gaf)
+        check_build_options(threshold, top_k, mask_kind)
+    origin = str(genes_file or from_data)
+    code = _CONFIG_ERROR if genes_file is not None else _DATA_ERROR
+    with _exit_on_go_error(code, origin):
         genes = read_gene_list(genes_file) if genes_file is not None else read_h5ad_genes(from_data)[0]
+    with _exit_on_go_error(_DATA_ERROR):
         ann = _load(source, obo, gaf, propagate)
-        _check_names(ann, genes, origin, allow_unknown)
+    with _exit_on_go_error(code, origin):
+        _check_names(ann, genes, origin, allow_unknown, code)
         with Progress(transient=True) as bar:
             task = bar.add_task("GO Jaccard blocks", total=len(genes))
 
@@ -105,10 +139,8 @@ def build(
             else:
                 graph = build_gene_graph(ann, genes, threshold=threshold, top_k=top_k, progress=tick)
                 mask = build_go_mask(ann, genes, threshold=threshold, kind=mask_kind, seed=seed, progress=tick)
-        save_gene_graph(graph, out / "gene_graph")
-        save_go_mask(mask, out / "go_mask")
-    except GOError as e:
-        raise _fail(f"{origin}: {e}") from e
+    save_gene_graph(graph, out / "gene_graph")
+    save_go_mask(mask, out / "go_mask")
     log.info("wrote %s: graph %d edges (sha256 %s…), mask %s density %.4f, mean degree %.1f (sha256 %s…)",
              out, graph.n_edges, graph.sha256[:12], mask.kind, mask.density, mask.mean_degree, mask.sha256[:12])
 
@@ -127,15 +159,19 @@ def coverage_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from pertadapt.go import GOError, coverage, read_gene_list, read_h5ad_genes
+    from pertadapt.go import check_build_options, check_source, coverage, read_gene_list, read_h5ad_genes
 
-    try:
+    with _exit_on_go_error(_CONFIG_ERROR):
+        check_source(source, obo=obo, gaf=gaf)
+        check_build_options(threshold)
+    with _exit_on_go_error(_DATA_ERROR, str(h5ad)):
         genes, targets = read_h5ad_genes(h5ad)
+    with _exit_on_go_error(_CONFIG_ERROR, str(vocab)):
         vocabulary = read_gene_list(vocab) if vocab is not None else genes
+    with _exit_on_go_error(_DATA_ERROR):
         ann = _load(source, obo, gaf, propagate)
+    with _exit_on_go_error(_CONFIG_ERROR if vocab is not None else _DATA_ERROR, str(vocab or h5ad)):
         rep = coverage(ann, vocabulary, targets, threshold=threshold)
-    except GOError as e:
-        raise _fail(f"{h5ad}: {e}") from e
     table = Table(title=f"GO coverage of {h5ad.name} ({rep['go_source']}, GO {rep['go_version'].get('go_release', '?')})")
     table.add_column("item")
     table.add_column("value", justify="right")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["GOError", "GOFormatError", "GOSourceUnavailable", "GeneListError"]
+__all__ = ["GOError", "GOFormatError", "GOOptionError", "GOSourceUnavailable", "GeneListError"]
 
 
 class GOError(ValueError):
     """Any problem with GO input data or parameters."""
+
+
+class GOOptionError(GOError):
+    """A bad parameter (source, aspects, threshold, top_k, mask kind): a configuration mistake, not bad data."""
 
 
 class GOFormatError(GOError):

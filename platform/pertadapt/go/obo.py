@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from pertadapt.go.errors import GOFormatError
+from pertadapt.go.errors import GOError, GOFormatError
 from pertadapt.go.sources import Annotation
 
 if TYPE_CHECKING:
@@ -29,9 +29,22 @@ _NAMESPACE_ASPECT = {"biological_process": "BP", "molecular_function": "MF", "ce
 
 
 def _open_text(path: Path) -> TextIO:
+    if not path.is_file():
+        raise GOError(f"{path}: no such file")
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(1-based line number, line without newline)``; undecodable bytes raise :class:`GOFormatError`."""
+    with _open_text(path) as f:
+        lnum = 0
+        try:
+            for lnum, raw in enumerate(f, 1):
+                yield lnum, raw.rstrip("\n\r")
+        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+            raise GOFormatError(str(path), lnum + 1, f"not UTF-8 text ({e})") from e
 
 
 def _first_token(value: str) -> str:
@@ -62,37 +75,35 @@ def validate_obo(path: Path) -> None:
         if stanza == "Term" and ids_in_stanza != 1:
             raise GOFormatError(name, stanza_line, f"[Term] stanza has {ids_in_stanza} 'id:' lines, expected 1")
 
-    with _open_text(path) as f:
-        lnum = 0
-        for lnum, raw in enumerate(f, 1):
-            line = raw.rstrip("\n\r")
-            if not line.strip() or line.lstrip().startswith("!"):
-                continue
-            if line.startswith("["):
-                if not line.rstrip().endswith("]"):
-                    raise GOFormatError(name, lnum, f"bad stanza header {line!r}")
-                close(lnum)
-                stanza, stanza_line, ids_in_stanza = line.strip()[1:-1], lnum, 0
-                continue
-            m = _TAG.match(line)
-            if m is None:
-                raise GOFormatError(name, lnum, f"expected 'tag: value', got {line!r}")
-            if stanza != "Term":
-                continue
-            tag, value = m.group(1), _first_token(m.group(2))
-            if tag in ("id", "alt_id"):
-                if not _CURIE.match(value):
-                    raise GOFormatError(name, lnum, f"{tag} {value!r} is not an identifier like GO:0008150")
-                defined.add(value)
-                ids_in_stanza += tag == "id"
-            elif tag == "is_a":
-                refs.append((lnum, value))
-            elif tag == "relationship":
-                parts = m.group(2).split("!", 1)[0].split()
-                if len(parts) < 2:
-                    raise GOFormatError(name, lnum, "relationship needs '<type> <id>'")
-                refs.append((lnum, parts[1]))
-        close(lnum)
+    lnum = 0
+    for lnum, line in _numbered_lines(path):
+        if not line.strip() or line.lstrip().startswith("!"):
+            continue
+        if line.startswith("["):
+            if not line.rstrip().endswith("]"):
+                raise GOFormatError(name, lnum, f"bad stanza header {line!r}")
+            close(lnum)
+            stanza, stanza_line, ids_in_stanza = line.strip()[1:-1], lnum, 0
+            continue
+        m = _TAG.match(line)
+        if m is None:
+            raise GOFormatError(name, lnum, f"expected 'tag: value', got {line!r}")
+        if stanza != "Term":
+            continue
+        tag, value = m.group(1), _first_token(m.group(2))
+        if tag in ("id", "alt_id"):
+            if not _CURIE.match(value):
+                raise GOFormatError(name, lnum, f"{tag} {value!r} is not an identifier like GO:0008150")
+            defined.add(value)
+            ids_in_stanza += tag == "id"
+        elif tag == "is_a":
+            refs.append((lnum, value))
+        elif tag == "relationship":
+            parts = m.group(2).split("!", 1)[0].split()
+            if len(parts) < 2:
+                raise GOFormatError(name, lnum, "relationship needs '<type> <id>'")
+            refs.append((lnum, parts[1]))
+    close(lnum)
     for lnum, ref in refs:
         if not _CURIE.match(ref) or ref not in defined:
             raise GOFormatError(name, lnum, f"parent {ref!r} is not a term defined in this file")
@@ -117,11 +128,9 @@ def load_dag(path: Path) -> GODag:
 
 
 def _gaf_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
-    with _open_text(path) as f:
-        for lnum, raw in enumerate(f, 1):
-            line = raw.rstrip("\n\r")
-            if line and not line.startswith("!"):
-                yield lnum, line.split("\t")
+    for lnum, line in _numbered_lines(path):
+        if line and not line.startswith("!"):
+            yield lnum, line.split("\t")
 
 
 def validate_gaf(path: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from pertadapt.go.annotations import GOAnnotations, resolve_symbols
-from pertadapt.go.errors import GeneListError, GOError
+from pertadapt.go.errors import GeneListError, GOOptionError
 
 __all__ = [
     "MASK_KINDS",
@@ -27,6 +27,8 @@ __all__ = [
     "build_gene_graph",
     "build_go_mask",
     "build_graph_and_mask",
+    "check_build_options",
+    "has_go",
     "jaccard_matrix",
     "term_matrix",
 ]
@@ -102,11 +104,6 @@ class GOMask:
     def n(self) -> int:
         """Number of genes N."""
         return len(self.genes)
-
-    @property
-    def is_full(self) -> bool:
-        """True when every pair is allowed (``kind="none"``)."""
-        return self.csr is None
 
     @property
     def nnz(self) -> int:
@@ -203,18 +200,16 @@ def _blocks(xa: sp.csr_matrix, xb: sp.csr_matrix, threshold: float, block: int,
             progress(min(r0 + block, n), n)
 
 
-def jaccard_matrix(ann: GOAnnotations, genes_a: Sequence[str], genes_b: Sequence[str] | None = None, *,
-                   threshold: float = 0.0, block: int = _BLOCK) -> sp.csr_matrix:
-    """Jaccard index of GO term sets between two gene lists, as a sparse matrix.
+def jaccard_matrix(ann: GOAnnotations, genes: Sequence[str], *, threshold: float = 0.0,
+                   block: int = _BLOCK) -> sp.csr_matrix:
+    """Jaccard index of GO term sets between all pairs of a gene list, as a sparse matrix.
 
     Parameters
     ----------
     ann
         Annotation table.
-    genes_a
-        Row genes, shape (Na,), unique.
-    genes_b
-        Column genes, shape (Nb,), unique; ``genes_a`` when ``None``.
+    genes
+        Unique gene names, shape (N,) (aliases resolved when unambiguous).
     threshold
         Keep only entries with J > threshold (0 keeps every pair sharing a term).
     block
@@ -223,34 +218,36 @@ def jaccard_matrix(ann: GOAnnotations, genes_a: Sequence[str], genes_b: Sequence
     Returns
     -------
     scipy.sparse.csr_matrix
-        float32, shape (Na, Nb), sorted indices. Genes without GO give empty rows/columns (also no
-        diagonal entry).
+        float32, shape (N, N), symmetric, sorted indices. Genes without GO give empty rows/columns
+        (also no diagonal entry).
     """
-    genes_b = genes_a if genes_b is None else genes_b
-    xa, index = term_matrix(ann, genes_a)
-    if genes_b is genes_a:
-        xb = xa
-    else:
-        res_b = resolve_symbols(ann, genes_b)
-        extra = sorted(frozenset().union(*(ann.gene2terms.get(s, frozenset()) for s in res_b.symbols if s))
-                       - index.keys())
-        index.update({t: len(index) + j for j, t in enumerate(extra)})
-        xa = sp.csr_matrix((xa.data, xa.indices, xa.indptr), shape=(xa.shape[0], len(index)))
-        xb, _ = term_matrix(ann, genes_b, index)
+    x, _ = term_matrix(ann, genes)
     pieces = []
-    for r0, rows, cols, jac in _blocks(xa, xb, threshold, block, None):
-        pieces.append(sp.csr_matrix((jac, (rows, cols)),
-                                    shape=(min(block, xa.shape[0] - r0), xb.shape[0])))
-    out = sp.vstack(pieces, format="csr") if pieces else sp.csr_matrix((0, xb.shape[0]), dtype=np.float32)
+    for r0, rows, cols, jac in _blocks(x, x, threshold, block, None):
+        pieces.append(sp.csr_matrix((jac, (rows, cols)), shape=(min(block, x.shape[0] - r0), x.shape[0])))
+    out = sp.vstack(pieces, format="csr") if pieces else sp.csr_matrix((0, x.shape[0]), dtype=np.float32)
     out.sort_indices()
     return out
 
 
-def _check_params(genes: Sequence[str], threshold: float, top_k: int | None = None) -> None:
+def check_build_options(threshold: float, top_k: int | None = None, kind: str | None = None) -> None:
+    """Check graph / mask parameters without building anything.
+
+    Raises
+    ------
+    GOOptionError
+        ``threshold`` outside [0, 1), ``top_k`` < 1, or a ``kind`` not in :data:`MASK_KINDS`.
+    """
     if not 0.0 <= threshold < 1.0:
-        raise GOError(f"threshold must be in [0, 1), got {threshold}")
+        raise GOOptionError(f"threshold must be in [0, 1), got {threshold}")
     if top_k is not None and top_k < 1:
-        raise GOError(f"top_k must be a positive integer, got {top_k}")
+        raise GOOptionError(f"top_k must be a positive integer, got {top_k}")
+    if kind is not None and kind not in MASK_KINDS:
+        raise GOOptionError(f"mask kind {kind!r} is not one of {', '.join(MASK_KINDS)}")
+
+
+def _check_params(genes: Sequence[str], threshold: float, top_k: int | None = None, kind: str | None = None) -> None:
+    check_build_options(threshold, top_k, kind)
     if len(genes) == 0:
         raise GeneListError("the gene list is empty")
 
@@ -376,7 +373,21 @@ def build_gene_graph(ann: GOAnnotations, genes: Sequence[str], *, threshold: flo
     return graph.result(tuple(genes), {"threshold": threshold, "top_k": top_k, **_provenance(ann)})
 
 
-def _has_go(ann: GOAnnotations, genes: Sequence[str]) -> np.ndarray:
+def has_go(ann: GOAnnotations, genes: Sequence[str]) -> np.ndarray:
+    """Whether each gene (resolved through :func:`resolve_symbols`) has at least one GO term.
+
+    Parameters
+    ----------
+    ann
+        Annotation table.
+    genes
+        Unique gene names, shape (N,).
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, shape (N,).
+    """
     res = resolve_symbols(ann, genes)
     return np.fromiter((s is not None and s in ann.gene2terms for s in res.symbols), dtype=bool, count=len(genes))
 
@@ -407,15 +418,13 @@ def build_go_mask(ann: GOAnnotations, genes: Sequence[str], *, threshold: float 
     -------
     GOMask
     """
-    if kind not in MASK_KINDS:
-        raise GOError(f"mask kind {kind!r} is not one of {', '.join(MASK_KINDS)}")
-    _check_params(genes, threshold)
+    _check_params(genes, threshold, kind=kind)
     meta: dict[str, object] = {"kind": kind, "threshold": threshold, **_provenance(ann)}
     if kind == "none":
         resolve_symbols(ann, genes)
         return GOMask(tuple(genes), None, kind, meta)
     _log_resolution(ann, genes)
-    mask = _MaskCollector(threshold, _has_go(ann, genes), threshold)
+    mask = _MaskCollector(threshold, has_go(ann, genes), threshold)
     _scan(ann, genes, [mask], threshold, block, progress)
     csr = mask.result(len(genes))
     if kind == "random_degree_matched":
@@ -441,7 +450,7 @@ def build_graph_and_mask(ann: GOAnnotations, genes: Sequence[str], *, graph_thre
     _log_resolution(ann, genes)
     graph = _GraphCollector(graph_threshold, top_k)
     floor = min(graph_threshold, mask_threshold)
-    mask = _MaskCollector(mask_threshold, _has_go(ann, genes), floor)
+    mask = _MaskCollector(mask_threshold, has_go(ann, genes), floor)
     _scan(ann, genes, [graph, mask], floor, block, progress)
     prov = _provenance(ann)
     return (graph.result(tuple(genes), {"threshold": graph_threshold, "top_k": top_k, **prov}),

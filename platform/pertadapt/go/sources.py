@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 import sqlite3
 import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import NamedTuple
+from importlib.resources.abc import Traversable
+from pathlib import Path, PurePosixPath
+from typing import IO, NamedTuple
 
+from pertadapt.files import atomic_write, atomic_write_json, package_data, sha256_file
+from pertadapt.files import cache_dir as cache_root
 from pertadapt.go.errors import GOError, GOSourceUnavailable
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "DEBIAN_PACKAGES",
     "Annotation",
     "TermRecord",
-    "default_cache_dir",
     "export_bundled_table",
     "fetch_debian",
     "read_bundled",
@@ -42,8 +42,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Directory of the bundled, derived GO tables (package data).
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "resources" / "go"
+#: Directory of the bundled, derived GO tables (package data, read through importlib.resources).
+BUNDLED_DIR: Traversable = package_data("go")
 #: The two Debian packages holding GO.db and org.Hs.eg.db.
 DEBIAN_PACKAGES = ("r-bioc-go.db", "r-bioc-org.hs.eg.db")
 _GO_SQLITE = "GO.sqlite"
@@ -74,21 +74,6 @@ class TermRecord(NamedTuple):
     name: str
     is_a: tuple[str, ...]
     part_of: tuple[str, ...]
-
-
-def default_cache_dir() -> Path:
-    """Return the cache root: ``$PERTADAPT_CACHE`` or ``~/.cache/pertadapt``."""
-    env = os.environ.get("PERTADAPT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pertadapt"
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- SQLite readers
@@ -180,20 +165,65 @@ def _deb_field(deb: Path, field: str) -> str:
                           text=True).stdout.strip()
 
 
+def _member_target(dest: Path, name: str, origin: str) -> Path:
+    """Where archive member ``name`` lands below ``dest``; refuse absolute paths and ``..`` components."""
+    member = PurePosixPath(name)
+    if member.is_absolute() or ".." in member.parts:
+        raise GOSourceUnavailable(f"{origin}: refusing archive member {name!r} (absolute path or '..' component)")
+    return dest.joinpath(*(part for part in member.parts if part != "."))
+
+
+def _extract_tar(stream: IO[bytes], dest: Path, origin: str) -> list[Path]:
+    """Extract the SQLite, DESCRIPTION and copyright files of a streamed tar archive into ``dest``.
+
+    Every file is written atomically; a wanted member whose path is absolute or contains ``..`` is
+    refused before it is written.
+
+    Parameters
+    ----------
+    stream
+        The uncompressed or compressed tar stream (read sequentially, ``r|*``).
+    dest
+        Extraction root.
+    origin
+        Name of the archive for messages (e.g. the ``.deb`` path).
+
+    Returns
+    -------
+    list of Path
+        The files written, in archive order.
+
+    Raises
+    ------
+    GOSourceUnavailable
+        A member path escapes ``dest``.
+    """
+    written = []
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            name = member.name
+            wanted = name.endswith(".sqlite") or name.endswith("/DESCRIPTION") or (
+                "/usr/share/doc/" in name and name.endswith("/copyright"))
+            if not (member.isfile() and wanted):
+                continue
+            target = _member_target(dest, name, origin)
+            src = tar.extractfile(member)
+            assert src is not None  # a regular file member always has content
+
+            def copy(tmp: Path, src: IO[bytes] = src) -> None:
+                with open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+
+            atomic_write(target, copy)
+            written.append(target)
+    return written
+
+
 def _extract_deb(deb: Path, dest: Path) -> None:
     """Extract the SQLite, DESCRIPTION and copyright files of one .deb into ``dest``."""
     with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-            for member in tar:
-                name = member.name
-                wanted = name.endswith(".sqlite") or name.endswith("/DESCRIPTION") or (
-                    "/usr/share/doc/" in name and name.endswith("/copyright"))
-                if member.isfile() and wanted:
-                    target = dest / name.lstrip("./")
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with tar.extractfile(member) as src, open(target, "wb") as out:  # type: ignore[union-attr]
-                        shutil.copyfileobj(src, out, 1 << 20)
+        _extract_tar(proc.stdout, dest, str(deb))
     if proc.returncode != 0:
         raise GOSourceUnavailable(f"dpkg-deb failed on {deb} (exit {proc.returncode})")
 
@@ -212,7 +242,7 @@ def fetch_debian(cache_dir: Path | None = None) -> Path:
     Parameters
     ----------
     cache_dir
-        Cache root; defaults to :func:`default_cache_dir`. Files land in ``<cache_dir>/go/debian``.
+        Cache root; defaults to :func:`pertadapt.files.cache_dir`. Files land in ``<cache_dir>/go/debian``.
 
     Returns
     -------
@@ -226,31 +256,26 @@ def fetch_debian(cache_dir: Path | None = None) -> Path:
         ``apt-get``/``dpkg-deb`` is missing or the download fails; the message names both packages
         and the OBO + GAF alternative.
     """
-    final = (cache_dir or default_cache_dir()) / "go" / "debian"
-    if (final / "debs.json").is_file():
+    final = (cache_dir or cache_root()) / "go" / "debian"
+    marker = final / "debs.json"
+    if marker.is_file():
         return final
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise _unavailable(f"{tool} is not available on this machine")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".debian-", dir=final.parent))
-    try:
+    final.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".debs-", dir=final.parent) as download:
         cmd = ["apt-get", "download", "-o", "APT::Sandbox::User=root", *DEBIAN_PACKAGES]
         log.info("downloading %s with apt-get", ", ".join(DEBIAN_PACKAGES))
-        res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        res = subprocess.run(cmd, cwd=download, capture_output=True, text=True)
         if res.returncode != 0:
             raise _unavailable(f"'{' '.join(cmd)}' failed: {res.stderr.strip()[-500:]}")
         debs = {}
         for pkg in DEBIAN_PACKAGES:
-            deb = next(tmp.glob(f"{pkg}_*.deb"))
-            _extract_deb(deb, tmp)
+            deb = next(Path(download).glob(f"{pkg}_*.deb"))
+            _extract_deb(deb, final)
             debs[pkg] = {"file": deb.name, "version": _deb_field(deb, "Version"), "sha256": sha256_file(deb)}
-            deb.unlink()
-        (tmp / "debs.json").write_text(json.dumps(debs, indent=2, sort_keys=True))
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic_write_json(marker, debs, sort_keys=True)  # written last: its presence marks a complete set
     return final
 
 
@@ -281,26 +306,27 @@ def read_debian(directory: Path) -> tuple[list[Annotation], list[TermRecord], li
 
 
 def _write_tsv_gz(path: Path, header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
-                                               compresslevel=9) as gz:
-        text = io.TextIOWrapper(gz, encoding="utf-8", newline="")
-        writer = csv.writer(text, delimiter="\t", lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-        text.flush()
-        text.detach()
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                                                   compresslevel=9) as gz:
+            text = io.TextIOWrapper(gz, encoding="utf-8", newline="")
+            writer = csv.writer(text, delimiter="\t", lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+            text.flush()
+            text.detach()
+
+    atomic_write(path, write)
 
 
-def _read_tsv_gz(path: Path) -> Iterator[list[str]]:
-    with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
+def _read_tsv_gz(path: Traversable) -> Iterator[list[str]]:
+    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t")
         next(reader)
         yield from reader
 
 
-def export_bundled_table(sqlite_dir: Path, out: Path = BUNDLED_DIR) -> dict[str, str]:
+def export_bundled_table(sqlite_dir: Path, out: Path | None = None) -> dict[str, str]:
     """Derive the compact bundled GO tables from the Debian SQLite files (reproducible, byte-stable).
 
     Writes ``gene2go_human_direct.tsv.gz`` (symbol, go_id, aspect, evidence: direct annotations of
@@ -313,7 +339,7 @@ def export_bundled_table(sqlite_dir: Path, out: Path = BUNDLED_DIR) -> dict[str,
     sqlite_dir
         Directory with ``GO.sqlite`` and ``org.Hs.eg.sqlite`` below it (e.g. :func:`fetch_debian`).
     out
-        Output directory (default: the package's ``resources/go``).
+        Output directory (default: the package's ``resources/go``, which must be a writable checkout).
 
     Returns
     -------
@@ -321,6 +347,7 @@ def export_bundled_table(sqlite_dir: Path, out: Path = BUNDLED_DIR) -> dict[str,
         The content of ``SOURCE.json``: source versions and sha256 of inputs and outputs.
     """
     annotations, terms, aliases, version = read_debian(sqlite_dir)
+    out = Path(str(BUNDLED_DIR)) if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     _write_tsv_gz(out / _FILES["gene2go"], Annotation._fields, annotations)
     _write_tsv_gz(out / _FILES["terms"], TermRecord._fields,
@@ -331,28 +358,31 @@ def export_bundled_table(sqlite_dir: Path, out: Path = BUNDLED_DIR) -> dict[str,
         info[f"sha256:{name}"] = sha256_file(_find(sqlite_dir, name))
     for name in _FILES.values():
         info[f"sha256:{name}"] = sha256_file(out / name)
-    tmp = out / f".{_SOURCE_JSON}.tmp"
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / _SOURCE_JSON)
+    atomic_write_json(out / _SOURCE_JSON, info, sort_keys=True)
     log.info("bundled GO table written to %s (%d annotation rows, %d terms)", out, len(annotations), len(terms))
     return info
 
 
-def read_bundled(directory: Path = BUNDLED_DIR) -> tuple[
+def read_bundled(directory: Traversable = BUNDLED_DIR) -> tuple[
         list[Annotation], list[TermRecord], list[tuple[str, str]], dict[str, str]]:
     """Read the bundled tables written by :func:`export_bundled_table`.
+
+    Parameters
+    ----------
+    directory
+        Folder holding the tables (default: the package data, through importlib.resources).
 
     Returns
     -------
     tuple
         ``(annotations, terms, aliases, version)`` as :func:`read_debian`.
     """
-    version = {k: v for k, v in json.loads((directory / _SOURCE_JSON).read_text()).items()
+    version = {k: v for k, v in json.loads(directory.joinpath(_SOURCE_JSON).read_text()).items()
                if not k.startswith("sha256:")}
-    annotations = [Annotation(*row) for row in _read_tsv_gz(directory / _FILES["gene2go"])]
+    annotations = [Annotation(*row) for row in _read_tsv_gz(directory.joinpath(_FILES["gene2go"]))]
     terms = [TermRecord(g, a, n, tuple(i.split("|")) if i else (), tuple(p.split("|")) if p else ())
-             for g, a, n, i, p in _read_tsv_gz(directory / _FILES["terms"])]
-    aliases = [(s, a) for s, a in _read_tsv_gz(directory / _FILES["aliases"])]
+             for g, a, n, i, p in _read_tsv_gz(directory.joinpath(_FILES["terms"]))]
+    aliases = [(s, a) for s, a in _read_tsv_gz(directory.joinpath(_FILES["aliases"]))]
     return annotations, terms, aliases, version
 
 
@@ -368,13 +398,14 @@ def write_obo(terms: Iterable[TermRecord], path: Path, data_version: str) -> Non
     data_version
         Release date written as ``data-version: releases/<data_version>``.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(f"format-version: 1.2\ndata-version: releases/{data_version}\nontology: go\n\n")
-        for t in terms:
-            f.write(f"[Term]\nid: {t.go_id}\nname: {t.name}\nnamespace: {_NAMESPACE[t.aspect]}\n")
-            f.writelines(f"is_a: {p}\n" for p in t.is_a)
-            f.writelines(f"relationship: part_of {p}\n" for p in t.part_of)
-            f.write("\n")
-        f.write("[Typedef]\nid: part_of\nname: part of\n")
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"format-version: 1.2\ndata-version: releases/{data_version}\nontology: go\n\n")
+            for t in terms:
+                f.write(f"[Term]\nid: {t.go_id}\nname: {t.name}\nnamespace: {_NAMESPACE[t.aspect]}\n")
+                f.writelines(f"is_a: {p}\n" for p in t.is_a)
+                f.writelines(f"relationship: part_of {p}\n" for p in t.part_of)
+                f.write("\n")
+            f.write("[Typedef]\nid: part_of\nname: part of\n")
+
+    atomic_write(path, write)

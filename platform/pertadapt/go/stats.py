@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pertadapt.go.annotations import GOAnnotations, resolve_symbols
-from pertadapt.go.errors import GeneListError
+from pertadapt.go.errors import GeneListError, GOError
 from pertadapt.go.similarity import GOMask, build_go_mask
 
 __all__ = ["coverage", "read_gene_list", "read_h5ad_genes"]
@@ -21,13 +21,16 @@ def read_gene_list(path: str | os.PathLike[str]) -> list[str]:
     Raises
     ------
     GeneListError
-        The file is missing or empty; duplicates are checked by the builders.
+        The file is missing, not UTF-8 text, or empty; duplicates are checked by the builders.
     """
     p = Path(path)
     if not p.is_file():
         raise GeneListError(f"{p}: no such gene list file")
-    genes = [line.split("\t")[0].strip() for line in p.read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GeneListError(f"{p}: not a UTF-8 text gene list (undecodable byte at offset {e.start})") from e
+    genes = [line.split("\t")[0].strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not genes:
         raise GeneListError(f"{p}: the gene list is empty")
     return genes
@@ -47,13 +50,22 @@ def read_h5ad_genes(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]
     tuple
         ``(genes, targets)``: var genes in order, shape (G,); sorted unique target genes (``ctrl``
         excluded; empty when there is no ``condition`` column).
+
+    Raises
+    ------
+    GOError
+        The file is missing, not HDF5, truncated, or not an AnnData file (a data error naming it).
     """
     import anndata
 
     p = Path(path)
     if not p.is_file():
-        raise GeneListError(f"{p}: no such h5ad file")
-    adata = anndata.read_h5ad(p, backed="r")
+        raise GOError(f"{p}: no such h5ad file")
+    try:
+        adata = anndata.read_h5ad(p, backed="r")
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GOError(f"{p}: not a readable .h5ad (AnnData HDF5) file: {detail}") from e
     try:
         var = adata.var
         genes = [str(g) for g in (var["gene_name"] if "gene_name" in var.columns else adata.var_names)]
