@@ -19,10 +19,15 @@ import yaml
 from pertadapt.files import atomic_write_json, atomic_write_text
 from pertadapt.report.tables import SUBGROUPS, lower_is_better
 
-__all__ = ["SYNTHETIC_METRICS", "write_synthetic_sweep"]
+__all__ = ["SYNTHETIC_METRICS", "synthetic_conditions", "write_synthetic_sweep"]
 
 #: Per-condition metrics of the synthetic runs.
 SYNTHETIC_METRICS = ("mse", "mse_de", "pearson_delta", "pearson_delta_de")
+
+
+def synthetic_conditions(n: int) -> list[str]:
+    """The ``n`` test conditions of a synthetic sweep (doubles ``G<i>+G<i+1>``, every fourth a single)."""
+    return [f"G{i}+ctrl" if i % 4 == 3 else f"G{i}+G{i + 1}" for i in range(n)]
 
 
 def _reference_values(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
@@ -33,7 +38,8 @@ def _reference_values(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]
 def write_synthetic_sweep(root: Path, *, arms: Mapping[str, float | None], seeds: Sequence[int] = (1, 2, 3),
                           n_conditions: int = 40, noise: float = 0.05, reference: str = "full",
                           failed: Mapping[str, str] | None = None, dataset: str = "sim",
-                          baselines: Sequence[str] = ("baseline_mean",), epochs: int = 5, seed: int = 0) -> Path:
+                          baselines: Sequence[str] = ("baseline_mean",), epochs: int = 5, seed: int = 0,
+                          data_path: Path | None = None) -> Path:
     """Write ``results.csv``, ``sweep.json`` and ``runs/<trial>/{per_condition.csv, metrics.jsonl, config.yaml}``.
 
     Parameters
@@ -61,6 +67,8 @@ def write_synthetic_sweep(root: Path, *, arms: Mapping[str, float | None], seeds
         Rows of each model arm's ``metrics.jsonl``.
     seed
         Generator seed.
+    data_path
+        Written as ``data.path`` of every run's ``config.yaml`` (the dataset behind the DE figure).
 
     Returns
     -------
@@ -69,7 +77,7 @@ def write_synthetic_sweep(root: Path, *, arms: Mapping[str, float | None], seeds
     """
     rng = np.random.default_rng(seed)
     failed = dict(failed or {})
-    conds = [f"G{i}+ctrl" if i % 4 == 3 else f"G{i}+G{i + 1}" for i in range(n_conditions)]
+    conds = synthetic_conditions(n_conditions)
     groups = [SUBGROUPS[i % len(SUBGROUPS)] for i in range(n_conditions)]
     all_arms = {**arms, **dict.fromkeys(baselines, 0.3)}
     rows = []
@@ -93,7 +101,7 @@ def write_synthetic_sweep(root: Path, *, arms: Mapping[str, float | None], seeds
                 per[m] = v * (1.0 + sign * effect) + rng.normal(0.0, noise * float(np.mean(v)), n_conditions)
             run.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run / "per_condition.csv", per.to_csv(index=False))
-            atomic_write_text(run / "config.yaml", yaml.safe_dump({"name": key, "seed": s}))
+            atomic_write_text(run / "config.yaml", yaml.safe_dump({"name": key, "seed": s, "data": {"path": str(data_path) if data_path else None}}))
             for m in SYNTHETIC_METRICS:
                 row[f"test_{m}"] = float(per[m].mean())
                 for g, sub in per.groupby("subgroup"):
