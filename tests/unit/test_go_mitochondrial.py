@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from pertadapt.files import package_data
-from pertadapt.go import GOAnnotations, build_gene_graph, build_go_mask, load_annotations, resolve_symbols, suggest
+from pertadapt.go import (
+    GOAnnotations,
+    build_gene_graph,
+    build_go_mask,
+    load_annotations,
+    resolve_symbols,
+    suggest,
+)
 
 # HGNC symbol -> NCBI Gene symbol of the 13 mitochondrial protein-coding genes (NCBI Gene, HGNC).
 MT_PROTEIN_CODING = {
