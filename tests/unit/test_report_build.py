@@ -41,7 +41,8 @@ def test_report_files_and_csv_layouts(written) -> None:
     assert list(tests.columns[:5]) == ["dataset", "backbone", "arm", "reference", "metric"]
     assert {"n_pairs", "mean_diff", "ci_low", "ci_high", "statistic", "p", "p_holm", "verdict"} <= set(tests)
     # one row per (dataset, backbone, arm, metric): 3 arms besides full (worse, same, baseline_mean) × 4 metrics
-    assert len(tests) == 3 * 4 and set(tests["reference"]) == {"full"}
+    assert len(tests) == 3 * 4
+    assert set(tests["reference"]) == {"full"}
     per = pd.read_csv(d / "per_condition.csv")
     assert list(per.columns) == ["dataset", "backbone", "arm", "seed", "condition", "subgroup", "metric", "value"]
     # 4 arms × 3 seeds − 1 failed trial = 11 ok trials, each 12 conditions × 4 metrics
@@ -57,18 +58,21 @@ def test_report_files_and_csv_layouts(written) -> None:
 def test_failed_trial_is_listed_with_its_error_and_reduces_n(written) -> None:
     summary = pd.read_csv(written.summary_csv).set_index("arm")
     assert (summary.loc["worse", "n_trials"], summary.loc["worse", "n"], summary.loc["worse", "n_failed"]) == (3, 2, 1)
-    assert summary.loc["full", "n"] == 3 and summary.loc["worse", "test_mse_de_n"] == 2
+    assert summary.loc["full", "n"] == 3
+    assert summary.loc["worse", "test_mse_de_n"] == 2
     results = pd.read_csv(written.report.sweep.root / "results.csv")
     ok = results[(results["arm"] == "worse") & (results["status"] == "ok")]
     assert summary.loc["worse", "test_mse_de_mean"] == pytest.approx(ok["test_mse_de"].mean(), rel=1e-12)
     overall = pd.read_csv(written.directory / "table_overall.csv").set_index("arm")
-    assert overall.loc["worse", "mse_de"].endswith("n=2/3") and overall.loc["full", "mse_de"].endswith("n=3/3")
+    assert overall.loc["worse", "mse_de"].endswith("n=2/3")
+    assert overall.loc["full", "mse_de"].endswith("n=3/3")
     tests = pd.read_csv(written.paired_tests_csv)
     assert (tests.loc[tests["arm"] == "worse", "n_seeds"] == 2).all()
     html = written.html.read_text()
     md = written.markdown.read_text()
     for text in (html, md):
-        assert ERROR in text and "Failed, stopped or missing trials (1)" in text
+        assert ERROR in text
+        assert "Failed, stopped or missing trials (1)" in text
 
 
 def test_paper_layout_reference_first_baselines_last_best_bold(written) -> None:
@@ -87,7 +91,8 @@ def test_paper_layout_reference_first_baselines_last_best_bold(written) -> None:
 
 def test_sentences_one_per_arm_in_markdown_and_html(written) -> None:
     s = written.report.sentences
-    assert len(s) == 3 and s[0].startswith("`worse` worsens test mse_de on sim by +")
+    assert len(s) == 3
+    assert s[0].startswith("`worse` worsens test mse_de on sim by +")
     assert "12 conditions × 2 seeds" in s[0]
     assert s[1].startswith("`same` shows no significant difference")
     md, html = written.markdown.read_text(), written.html.read_text()
@@ -104,11 +109,13 @@ def test_every_trial_failed_still_gets_a_report(tmp_path: Path) -> None:
                                                                                           index=False)
     paths = write_sweep_report(root)
     html = paths.html.read_text()
-    assert "Every one of the 2 trials failed" in html and "ValueError: bad gene &#39;XYZ&#39;" in html
+    assert "Every one of the 2 trials failed" in html
+    assert "ValueError: bad gene &#39;XYZ&#39;" in html
     assert "no final metrics (no error recorded)" in html
     assert "Every one of the 2 trials failed" in paths.markdown.read_text()
     assert pd.read_csv(paths.summary_csv)["n"].tolist() == [0, 0]
-    assert paths.report.tests.empty and not paths.figures
+    assert paths.report.tests.empty
+    assert not paths.figures
 
 
 def test_header_only_results_csv_gets_a_report(tmp_path: Path) -> None:
@@ -128,11 +135,14 @@ def test_not_a_sweep_dir_is_a_data_error_naming_the_file(tmp_path: Path) -> None
 def test_reference_metric_and_out_options(written, tmp_path: Path) -> None:
     root = written.report.sweep.root
     other = write_sweep_report(root, out=tmp_path / "r", metrics=["test_pearson_delta"], reference="same")
-    assert other.directory == tmp_path / "r" and other.html.is_file()
+    assert other.directory == tmp_path / "r"
+    assert other.html.is_file()
     tests = pd.read_csv(other.paired_tests_csv)
-    assert set(tests["metric"]) == {"pearson_delta"} and set(tests["reference"]) == {"same"}
+    assert set(tests["metric"]) == {"pearson_delta"}
+    assert set(tests["reference"]) == {"same"}
     assert set(tests["arm"]) == {"full", "worse", "baseline_mean"}
-    assert other.report.tables[0].rows[0][0] == "same" and other.report.tables[0].columns == ("pearson_delta",)
+    assert other.report.tables[0].rows[0][0] == "same"
+    assert other.report.tables[0].columns == ("pearson_delta",)
     assert "test pearson_delta" in other.report.sentences[0]
     with pytest.raises(ConfigError, match="--metric 'nope'"):
         write_sweep_report(root, out=tmp_path / "x", metrics=["nope"])
@@ -167,7 +177,8 @@ def test_missing_per_condition_file_is_noted_not_averaged(tmp_path: Path) -> Non
     (root / "runs" / "sim" / "x" / "seed2" / "per_condition.csv").unlink()
     paths = write_sweep_report(root)
     assert paths.report.tests["n_seeds"].tolist() == [1] * 4
-    assert any("sim/x/seed2" in n for n in paths.report.notes) and "sim/x/seed2" in paths.html.read_text()
+    assert any("sim/x/seed2" in n for n in paths.report.notes)
+    assert "sim/x/seed2" in paths.html.read_text()
 
 
 def _tiny_dataset(path: Path, conditions: list[str], n_genes: int = 30) -> dict[str, np.ndarray]:
@@ -200,7 +211,8 @@ def test_predicted_vs_observed_de_figure_reads_the_dataset_and_predictions(tmp_p
     paths = write_sweep_report(root)
     fig = next(f for f in paths.report.figures if f.name == "de_changes_sim.png")
     assert "top-20 DE genes of 4 test perturbations" in fig.caption
-    assert fig.png[:4] == b"\x89PNG" and (paths.directory / "de_changes_sim.png").is_file()
+    assert fig.png[:4] == b"\x89PNG"
+    assert (paths.directory / "de_changes_sim.png").is_file()
     (root / "runs" / "sim" / "full" / "seed1" / "config.yaml").write_text("data: {path: /nonexistent.h5ad}\n")
     again = write_sweep_report(root)
     assert "de_changes_sim.png" not in [f.name for f in again.report.figures]
@@ -227,7 +239,9 @@ def test_console_summary_lists_arms_counts_verdicts_and_failures(written) -> Non
     print_summary(written.report, console)
     text = console.export_text()
     lines = {ln.split("│")[1].strip(): ln for ln in text.splitlines() if ln.count("│") > 3}
-    assert "reference" in lines["full"] and "3/3" in lines["full"]
-    assert "worse" in lines["worse"].split("│")[-2] and "2/3" in lines["worse"]
+    assert "reference" in lines["full"]
+    assert "3/3" in lines["full"]
+    assert "worse" in lines["worse"].split("│")[-2]
+    assert "2/3" in lines["worse"]
     assert "no difference" in lines["same"]
     assert f"failed sim/worse/seed2: {ERROR}" in text

@@ -50,11 +50,14 @@ def test_worse_arm_is_worse_after_holm_and_its_ci_covers_the_true_margin(sweep: 
 def test_identical_and_equal_arms_show_no_difference(tests: pd.DataFrame) -> None:
     same = tests[tests["arm"] == "same"]
     assert (same["verdict"] == "no difference").all()
-    assert (same["mean_diff"] == 0).all() and (same["ci_low"] == 0).all() and (same["ci_high"] == 0).all()
+    assert (same["mean_diff"] == 0).all()
+    assert (same["ci_low"] == 0).all()
+    assert (same["ci_high"] == 0).all()
     assert (same["p"] == 1.0).all()
     noisy = tests[tests["arm"] == "noisy"]
     assert (noisy["verdict"] == "no difference").all()
-    assert (noisy["ci_low"] < 0).all() and (noisy["ci_high"] > 0).all()
+    assert (noisy["ci_low"] < 0).all()
+    assert (noisy["ci_high"] > 0).all()
 
 
 def test_p_values_equal_scipy_wilcoxon_and_statsmodels_holm(sweep: Path, tests: pd.DataFrame) -> None:
@@ -105,7 +108,8 @@ def test_hierarchical_bootstrap_options_change_the_interval() -> None:
     lo50, hi50 = hierarchical_bootstrap(groups, confidence=0.5)
     assert base[0] < lo50 < hi50 < base[1]
     few = hierarchical_bootstrap(groups, n_resamples=50)
-    assert few != base and few[0] < np.mean(np.concatenate(groups)) < few[1]
+    assert few != base
+    assert few[0] < np.mean(np.concatenate(groups)) < few[1]
 
 
 def test_sentence_reports_relative_error_change_and_evidence(tests: pd.DataFrame) -> None:
@@ -113,8 +117,10 @@ def test_sentence_reports_relative_error_change_and_evidence(tests: pd.DataFrame
     text = sentence(r, "adapter.enabled: False")
     pct = 100 * r["mean_diff"] / r["reference_mean"]
     assert text.startswith("`worse` (adapter.enabled: False) worsens test mse_de on sim by ")
-    assert f"+{pct:.2g}%" in text and "40 conditions × 3 seeds" in text
+    assert f"+{pct:.2g}%" in text
+    assert "40 conditions × 3 seeds" in text
     assert f"Holm {r['p_holm']:.2g}" in text
     corr = sentence(_row(tests, "better", "pearson_delta"))
-    assert "improves test pearson_delta" in corr and "%" not in corr.split("(")[0]
+    assert "improves test pearson_delta" in corr
+    assert "%" not in corr.split("(")[0]
     assert "no significant difference" in sentence(_row(tests, "same", "mse_de"))

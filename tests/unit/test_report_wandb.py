@@ -9,7 +9,12 @@ import pytest
 
 from pertadapt.report.html import write_sweep_report
 from pertadapt.report.synthetic import write_synthetic_sweep
-from pertadapt.report.wandb import _spec_from_json, _spec_to_json, build_wandb_report_spec, log_report_to_wandb
+from pertadapt.report.wandb import (
+    build_wandb_report_spec,
+    log_report_to_wandb,
+    report_spec_from_json,
+    report_spec_to_json,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +36,16 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_summary_run_logs_tables_and_figures_offline(paths, no_network) -> None:
     run = log_report_to_wandb(paths, project="p")
     offline = sorted((paths.directory / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1 and run.group == "abl/summary" and run.name == "abl-report"
+    assert len(offline) == 1
+    assert run.group == "abl/summary"
+    assert run.name == "abl-report"
     media = {p.relative_to(offline[0] / "files" / "media").as_posix().rsplit("_", 2)[0]
              for p in (offline[0] / "files" / "media").rglob("*") if p.is_file()}
     assert media == {"table/report/summary", "table/report/paired_tests", "images/report/forest_sim",
                      "images/report/subgroups_sim", "images/report/learning_curves_sim"}
     table = json.loads(next((offline[0] / "files" / "media" / "table" / "report").glob("paired*.json")).read_text())
-    assert len(table["data"]) == len(paths.report.tests) and "p_holm" in table["columns"]
+    assert len(table["data"]) == len(paths.report.tests)
+    assert "p_holm" in table["columns"]
 
 
 def test_disabled_mode_logs_nothing(paths, tmp_path: Path) -> None:
@@ -54,12 +62,16 @@ def test_report_spec_is_built_offline_and_rebuilds_identically(paths, no_network
                         "How large are the differences to full? Forest plot",
                         "Did every arm train? Learning curves"]
     text = json.dumps(doc, ensure_ascii=False)
-    assert paths.report.sentences[0] in text and "report/forest_sim" in text and "val_mse_de" in text
-    assert "abl/no_fm" in text and "abl/summary" in text
-    report = _spec_from_json(doc, entity="me")
-    assert report.entity == "me" and all(rs.entity == "me" for b in report.blocks
+    assert paths.report.sentences[0] in text
+    assert "report/forest_sim" in text
+    assert "val_mse_de" in text
+    assert "abl/no_fm" in text
+    assert "abl/summary" in text
+    report = report_spec_from_json(doc, entity="me")
+    assert report.entity == "me"
+    assert all(rs.entity == "me" for b in report.blocks
                                          for rs in getattr(b, "runsets", []))
-    assert _spec_to_json(_spec_from_json(doc)) == doc
+    assert report_spec_to_json(report_spec_from_json(doc)) == doc
 
 
 def test_report_spec_project_and_entity_default_from_environment(paths, no_network,

@@ -210,39 +210,39 @@ def build_wandb_report_spec(paths: ReportPaths, *, project: str | None = None, e
     report = wr.Report(project=project, entity=entity, title=f"pertadapt ablation: {r.sweep.name}"[:128],
                        description=f"Sweep {r.sweep.root}", blocks=blocks)
     out = paths.directory / "wandb_report.json"
-    atomic_write_json(out, _spec_to_json(report))
+    atomic_write_json(out, report_spec_to_json(report))
     return out
 
 
-def _spec_to_json(obj: Any) -> Any:
+def report_spec_to_json(obj: Any) -> Any:
     """A ``wandb_workspaces.reports.v2`` object tree as JSON: ``{"__type__": class name, **init fields}``.
 
     The library's own serialisation (``Report._to_model``) looks run sets' projects up online, so the
-    offline spec keeps the constructor arguments instead; :func:`_spec_from_json` rebuilds the objects.
+    offline spec keeps the constructor arguments instead; :func:`report_spec_from_json` rebuilds the objects.
     """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {"__type__": type(obj).__name__,
-                **{f.name: _spec_to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}}
+                **{f.name: report_spec_to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}}
     if isinstance(obj, list | tuple):
-        return [_spec_to_json(v) for v in obj]
+        return [report_spec_to_json(v) for v in obj]
     if isinstance(obj, dict):
-        return {str(k): _spec_to_json(v) for k, v in obj.items()}
+        return {str(k): report_spec_to_json(v) for k, v in obj.items()}
     return obj
 
 
-def _spec_from_json(doc: Any, entity: str = "") -> Any:
-    """Rebuild the objects of :func:`_spec_to_json`; an empty ``entity`` field becomes ``entity``."""
+def report_spec_from_json(doc: Any, entity: str = "") -> Any:
+    """Rebuild the objects of :func:`report_spec_to_json`; an empty ``entity`` field becomes ``entity``."""
     import wandb_workspaces.reports.v2 as wr
 
     if isinstance(doc, dict) and "__type__" in doc:
-        kwargs = {k: _spec_from_json(v, entity) for k, v in doc.items() if k != "__type__"}
+        kwargs = {k: report_spec_from_json(v, entity) for k, v in doc.items() if k != "__type__"}
         if kwargs.get("entity") == "" and entity:
             kwargs["entity"] = entity
         return getattr(wr, doc["__type__"])(**kwargs)
     if isinstance(doc, list):
-        return [_spec_from_json(v, entity) for v in doc]
+        return [report_spec_from_json(v, entity) for v in doc]
     if isinstance(doc, dict):
-        return {k: _spec_from_json(v, entity) for k, v in doc.items()}
+        return {k: report_spec_from_json(v, entity) for k, v in doc.items()}
     return doc
 
 
@@ -253,13 +253,23 @@ def publish_wandb_report(spec: Path) -> str:
     -------
     str
         The report's URL.
+
+    Raises
+    ------
+    ValueError
+        Not logged in, offline, or the server refused the report (the message says how to retry).
     """
     import wandb
 
     doc = json.loads(Path(spec).read_text())
-    report = _spec_from_json(doc, entity=doc.get("entity") or wandb.Api().default_entity)
-    report.save()
-    return str(report.url)
+    try:
+        report = report_spec_from_json(doc, entity=doc.get("entity") or wandb.Api().default_entity)
+        report.save()
+        return str(report.url)
+    except Exception as e:  # wandb raises a bare Exception when not logged in
+        raise ValueError(f"W&B Report not published ({type(e).__name__}: {e}); the spec stays in {spec}: "
+                         "log in (WANDB_API_KEY) and run `pertadapt report SWEEP_DIR --publish`") from e
 
 
-__all__ += ["build_wandb_report_spec", "log_report_to_wandb", "publish_wandb_report"]
+__all__ += ["build_wandb_report_spec", "log_report_to_wandb", "publish_wandb_report", "report_spec_from_json",
+            "report_spec_to_json"]
