@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from rich.console import Console
+from scipy import stats
 
 from pertadapt.config import ConfigError
 from pertadapt.data.io import DataError
 from pertadapt.data.summaries import write_predictions
+from pertadapt.report.bootstrap import hierarchical_bootstrap
 from pertadapt.report.console import print_summary
 from pertadapt.report.html import write_sweep_report
 from pertadapt.report.synthetic import synthetic_conditions, write_synthetic_sweep
@@ -73,6 +75,18 @@ def test_failed_trial_is_listed_with_its_error_and_reduces_n(written) -> None:
     for text in (html, md):
         assert ERROR in text
         assert "Failed, stopped or missing trials (1)" in text
+
+
+def test_summary_intervals_are_the_hierarchical_bootstrap_of_per_condition_values(written) -> None:
+    summary = written.report.summary.set_index("arm")
+    per = written.report.sweep.per_condition
+    for arm, scope, col in (("full", None, "test_mse_de"), ("worse", "combo_seen1", "test_combo_seen1_mse_de")):
+        sel = per[(per["arm"] == arm) & (per["metric"] == "mse_de")]
+        sel = sel[sel["subgroup"] == scope] if scope else sel
+        expected = hierarchical_bootstrap([g.to_numpy() for _, g in sel.groupby("seed")["value"]])
+        assert (summary.loc[arm, f"{col}_ci_low"], summary.loc[arm, f"{col}_ci_high"]) == expected
+        assert summary.loc[arm, "ci_method"] == "bootstrap"
+        assert expected[0] < summary.loc[arm, f"{col}_mean"] < expected[1]
 
 
 def test_paper_layout_reference_first_baselines_last_best_bold(written) -> None:
@@ -177,6 +191,16 @@ def test_missing_per_condition_file_is_noted_not_averaged(tmp_path: Path) -> Non
     (root / "runs" / "sim" / "x" / "seed2" / "per_condition.csv").unlink()
     paths = write_sweep_report(root)
     assert paths.report.tests["n_seeds"].tolist() == [1] * 4
+    summary = paths.report.summary.set_index("arm")
+    assert summary.loc["x", "ci_method"] == "t"
+    assert summary.loc["full", "ci_method"] == "bootstrap"
+    x = pd.read_csv(root / "results.csv").query("arm == 'x'")["test_mse_de"]
+    lo, hi = stats.t.interval(0.95, 1, loc=x.mean(), scale=stats.sem(x))
+    assert summary.loc["x", "test_mse_de_ci_low"] == pytest.approx(lo, rel=1e-12)
+    assert summary.loc["x", "test_mse_de_ci_high"] == pytest.approx(hi, rel=1e-12)
+    cells = {r[0]: r[2][0] for r in paths.report.tables[0].rows}
+    assert "]†" in cells["x"]
+    assert "†" not in cells["full"]
     assert any("sim/x/seed2" in n for n in paths.report.notes)
     assert "sim/x/seed2" in paths.html.read_text()
 

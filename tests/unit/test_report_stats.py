@@ -10,7 +10,8 @@ import pytest
 from scipy.stats import wilcoxon
 from statsmodels.stats.multitest import multipletests
 
-from pertadapt.report.stats import hierarchical_bootstrap, paired_tests, sentence
+from pertadapt.report.bootstrap import hierarchical_bootstrap
+from pertadapt.report.stats import paired_tests, sentence
 from pertadapt.report.synthetic import write_synthetic_sweep
 from pertadapt.report.tables import load_sweep, lower_is_better
 

@@ -6,20 +6,20 @@ from rich.console import Console
 from rich.table import Table
 
 from pertadapt.report.document import SweepReport
-from pertadapt.report.tables import arm_order, metric_column
+from pertadapt.report.tables import arm_order, format_cell, metric_column
 
 __all__ = ["print_summary", "summary_table"]
 
 
 def summary_table(report: SweepReport) -> Table:
-    """Overall test metrics per dataset × backbone × arm (mean [95% CI] over ok seeds), plus the verdict.
+    """Overall test metrics per dataset × backbone × arm (mean [95% CI], as in the report), plus the verdict.
 
     Columns: ``dataset`` (when there are several), ``arm``, ``n`` (ok/all trials), one per metric, and
     the paired-test verdict on the headline metric.
     """
     s = report.summary
     several = s[["dataset", "backbone"]].drop_duplicates().shape[0] > 1 if not s.empty else False
-    table = Table(title=f"{report.sweep.name}: test metrics, mean [95% CI] over seeds "
+    table = Table(title=f"{report.sweep.name}: test metrics, mean over seeds [95% CI] "
                         f"(reference: {report.sweep.reference})")
     if several:
         table.add_column("dataset", no_wrap=True)
@@ -32,13 +32,7 @@ def summary_table(report: SweepReport) -> Table:
                 for _, r in report.tests[report.tests["metric"] == report.metrics[0]].iterrows()}
     order = {a: i for i, a in enumerate(arm_order(report.sweep.trials, report.sweep.reference))}
     for _, r in s.assign(_o=s["arm"].map(order)).sort_values(["dataset", "backbone", "_o"]).iterrows():
-        cells = []
-        for m in report.metrics:
-            col = metric_column(m)
-            mean = r.get(f"{col}_mean", float("nan"))
-            ci = (f" [{r[f'{col}_ci_low']:.3g}, {r[f'{col}_ci_high']:.3g}]"
-                  if mean == mean and r[f"{col}_ci_low"] == r[f"{col}_ci_low"] else "")
-            cells.append(f"{mean:.4g}{ci}" if mean == mean else "—")
+        cells = [format_cell(r, metric_column(m), with_n=False) for m in report.metrics]
         style = "dim" if r["is_baseline"] else "bold" if r["arm"] == report.sweep.reference else None
         verdict = "reference" if r["arm"] == report.sweep.reference else verdicts.get(
             (r["dataset"], r["backbone"], r["arm"]), "")

@@ -248,7 +248,7 @@ def build_report(sweep: SweepData, metrics: Sequence[str] | None = None) -> Swee
         raise ConfigError(f"reference arm {sweep.reference!r} is not in {sweep.root / 'results.csv'}; arms: "
                           f"{', '.join(dict.fromkeys(sweep.trials['arm']))}")
     scopes = _scopes(sweep, metrics)
-    summary = summarise(sweep.trials, [metric_column(m, s) for s in scopes for m in metrics])
+    summary = summarise(sweep.trials, metrics, scopes, sweep.per_condition)
     arms = arm_order(sweep.trials, sweep.reference)
     tests = paired_tests(sweep.per_condition, sweep.reference, metrics, arms=arms)
     described = _describe_arms(sweep.trials, sweep.reference)

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 
 from pertadapt.files import atomic_write_bytes, atomic_write_text
+from pertadapt.report.bootstrap import BOOTSTRAP_RESAMPLES
 from pertadapt.report.document import SweepReport, build_report
-from pertadapt.report.stats import ALPHA, BOOTSTRAP_RESAMPLES
+from pertadapt.report.stats import ALPHA
 from pertadapt.report.tables import LayoutTable, load_sweep
 
 __all__ = ["ReportPaths", "render_html", "render_layout_markdown", "render_markdown", "write_report", "write_sweep_report"]
@@ -32,7 +33,9 @@ _METHOD = (f"Paired tests: pairs are the (test condition, seed) combinations pre
            f"reference; Wilcoxon signed-rank on arm − reference (two-sided, zeros dropped); p-values Holm-corrected "
            f"across every row of the table; verdicts at Holm {ALPHA}. CIs of the mean difference: hierarchical "
            f"bootstrap ({BOOTSTRAP_RESAMPLES} resamples of seeds, then conditions within each seed; percentile "
-           f"95%). Table cells: mean over successful seeds [95% t-interval over seeds] n=successful/all trials; "
+           f"95%). Table cells: mean over successful seeds [95% CI: the same hierarchical bootstrap of the mean over "
+           f"(seed, condition) values; † marks a t-interval over seeds, used where per-condition files are "
+           f"missing] n=successful/all trials; "
            f"bold = best in its column (lowest error, highest correlation); grey rows are baselines.")
 
 _HTML = jinja2.Environment(autoescape=True).from_string("""<!doctype html>

@@ -6,7 +6,7 @@ both the arm's and the reference's per-condition values, and ``d = arm − refer
 * ``statistic``, ``p``: :func:`scipy.stats.wilcoxon` on ``d`` (two-sided, ``zero_method="wilcox"``);
 * ``p_holm``: Holm's correction across **all** rows (statsmodels ``multipletests(method="holm")``);
 * ``ci_low``, ``ci_high``: 95% percentile interval of the mean of ``d`` under a hierarchical bootstrap
-  (:func:`hierarchical_bootstrap`: resample seeds, then conditions within each drawn seed);
+  (:func:`~pertadapt.report.bootstrap.hierarchical_bootstrap`: resample seeds, then conditions within each drawn seed);
 * ``verdict``: ``better`` / ``worse`` when ``p_holm < 0.05`` (direction from the sign of ``mean_diff`` and
   whether the metric is an error), ``no difference`` otherwise, ``not tested`` without pairs.
 """
@@ -21,61 +21,15 @@ import pandas as pd
 from scipy.stats import wilcoxon
 from statsmodels.stats.multitest import multipletests
 
+from pertadapt.report.bootstrap import hierarchical_bootstrap
 from pertadapt.report.tables import lower_is_better
 
-__all__ = ["ALPHA", "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "hierarchical_bootstrap", "paired_tests",
-           "sentence"]
+__all__ = ["ALPHA", "paired_tests", "sentence"]
 
 #: Family-wise error rate of the verdicts (after Holm's correction).
 ALPHA = 0.05
-#: Resamples of the hierarchical bootstrap.
-BOOTSTRAP_RESAMPLES = 4000
-#: Seed of the bootstrap generator (the report is reproducible).
-BOOTSTRAP_SEED = 0
 _COLUMNS = ["dataset", "backbone", "arm", "reference", "metric", "n_pairs", "n_conditions", "n_seeds",
             "reference_mean", "mean_diff", "ci_low", "ci_high", "statistic", "p", "p_holm", "verdict"]
-
-
-def hierarchical_bootstrap(groups: Sequence[np.ndarray], *, n_resamples: int = BOOTSTRAP_RESAMPLES,
-                           seed: int = BOOTSTRAP_SEED, confidence: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the pooled mean under a two-level bootstrap (seeds, then conditions).
-
-    Each resample draws ``k`` groups (seeds) with replacement out of the ``k`` given, then, for every
-    drawn group independently, as many values (conditions) with replacement as it has; the statistic is
-    the mean over all drawn values.
-
-    Parameters
-    ----------
-    groups
-        ``k`` arrays, ``(n_i,)`` values of group ``i`` (the paired differences of one seed).
-    n_resamples
-        Bootstrap resamples.
-    seed
-        Seed of :func:`numpy.random.default_rng`.
-    confidence
-        Coverage of the interval.
-
-    Returns
-    -------
-    tuple of float
-        ``(low, high)``; NaN when there are no values.
-    """
-    groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
-    if not groups:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(groups), size=(n_resamples, len(groups)))  # (B, k) drawn seeds
-    sums = np.zeros(n_resamples)
-    counts = np.zeros(n_resamples)
-    for i, g in enumerate(groups):
-        draws, _ = np.nonzero(picks == i)  # one entry per slot that drew group i, by resample
-        if not len(draws):
-            continue
-        inner = g[rng.integers(0, len(g), size=(len(draws), len(g)))]  # (slots, n_i) resampled conditions
-        np.add.at(sums, draws, inner.sum(axis=1))
-        np.add.at(counts, draws, len(g))
-    low, high = np.quantile(sums / counts, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return float(low), float(high)
 
 
 def _wilcoxon(d: np.ndarray) -> tuple[float, float]:

@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import stats
 
 from pertadapt.data.io import DataError
+from pertadapt.report.bootstrap import hierarchical_bootstrap
 
 __all__ = [
     "KEY_METRICS",
@@ -32,6 +33,7 @@ __all__ = [
     "SweepData",
     "arm_order",
     "default_metrics",
+    "format_cell",
     "layout_tables",
     "load_results",
     "load_sweep",
@@ -231,41 +233,65 @@ def _t_interval(x: np.ndarray) -> tuple[float, float, float]:
     return mean, float(lo), float(hi)
 
 
-def summarise(trials: pd.DataFrame, metrics: Sequence[str] = KEY_METRICS) -> pd.DataFrame:
-    """One row per (dataset, backbone, arm): trial counts and, per ``results.csv`` column, seed statistics.
+def _bootstrap_interval(pc: pd.DataFrame, metric: str, scope: str) -> tuple[float, float]:
+    """Hierarchical-bootstrap 95% interval of the mean of one arm's per-condition values (seeds, conditions)."""
+    sel = pc[pc["metric"] == metric].dropna(subset=["value"])
+    if scope != OVERALL:
+        sel = sel[sel["subgroup"] == scope]
+    return hierarchical_bootstrap([g.to_numpy(dtype=float) for _, g in sel.groupby("seed")["value"]])
+
+
+def summarise(trials: pd.DataFrame, metrics: Sequence[str] = KEY_METRICS, scopes: Sequence[str] = (OVERALL,),
+              per_condition: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (dataset, backbone, arm): trial counts and, per metric and scope, seed statistics.
 
     Parameters
     ----------
     trials
         Rows of ``results.csv``, any status (a missing ``status`` column means all ok).
     metrics
-        ``results.csv`` columns (e.g. ``test_mse_de``, ``test_combo_seen0_mse_de``); absent ones are skipped.
+        Metric names (``mse_de`` or ``test_mse_de``); the ``results.csv`` column of each metric and scope is
+        :func:`metric_column` (absent ones are skipped).
+    scopes
+        ``overall`` and subgroup names.
+    per_condition
+        The long per-condition table; when it holds every ok seed of an arm, that arm's intervals are the
+        hierarchical bootstrap of the mean over (seed, condition) values (seeds, then conditions within a
+        seed), which stays inside the data's range; otherwise they are 95% t-intervals over seeds.
 
     Returns
     -------
     pandas.DataFrame
-        ``dataset, backbone, arm, is_baseline, n_trials, n`` (ok trials), ``n_failed`` (not ok) and per
-        metric ``<m>_mean``, ``<m>_sd``, ``<m>_ci_low``, ``<m>_ci_high`` (95% t-interval over the ok seeds
-        with a finite value) and ``<m>_n`` (those seeds). Failed trials count in ``n_trials``, never in means.
+        ``dataset, backbone, arm, is_baseline, n_trials, n`` (ok trials), ``n_failed`` (not ok),
+        ``ci_method`` (``bootstrap`` or ``t``) and per column ``c``: ``c_mean`` (mean over the ok seeds with a
+        finite value), ``c_sd``, ``c_ci_low``, ``c_ci_high`` and ``c_n`` (those seeds). Failed trials count in
+        ``n_trials``, never in means.
     """
     df = trials.copy()
     for col, default in (("dataset", ""), ("backbone", ""), ("status", "ok"), ("is_baseline", False)):
         if col not in df:
             df[col] = df["backbone_set"] if col == "backbone" and "backbone_set" in df else default
+    pcs = dict(iter(per_condition.groupby(list(_GROUP), sort=False))) if per_condition is not None else {}
     rows = []
-    for (dataset, backbone, arm), g in df.groupby(list(_GROUP), sort=False):
+    for key, g in df.groupby(list(_GROUP), sort=False):
         ok = g[g["status"] == "ok"]
-        row: dict[str, object] = {"dataset": dataset, "backbone": backbone, "arm": arm,
-                                  "is_baseline": bool(g["is_baseline"].any()), "n_trials": len(g),
-                                  "n": len(ok), "n_failed": len(g) - len(ok)}
-        for m in metrics:
-            if m not in g:
-                continue
-            x = pd.to_numeric(ok[m], errors="coerce").to_numpy(dtype=float)
-            x = x[np.isfinite(x)]
-            mean, lo, hi = _t_interval(x)
-            row.update({f"{m}_mean": mean, f"{m}_sd": float(np.std(x, ddof=1)) if len(x) > 1 else math.nan,
-                        f"{m}_ci_low": lo, f"{m}_ci_high": hi, f"{m}_n": len(x)})
+        pc = pcs.get(key)
+        boot = pc is not None and len(ok) > 0 and set(pc["seed"]) == set(ok["seed"])
+        row: dict[str, object] = {"dataset": key[0], "backbone": key[1], "arm": key[2],
+                                  "is_baseline": bool(g["is_baseline"].any()), "n_trials": len(g), "n": len(ok),
+                                  "n_failed": len(g) - len(ok), "ci_method": "bootstrap" if boot else "t"}
+        for scope in scopes:
+            for metric in metrics:
+                col = metric_column(metric, scope)
+                if col not in g:
+                    continue
+                x = pd.to_numeric(ok[col], errors="coerce").to_numpy(dtype=float)
+                x = x[np.isfinite(x)]
+                mean, lo, hi = _t_interval(x)
+                if boot and len(x):
+                    lo, hi = _bootstrap_interval(pc, normalise_metric(metric), scope)
+                row.update({f"{col}_mean": mean, f"{col}_sd": float(np.std(x, ddof=1)) if len(x) > 1 else math.nan,
+                            f"{col}_ci_low": lo, f"{col}_ci_high": hi, f"{col}_n": len(x)})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -281,7 +307,8 @@ class LayoutTable:
     columns
         Column headers (``<metric>`` or ``<dataset>/<backbone> <metric>`` when there are several).
     rows
-        ``(arm, is_baseline, cells, best)``: cell text ``mean [ci_low, ci_high] n=k/N`` and whether the
+        ``(arm, is_baseline, cells, best)``: cell text ``mean [ci_low, ci_high] n=k/N`` (``†`` after a
+        t-interval over seeds, used where per-condition values are missing) and whether the
         cell is the best of its column (lowest error, highest correlation).
     """
 
@@ -294,13 +321,25 @@ class LayoutTable:
         return pd.DataFrame([[arm, *cells] for arm, _, cells, _ in self.rows], columns=["arm", *self.columns])
 
 
-def _cell(r: pd.Series, col: str) -> str:
+def format_cell(r: pd.Series, col: str, *, with_n: bool = True) -> str:
+    """A summary cell as text: ``mean [ci_low, ci_high] n=k/N`` (``†``: t-interval over seeds; ``—``: no value).
+
+    Parameters
+    ----------
+    r
+        A :func:`summarise` row.
+    col
+        ``results.csv`` column (e.g. ``test_mse_de``).
+    with_n
+        Append ``n=<ok seeds with a value>/<trials>``.
+    """
     mean = r.get(f"{col}_mean", math.nan)
+    n = f" n={int(r.get(f'{col}_n', 0))}/{int(r['n_trials'])}" if with_n else ""
     if not np.isfinite(mean):
-        return f"— n=0/{r['n_trials']}"
-    ci = (f" [{r[f'{col}_ci_low']:.3g}, {r[f'{col}_ci_high']:.3g}]"
+        return f"—{n}"
+    ci = (f" [{r[f'{col}_ci_low']:.3g}, {r[f'{col}_ci_high']:.3g}]{'†' if r['ci_method'] == 't' else ''}"
           if np.isfinite(r[f"{col}_ci_low"]) else "")
-    return f"{mean:.4g}{ci} n={int(r[f'{col}_n'])}/{int(r['n_trials'])}"
+    return f"{mean:.4g}{ci}{n}"
 
 
 def layout_tables(summary: pd.DataFrame, metrics: Sequence[str], reference: str,
@@ -347,7 +386,7 @@ def layout_tables(summary: pd.DataFrame, metrics: Sequence[str], reference: str,
                     continue
                 r = by.loc[(*k, arm)]
                 base = base or bool(r["is_baseline"])
-                cells.append(_cell(r, col))
+                cells.append(format_cell(r, col))
                 bold.append(bool(np.isfinite(r[f"{col}_mean"]) and r[f"{col}_mean"] == best[(k, m)]))
             rows.append((arm, base, tuple(cells), tuple(bold)))
         headers = tuple(f"{'/'.join(p for p in k if p)} {m}" if several else m for k, m in cols)
