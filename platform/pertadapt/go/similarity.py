@@ -1,9 +1,10 @@
 """Jaccard similarity of GO term sets, the GEARS-style gene graph and the sparse attention mask.
 
-Everything is computed from a binary genes x terms CSR matrix ``X``: intersections are the sparse
-product ``X[block] @ X.T`` taken ``block`` rows at a time (bounded memory), and
-``J = |A & B| / (|A| + |B| - |A & B|)`` is evaluated on the non-zeros only. No N x N dense array
-is ever built.
+Everything is computed from a binary genes x terms CSR matrix ``X``, ``block`` rows at a time
+(bounded memory): the intersections ``X[block] @ X.T`` are a dense BLAS product over the few broad
+terms (annotated to at least 1/16 of the genes; on the FM vocabulary the top 10 terms alone carry 84 %
+of the work) plus a sparse product over all other terms, both exact small integers in float32; then
+``J = |A & B| / (|A| + |B| - |A & B|)``. No N x N dense array is ever built.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 MASK_KINDS = ("go", "random_degree_matched", "none")
 _BLOCK = 1024
+#: A term annotated to at least 1/_BROAD_TERM_FRACTION of the genes joins the dense part of the product.
+_BROAD_TERM_FRACTION = 16
+#: Jaccard histogram bins per row used to preselect graph candidates before the exact top-k sort.
+_TOPK_BINS = 1024
 _MAX_REWIRE_ROUNDS = 64
 Progress = Callable[[int, int], None]
 
@@ -174,28 +179,36 @@ def term_matrix(ann: GOAnnotations, genes: Sequence[str],
     return x, dict(term_index)
 
 
-def _blocks(xa: sp.csr_matrix, xb: sp.csr_matrix, threshold: float, block: int,
+def _blocks(x: sp.csr_matrix, threshold: float, block: int,
             progress: Progress | None) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield ``(row0, rows, cols, jac)`` for the entries with Jaccard > ``threshold`` of each row block.
+    """Yield ``(row0, rows, cols, jac)`` for the gene pairs with Jaccard > ``threshold``, block by block.
 
-    Each block's intersections ``xa[block] @ xb.T`` are densified (block x Nb float32, the only
-    dense array), turned into Jaccard in place, and only the kept entries are returned: ``rows``
-    block-local int64 (ascending, row-major), ``cols`` int64 indices into ``xb``, ``jac`` float32.
+    Each block's intersection counts (block x N float32, the only dense array) are the BLAS product
+    over the broad terms plus the sparse product over the others, scattered into it; they become
+    Jaccard in place and only the kept entries are returned: ``rows`` block-local int64 (ascending,
+    row-major, columns ascending within a row), ``cols`` int64, ``jac`` float32.
     """
-    size_a = np.asarray(xa.sum(axis=1), dtype=np.float32).ravel()
-    size_b = np.asarray(xb.sum(axis=1), dtype=np.float32).ravel()
-    xbt = xb.T.tocsr()
-    n = xa.shape[0]
+    n = x.shape[0]
+    size = np.asarray(x.sum(axis=1), dtype=np.float32).ravel()
+    broad = np.bincount(x.indices, minlength=x.shape[1]) * _BROAD_TERM_FRACTION >= n
+    x_broad = x[:, np.flatnonzero(broad)].toarray()  # (N, B) float32, B small
+    x_rest = x[:, np.flatnonzero(~broad)].tocsr()
+    x_rest_t = x_rest.T.tocsr()
     for r0 in range(0, n, block):
-        inter = (xa[r0:r0 + block] @ xbt).toarray()
-        jac = size_a[r0:r0 + block, None] + size_b[None, :]
+        inter = x_broad[r0:r0 + block] @ x_broad.T  # (b, N), C-contiguous
+        rest = x_rest[r0:r0 + block] @ x_rest_t  # canonical CSR: no duplicate entries
+        flat = np.repeat(np.arange(rest.shape[0], dtype=np.int64) * n, np.diff(rest.indptr)) + rest.indices
+        inter.ravel()[flat] += rest.data
+        del rest, flat
+        jac = size[r0:r0 + block, None] + size[None, :]
         jac -= inter
-        np.maximum(jac, 1.0, out=jac)
-        np.divide(inter, jac, out=jac)
+        with np.errstate(invalid="ignore"):  # 0 / 0 for two genes without GO: NaN, never > threshold
+            np.divide(inter, jac, out=jac)
         del inter
-        rows, cols = np.nonzero(jac > np.float32(threshold))
-        yield r0, rows.astype(np.int64, copy=False), cols.astype(np.int64, copy=False), jac[rows, cols]
-        del jac
+        flat = np.flatnonzero(jac > np.float32(threshold))  # much faster than a 2-d np.nonzero
+        rows, cols = np.divmod(flat, n)
+        yield r0, rows, cols, jac.ravel()[flat]
+        del jac, flat
         if progress is not None:
             progress(min(r0 + block, n), n)
 
@@ -223,7 +236,7 @@ def jaccard_matrix(ann: GOAnnotations, genes: Sequence[str], *, threshold: float
     """
     x, _ = term_matrix(ann, genes)
     pieces = []
-    for r0, rows, cols, jac in _blocks(x, x, threshold, block, None):
+    for r0, rows, cols, jac in _blocks(x, threshold, block, None):
         pieces.append(sp.csr_matrix((jac, (rows, cols)), shape=(min(block, x.shape[0] - r0), x.shape[0])))
     out = sp.vstack(pieces, format="csr") if pieces else sp.csr_matrix((0, x.shape[0]), dtype=np.float32)
     out.sort_indices()
@@ -274,14 +287,26 @@ class _GraphCollector:
         self.dst: list[np.ndarray] = []
         self.w: list[np.ndarray] = []
 
+    def _candidates(self, n_rows: int, r: np.ndarray, c: np.ndarray,
+                    j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row, only the entries in the Jaccard histogram bins that hold its top_k largest (a superset)."""
+        q = np.minimum((j * _TOPK_BINS).astype(np.int64), _TOPK_BINS - 1)
+        hist = np.bincount(r * _TOPK_BINS + q, minlength=n_rows * _TOPK_BINS).reshape(n_rows, _TOPK_BINS)
+        from_top = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # entries in bin >= b, non-increasing in b
+        cutoff = (from_top >= self.top_k).sum(axis=1) - 1  # lowest bin needed; -1: the row has < top_k
+        keep = q >= cutoff[r]
+        return r[keep], c[keep], j[keep]
+
     def add(self, r0: int, n_rows: int, rows: np.ndarray, cols: np.ndarray, jac: np.ndarray) -> None:
         keep = (jac > self.threshold) & (cols != r0 + rows)
-        r, c, j = rows[keep], cols[keep], jac[keep]
+        r, c, j = self._candidates(n_rows, rows[keep], cols[keep], jac[keep])
         # Sort by row, then descending J (one exact float64 key: rows are 4 apart), then column.
         order = np.lexsort((c, r * 4.0 + (1.0 - j.astype(np.float64))))
-        t, c, j = r0 + r[order], c[order], j[order]
-        rank = np.arange(t.size) - np.searchsorted(t, t, side="left")
+        r, c, j = r[order], c[order], j[order]
+        per_row = np.bincount(r, minlength=n_rows)
+        rank = np.arange(r.size) - (np.cumsum(per_row) - per_row)[r]
         top = rank < self.top_k
+        t = r0 + r
         selfs = np.arange(r0, r0 + n_rows, dtype=np.int64)
         tt = np.concatenate([selfs, t[top]])
         cc = np.concatenate([selfs, c[top]])
@@ -325,15 +350,16 @@ class _MaskCollector:
         indices = np.concatenate(self.indices) if self.indices else np.zeros(0, dtype=np.int32)
         csr = sp.csr_matrix((np.ones(indices.size, dtype=bool), indices, np.concatenate(self.indptr)),
                             shape=(n, n))
-        csr.has_sorted_indices = False
-        csr.sort_indices()
+        # Sorted by construction: each block's entries are row-major with ascending columns, and a
+        # lonely diagonal is the only entry of its row.
+        csr.has_sorted_indices = True
         return csr
 
 
 def _scan(ann: GOAnnotations, genes: Sequence[str], collectors: list, floor: float, block: int,
           progress: Progress | None) -> None:
     x, _ = term_matrix(ann, genes)
-    for r0, rows, cols, jac in _blocks(x, x, floor, block, progress):
+    for r0, rows, cols, jac in _blocks(x, floor, block, progress):
         n_rows = min(block, x.shape[0] - r0)
         for c in collectors:
             c.add(r0, n_rows, rows, cols, jac)
