@@ -12,10 +12,10 @@ import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from pertadapt.cli.main import app
-from pertadapt.data.io import sha256_file
 from pertadapt.data.keys import CONDITION, DE_KEY, GENE_NAME
 from pertadapt.data.splits import split_conditions
 from pertadapt.data.validate import validate_adata
+from pertadapt.files import sha256_file
 
 GENES = [f"G{i}" for i in range(10)]
 CONDS = {"ctrl": 8, **{f"G{i}+ctrl": 4 for i in range(6)}, "G0+G1": 3, "G2+G3": 3, "G4+G5": 3}

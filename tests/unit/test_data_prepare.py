@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from pertadapt.data.io import DataError, read_raw, sha256_file, write_h5ad_atomic
+from pertadapt.data.io import DataError, read_raw, write_h5ad_atomic
 from pertadapt.data.keys import (
     CELL_TYPE,
     CONDITION,
@@ -26,6 +26,7 @@ from pertadapt.data.keys import (
 )
 from pertadapt.data.prepare import prepare_adata
 from pertadapt.data.validate import validate_adata
+from pertadapt.files import sha256_file
 
 GENES = [f"G{i}" for i in range(8)]
 

@@ -12,15 +12,9 @@ import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from pertadapt.cli import app
+from pertadapt.data.dataset import load_perturb_data, read_perturb_data
 from pertadapt.data.io import DataError
-from pertadapt.data.summaries import (
-    condition_means,
-    control_mean,
-    de_indices,
-    non_dropout_de_indices,
-    read_predictions,
-    write_predictions,
-)
+from pertadapt.data.summaries import read_predictions, write_predictions
 
 GENES = ["G0", "G1", "G2"]
 #: cells per condition, each row a cell of ``X`` (3 genes)
@@ -52,25 +46,41 @@ def make_adata() -> ad.AnnData:
 
 
 def test_condition_and_control_means():
-    conds, means = condition_means(make_adata())
-    assert conds == ["G0+G1", "G0+ctrl", "G1+ctrl", "ctrl"]
-    np.testing.assert_allclose(means[2], [2.0, 0.5, 0.0])
-    np.testing.assert_allclose(control_mean(make_adata()), [2.0, 2.0, 0.0])
+    data = load_perturb_data(make_adata(), for_training=False)
+    assert data.conditions == ("G0+G1", "G0+ctrl", "G1+ctrl", "ctrl")
+    np.testing.assert_allclose(data.condition_means["G1+ctrl"], [2.0, 0.5, 0.0])
+    np.testing.assert_allclose(data.ctrl_mean, [2.0, 2.0, 0.0])
 
 
 def test_de_indices_rank_order_keyed_by_condition():
-    de = de_indices(make_adata(), n=2)
-    assert set(de) == {"G0+ctrl", "G1+ctrl", "G0+G1"}
-    assert de["G0+G1"].tolist() == [2, 0]
-    assert de_indices(make_adata(), n=None)["G0+ctrl"].tolist() == [0, 2, 1]
-    assert non_dropout_de_indices(make_adata()) == {"G0+ctrl": pytest.approx(np.array([0, 1]))}
+    data = load_perturb_data(make_adata(), for_training=False)
+    assert set(data.de_idx) == {"G0+ctrl", "G1+ctrl", "G0+G1"}
+    assert data.de_idx["G0+G1"][:2].tolist() == [2, 0]
+    assert data.de_idx["G0+ctrl"].tolist() == [0, 2, 1]
+    assert data.non_dropout_de_idx == {"G0+ctrl": pytest.approx(np.array([0, 1]))}
 
 
-def test_missing_de_key_says_to_prepare():
+def test_missing_de_key_says_to_prepare(tmp_path):
     adata = make_adata()
     del adata.uns["rank_genes_groups_cov_all"]
-    with pytest.raises(DataError, match="pertadapt data prepare"):
-        de_indices(adata)
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    with pytest.raises(DataError, match=r"d\.h5ad.*rank_genes_groups_cov_all.*pertadapt data prepare"):
+        read_perturb_data(tmp_path / "d.h5ad", for_training=False)
+
+
+def test_training_needs_total_counts_evaluation_does_not(tmp_path):
+    make_adata().write_h5ad(tmp_path / "d.h5ad")
+    with pytest.raises(DataError, match=r"obs\['total_count'\] is missing"):
+        read_perturb_data(tmp_path / "d.h5ad")
+    assert read_perturb_data(tmp_path / "d.h5ad", for_training=False).total_count is None
+
+
+@pytest.mark.parametrize("content", [b"not an hdf5 file at all", b"\x89HDF\r\n\x1a\n" + b"\0" * 64])
+def test_unreadable_file_is_a_data_error_naming_it(tmp_path, content):
+    bad = tmp_path / "bad.h5ad"
+    bad.write_bytes(content)
+    with pytest.raises(DataError, match=r"bad\.h5ad: not a readable \.h5ad file"):
+        read_perturb_data(bad, for_training=False)
 
 
 def test_prediction_roundtrip_per_cell_and_reordered(tmp_path):

@@ -118,8 +118,9 @@ def split(
 ) -> None:
     """Split conditions into train/val/test exactly as GEARS does and write SPLIT.json."""
     from pertadapt.data.conditions import ConditionError
-    from pertadapt.data.io import DataError, read_conditions, sha256_file
+    from pertadapt.data.io import DataError, read_conditions
     from pertadapt.data.splits import SplitError, split_conditions
+    from pertadapt.files import sha256_file
 
     if not data.is_file():
         raise _fail(f"{data}: no such file")

@@ -41,13 +41,10 @@ def _jsonable(value: object) -> object:
     return value
 
 
-def _evaluate(adata: object, split: dict, conditions: list[str], matrix: np.ndarray, *, gi: bool) -> dict:
+def _evaluate(data: object, split: dict, conditions: list[str], matrix: np.ndarray, *, gi: bool) -> dict:
     """Metrics of predicted condition means on the split's test conditions (``metrics.json`` layout)."""
     from pertadapt.data.conditions import condition_genes
-    from pertadapt.data.keys import CONDITION_NAME, TOP_NON_DROPOUT_DE_KEY
-    from pertadapt.data.summaries import condition_means, control_mean, de_indices, non_dropout_de_indices
-    from pertadapt.eval import compute_metrics, gi_metrics, top_variable_genes
-    from pertadapt.eval.metrics import DIRECTION_TOP_N
+    from pertadapt.eval import gi_metrics, score_predictions
 
     known = set(split["train"]) | set(split["val"]) | set(split["test"])
     outside = [c for c in conditions if c not in known]
@@ -57,29 +54,18 @@ def _evaluate(adata: object, split: dict, conditions: list[str], matrix: np.ndar
     unpredicted = [c for c in split["test"] if c not in pred]
     if unpredicted:
         raise ValueError(f"{len(unpredicted)} test condition(s) have no prediction, first {unpredicted[0]!r}")
-    if CONDITION_NAME not in adata.obs:
-        raise ValueError("the dataset has no obs['condition_name']; run `pertadapt data prepare` first")
-    genes = [str(g) for g in adata.var_names]
-    names, means = condition_means(adata)
-    truth = dict(zip(names, means, strict=True))
-    ctrl = control_mean(adata)
-    de = de_indices(adata, n=max(DIRECTION_TOP_N))
-    nd = non_dropout_de_indices(adata) if TOP_NON_DROPOUT_DE_KEY in adata.uns else None
-    if nd is None:
-        log.warning("uns[%r] missing: the *_non_dropout metrics are left out", TOP_NON_DROPOUT_DE_KEY)
-    test_pred = {c: pred[c] for c in split["test"]}
-    metrics = compute_metrics(test_pred, truth, ctrl, de, subgroups=split["subgroups"],
-                              non_dropout_de_idx=nd, hvg_idx=top_variable_genes(means), gene_names=genes)
+    metrics = score_predictions({c: pred[c] for c in split["test"]}, data, subgroups=split["subgroups"])
     doc = metrics.to_dict()
     doubles = [c for c in split["test"] if len(condition_genes(c)) == 2]
     if gi and doubles:
-        result = gi_metrics(pred, truth, ctrl, doubles, gene_idx=np.argsort(ctrl)[-GI_GENES:])
+        result = gi_metrics(pred, data.condition_means, data.ctrl_mean, doubles,
+                            gene_idx=np.argsort(data.ctrl_mean)[-GI_GENES:])
         doc["gi"] = {"overall": result.overall, "per_double": result.per_double}
     return _jsonable(doc)
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    from pertadapt.data.io import atomic_write_text
+    from pertadapt.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
 
@@ -93,13 +79,14 @@ def eval_command(
                                      "(Theil-Sen, about 2 s per prediction and double).")] = False,
 ) -> None:
     """GEARS-compatible metrics (overall, per subgroup, per perturbation) of a prediction file."""
-    from pertadapt.data.summaries import read_dataset, read_predictions
+    from pertadapt.data.dataset import read_perturb_data
+    from pertadapt.data.summaries import read_predictions
 
     try:
         doc_split = _read_split(split)
-        adata = read_dataset(data)
-        conditions, matrix = read_predictions(pred, [str(g) for g in adata.var_names])
-        doc = _evaluate(adata, doc_split, conditions, matrix, gi=gi)
+        dataset = read_perturb_data(data, for_training=False)
+        conditions, matrix = read_predictions(pred, list(dataset.genes))
+        doc = _evaluate(dataset, doc_split, conditions, matrix, gi=gi)
     except ValueError as e:
         log.error("eval: %s", e)
         raise typer.Exit(1) from e
@@ -118,28 +105,27 @@ def baselines_command(
 ) -> None:
     """Fit every baseline on the training conditions; write DIR/<name>.h5ad and DIR/<name>.metrics.json."""
     from pertadapt.baselines import BASELINES, fit_baseline
+    from pertadapt.data.dataset import read_perturb_data
     from pertadapt.data.keys import CONTROL
-    from pertadapt.data.summaries import condition_means, control_mean, read_dataset, write_predictions
+    from pertadapt.data.summaries import write_predictions
 
     try:
         doc_split = _read_split(split)
-        adata = read_dataset(data)
-        genes = [str(g) for g in adata.var_names]
-        names, means = condition_means(adata)
-        by_name = dict(zip(names, means, strict=True))
+        dataset = read_perturb_data(data, for_training=False)
+        genes = list(dataset.genes)
+        by_name = dataset.condition_means
         absent = [c for c in doc_split["train"] if c not in by_name]
         if absent:
             raise ValueError(f"{len(absent)} training condition(s) have no cells, first {absent[0]!r}")
         train = {c: by_name[c] for c in doc_split["train"]}
-        ctrl = control_mean(adata)
         targets = sorted({*doc_split["train"], *doc_split["val"], *doc_split["test"]} - {CONTROL})
         for name in BASELINES:
-            model = fit_baseline(name, train, ctrl, linear_k=linear_k, linear_ridge=linear_ridge,
+            model = fit_baseline(name, train, dataset.ctrl_mean, linear_k=linear_k, linear_ridge=linear_ridge,
                                  gene_names=genes)
             predicted = model.predict(targets)
             matrix = np.stack([predicted[c] for c in targets])
             write_predictions(out / f"{name}.h5ad", targets, matrix, genes)
-            doc = _evaluate(adata, doc_split, targets, matrix, gi=gi)
+            doc = _evaluate(dataset, doc_split, targets, matrix, gi=gi)
             _write_json(out / f"{name}.metrics.json", doc)
             log.info("%s: test mse_de %.4g, pearson_delta %.4g", name, doc["overall"].get("mse_de", float("nan")),
                      doc["overall"].get("pearson_delta", float("nan")))

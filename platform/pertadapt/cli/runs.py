@@ -25,26 +25,13 @@ def _train(config: Path = typer.Argument(..., help="Run config YAML (may use bas
         ov += [f"engine.workers={workers}"] + (["engine.name=deepspeed"] if workers > 1 else [])
     cfg = load_run_config(config, ov)
     run_dir = (out or Path(cfg.logging.out_dir) / cfg.name).resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out: {run_dir} exists and is not a directory")
     from pertadapt.train.setup import ensure_data_file
+    from pertadapt.train.worker import launch
 
     ensure_data_file(cfg)
-    if cfg.engine.name == "deepspeed":
-        from pertadapt.train.worker import train_on_local_ray
-
-        train_on_local_ray(cfg, run_dir, resume=resume)
-    else:
-        from pertadapt.report.wandb import open_logger
-        from pertadapt.train.run import run
-
-        logger = open_logger(mode=cfg.logging.wandb, project=cfg.logging.project, group=cfg.logging.group,
-                             name=cfg.name, directory=run_dir, config=config_to_dict(cfg))
-
-        def report(m: dict[str, float]) -> None:
-            logger.log(m, step=int(m["epoch"]))
-            log.info("epoch %d  train_loss %.4f  val_mse_de %.4f", m["epoch"], m["train_loss"], m["val_mse_de"])
-
-        final = run(cfg, run_dir, report=report, resume=resume)
-        logger.finish(final)
+    launch(cfg, run_dir, resume=resume)
     _print_metrics(run_dir)
 
 
@@ -139,11 +126,23 @@ def _demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Sweep direc
     """The embedded default: simulated Perturb-seq on real GO → paper ablation grid → W&B offline → HTML."""
     from pertadapt.config.load import resolve_config_path
 
-    _sweep(resolve_config_path("ablations/demo.yaml"), [], None, out, True)
+    _sweep(resolve_config_path("demo.yaml", kind="ablations"), [], None, out, True)
+
+
+def _config_show(config: Path = typer.Argument(..., help="Run config YAML (may use base:)."),
+                 overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides.")) -> None:
+    """Print the fully resolved run config as YAML (what a run, or an arm, really runs)."""
+    cfg = load_run_config(config, list(overrides or []))
+    typer.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), nl=False)
+
+
+config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
+config_app.command("show")(_config_show)
 
 
 def register(app: typer.Typer) -> None:
     """Add the run commands to the root app."""
+    app.add_typer(config_app, name="config")
     app.command("train")(_train)
     app.command("sweep")(_sweep)
     app.command("report")(_report)

@@ -29,6 +29,8 @@ import click
 import jsonschema
 import yaml
 
+from pertadapt.files import package_data
+
 log = logging.getLogger(__name__)
 
 SCHEMA_DIR_ENV = "PERTADAPT_KUBERAY_SCHEMA_DIR"
@@ -115,13 +117,13 @@ def default_schema_dir() -> Path:
     Returns
     -------
     Path
-        ``$PERTADAPT_KUBERAY_SCHEMA_DIR`` when set, else ``cluster/kuberay/schema`` of the
-        repository this package is installed from (editable install).
+        ``$PERTADAPT_KUBERAY_SCHEMA_DIR`` when set, else the vendored schemas shipped in the package
+        (``pertadapt/resources/kuberay_schema``, linked as ``cluster/kuberay/schema``).
     """
     env = os.environ.get(SCHEMA_DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "cluster" / "kuberay" / "schema"
+    return Path(str(package_data("kuberay_schema")))
 
 
 def format_path(parts: Iterable[str | int]) -> str:

@@ -1,8 +1,15 @@
-"""YAML → :class:`RunConfig`: ``base:`` inheritance, dotted ``key=value`` overrides, strict validation.
+"""YAML → typed, frozen configs: ``base:`` inheritance, dotted ``key=value`` overrides, strict validation.
 
-OmegaConf only merges; the schema (frozen dataclasses) decides what is valid. Every failure is a
-:class:`~pertadapt.config.schema.ConfigError` whose message names the file and the key path.
-No heavy framework is imported here, so bad configs fail in well under a second.
+One mechanism for every file a user writes (run configs, ablations, search spaces): the YAML is read
+strictly (duplicate keys, binary content and non-mappings are errors), merged by OmegaConf onto the
+frozen dataclass schema (unknown keys and wrong types rejected with their key path) and turned into
+the dataclass, whose ``__post_init__`` runs the cross-field checks. Every failure is a
+:class:`~pertadapt.config.schema.ConfigError` naming the file and the key path. No heavy framework
+is imported here, so a bad config fails in milliseconds.
+
+``base:`` references are resolved relative to the file that contains them first, then among the
+configs shipped with the package; a path typed on the command line is taken as given (relative to
+the working directory), then among the shipped files.
 """
 
 from __future__ import annotations
@@ -12,29 +19,53 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pertadapt.config.schema import ConfigError, RunConfig
+from pertadapt.files import package_data
 
 __all__ = [
+    "SHIPPED_DIRS",
+    "config_from_dict",
     "config_hash",
     "config_to_dict",
     "dotted_to_nested",
-    "config_from_dict",
     "load_run_config",
+    "load_typed",
     "read_yaml",
     "resolve_config_path",
 ]
 
 BASE_KEY = "base"
+#: Folders of ``pertadapt/resources`` that hold user-facing files (also linked at the repository root).
+SHIPPED_DIRS = ("configs", "ablations", "search_spaces", "deepspeed")
+T = TypeVar("T")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (YAML would silently keep the last one)."""
+
+
+def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_duplicates)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors that name the file.
+    """Read a YAML mapping strictly, with errors that name the file.
 
     Parameters
     ----------
@@ -44,52 +75,110 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     Returns
     -------
     dict
-        The parsed mapping (``{}`` for an empty file).
+        The parsed mapping.
+
+    Raises
+    ------
+    ConfigError
+        Missing file, a directory, binary or non-UTF-8 content, invalid YAML, a duplicate key, an empty
+        file, or a top level that is not a mapping.
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: file not found")
+        raise ConfigError(f"{p}: file not found" if not p.exists() else f"{p}: not a regular file")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file (invalid UTF-8 at byte {e.start}); expected YAML") from e
+    if "\x00" in text:
+        raise ConfigError(f"{p}: not a text file (contains NUL bytes); expected YAML")
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if data is None:
-        return {}
+        raise ConfigError(f"{p}: the file is empty; expected a mapping of settings (an empty run config "
+                          "would silently train the full defaults)")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 
-def resolve_config_path(ref: str | Path, relative_to: Path | None = None) -> Path:
-    """Find a config file given as a path, a path relative to another file, or a bare name in ``configs/``."""
+def _shipped(ref: Path, kind: str) -> Path | None:
+    parts = ref.parts
+    if not parts or ref.is_absolute() or ".." in parts:
+        return None
+    node = package_data(*parts) if parts[0] in SHIPPED_DIRS else package_data(kind, *parts)
+    return Path(str(node)) if node.is_file() else None
+
+
+def resolve_config_path(ref: str | Path, relative_to: Path | None = None, *, kind: str = "configs") -> Path:
+    """Find a file named in a config or on the command line.
+
+    Parameters
+    ----------
+    ref
+        A path or a bare name (``paper.yaml``).
+    relative_to
+        The file that names ``ref`` (``base:``, ``search_space:``): ``ref`` is looked up next to it first.
+        ``None`` for a path typed by the user: taken as given (relative to the working directory).
+    kind
+        The shipped folder searched next (``configs``, ``ablations``, ``search_spaces``, ``deepspeed``).
+
+    Returns
+    -------
+    Path
+        The existing file.
+    """
+    if not isinstance(ref, (str, Path)) or not str(ref):
+        raise ConfigError(f"expected a file name, got {ref!r}")
     ref = Path(ref)
-    candidates = [ref]
-    if relative_to is not None:
-        candidates.append(relative_to.parent / ref)
-    repo = Path(__file__).resolve().parents[3]  # the checkout, for editable installs run elsewhere
-    candidates += [Path("configs") / ref, repo / ref, repo / "configs" / ref]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise ConfigError(f"{ref}: config file not found (looked in {', '.join(str(c) for c in candidates)})")
+    first = ref if relative_to is None or ref.is_absolute() else relative_to.parent / ref
+    if first.is_file():
+        return first
+    shipped = _shipped(ref, kind)
+    if shipped is not None:
+        return shipped
+    raise ConfigError(f"{ref}: file not found (looked at {first} and among the shipped {kind})")
 
 
-def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[DictConfig, tuple[Path, ...]]:
     path = path.resolve()
     if path in seen:
-        raise ConfigError(f"{path}: circular 'base:' chain ({' -> '.join(str(s) for s in seen)})")
+        raise ConfigError(f"{path}: circular 'base:' chain ({' -> '.join(str(s) for s in (*seen, path))})")
     raw = read_yaml(path)
     base = raw.pop(BASE_KEY, None)
-    merged = OmegaConf.create()
+    merged, chain = OmegaConf.create(), (path,)
     if base is not None:
-        merged = _load_with_bases(resolve_config_path(base, path), (*seen, path))
-    return OmegaConf.merge(merged, OmegaConf.create(raw))
-
-
-def _validate(source: str, *layers: Mapping[str, Any] | DictConfig) -> RunConfig:
-    schema = OmegaConf.structured(RunConfig)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: key '{BASE_KEY}': expected one file name, got {base!r}")
+        merged, chain = _load_with_bases(resolve_config_path(base, path), (*seen, path))
+        chain = (*chain, path)
     try:
-        merged = OmegaConf.merge(schema, *layers)
+        return OmegaConf.merge(merged, OmegaConf.create(raw)), chain
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from e
+
+
+def load_typed(schema: type[T], source: str, *layers: Mapping[str, Any] | DictConfig) -> T:
+    """Merge ``layers`` onto the dataclass ``schema`` and build it (``__post_init__`` checks run).
+
+    Parameters
+    ----------
+    schema
+        A frozen dataclass (``RunConfig``, ``AblationFile``, ``SearchSpaceFile``).
+    source
+        What the layers came from (file name, overrides), put in front of every error message.
+    layers
+        Mappings merged in order.
+
+    Returns
+    -------
+    T
+        The validated instance.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
@@ -97,7 +186,7 @@ def _validate(source: str, *layers: Mapping[str, Any] | DictConfig) -> RunConfig
         raise ConfigError(f"{source}: key '{key}': {msg}") from e
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from e
-    assert isinstance(obj, RunConfig)
+    assert isinstance(obj, schema)
     return obj
 
 
@@ -133,16 +222,17 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
     layers: list[Any] = []
     source = "<defaults>"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        layers.append(_load_with_bases(p))
+        p = resolve_config_path(path) if not Path(path).is_file() else Path(path)
+        conf, chain = _load_with_bases(p)
+        source = str(p) if len(chain) == 1 else f"{p} (base chain: {' <- '.join(c.name for c in chain)})"
+        layers.append(conf)
     if extra:
         layers.append(OmegaConf.create(dict(extra)))
     overrides = list(overrides)
     if overrides:
         layers.append(_overrides_to_conf(overrides))
         source += f" + overrides {overrides}"
-    return _validate(source, *layers)
+    return load_typed(RunConfig, source, *layers)
 
 
 def dotted_to_nested(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,17 +249,17 @@ def dotted_to_nested(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """Plain nested dict (JSON/YAML-safe) of a config."""
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (JSON/YAML-safe) of a config dataclass."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def config_from_dict(d: Mapping[str, Any]) -> RunConfig:
     """Inverse of :func:`config_to_dict` (validates again)."""
-    return _validate("<dict>", OmegaConf.create(dict(d)))
+    return load_typed(RunConfig, "<dict>", OmegaConf.create(dict(d)))
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """Short stable hash of the resolved config."""
+    """Short stable hash of the resolved config (what makes a result belong to a config)."""
     blob = json.dumps(config_to_dict(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pertadapt.config.errors import ConfigError
+
 __all__ = [
     "BACKBONES",
+    "BASELINE_MODELS",
     "ENGINES",
+    "FINETUNE_MODES",
+    "GO_SOURCES",
     "LOSSES",
     "MASKS",
+    "METRICS",
     "MODELS",
+    "SPLIT_KINDS",
+    "SUBGROUPS",
+    "is_metric_name",
     "AdapterConfig",
     "BackboneConfig",
     "ConfigError",
@@ -30,16 +39,29 @@ __all__ = [
     "RunConfig",
 ]
 
-#: Closed vocabularies of names; the registries in ``models``/``baselines``/``train`` use the same keys.
-MODELS = ("pertadapt", "baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear")
+#: Closed vocabularies of names. The registries in ``models``/``baselines``/``go``/``train`` are dicts
+#: keyed by exactly these names (one sync test per registry checks it), so the schema rejects an
+#: unknown name before anything is built.
+BASELINE_MODELS = ("baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear")
+MODELS = ("pertadapt", *BASELINE_MODELS)
 BACKBONES = ("tiny", "learned", "aido_cell", "scfoundation")
+FINETUNE_MODES = ("frozen", "last_k", "full", "lora")
 MASKS = ("go", "none", "random_degree_matched")
 LOSSES = ("adaptive", "mse", "gears")
 ENGINES = ("torch", "deepspeed")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file (when known) and the key path."""
+GO_SOURCES = ("bundled", "debian", "obo")
+#: Per-perturbation metrics that ``eval.compute_metrics`` reports (a sync test checks the list).
+METRICS = (
+    "mse", "pearson", "mae", "mse_de", "pearson_de", "pearson_delta", "pearson_delta_de",
+    "frac_correct_direction_all", "frac_correct_direction_20", "frac_correct_direction_50",
+    "frac_correct_direction_100", "frac_correct_direction_200", "mse_top20_de_non_dropout",
+    "pearson_delta_top20_de_non_dropout", "pearson_top200_hvg", "pearson_delta_top200_hvg", "mse_top200_hvg",
+    "de_overlap_20", "pds_l1",
+)
+#: Condition split kinds (GEARS).
+SPLIT_KINDS = ("simulation", "single")
+#: GEARS test subgroups (``data.splits``); metrics are also reported as ``<split>_<subgroup>_<metric>``.
+SUBGROUPS = ("combo_seen0", "combo_seen1", "combo_seen2", "unseen_single")
 
 
 def _choice(path: str, value: object, options: tuple[str, ...]) -> None:
@@ -75,12 +97,13 @@ class DataConfig:
     backed: bool = False
 
     def __post_init__(self) -> None:
-        _choice("data.split", self.split, ("simulation", "single"))
+        _choice("data.split", self.split, SPLIT_KINDS)
         _choice("data.missing_go", self.missing_go, ("drop", "fail"))
         _check("data.train_gene_frac", 0.0 < self.train_gene_frac < 1.0, "a fraction in (0, 1)", self.train_gene_frac)
         _check("data.combo_seen2_train_frac", 0.0 <= self.combo_seen2_train_frac <= 1.0, "a fraction in [0, 1]",
                self.combo_seen2_train_frac)
         _check("data.n_de", self.n_de > 0, "a positive integer", self.n_de)
+        _check("data.simulate_seed", self.simulate_seed >= 0, "a non-negative integer", self.simulate_seed)
 
 
 @dataclass(frozen=True)
@@ -98,12 +121,13 @@ class GOConfig:
     mask_threshold: float = 0.1
 
     def __post_init__(self) -> None:
-        _choice("go.source", self.source, ("bundled", "debian", "obo"))
+        _choice("go.source", self.source, GO_SOURCES)
         for a in self.aspects:
             _choice("go.aspects", a, ("BP", "MF", "CC"))
         if self.source == "obo" and (self.obo is None or self.gaf is None):
             raise ConfigError("go.obo / go.gaf: both are required when go.source is 'obo'")
         _check("go.graph_top_k", self.graph_top_k > 0, "a positive integer", self.graph_top_k)
+        _check("go.graph_threshold", 0.0 <= self.graph_threshold < 1.0, "a value in [0, 1)", self.graph_threshold)
         _check("go.mask_threshold", 0.0 <= self.mask_threshold < 1.0, "a value in [0, 1)", self.mask_threshold)
 
 
@@ -126,13 +150,21 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         _choice("backbone.name", self.name, BACKBONES)
-        _choice("backbone.finetune", self.finetune, ("frozen", "last_k", "full", "lora"))
+        _choice("backbone.finetune", self.finetune, FINETUNE_MODES)
         _choice("backbone.input_mode", self.input_mode, ("code", "intended"))
         if self.input_mode != "code" and self.name != "aido_cell":
             raise ConfigError("backbone.input_mode: only the aido_cell backbone has input modes")
         _check("backbone.hidden_size", self.hidden_size > 0, "a positive integer", self.hidden_size)
         _check("backbone.heads", self.heads > 0 and self.hidden_size % self.heads == 0,
                "a positive divisor of backbone.hidden_size", self.heads)
+        _check("backbone.layers", self.layers > 0, "a positive integer", self.layers)
+        _check("backbone.last_k", self.last_k > 0, "a positive integer", self.last_k)
+        _check("backbone.lora_rank", self.lora_rank > 0, "a positive integer", self.lora_rank)
+
+    @property
+    def is_foundation_model(self) -> bool:
+        """Whether the backbone is an FM (``learned`` = FM off: a trained per-gene embedding instead)."""
+        return self.name != "learned"
 
 
 @dataclass(frozen=True)
@@ -155,6 +187,8 @@ class AdapterConfig:
         _choice("adapter.inject", self.inject, ("all", "perturbed"))
         _check("adapter.layers", self.layers > 0, "a positive integer", self.layers)
         _check("adapter.heads", self.heads > 0, "a positive integer", self.heads)
+        _check("adapter.ffn_dim", self.ffn_dim > 0, "a positive integer", self.ffn_dim)
+        _check("adapter.chunk_size", self.chunk_size > 0, "a positive integer", self.chunk_size)
 
 
 @dataclass(frozen=True)
@@ -173,6 +207,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODELS)
         _check("model.hidden_size", self.hidden_size > 0, "a positive integer", self.hidden_size)
+        _check("model.head_hidden", self.head_hidden > 0, "a positive integer", self.head_hidden)
+        _check("model.linear_k", self.linear_k > 0, "a positive integer", self.linear_k)
+        _check("model.linear_ridge", self.linear_ridge >= 0, "a non-negative float", self.linear_ridge)
 
 
 @dataclass(frozen=True)
@@ -190,6 +227,10 @@ class LossConfig:
     def __post_init__(self) -> None:
         _choice("loss.name", self.name, LOSSES)
         _choice("loss.variant", self.variant, ("code", "intended"))
+        _check("loss.scale", self.scale > 0, "a positive float", self.scale)
+        _check("loss.gears_gamma", self.gears_gamma >= 0, "a non-negative float", self.gears_gamma)
+        _check("loss.gears_direction_lambda", self.gears_direction_lambda >= 0, "a non-negative float",
+               self.gears_direction_lambda)
 
 
 @dataclass(frozen=True)
@@ -213,6 +254,12 @@ class OptimConfig:
         _check("optim.micro_batch_size", self.micro_batch_size >= 1, "an integer >= 1", self.micro_batch_size)
         _check("optim.batch_size", self.batch_size >= self.micro_batch_size,
                "an integer >= optim.micro_batch_size", self.batch_size)
+        _check("optim.weight_decay", self.weight_decay >= 0, "a non-negative float", self.weight_decay)
+        _check("optim.step_gamma", 0.0 < self.step_gamma <= 1.0, "a factor in (0, 1]", self.step_gamma)
+        _check("optim.clip_value", self.clip_value is None or self.clip_value > 0, "a positive float or null",
+               self.clip_value)
+        _check("optim.max_steps_per_epoch", self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+               "an integer >= 1 or null", self.max_steps_per_epoch)
 
 
 @dataclass(frozen=True)
@@ -229,6 +276,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _choice("engine.name", self.name, ENGINES)
         _check("engine.workers", self.workers >= 1, "an integer >= 1", self.workers)
+        _check("engine.cpus_per_worker", self.cpus_per_worker > 0, "a positive number", self.cpus_per_worker)
         if self.name == "torch" and self.workers != 1:
             raise ConfigError("engine.workers: the 'torch' engine runs one process; use engine.name=deepspeed")
 
@@ -243,9 +291,11 @@ class EvalConfig:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        _check("eval.select_metric", self.select_metric.startswith("val_"), "a validation metric name (val_...)",
-               self.select_metric)
+        _check("eval.select_metric", is_metric_name(self.select_metric, "val"),
+               "a validation metric: val_<metric> or val_<subgroup>_<metric> with metric one of "
+               f"{', '.join(METRICS)}", self.select_metric)
         _choice("eval.select_mode", self.select_mode, ("min", "max"))
+        _check("eval.batch_size", self.batch_size > 0, "a positive integer", self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -279,7 +329,53 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        """Cross-section checks: everything a run would find out later is found out here."""
+        _check("name", bool(self.name) and "/" not in self.name and ".." not in self.name,
+               "a non-empty name without '/' or '..'", self.name)
+        if self.is_baseline:
+            return
+        per_step = self.optim.micro_batch_size * self.engine.workers
+        if self.optim.batch_size % per_step:
+            raise ConfigError(f"optim.batch_size: {self.optim.batch_size} cells per step is not a multiple of "
+                              f"optim.micro_batch_size × engine.workers = {self.optim.micro_batch_size} × "
+                              f"{self.engine.workers} = {per_step}")
+        if self.adapter.enabled and self.model.hidden_size % self.adapter.heads:
+            raise ConfigError(f"adapter.heads: {self.adapter.heads} does not divide the adapter width "
+                              f"model.hidden_size = {self.model.hidden_size}")
+        if self.engine.name == "deepspeed":
+            from pertadapt.config.deepspeed import read_deepspeed_json
+
+            read_deepspeed_json(self.engine.deepspeed_config)
+
     @property
     def split_seed(self) -> int:
         """The seed of the condition split (``data.split_seed`` or the run seed)."""
         return self.seed if self.data.split_seed is None else self.data.split_seed
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimiser step on each worker (``batch_size / (micro_batch_size × workers)``)."""
+        return self.optim.batch_size // (self.optim.micro_batch_size * self.engine.workers)
+
+    @property
+    def is_baseline(self) -> bool:
+        """Whether the model is one of the simple baselines (fit on condition means; no engine, no Ray)."""
+        return self.model.name in BASELINE_MODELS
+
+    @property
+    def uses_ray_train(self) -> bool:
+        """Whether the run trains on Ray Train workers (DeepSpeed engine) rather than in-process."""
+        return not self.is_baseline and self.engine.name == "deepspeed"
+
+
+def is_metric_name(name: str, split: str) -> bool:
+    """Whether ``name`` is ``<split>_<metric>`` or ``<split>_<subgroup>_<metric>`` for a known metric."""
+    if not name.startswith(f"{split}_"):
+        return False
+    rest = name[len(split) + 1:]
+    for group in SUBGROUPS:
+        if rest.startswith(f"{group}_"):
+            rest = rest[len(group) + 1:]
+            break
+    return rest in METRICS or rest.startswith("truth_") and rest[len("truth_"):] in METRICS

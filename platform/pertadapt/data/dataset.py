@@ -6,8 +6,9 @@ densified one micro-batch at a time, so memory is bounded by the matrix itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -22,13 +23,19 @@ from pertadapt.types import Batch
 
 #: DE genes kept per condition for the metrics (GEARS' frac_correct_direction_200).
 N_METRIC_DE = 200
+#: Rows read at a time when averaging over cells.
+_CHUNK = 4096
 
 __all__ = ["N_METRIC_DE", "PairedCells", "PerturbData", "load_perturb_data", "read_perturb_data"]
 
 
 @dataclass(frozen=True)
 class PerturbData:
-    """A prepared dataset in array form, shared by every split of a run.
+    """A prepared dataset in array form: the one reader every consumer uses.
+
+    Training, ``pertadapt eval``, ``pertadapt baselines`` and the sweep's baseline arms all read a
+    prepared ``.h5ad`` through :func:`read_perturb_data` (the role scvi-tools' ``AnnDataManager``
+    plays), so condition means, DE lists and gene names mean the same thing everywhere.
 
     Attributes
     ----------
@@ -38,28 +45,32 @@ class PerturbData:
         ``(n_cells, N)`` log1p-normalised expression: an in-memory CSR matrix, or the file-backed
         sparse dataset of an AnnData opened with ``backed='r'`` (rows are then read on demand).
     total_count
-        ``(n_cells,)`` raw UMI totals.
+        ``(n_cells,)`` raw UMI totals (``None`` when the file has none; training requires them).
     cell_condition
         ``(n_cells,)`` condition index into ``conditions``.
     cell_type
         ``(n_cells,)`` cell-type index.
     conditions
-        Condition names (GEARS style), ``ctrl`` included.
+        Condition names (GEARS style, sorted), ``ctrl`` included.
     de_idx
         condition → top DE gene positions in rank order, at least the first 200 (training uses the first
         ``n_de``; the direction metrics use up to 200); absent for ctrl.
     nz_idx
-        condition → sorted positions of genes with non-zero mean (absent for ctrl).
+        condition → sorted positions of genes with non-zero mean (absent for ctrl; empty when the file
+        has no ``uns['non_zeros_gene_idx']`` and was read for evaluation only).
+    non_dropout_de_idx
+        condition → positions of ``uns['top_non_dropout_de_20']`` (empty when the file has none).
     """
 
     genes: tuple[str, ...]
     X: object
-    total_count: np.ndarray
+    total_count: np.ndarray | None
     cell_condition: np.ndarray
     cell_type: np.ndarray
     conditions: tuple[str, ...]
     de_idx: dict[str, np.ndarray]
     nz_idx: dict[str, np.ndarray]
+    non_dropout_de_idx: dict[str, np.ndarray] = field(default_factory=dict)
 
     def cells_of(self, conditions: Sequence[str]) -> np.ndarray:
         """Indices of the cells whose condition is in ``conditions``."""
@@ -78,26 +89,53 @@ class PerturbData:
         block = block if sp.issparse(block) else sp.csr_matrix(block)
         return sp.csr_matrix(block)[inverse]
 
-    def mean_expression(self, cells: np.ndarray, chunk: int = 4096) -> np.ndarray:
-        """``(N,)`` mean of ``X`` over ``cells`` (read ``chunk`` rows at a time)."""
-        total = np.zeros(len(self.genes))
-        for start in range(0, len(cells), chunk):
-            total += np.asarray(self.rows(cells[start: start + chunk]).sum(axis=0)).ravel()
-        return (total / max(len(cells), 1)).astype(np.float32)
+    @functools.cached_property
+    def condition_means(self) -> dict[str, np.ndarray]:
+        """condition → ``(N,)`` float64 mean of ``X`` over its cells (every condition, ctrl included).
+
+        Computed once, ``_CHUNK`` rows at a time (bounded memory in backed mode), as D⁻¹ Aᵀ X with the
+        one-hot condition indicator A.
+        """
+        sums = np.zeros((len(self.conditions), len(self.genes)))
+        n = self.cell_condition.size
+        for start in range(0, n, _CHUNK):
+            cells = np.arange(start, min(start + _CHUNK, n))
+            onehot = sp.csr_matrix((np.ones(cells.size), (self.cell_condition[cells], np.arange(cells.size))),
+                                   shape=(len(self.conditions), cells.size))
+            sums += np.asarray((onehot @ self.rows(cells).astype(np.float64)).todense())
+        counts = np.bincount(self.cell_condition, minlength=len(self.conditions)).astype(np.float64)
+        return {c: sums[i] / counts[i] for i, c in enumerate(self.conditions)}
+
+    @property
+    def ctrl_mean(self) -> np.ndarray:
+        """``(N,)`` float64 mean over **all** control cells (GEARS's c)."""
+        return self.condition_means[keys.CONTROL]
 
 
-def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20) -> PerturbData:
+def _ranked_positions(key: str, name: str, ranked: Sequence[str], pos: Mapping[str, int]) -> np.ndarray:
+    missing = [str(g) for g in ranked if str(g) not in pos]
+    if missing:
+        raise KeyError(f"uns['{key}'][{name!r}]: gene {missing[0]!r} is not in var_names")
+    return np.array([pos[str(g)] for g in ranked], dtype=np.int64)
+
+
+def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20, for_training: bool = True) -> PerturbData:
     """Turn a prepared AnnData (in memory or opened with ``backed='r'``) into :class:`PerturbData`.
 
-    Reads ``obs['condition']``, ``obs['condition_name']``, ``obs['cell_type']``, ``obs['total_count']``,
-    ``X`` (log1p) and ``uns['rank_genes_groups_cov_all']`` / ``uns['non_zeros_gene_idx']``.
+    Reads ``obs['condition']``, ``obs['condition_name']``, ``obs['cell_type']`` (optional),
+    ``obs['total_count']``, ``X`` (log1p) and ``uns['rank_genes_groups_cov_all']``,
+    ``uns['non_zeros_gene_idx']`` and (optional) ``uns['top_non_dropout_de_20']``. With
+    ``for_training=False`` (evaluation, baselines) ``total_count`` and the non-zero lists may be absent.
     """
-    for key in (keys.CONDITION, keys.CONDITION_NAME, keys.TOTAL_COUNT):
+    required = (keys.CONDITION, keys.CONDITION_NAME, keys.TOTAL_COUNT) if for_training else (
+        keys.CONDITION, keys.CONDITION_NAME)
+    for key in required:
         if key not in adata.obs:
             raise KeyError(f"obs['{key}'] is missing; run `pertadapt data prepare` first")
-    for key in (keys.DE_KEY, keys.NON_ZERO_KEY):
+    for key in (keys.DE_KEY, keys.NON_ZERO_KEY) if for_training else (keys.DE_KEY,):
         if key not in adata.uns:
-            raise KeyError(f"uns['{key}'] is missing; run `pertadapt data prepare` first")
+            raise KeyError(f"uns['{key}'] is missing (DE genes are not computed); run `pertadapt data prepare` "
+                           "on this dataset first")
     genes = tuple(map(str, adata.var_names))
     pos = {g: i for i, g in enumerate(genes)}
     cond = adata.obs[keys.CONDITION].astype(str).to_numpy()
@@ -105,26 +143,35 @@ def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20) -> PerturbData:
     ctype = adata.obs[keys.CELL_TYPE].astype(str).to_numpy() if keys.CELL_TYPE in adata.obs else np.zeros(len(cond))
     _, cell_type = np.unique(ctype, return_inverse=True)
     name_of = dict(zip(cond, adata.obs[keys.CONDITION_NAME].astype(str), strict=True))
-    de_idx, nz_idx = {}, {}
+    non_zero = adata.uns.get(keys.NON_ZERO_KEY, {})
+    non_dropout = adata.uns.get(keys.TOP_NON_DROPOUT_DE_KEY, {})
+    de_idx, nz_idx, nd_idx = {}, {}, {}
     for c in conditions:
         if c == keys.CONTROL:
             continue
         name = name_of[c]
         ranked = adata.uns[keys.DE_KEY].get(name)
         if ranked is None:
-            raise KeyError(f"uns['{keys.DE_KEY}'] has no entry for condition '{c}' ({name})")
-        de_idx[c] = np.array([pos[str(g)] for g in list(ranked)[:max(n_de, N_METRIC_DE)]], dtype=np.int64)
-        nz_idx[c] = np.asarray(adata.uns[keys.NON_ZERO_KEY][name], dtype=np.int64)
+            raise KeyError(f"uns['{keys.DE_KEY}'] has no entry {name!r} for condition {c!r}; run "
+                           "`pertadapt data prepare` again")
+        de_idx[c] = _ranked_positions(keys.DE_KEY, name, list(ranked)[:max(n_de, N_METRIC_DE)], pos)
+        if name in non_zero:
+            nz_idx[c] = np.asarray(non_zero[name], dtype=np.int64)
+        elif for_training:
+            raise KeyError(f"uns['{keys.NON_ZERO_KEY}'] has no entry {name!r} for condition {c!r}")
+        if name in non_dropout:
+            nd_idx[c] = _ranked_positions(keys.TOP_NON_DROPOUT_DE_KEY, name, list(non_dropout[name]), pos)
     if adata.isbacked:
         X = adata.X  # file-backed; rows are read per batch
     else:
         X = sp.csr_matrix(adata.X if sp.issparse(adata.X) else np.asarray(adata.X), dtype=np.float32)
-    return PerturbData(genes, X, adata.obs[keys.TOTAL_COUNT].to_numpy(np.float32),
-                       cell_condition.astype(np.int64), cell_type.astype(np.int64), tuple(map(str, conditions)),
-                       de_idx, nz_idx)
+    total = adata.obs[keys.TOTAL_COUNT].to_numpy(np.float32) if keys.TOTAL_COUNT in adata.obs else None
+    return PerturbData(genes, X, total, cell_condition.astype(np.int64), cell_type.astype(np.int64),
+                       tuple(map(str, conditions)), de_idx, nz_idx, nd_idx)
 
 
-def read_perturb_data(path: str | Path, *, n_de: int = 20, backed: bool = False) -> PerturbData:
+def read_perturb_data(path: str | Path, *, n_de: int = 20, backed: bool = False,
+                      for_training: bool = True) -> PerturbData:
     """Read a prepared ``.h5ad`` into :class:`PerturbData`.
 
     Parameters
@@ -136,15 +183,26 @@ def read_perturb_data(path: str | Path, *, n_de: int = 20, backed: bool = False)
     backed
         Keep ``X`` on disk and read the rows of each batch on demand, so memory stays bounded by
         ``obs``/``uns`` and one batch (the file must hold a sparse CSR ``X``).
+    for_training
+        Require what training needs (``obs['total_count']``, ``uns['non_zeros_gene_idx']``).
+
+    Raises
+    ------
+    DataError
+        Not a readable ``.h5ad`` (missing, a directory, not HDF5, truncated) or a missing key; the
+        message names the file and the key.
     """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: {'not a file' if p.exists() else 'file not found'}")
     try:
-        adata = ad.read_h5ad(path, backed="r" if backed else None)
-    except OSError as e:
-        raise DataError(f"{path}: not a readable .h5ad file ({e})") from e
+        adata = ad.read_h5ad(p, backed="r" if backed else None)
+    except Exception as e:
+        raise DataError(f"{p}: not a readable .h5ad file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     try:
-        return load_perturb_data(adata, n_de=n_de)
+        return load_perturb_data(adata, n_de=n_de, for_training=for_training)
     except KeyError as e:
-        raise DataError(f"{path}: {e.args[0]}") from e
+        raise DataError(f"{p}: {e.args[0]}") from e
 
 
 class PairedCells(torch.utils.data.Dataset):

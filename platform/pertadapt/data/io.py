@@ -1,4 +1,4 @@
-"""Reading and writing Perturb-seq files: atomic writes, file hashes and the raw-counts layout (b).
+"""Reading and writing Perturb-seq files: atomic h5ad writes and the raw-counts layout (b).
 
 Layout (a), the GEARS/PertAdapt processed layout, is read with :func:`anndata.read_h5ad` directly.
 Layout (b) is raw counts with a free-form perturbation column; :func:`read_raw` turns it into
@@ -7,11 +7,8 @@ Layout (b) is raw counts with a free-form perturbation column; :func:`read_raw` 
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import anndata as ad
@@ -19,15 +16,13 @@ import pandas as pd
 
 from pertadapt.data.conditions import ConditionError, parse_condition
 from pertadapt.data.keys import CONDITION, CONTROL, SEP
+from pertadapt.files import atomic_write
 
 __all__ = [
     "DataError",
-    "atomic_write",
-    "atomic_write_text",
     "read_conditions",
     "read_counts",
     "read_raw",
-    "sha256_file",
     "write_h5ad_atomic",
 ]
 
@@ -36,43 +31,6 @@ log = logging.getLogger(__name__)
 
 class DataError(ValueError):
     """Unusable input data; the message names the file, key, condition or gene concerned."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's bytes, read in ``chunk``-byte blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` via a temporary file in the same directory and an atomic rename.
-
-    Parameters
-    ----------
-    path
-        Destination; it either keeps its old content or gets the complete new one.
-    write
-        Called with the temporary path; it must create the file there. If it raises, the temporary
-        file is removed and the exception propagates.
-    """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        os.replace(tmp_path, dest)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda p: p.write_text(text))
 
 
 def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:

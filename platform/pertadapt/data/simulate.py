@@ -84,7 +84,6 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import anndata as ad
@@ -96,6 +95,7 @@ from scipy.special import gammaln
 
 from pertadapt.data.keys import CELL_TYPE, CONDITION, CONTROL, GENE_NAME, SEP
 from pertadapt.data.prepare import prepare_adata
+from pertadapt.files import package_data
 from pertadapt.go.annotations import load_annotations
 from pertadapt.go.similarity import jaccard_matrix
 
@@ -105,7 +105,9 @@ __all__ = [
     "PRESETS",
     "SIM_KEY",
     "SimParams",
-    "score_against_truth",
+    "SimTruth",
+    "read_sim_truth",
+    "sim_truth",
     "simulate",
 ]
 
@@ -245,7 +247,7 @@ PRESETS: dict[str, SimParams] = {
 
 
 def _vocabulary() -> list[str]:
-    text = resources.files("pertadapt").joinpath("resources", "fm_gene_vocab_19264.txt").read_text()
+    text = package_data("fm_gene_vocab_19264.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -635,91 +637,45 @@ def simulate(preset: str = "demo", seed: int = 0, **overrides: object) -> ad.Ann
     return adata
 
 
-def score_against_truth(adata: ad.AnnData, pred_means: Mapping[str, np.ndarray], *,
-                        n_de: int = 20) -> dict:
-    """Score predicted mean log-normalised expression against the simulator's noise-free truth.
+@dataclass(frozen=True)
+class SimTruth:
+    """The simulator's noise-free truth, aligned to a dataset's genes.
 
-    Parameters
+    Attributes
     ----------
-    adata
-        A simulated AnnData (with ``uns['sim']``); predictions follow its ``var_names`` order.
-    pred_means
-        Condition name (``A+ctrl`` / ``A+B``, as in ``obs['condition']``) -> ``(G,)`` predicted mean
-        of ``X`` over the condition's cells.
-    n_de
-        Genes with the largest true ``|shift|`` used by the ``*_de`` metrics.
-
-    Returns
-    -------
-    dict
-        ``mse``, ``mse_de``, ``pearson_delta``, ``pearson_delta_de`` and ``direction_de`` (fraction
-        of the ``n_de`` genes whose predicted shift from the true control mean has the true sign),
-        each averaged over the scored conditions; ``n_conditions``; and ``per_condition``
-        (condition -> the same five metrics). Pearson values are NaN where a vector is constant.
-
-    Raises
-    ------
-    ValueError
-        No ground truth, an unknown or control condition, or a prediction of the wrong shape.
+    conditions
+        Simulated condition names (``ctrl`` first).
+    true_mean
+        ``(n_conditions, N)`` expected log-normalised expression per condition, columns in ``var_names``
+        order.
     """
+
+    conditions: tuple[str, ...]
+    true_mean: np.ndarray
+
+    def mean_of(self, condition: str) -> np.ndarray:
+        """``(N,)`` true mean of one condition; unknown conditions are a ``ValueError``."""
+        try:
+            return self.true_mean[self.conditions.index(condition)]
+        except ValueError:
+            raise ValueError(f"{condition!r} is not a simulated condition") from None
+
+
+def sim_truth(adata: ad.AnnData) -> SimTruth | None:
+    """The truth stored in ``uns['sim']`` of a simulated AnnData, or ``None`` for real data."""
     if SIM_KEY not in adata.uns:
-        raise ValueError("adata: no uns['sim'] ground truth (not made by pertadapt.data.simulate)")
+        return None
     sim = adata.uns[SIM_KEY]
-    conds = [str(c) for c in sim["conditions"]]
-    truth = np.asarray(sim["true_mean"])
     order = pd.Index([str(g) for g in sim["genes"]]).get_indexer(adata.var_names)
     if (order < 0).any():
         raise ValueError("adata: var_names differ from the simulated genes")
-    truth = truth[:, order]
-    ctrl = truth[conds.index(CONTROL)]
-    index = {c: i for i, c in enumerate(conds)}
-    per: dict[str, dict[str, float]] = {}
-    for cond, pred in pred_means.items():
-        if cond == CONTROL or cond not in index:
-            raise ValueError(f"pred_means: {cond!r} is not a simulated perturbation")
-        pred = np.asarray(pred, dtype=float)
-        if pred.shape != (truth.shape[1],):
-            raise ValueError(f"pred_means[{cond!r}]: expected shape ({truth.shape[1]},), got {pred.shape}")
-        true_delta = truth[index[cond]] - ctrl
-        pred_delta = pred - ctrl
-        de = np.argsort(-np.abs(true_delta), kind="stable")[:n_de]
-        per[cond] = {
-            "mse": float(np.mean((pred - truth[index[cond]]) ** 2)),
-            "mse_de": float(np.mean((pred[de] - truth[index[cond], de]) ** 2)),
-            "pearson_delta": _pearson(pred_delta, true_delta),
-            "pearson_delta_de": _pearson(pred_delta[de], true_delta[de]),
-            "direction_de": float(np.mean(np.sign(pred_delta[de]) == np.sign(true_delta[de]))),
-        }
-    metrics = ("mse", "mse_de", "pearson_delta", "pearson_delta_de", "direction_de")
-    summary: dict = {m: float(np.mean([v[m] for v in per.values()])) if per else float("nan") for m in metrics}
-    summary["n_conditions"] = len(per)
-    summary["per_condition"] = per
-    return summary
+    return SimTruth(tuple(str(c) for c in sim["conditions"]), np.asarray(sim["true_mean"], dtype=np.float64)[:, order])
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def score_file_against_truth(path: str | Path, pred_means: Mapping[str, np.ndarray], *,
-                             n_de: int = 20) -> dict[str, float] | None:
-    """:func:`score_against_truth` for a data file; ``None`` when the file is not simulated.
-
-    Only ``uns`` and ``var`` are needed, so the file is opened in backed mode (``X`` is not loaded).
-
-    Returns
-    -------
-    dict or None
-        The averaged metrics (``mse``, ``mse_de``, ``pearson_delta``, ``pearson_delta_de``,
-        ``direction_de``), without the per-condition table.
-    """
+def read_sim_truth(path: str | Path) -> SimTruth | None:
+    """:func:`sim_truth` of a data file, opened in backed mode (``X`` is not loaded)."""
     adata = ad.read_h5ad(path, backed="r")
     try:
-        if SIM_KEY not in adata.uns:
-            return None
-        scores = score_against_truth(adata, pred_means, n_de=n_de)
+        return sim_truth(adata)
     finally:
         adata.file.close()
-    return {k: float(v) for k, v in scores.items() if k not in ("per_condition", "n_conditions")}

@@ -32,18 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
+from pertadapt.config.schema import SPLIT_KINDS, SUBGROUPS
 from pertadapt.data.conditions import condition_genes, is_control, unify_spellings
-from pertadapt.data.io import atomic_write_text
 from pertadapt.data.keys import CONTROL
+from pertadapt.files import atomic_write_text
 
 __all__ = ["KINDS", "SUBGROUPS", "ConditionSplit", "SplitError", "split_conditions"]
 
 log = logging.getLogger(__name__)
 
 #: Split kinds, named as in GEARS.
-KINDS = ("simulation", "single")
-#: Test (and validation) subgroups of the simulation split.
-SUBGROUPS = ("combo_seen0", "combo_seen1", "combo_seen2", "unseen_single")
+KINDS = SPLIT_KINDS
 #: GEARS's fixed fractions for the validation re-split of the simulation split.
 _VAL_GENE_FRAC = 0.9
 _VAL_SEEN2_FRAC = 0.9

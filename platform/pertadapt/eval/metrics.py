@@ -54,6 +54,7 @@ import numpy as np
 from scipy.stats import ConstantInputWarning, pearsonr
 
 from pertadapt.data.conditions import condition_genes
+from pertadapt.data.dataset import PerturbData
 from pertadapt.data.keys import CONTROL
 
 __all__ = [
@@ -61,8 +62,11 @@ __all__ = [
     "N_DE",
     "N_HVG",
     "Metrics",
+    "aggregate",
     "compute_metrics",
     "pearson0",
+    "perturbation_metrics",
+    "score_predictions",
     "top_variable_genes",
 ]
 
@@ -188,13 +192,31 @@ def _check_inputs(pred: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray
         raise ValueError(f"no DE genes for {len(no_de)} condition(s), first {no_de[0]!r}")
 
 
-def _gears_metrics(p: np.ndarray, t: np.ndarray, c: np.ndarray, de: np.ndarray,
-                   nd: np.ndarray | None, hvg: np.ndarray | None) -> dict[str, float]:
-    """GEARS metrics of one non-control perturbation (see the module docstring for formulas)."""
+def perturbation_metrics(p: np.ndarray, t: np.ndarray, c: np.ndarray, de: np.ndarray,
+                         nd: np.ndarray | None = None, hvg: np.ndarray | None = None) -> dict[str, float]:
+    """Every metric of one non-control perturbation (formulas in the module docstring; PDS aside).
+
+    Parameters
+    ----------
+    p, t, c
+        ``(n_genes,)`` float64 predicted mean, true mean and control mean.
+    de
+        Gene indices ranked by DE, rank order (the first 20 are the DE set).
+    nd
+        ``top_non_dropout_de_20`` indices, enabling the ``*_non_dropout`` metrics.
+    hvg
+        HVG indices, enabling the ``*_top200_hvg`` metrics.
+
+    Returns
+    -------
+    dict of str to float
+        Metric name -> value.
+    """
     n_genes = c.shape[0]
     top = de[:N_DE]
     pd_, td = p - c, t - c
     out = {
+        "mse": _mse(p, t), "pearson": pearson0(p, t), "mae": float(np.mean(np.abs(p - t))),
         "mse_de": _mse(p[np.sort(top)], t[np.sort(top)]),
         "pearson_de": pearson0(p[np.sort(top)], t[np.sort(top)]),
         "pearson_delta": pearson0(pd_, td),
@@ -239,6 +261,28 @@ def _mean_over(per: Mapping[str, Mapping[str, float]], conds: Sequence[str]) -> 
     for cond in conds:
         names.update(dict.fromkeys(per[cond]))
     return {m: float(np.mean([per[cond][m] for cond in conds if m in per[cond]])) for m in names}
+
+
+def aggregate(per: dict[str, dict[str, float]], subgroups: Mapping[str, Sequence[str]] | None) -> Metrics:
+    """Per-perturbation values → :class:`Metrics`: unweighted means overall and per subgroup.
+
+    Parameters
+    ----------
+    per
+        Condition -> metric name -> value.
+    subgroups
+        Subgroup name -> conditions. Conditions not in ``per`` are skipped with a warning; a subgroup
+        with none evaluated is left out.
+    """
+    groups: dict[str, dict[str, float]] = {}
+    for name, members in (subgroups or {}).items():
+        present = [m for m in members if m in per]
+        if len(present) < len(members):
+            log.warning("subgroup %s: %d of %d conditions not predicted; averaging over the rest",
+                        name, len(members) - len(present), len(members))
+        if present:
+            groups[name] = _mean_over(per, present)
+    return Metrics(overall=_mean_over(per, sorted(per)), subgroups=groups, per_perturbation=per)
 
 
 def compute_metrics(
@@ -295,23 +339,45 @@ def compute_metrics(
     conds = sorted(p64)
     perts = [k for k in conds if k != CONTROL]
     per: dict[str, dict[str, float]] = {}
+    hvg = None if hvg_idx is None else np.asarray(hvg_idx, dtype=np.intp)
     for k in conds:
         p, t = p64[k], t64[k]
-        per[k] = {"mse": _mse(p, t), "pearson": pearson0(p, t), "mae": float(np.mean(np.abs(p - t)))}
-        if k != CONTROL:
-            nd = None
-            if non_dropout_de_idx is not None and k in non_dropout_de_idx:
-                nd = np.asarray(non_dropout_de_idx[k], dtype=np.intp)
-            per[k].update(_gears_metrics(p, t, ctrl, np.asarray(de_idx[k], dtype=np.intp), nd,
-                                         None if hvg_idx is None else np.asarray(hvg_idx, dtype=np.intp)))
+        if k == CONTROL:
+            per[k] = {"mse": _mse(p, t), "pearson": pearson0(p, t), "mae": float(np.mean(np.abs(p - t)))}
+            continue
+        nd = None
+        if non_dropout_de_idx is not None and k in non_dropout_de_idx:
+            nd = np.asarray(non_dropout_de_idx[k], dtype=np.intp)
+        per[k] = perturbation_metrics(p, t, ctrl, np.asarray(de_idx[k], dtype=np.intp), nd, hvg)
     for k, v in _pds_l1(perts, p64, t64, ctrl, gene_names).items():
         per[k]["pds_l1"] = v
-    groups: dict[str, dict[str, float]] = {}
-    for name, members in (subgroups or {}).items():
-        present = [m for m in members if m in per]
-        if len(present) < len(members):
-            log.warning("subgroup %s: %d of %d conditions not predicted; averaging over the rest",
-                        name, len(members) - len(present), len(members))
-        if present:
-            groups[name] = _mean_over(per, present)
-    return Metrics(overall=_mean_over(per, conds), subgroups=groups, per_perturbation=per)
+    return aggregate(per, subgroups)
+
+
+def score_predictions(pred: Mapping[str, np.ndarray], data: PerturbData, *,
+                      subgroups: Mapping[str, Sequence[str]] | None = None) -> Metrics:
+    """The one metric path: predicted condition means scored against a dataset's observed means.
+
+    Training (validation and test), ``pertadapt eval``, ``pertadapt baselines`` and the sweep's baseline
+    arms all call this, so every metric means the same everywhere: truth = the condition's mean over all
+    its cells, ``c`` = the mean over all control cells, DE lists from the file, the non-dropout and HVG
+    variants, and PDS without the perturbed genes' own columns.
+
+    Parameters
+    ----------
+    pred
+        Condition -> ``(n_genes,)`` predicted mean (every key is evaluated).
+    data
+        The dataset (:func:`pertadapt.data.dataset.read_perturb_data`).
+    subgroups
+        Subgroup name -> conditions.
+    """
+    means = data.condition_means
+    unknown = [c for c in pred if c not in means]
+    if unknown:
+        raise ValueError(f"{len(unknown)} predicted condition(s) have no cells in the data, first {unknown[0]!r}")
+    if not data.non_dropout_de_idx:
+        log.warning("the data has no uns['top_non_dropout_de_20']: the *_non_dropout metrics are left out")
+    hvg = top_variable_genes(np.stack([means[c] for c in data.conditions]))
+    return compute_metrics(pred, {c: means[c] for c in pred}, data.ctrl_mean, data.de_idx, subgroups=subgroups,
+                           non_dropout_de_idx=data.non_dropout_de_idx or None, hvg_idx=hvg, gene_names=data.genes)

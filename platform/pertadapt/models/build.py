@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from pertadapt.config.schema import RunConfig
 from pertadapt.models.adapter import PerturbationAdapter
@@ -21,7 +20,7 @@ from pertadapt.models.pertadapt_model import PertAdaptModel
 from pertadapt.models.perturbation import PerturbationEncoder
 from pertadapt.types import Batch, LossOutput
 
-__all__ = ["ModelInputs", "build_loss", "build_model", "trainable_parameters"]
+__all__ = ["ModelInputs", "build_loss", "build_model"]
 
 
 @dataclass(frozen=True)
@@ -58,10 +57,6 @@ def build_model(cfg: RunConfig, inputs: ModelInputs) -> PertAdaptModel:
     extra = {"input_mode": bcfg.input_mode} if bcfg.name == "aido_cell" else {}
     backbone = build_backbone(bcfg.name, checkpoint=bcfg.checkpoint, genes=inputs.genes,
                               hidden_size=bcfg.hidden_size, layers=bcfg.layers, heads=bcfg.heads, **extra)
-    if backbone.genes is not None and tuple(backbone.genes) != tuple(inputs.genes):
-        bad = [g for g, h in zip(inputs.genes, backbone.genes, strict=False) if g != h][:5]
-        raise ValueError(f"data genes do not match the {bcfg.name} vocabulary (first mismatches: {bad}); "
-                         "run `pertadapt data prepare --vocab` with the backbone's gene list")
     perturbation = PerturbationEncoder(inputs.n_perts, d, torch.from_numpy(inputs.graph_src),
                                        torch.from_numpy(inputs.graph_dst), torch.from_numpy(inputs.graph_weight))
     adapter = None
@@ -74,14 +69,9 @@ def build_model(cfg: RunConfig, inputs: ModelInputs) -> PertAdaptModel:
         adapter = PerturbationAdapter(d, acfg.heads, acfg.ffn_dim, acfg.layers, mask, acfg.chunk_size)
     head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden)
     model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject)
-    if bcfg.name != "learned":  # FM off: the per-gene embedding is a trained part of the model
+    if bcfg.is_foundation_model:  # FM off: the per-gene embedding is a trained part of the model
         apply_finetune(model.backbone, bcfg.finetune, last_k=bcfg.last_k, lora_rank=bcfg.lora_rank)
     return model
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters with ``requires_grad`` (what the optimiser gets)."""
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def build_loss(cfg: RunConfig, inputs: ModelInputs) -> Callable[[torch.Tensor, Batch], LossOutput]:

@@ -3,7 +3,7 @@
 An ablation file::
 
     name: paper_toggles
-    base: demo.yaml                 # a run config (path or name in configs/)
+    base: ../configs/demo.yaml      # a run config (relative to this file, then the shipped configs)
     seeds: [1, 2]
     reference_arm: full             # paired tests are made against it
     baselines: true                 # add baseline_nochange/mean/additive/linear arms (default true)
@@ -27,18 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pertadapt.config.load import dotted_to_nested, load_run_config, read_yaml, resolve_config_path
-from pertadapt.config.schema import ConfigError, RunConfig
+from pertadapt.config.load import (
+    dotted_to_nested,
+    load_run_config,
+    load_typed,
+    read_yaml,
+    resolve_config_path,
+)
+from pertadapt.config.schema import BASELINE_MODELS, ConfigError, RunConfig
+from pertadapt.config.sweep_schema import AblationFile
 
 __all__ = ["BASELINE_ARMS", "Ablation", "Trial", "load_ablation"]
 
 #: The simple baselines that sit in every grid unless ``baselines: false``.
-BASELINE_ARMS: dict[str, dict[str, Any]] = {
-    name: {"model.name": name}
-    for name in ("baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear")
-}
-_TOP_KEYS = {"name", "base", "seeds", "reference_arm", "baselines", "max_concurrent_trials", "datasets",
-             "backbones", "arms", "search_space", "description"}
+BASELINE_ARMS: dict[str, dict[str, Any]] = {name: {"model.name": name} for name in BASELINE_MODELS}
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class Trial:
     @property
     def is_baseline(self) -> bool:
         """Whether the arm is one of the simple baselines."""
-        return self.config.model.name != "pertadapt"
+        return self.config.is_baseline
 
 
 @dataclass(frozen=True)
@@ -80,26 +82,10 @@ class Ablation:
     base: Path
     seeds: tuple[int, ...]
     reference_arm: str
-    max_concurrent_trials: int
+    max_concurrent_trials: int | None
     trials: tuple[Trial, ...]
     search_space: Path | None = None
     arms: tuple[str, ...] = field(default=())
-
-
-def _dotted(path: Path, where: str, overrides: Any) -> dict[str, Any]:
-    if overrides is None:
-        return {}
-    if not isinstance(overrides, Mapping):
-        raise ConfigError(f"{path}: {where}: expected a mapping of dotted keys to values, got {overrides!r}")
-    return {str(k): v for k, v in overrides.items()}
-
-
-def _named(path: Path, key: str, raw: Any) -> dict[str, dict[str, Any]]:
-    if raw is None:
-        return {"": {}}
-    if not isinstance(raw, Mapping) or not raw:
-        raise ConfigError(f"{path}: {key}: expected a non-empty mapping of name → overrides")
-    return {str(n): _dotted(path, f"{key}.{n}", o) for n, o in raw.items()}
 
 
 def load_ablation(path: str | Path, *, extra_overrides: Mapping[str, Any] | None = None) -> Ablation:
@@ -112,39 +98,29 @@ def load_ablation(path: str | Path, *, extra_overrides: Mapping[str, Any] | None
     extra_overrides
         Dotted overrides applied to every trial (e.g. from the command line).
     """
-    path = Path(path)
-    raw = read_yaml(path)
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; valid: {sorted(_TOP_KEYS)}")
-    for req in ("name", "base", "arms"):
-        if req not in raw:
-            raise ConfigError(f"{path}: missing required key '{req}'")
-    base = resolve_config_path(raw["base"])
-    seeds = raw.get("seeds", [1])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
-    arms = _named(path, "arms", raw["arms"])
-    if raw.get("baselines", True):
+    path = resolve_config_path(path, kind="ablations")
+    spec = load_typed(AblationFile, str(path), read_yaml(path))
+    base = resolve_config_path(spec.base, path)
+    arms = spec.arm_overrides()
+    if spec.baselines:
         for name, o in BASELINE_ARMS.items():
             arms.setdefault(name, o)
-    reference = raw.get("reference_arm", next(iter(arms)))
+    reference = spec.reference_arm or next(iter(arms))
     if reference not in arms:
         raise ConfigError(f"{path}: reference_arm: {reference!r} is not an arm ({', '.join(arms)})")
-    datasets, backbones = _named(path, "datasets", raw.get("datasets")), _named(path, "backbones", raw.get("backbones"))
     extra = dict(extra_overrides or {})
     trials = []
     for (ds, ds_o), (bb, bb_o), (arm, arm_o), seed in itertools.product(
-            datasets.items(), backbones.items(), arms.items(), seeds):
+            spec.named("datasets").items(), spec.named("backbones").items(), arms.items(), spec.seeds):
         overrides = {**ds_o, **bb_o, **arm_o, **extra, "seed": seed, "name": f"{arm}-seed{seed}",
-                     "logging.group": f"{raw['name']}/{arm}"}
+                     "logging.group": f"{spec.name}/{arm}"}
         try:
             cfg = load_run_config(base, extra=dotted_to_nested(overrides))
         except ConfigError as e:
             raise ConfigError(f"{path}: arm '{arm}' (dataset '{ds}', backbone '{bb}', seed {seed}): {e}") from e
         key = "/".join(p for p in (ds, bb, arm, f"seed{seed}") if p)
         trials.append(Trial(key, arm, seed, ds, bb, overrides, cfg))
-    sp = raw.get("search_space")
-    return Ablation(name=str(raw["name"]), path=path, base=base, seeds=tuple(seeds), reference_arm=reference,
-                    max_concurrent_trials=int(raw.get("max_concurrent_trials", 2)), trials=tuple(trials),
-                    search_space=resolve_config_path(sp, path) if sp else None, arms=tuple(arms))
+    return Ablation(name=spec.name, path=path, base=base, seeds=tuple(spec.seeds), reference_arm=reference,
+                    max_concurrent_trials=spec.max_concurrent_trials, trials=tuple(trials),
+                    search_space=(resolve_config_path(spec.search_space, path, kind="search_spaces")
+                                  if spec.search_space else None), arms=tuple(arms))

@@ -23,13 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pertadapt.config.load import dotted_to_nested, load_run_config, read_yaml
+from pertadapt.config.load import (
+    dotted_to_nested,
+    load_run_config,
+    load_typed,
+    read_yaml,
+    resolve_config_path,
+)
 from pertadapt.config.schema import ConfigError
+from pertadapt.config.sweep_schema import SearchSpaceFile
 
 __all__ = ["Dimension", "SearchSpace", "load_search_space"]
-
-_TYPES = ("uniform", "loguniform", "int", "choice")
-_TOP = {"metric", "mode", "num_samples", "sampler_seed", "scheduler", "storage", "params", "description"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class Dimension:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """A parsed search space."""
+    """A parsed search space (see :class:`~pertadapt.config.sweep_schema.SearchSpaceFile`)."""
 
     path: Path
     metric: str
@@ -55,27 +59,17 @@ class SearchSpace:
     scheduler: str
     storage: str
     dims: tuple[Dimension, ...]
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    max_t: int | None = None
 
 
 def _dimension(path: Path, key: str, spec: Any) -> Dimension:
     where = f"{path}: params.{key}"
-    if not isinstance(spec, dict) or spec.get("type") not in _TYPES:
-        raise ConfigError(f"{where}: expected a mapping with type one of {', '.join(_TYPES)}, got {spec!r}")
-    kind = spec["type"]
-    if kind == "choice":
-        values = spec.get("values")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}.values: expected a non-empty list")
-        dim = Dimension(key, kind, values=tuple(values))
-        samples = values
+    if spec.type == "choice":
+        dim, samples = Dimension(key, spec.type, values=tuple(spec.values)), list(spec.values)
     else:
-        low, high = spec.get("low"), spec.get("high")
-        if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or not low < high:
-            raise ConfigError(f"{where}: expected numeric low < high, got low={low!r}, high={high!r}")
-        if kind == "loguniform" and low <= 0:
-            raise ConfigError(f"{where}.low: loguniform needs low > 0, got {low}")
-        dim = Dimension(key, kind, float(low), float(high))
-        samples = [int(low), int(high)] if kind == "int" else [low, high]
+        dim, samples = Dimension(key, spec.type, float(spec.low), float(spec.high)), [spec.low, spec.high]
     for v in samples:
         try:
             load_run_config(None, extra=dotted_to_nested({key: v}))
@@ -85,27 +79,9 @@ def _dimension(path: Path, key: str, spec: Any) -> Dimension:
 
 
 def load_search_space(path: str | Path) -> SearchSpace:
-    """Parse and validate a search-space YAML."""
-    path = Path(path)
-    raw = read_yaml(path)
-    unknown = set(raw) - _TOP
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; valid: {sorted(_TOP)}")
-    params = raw.get("params")
-    if not isinstance(params, dict) or not params:
-        raise ConfigError(f"{path}: params: expected a non-empty mapping of dotted keys to dimensions")
-    mode = raw.get("mode", "min")
-    if mode not in ("min", "max"):
-        raise ConfigError(f"{path}: mode: expected min or max, got {mode!r}")
-    scheduler = raw.get("scheduler", "none")
-    if scheduler not in ("none", "asha"):
-        raise ConfigError(f"{path}: scheduler: expected none or asha, got {scheduler!r}")
-    storage = raw.get("storage", "sqlite")
-    if storage not in ("sqlite", "journal"):
-        raise ConfigError(f"{path}: storage: expected sqlite or journal, got {storage!r}")
-    n = raw.get("num_samples", 4)
-    if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"{path}: num_samples: expected an integer >= 1, got {n!r}")
-    dims = tuple(_dimension(path, str(k), v) for k, v in params.items())
-    return SearchSpace(path, str(raw.get("metric", "val_mse_de")), mode, n, int(raw.get("sampler_seed", 0)),
-                       scheduler, storage, dims)
+    """Parse and validate a search-space YAML (keys must be real config paths, every bound a valid value)."""
+    path = resolve_config_path(path, kind="search_spaces")
+    spec = load_typed(SearchSpaceFile, str(path), read_yaml(path))
+    dims = tuple(_dimension(path, str(k), v) for k, v in spec.params.items())
+    return SearchSpace(path, spec.metric, spec.mode, spec.num_samples, spec.sampler_seed, spec.scheduler,
+                       spec.storage, dims, spec.grace_period, spec.reduction_factor, spec.max_t)

@@ -17,19 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import ray
+from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-import ray
 from pertadapt.config.load import config_from_dict, config_to_dict, dotted_to_nested, load_run_config
-from pertadapt.report.wandb import open_logger
 from pertadapt.sweep.ablation import Ablation, Trial
 from pertadapt.sweep.results import collect_results
 from pertadapt.sweep.search_space import SearchSpace
-from pertadapt.train.run import run
-from pertadapt.train.worker import fit_with_ray_train
-from ray import tune
+from pertadapt.train.worker import launch
 
 __all__ = ["run_sweep"]
 
@@ -57,27 +55,15 @@ def _trial_fn(config: dict[str, Any]) -> None:
     if params:
         run_dir = run_dir / tune.get_context().get_trial_id()
     name = spec["key"].replace("/", "-")
-    if cfg.model.name == "pertadapt" and cfg.engine.name == "deepspeed":
-        fit_with_ray_train(cfg, run_dir, name=f"train-{name}-{tune.get_context().get_trial_id()}",
-                           storage_path=Path(spec["storage"]), wandb_name=name, callbacks=[TuneReportCallback()],
-                           max_failures=spec.get("max_failures", 0))
+    launch(cfg, run_dir, name=f"{name}-{tune.get_context().get_trial_id()}" if params else name,
+           storage_path=Path(spec["storage"]), report=tune.report, train_callbacks=[TuneReportCallback()],
+           max_failures=spec.get("max_failures", 0))
+    if cfg.uses_ray_train:
         time.sleep(3)  # let the last TuneReportCallback result reach Tune (Train V2 race)
-        return
-    logger = open_logger(mode=cfg.logging.wandb, project=cfg.logging.project, group=cfg.logging.group,
-                         name=name, directory=run_dir, config=run_dict)
-
-    def report(metrics: dict[str, float]) -> None:
-        logger.log(metrics, step=int(metrics["epoch"]))
-        tune.report(metrics)
-
-    final = run(cfg, run_dir, report=report)
-    logger.finish(final)
-    tune.report({**final, "done": 1})
 
 
 def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
-    run_dict = config["trial"]["run"]
-    if run_dict["model"]["name"] == "pertadapt" and run_dict["engine"]["name"] == "deepspeed":
+    if config_from_dict(config["trial"]["run"]).uses_ray_train:  # the Train workers ask for their own
         return tune.PlacementGroupFactory([{"CPU": 0.01}])
     return tune.PlacementGroupFactory([{"CPU": 1}])
 
@@ -186,7 +172,7 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
         ``results.csv``.
     """
     sweep_dir = sweep_dir.resolve()
-    concurrent = ablation.max_concurrent_trials
+    concurrent = ablation.max_concurrent_trials or 2
     workers = max(t.config.engine.workers * t.config.engine.cpus_per_worker for t in ablation.trials)
     if os.environ.get("RAY_ADDRESS"):  # joining a cluster (ray job submit, KubeRay, SLURM): it owns resources
         ray.init(log_to_driver=False, runtime_env=_runtime_env())

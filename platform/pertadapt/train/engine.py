@@ -7,7 +7,6 @@ module that imports :mod:`deepspeed`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -18,14 +17,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pertadapt.config.deepspeed import read_deepspeed_json
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.types import Batch
 
-__all__ = ["DeepSpeedEngine", "Engine", "TorchEngine", "build_engine", "consolidated_state_dict", "deepspeed_config",
-           "find_deepspeed_json"]
+__all__ = ["ENGINES", "DeepSpeedEngine", "Engine", "TorchEngine", "build_engine", "consolidated_state_dict", "deepspeed_config"]
 
 log = logging.getLogger(__name__)
-_REPO_DS_DIR = Path(__file__).resolve().parents[3] / "cluster" / "deepspeed"
 
 
 class Engine(Protocol):
@@ -82,14 +80,6 @@ def _clip_value_hooks(params: list[nn.Parameter], clip: float | None) -> None:
         p.register_hook(lambda g, c=clip: g.clamp(-c, c))
 
 
-def _accumulation(cfg: RunConfig, world_size: int) -> int:
-    per_step = cfg.optim.micro_batch_size * world_size
-    if cfg.optim.batch_size % per_step:
-        raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} cells per step is not a multiple of "
-                          f"optim.micro_batch_size × workers = {per_step}")
-    return cfg.optim.batch_size // per_step
-
-
 def _optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
@@ -116,7 +106,7 @@ class TorchEngine:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = _optimizer(params, cfg)
         _clip_value_hooks(params, cfg.optim.clip_value)
-        self.accumulation = _accumulation(cfg, 1)
+        self.accumulation = cfg.accumulation_steps
         self._micro = 0
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -157,30 +147,13 @@ class TorchEngine:
         return [obj]
 
 
-def find_deepspeed_json(name: str) -> Path:
-    """Resolve ``engine.deepspeed_config``: a path, or a file name in ``cluster/deepspeed/``."""
-    for cand in (Path(name), Path("cluster/deepspeed") / name, _REPO_DS_DIR / name):
-        if cand.is_file():
-            return cand
-    raise ConfigError(f"engine.deepspeed_config: {name!r} not found (looked in ., cluster/deepspeed/)")
-
-
-_ALLOWED_DS_KEYS = {"zero_optimization", "bf16", "fp16", "torch_autocast", "zero_force_ds_cpu_optimizer", "zero_allow_untested_optimizer", "steps_per_print",
-                    "wall_clock_breakdown", "communication_data_type", "activation_checkpointing"}
-
-
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict: parallelism/precision knobs from the JSON, batch sizes from the run config."""
-    path = find_deepspeed_json(cfg.engine.deepspeed_config)
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from e
-    extra = set(ds) - _ALLOWED_DS_KEYS
-    if extra:
-        raise ConfigError(f"{path}: keys {sorted(extra)} belong in the run config (optim.*), not the DeepSpeed "
-                          f"JSON; allowed: {sorted(_ALLOWED_DS_KEYS)}")
-    accumulation = _accumulation(cfg, world_size)
+    if world_size != cfg.engine.workers:
+        raise ConfigError(f"engine.workers: the config asks for {cfg.engine.workers} workers but "
+                          f"{world_size} processes joined")
+    ds = read_deepspeed_json(cfg.engine.deepspeed_config)
+    accumulation = cfg.accumulation_steps
     # gradient_clipping=0: DeepSpeed would otherwise clip the global gradient norm at 1.0 by default; the
     # paper clips gradient *values* (optim.clip_value, applied per micro-batch by the engine's hooks).
     ds.update(train_micro_batch_size_per_gpu=cfg.optim.micro_batch_size, gradient_accumulation_steps=accumulation,
@@ -273,10 +246,14 @@ def consolidated_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="ds")
 
 
+def _torch_engine(model: nn.Module, cfg: RunConfig) -> Engine:
+    return TorchEngine(model, cfg, torch.device("cuda" if cfg.engine.use_gpu else "cpu"))
+
+
+#: Closed registry: ``engine.name`` → builder ``(model, cfg) -> Engine``.
+ENGINES: dict[str, Callable[[nn.Module, RunConfig], Engine]] = {"torch": _torch_engine, "deepspeed": DeepSpeedEngine}
+
+
 def build_engine(model: nn.Module, cfg: RunConfig) -> Engine:
-    """The engine named by ``engine.name`` (a closed registry)."""
-    builders: dict[str, Callable[[], Engine]] = {
-        "torch": lambda: TorchEngine(model, cfg, torch.device("cuda" if cfg.engine.use_gpu else "cpu")),
-        "deepspeed": lambda: DeepSpeedEngine(model, cfg),
-    }
-    return builders[cfg.engine.name]()
+    """The engine named by ``engine.name``."""
+    return ENGINES[cfg.engine.name](model, cfg)

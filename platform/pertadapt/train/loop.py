@@ -12,18 +12,18 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from pertadapt.config.schema import RunConfig
 from pertadapt.data.dataset import PairedCells
-from pertadapt.eval import compute_metrics
+from pertadapt.data.keys import CONTROL
+from pertadapt.eval import Metrics, score_predictions
 from pertadapt.train.engine import Engine
 from pertadapt.types import Batch, LossOutput
 
-__all__ = ["EvalSet", "predict_condition_means", "train"]
+__all__ = ["EvalSet", "TrainResult", "predict_condition_means", "train"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
@@ -31,7 +31,7 @@ Report = Callable[[dict[str, float]], None]
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Cells to evaluate, the subgroups of their conditions, and the reference statistics.
+    """Cells to evaluate and the subgroups of their conditions.
 
     Attributes
     ----------
@@ -39,13 +39,20 @@ class EvalSet:
         Paired cells of the evaluated conditions.
     subgroups
         subgroup name → conditions (e.g. ``combo_seen0``).
-    ctrl_mean
-        ``(N,)`` mean expression of all control cells.
     """
 
     cells: PairedCells
     subgroups: Mapping[str, Sequence[str]]
-    ctrl_mean: np.ndarray
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What training returns: the selected epoch, its validation and test metrics, its test predictions."""
+
+    best_epoch: int
+    val: Metrics
+    test: Metrics
+    test_predictions: dict[str, np.ndarray]
 
 
 def _micro_batches(order: np.ndarray, size: int) -> list[np.ndarray]:
@@ -53,17 +60,16 @@ def _micro_batches(order: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def predict_condition_means(engine: Engine, cells: PairedCells, batch_size: int
-                            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Mean prediction and mean truth per condition, computed across all ranks.
+def predict_condition_means(engine: Engine, cells: PairedCells, batch_size: int) -> dict[str, np.ndarray]:
+    """Mean prediction per condition, computed across all ranks.
 
     Batches are dealt round-robin to ranks (the last ones padded with a repeat so that every rank
     runs the same number of forwards, as ZeRO-3 requires); per-condition sums are gathered.
 
     Returns
     -------
-    pred, truth
-        condition → ``(N,)`` means over that condition's cells.
+    dict
+        condition → ``(N,)`` mean prediction over that condition's cells.
     """
     engine.train(False)
     batches = _micro_batches(np.arange(len(cells)), batch_size)
@@ -77,34 +83,40 @@ def predict_condition_means(engine: Engine, cells: PairedCells, batch_size: int
         pred = engine.forward(batch).cpu().double().numpy()
         if items is None:
             continue
-        truth = batch.y.double().numpy()
         for c in np.unique(batch.cond_id.numpy()):
             rows = batch.cond_id.numpy() == c
-            acc = sums.setdefault(int(c), [np.zeros(n_genes), np.zeros(n_genes), np.zeros(1)])
+            acc = sums.setdefault(int(c), [np.zeros(n_genes), np.zeros(1)])
             acc[0] += pred[rows].sum(0)
-            acc[1] += truth[rows].sum(0)
-            acc[2] += rows.sum()
+            acc[1] += rows.sum()
     merged: dict[int, list[np.ndarray]] = {}
     for part in engine.gather(sums):
-        for c, (p, t, n) in part.items():
-            acc = merged.setdefault(c, [np.zeros(n_genes), np.zeros(n_genes), np.zeros(1)])
+        for c, (p, n) in part.items():
+            acc = merged.setdefault(c, [np.zeros(n_genes), np.zeros(1)])
             acc[0] += p
-            acc[1] += t
-            acc[2] += n
+            acc[1] += n
     names = cells.data.conditions
-    pred_means = {names[c]: (p / n).astype(np.float32) for c, (p, t, n) in merged.items()}
-    truth_means = {names[c]: (t / n).astype(np.float32) for c, (p, t, n) in merged.items()}
-    return pred_means, truth_means
+    return {names[c]: (p / n).astype(np.float32) for c, (p, n) in merged.items()}
 
 
-def evaluate(engine: Engine, es: EvalSet, prefix: str, batch_size: int) -> tuple[dict[str, float], dict]:
-    """GEARS metrics of one split (ctrl excluded), flattened with ``prefix``; also the mean predictions."""
-    pred, truth = predict_condition_means(engine, es.cells, batch_size)
-    pred.pop("ctrl", None)
-    truth.pop("ctrl", None)
-    de = {c: es.cells.data.de_idx[c] for c in pred}
-    metrics = compute_metrics(pred, truth, es.ctrl_mean, de, subgroups=es.subgroups)
-    return metrics.flat(prefix), pred
+def evaluate(engine: Engine, es: EvalSet, prefix: str, batch_size: int) -> tuple[Metrics, dict[str, np.ndarray]]:
+    """Metrics of one split (ctrl excluded) through the one metric path, and the mean predictions."""
+    pred = predict_condition_means(engine, es.cells, batch_size)
+    pred.pop(CONTROL, None)
+    return score_predictions(pred, es.cells.data, subgroups=es.subgroups), pred
+
+
+def _epoch_loss_row(gathered: list[list[dict[str, float]]]) -> dict[str, float]:
+    """Mean total loss, components and weights of an epoch over every rank's micro-batches."""
+    rows = [r for part in gathered for r in part]
+    keys = {k for r in rows for k in r}
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in sorted(keys)}
+
+
+def _loss_record(out: LossOutput) -> dict[str, float]:
+    rec = {"train_loss": float(out.total.detach())}
+    rec.update({f"train_{k}": float(v) for k, v in out.components.items()})
+    rec.update({f"loss_weight_{k}": float(v) for k, v in out.weights.items()})
+    return rec
 
 
 def _has_checkpoint(directory: Path) -> bool:
@@ -127,7 +139,7 @@ def _epoch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int, worl
 
 def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet, test: EvalSet,
           loss_fn: Callable[[torch.Tensor, Batch], LossOutput], run_dir: Path, report: Report,
-          *, resume: bool = False) -> dict[str, Any]:
+          *, resume: bool = False) -> TrainResult:
     """Train, select the best epoch on ``eval.select_metric``, test it, and return the final metrics.
 
     Parameters
@@ -143,7 +155,8 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
     run_dir
         Where checkpoints (``ckpt/last``, ``ckpt/best``) and ``metrics.jsonl`` go.
     report
-        Called with each epoch's metrics and then the final metrics (rank 0 forwards them).
+        Called on every rank with each epoch's row: ``epoch``, ``lr``, ``train_loss`` and the loss
+        components (``train_<component>``) and weights (``loss_weight_<name>``), and the validation metrics.
     resume
         Continue from ``ckpt/last`` when it exists.
     """
@@ -166,19 +179,20 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
         if o.max_steps_per_epoch is not None:
             per_step = max(1, o.batch_size // (o.micro_batch_size * engine.world_size))
             batches = batches[: o.max_steps_per_epoch * per_step]
-        losses = []
-        for items in batches:
+        records = []
+        for step, items in enumerate(batches):
             batch = train_cells.batch(items)
             out = loss_fn(engine.forward(batch), batch)
+            rec = _loss_record(out)
+            if not math.isfinite(rec["train_loss"]):
+                raise FloatingPointError(f"training loss became {rec['train_loss']} at epoch {epoch}, micro-step "
+                                         f"{step} (components: {rec})")
             engine.backward(out.total * cfg.loss.scale)
             engine.step()
-            losses.append(float(out.total.detach()))
-        val_metrics, _ = evaluate(engine, val, "val", cfg.eval.batch_size)
-        all_losses = np.concatenate([np.asarray(x) for x in engine.gather(losses)])
-        row = {"epoch": epoch, "lr": o.lr * o.step_gamma ** epoch, "train_loss": float(np.mean(all_losses)),
-               **val_metrics}
-        if not math.isfinite(row["train_loss"]):
-            raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}")
+            records.append(rec)
+        val_metrics = evaluate(engine, val, "val", cfg.eval.batch_size)[0].flat("val")
+        row = {"epoch": epoch, "lr": o.lr * o.step_gamma ** epoch,
+               **_epoch_loss_row(engine.gather(records)), **val_metrics}
         if select not in val_metrics:
             raise KeyError(f"eval.select_metric: {select!r} is not a validation metric "
                            f"(e.g. {', '.join(sorted(val_metrics)[:6])}, ...)")
@@ -192,6 +206,5 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
         report(row)
     state = engine.load(ckpt_best)
     test_metrics, test_pred = evaluate(engine, test, "test", cfg.eval.batch_size)
-    val_metrics, _ = evaluate(engine, val, "val", cfg.eval.batch_size)
-    final = {"best_epoch": state["epoch"], **val_metrics, **test_metrics}
-    return {"metrics": final, "test_predictions": test_pred}
+    val_metrics = evaluate(engine, val, "val", cfg.eval.batch_size)[0]
+    return TrainResult(int(state["epoch"]), val_metrics, test_metrics, test_pred)

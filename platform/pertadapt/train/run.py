@@ -1,11 +1,14 @@
 """One run end to end on this process (and its peers, under DeepSpeed): the function every launcher calls.
 
-``pertadapt train`` calls it directly (torch engine) or through Ray Train workers; a Tune trial
-calls it through :mod:`pertadapt.train.worker`. Baseline models take the same path, minus the engine.
+``pertadapt train``, a Ray Train worker and a Tune trial all end up in :func:`run`, with a logger (W&B on
+rank 0, or the null logger) and an optional ``report`` hook (Ray Train / Tune reporting). Baseline models
+take the same path, minus the engine. :func:`open_run_logger` is the one place a run's logger is opened.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import random
 from collections.abc import Callable
@@ -17,17 +20,21 @@ import torch
 import yaml
 
 from pertadapt.baselines import fit_baseline
-from pertadapt.config.load import config_to_dict
+from pertadapt.config.load import config_hash, config_to_dict
 from pertadapt.config.schema import RunConfig
-from pertadapt.data.simulate import score_file_against_truth
+from pertadapt.data.keys import CONTROL
+from pertadapt.data.simulate import read_sim_truth
 from pertadapt.data.summaries import write_predictions
-from pertadapt.eval import compute_metrics
+from pertadapt.eval import Metrics, score_against_truth, score_predictions
+from pertadapt.files import atomic_write_json, atomic_write_text
 from pertadapt.models.build import build_loss, build_model
+from pertadapt.report.logger import NullLogger, RunLogger
+from pertadapt.report.wandb import open_logger
 from pertadapt.train.engine import build_engine
 from pertadapt.train.loop import train
-from pertadapt.train.setup import RunData, prepare_run_data, provenance, write_json
+from pertadapt.train.setup import RunData, prepare_run_data, provenance
 
-__all__ = ["run", "seed_everything"]
+__all__ = ["open_run_logger", "run", "seed_everything"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
@@ -39,36 +46,53 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def open_run_logger(cfg: RunConfig, run_dir: Path, *, rank: int = 0, name: str | None = None) -> RunLogger:
+    """The run's logger: a W&B run on rank 0 (``logging.wandb``), the null logger elsewhere or when disabled."""
+    return open_logger(mode=cfg.logging.wandb, rank=rank, project=cfg.logging.project, group=cfg.logging.group,
+                       name=name or cfg.name, directory=run_dir, config=config_to_dict(cfg))
+
+
 def _write_run_files(cfg: RunConfig, run_dir: Path, rd: RunData, world_size: int) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(run_dir / "config.yaml")
-    write_json(run_dir / "provenance.json", provenance({
-        **rd.hashes, "world_size": world_size, "n_genes": len(rd.data.genes), "n_perturbation_genes":
-        len(rd.pert_vocab), "split": {"train": rd.split.train, "val": rd.split.val, "test": rd.split.test,
-                                      "subgroups": rd.split.subgroups, "seed": rd.split.seed}}))
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_json(run_dir / "provenance.json", provenance({
+        **rd.hashes, "config_hash": config_hash(cfg), "world_size": world_size, "n_genes": len(rd.data.genes),
+        "n_perturbation_genes": len(rd.pert_vocab),
+        "split": {"train": rd.split.train, "val": rd.split.val, "test": rd.split.test,
+                  "subgroups": rd.split.subgroups, "seed": rd.split.seed}}))
 
 
-def _run_baseline(cfg: RunConfig, rd: RunData) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def _run_baseline(cfg: RunConfig, rd: RunData) -> tuple[int, Metrics, Metrics, dict[str, np.ndarray]]:
     d = rd.data
-    train_means = {c: d.mean_expression(d.cells_of([c])) for c in rd.split.train}
-    ctrl = rd.test.ctrl_mean
-    model = fit_baseline(cfg.model.name, train_means, ctrl, linear_k=cfg.model.linear_k,
-                         linear_ridge=cfg.model.linear_ridge, gene_names=d.genes)
-    out: dict[str, float] = {}
-    preds: dict[str, np.ndarray] = {}
-    for prefix, conds, groups in (("val", rd.split.val, rd.split.val_subgroups),
-                                  ("test", rd.split.test, rd.split.subgroups)):
-        conds = [c for c in conds if c != "ctrl"]
-        pred = model.predict(conds)
-        truth = {c: d.mean_expression(d.cells_of([c])) for c in conds}
-        out.update(compute_metrics(pred, truth, ctrl, {c: d.de_idx[c] for c in conds}, subgroups=groups).flat(prefix))
-        preds = pred
-    return out, preds
+    means = d.condition_means
+    model = fit_baseline(cfg.model.name, {c: means[c] for c in rd.split.train}, d.ctrl_mean,
+                         linear_k=cfg.model.linear_k, linear_ridge=cfg.model.linear_ridge, gene_names=d.genes)
+    scored = []
+    for conds, groups in ((rd.split.val, rd.split.val_subgroups), (rd.split.test, rd.split.subgroups)):
+        pred = model.predict([c for c in conds if c != CONTROL])
+        scored.append((score_predictions(pred, d, subgroups=groups), pred))
+    (val, _), (test, preds) = scored
+    return 0, val, test, preds
 
 
-def run(cfg: RunConfig, run_dir: Path, *, report: Report = lambda m: None, resume: bool = False) -> dict[str, Any]:
+def _per_condition_csv(test: Metrics, truth: Metrics | None, subgroups: dict[str, list[str]]) -> str:
+    """One row per test condition: ``condition, subgroup`` and every metric (``truth_*`` on simulated data)."""
+    group_of = {c: g for g, members in subgroups.items() for c in members}
+    rows = []
+    for cond, values in sorted(test.per_perturbation.items()):
+        row: dict[str, Any] = {"condition": cond, "subgroup": group_of.get(cond, ""), **values}
+        if truth is not None:
+            row.update({f"truth_{k}": v for k, v in truth.per_perturbation[cond].items()})
+        rows.append(row)
+    cols = ["condition", "subgroup", *sorted({k for r in rows for k in r} - {"condition", "subgroup"})]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, report: Report | None = None,
+        resume: bool = False) -> dict[str, Any]:
     """Train (or fit a baseline), test the best epoch, write the run directory, return final metrics.
 
     Parameters
@@ -77,10 +101,13 @@ def run(cfg: RunConfig, run_dir: Path, *, report: Report = lambda m: None, resum
         The validated run config.
     run_dir
         Self-describing output directory: ``config.yaml``, ``provenance.json`` (git SHA, versions, data,
-        gene-order and GO-mask hashes, world size), ``metrics.jsonl``, ``final_metrics.json``,
-        ``test_predictions.h5ad``, ``ckpt/``.
+        gene-order and GO-mask hashes, config hash, world size), ``metrics.jsonl``, ``final_metrics.json``,
+        ``per_condition.csv``, ``test_predictions.h5ad``, ``ckpt/``.
+    logger
+        Where epoch rows and the final summary go (rank 0's W&B run; the null logger by default).
     report
-        Called on every rank with each epoch's metrics.
+        Called on every rank with each epoch's row and, last, the final metrics with ``done = 1``
+        (Ray Train / Tune reporting).
     resume
         Continue from ``run_dir/ckpt/last``.
 
@@ -89,29 +116,42 @@ def run(cfg: RunConfig, run_dir: Path, *, report: Report = lambda m: None, resum
     dict
         Final val/test metrics (flat names such as ``test_mse_de``) and ``best_epoch``.
     """
+    logger = logger or NullLogger()
+    hook = report or (lambda m: None)
+
+    def on_epoch(row: dict[str, float]) -> None:
+        logger.log(row, step=int(row["epoch"]))
+        log.info("epoch %d  train_loss %.4g  %s %.4g", row["epoch"], row["train_loss"], cfg.eval.select_metric,
+                 row[cfg.eval.select_metric])
+        hook(row)
+
     seed_everything(cfg.seed)
     rd = prepare_run_data(cfg)
-    if cfg.model.name != "pertadapt":
-        metrics, preds = _run_baseline(cfg, rd)
+    if cfg.is_baseline:
+        best_epoch, val, test, preds = _run_baseline(cfg, rd)
         rank, world = 0, 1
     else:
         seed_everything(cfg.seed)
-        model = build_model(cfg, rd.inputs)
-        engine = build_engine(model, cfg)
+        engine = build_engine(build_model(cfg, rd.inputs), cfg)
         rank, world = engine.rank, engine.world_size
         if rank == 0:
             _write_run_files(cfg, run_dir, rd, world)
-        result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), run_dir, report,
+        result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), run_dir, on_epoch,
                        resume=resume)
-        metrics, preds = result["metrics"], result["test_predictions"]
+        best_epoch, val, test, preds = result.best_epoch, result.val, result.test, result.test_predictions
+    metrics: dict[str, Any] = {"best_epoch": best_epoch, **val.flat("val"), **test.flat("test")}
     if rank == 0:
-        truth = score_file_against_truth(rd.data_path, preds)
+        sim = read_sim_truth(rd.data_path)
+        truth = score_against_truth(preds, sim) if sim is not None else None
         if truth is not None:  # simulated data: distance to the noise-free truth, not only to noisy means
-            metrics.update({f"test_truth_{k}": v for k, v in truth.items()})
-        if cfg.model.name != "pertadapt":
+            metrics.update({f"test_truth_{k}": v for k, v in truth.overall.items()})
+        if cfg.is_baseline:
             _write_run_files(cfg, run_dir, rd, world)
         conds = sorted(preds)
         write_predictions(run_dir / "test_predictions.h5ad", conds, np.stack([preds[c] for c in conds]),
                           list(rd.data.genes))
-        write_json(run_dir / "final_metrics.json", metrics)
+        atomic_write_text(run_dir / "per_condition.csv", _per_condition_csv(test, truth, rd.split.subgroups))
+        atomic_write_json(run_dir / "final_metrics.json", metrics)
+    logger.finish(metrics)
+    hook({**metrics, "done": 1})
     return metrics

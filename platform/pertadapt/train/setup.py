@@ -5,11 +5,8 @@ This is where the data and GO layers meet the models: arrays go in, no model see
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import logging
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +16,14 @@ import numpy as np
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.conditions import condition_genes
 from pertadapt.data.dataset import PairedCells, PerturbData, read_perturb_data
-from pertadapt.data.io import sha256_file
 from pertadapt.data.splits import ConditionSplit, split_conditions
+from pertadapt.files import cache_dir, sha256_bytes, sha256_file
 from pertadapt.models.build import ModelInputs
 from pertadapt.train.loop import EvalSet
 
-__all__ = ["RunData", "cache_dir", "ensure_data_file", "prepare_run_data", "provenance"]
+__all__ = ["RunData", "ensure_data_file", "prepare_run_data", "provenance"]
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """``$PERTADAPT_CACHE`` or ``~/.cache/pertadapt``."""
-    return Path(os.environ.get("PERTADAPT_CACHE", Path.home() / ".cache" / "pertadapt"))
 
 
 def ensure_data_file(cfg: RunConfig) -> Path:
@@ -50,7 +42,7 @@ def ensure_data_file(cfg: RunConfig) -> Path:
         raise ConfigError(f"data.simulate_preset: {preset!r} is not one of {', '.join(PRESETS)}")
     # the file name carries the preset's parameters and the package version, so a changed simulator
     # never reuses a stale cached file
-    key = hashlib.sha256(f"{PRESETS[preset]!r}|{__version__}".encode()).hexdigest()[:10]
+    key = sha256_bytes(f"{PRESETS[preset]!r}|{__version__}")[:10]
     out = cache_dir() / "simulated" / f"{preset}_seed{cfg.data.simulate_seed}_{key}.h5ad"
     if not out.is_file():
         log.info("simulating preset %r (seed %d) → %s", cfg.data.simulate_preset, cfg.data.simulate_seed, out)
@@ -93,7 +85,7 @@ class RunData:
 
 
 def _gene_hash(genes: tuple[str, ...]) -> str:
-    return hashlib.sha256("\n".join(genes).encode()).hexdigest()
+    return sha256_bytes("\n".join(genes))
 
 
 def _mask_arrays(cfg: RunConfig, ann, genes: tuple[str, ...]) -> tuple[np.ndarray | None, np.ndarray | None, str]:
@@ -129,24 +121,21 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     pert_vocab = tuple(g for g in targets if g not in set(missing))
     graph = cached_gene_graph(ann, pert_vocab, threshold=cfg.go.graph_threshold, top_k=cfg.go.graph_top_k)
     indptr, indices, mask_hash = _mask_arrays(cfg, ann, data.genes)
-    ctrl_mean = data.mean_expression(data.control_cells)
-    inputs = ModelInputs(data.genes, len(pert_vocab), graph.src, graph.dst, graph.weight, indptr, indices, ctrl_mean)
+    inputs = ModelInputs(data.genes, len(pert_vocab), graph.src, graph.dst, graph.weight, indptr, indices,
+                         data.ctrl_mean.astype(np.float32))
     seed = cfg.seed
     train = PairedCells(data, split.train, pert_vocab, seed=seed, n_de=cfg.data.n_de)
-    val = EvalSet(PairedCells(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de),
-                  split.val_subgroups, ctrl_mean)
-    test = EvalSet(PairedCells(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de),
-                   split.subgroups, ctrl_mean)
+    val = EvalSet(PairedCells(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de), split.val_subgroups)
+    test = EvalSet(PairedCells(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de), split.subgroups)
     hashes = {"data_sha256": sha256_file(path), "gene_order_sha256": _gene_hash(data.genes),
               "go_mask_sha256": mask_hash, "go_source": ann.source}
     return RunData(data, split, pert_vocab, inputs, train, val, test, hashes, path)
 
 
 def _git_sha() -> str:
-    try:
-        root = Path(__file__).resolve().parents[3]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
+    try:  # the checkout this package runs from (an installed wheel has none: "unknown")
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -160,12 +149,3 @@ def provenance(extra: dict[str, object]) -> dict[str, object]:
         except importlib.metadata.PackageNotFoundError:
             pkgs[name] = None
     return {"git_sha": _git_sha(), "packages": pkgs, **extra}
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Atomic JSON write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-

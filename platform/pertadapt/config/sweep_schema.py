@@ -1,0 +1,199 @@
+"""Typed, frozen schemas of the two sweep files: ablations and search spaces.
+
+They are loaded by the same mechanism as run configs (:func:`pertadapt.config.load.load_typed`): strict
+YAML, OmegaConf onto these dataclasses (unknown keys and wrong types rejected with their key path),
+then the checks in ``__post_init__``. Whether an arm's overrides make valid run configs is checked by
+:mod:`pertadapt.sweep.ablation`, which builds every trial's :class:`~pertadapt.config.schema.RunConfig`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from pertadapt.config.errors import ConfigError
+from pertadapt.config.schema import is_metric_name
+
+__all__ = ["AblationFile", "DimensionSpec", "SearchSpaceFile", "check_name"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
+DIMENSION_TYPES = ("uniform", "loguniform", "int", "choice")
+
+
+def check_name(where: str, name: object) -> str:
+    """A name that becomes part of a path (sweep, arm, dataset, backbone): letters, digits, ``_.+=-``."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise ConfigError(f"{where}: {name!r} is not a valid name (letters, digits and _ . + = -, no '..', "
+                          "not starting with a dot)")
+    return name
+
+
+def _overrides(where: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of dotted config keys to values, got {value!r}")
+    return {str(k): v for k, v in value.items()}
+
+
+def _named(where: str, raw: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {"": {}}
+    if not raw:
+        raise ConfigError(f"{where}: expected a non-empty mapping of name → overrides")
+    return {check_name(f"{where}.{n}", n): _overrides(f"{where}.{n}", o) for n, o in raw.items()}
+
+
+@dataclass(frozen=True)
+class AblationFile:
+    """An ablation YAML: named arms (dotted overrides) × seeds × optional datasets × backbones.
+
+    Attributes
+    ----------
+    name
+        Sweep name (W&B groups are ``<name>/<arm>``).
+    base
+        The run config every trial starts from (relative to the ablation file, then the shipped configs).
+    arms
+        arm name → dotted overrides (``{}`` = the base as it is).
+    seeds
+        Run seeds (distinct).
+    reference_arm
+        What paired tests compare to (default: the first arm).
+    baselines
+        Add the four simple baselines as arms.
+    max_concurrent_trials
+        Cap on concurrent trials (``None``: as many as the resources hold).
+    datasets, backbones
+        Optional named override sets crossed with the arms.
+    search_space
+        Optional search-space YAML (relative to the ablation file, then the shipped ones).
+    """
+
+    name: str = MISSING
+    base: str = MISSING
+    arms: dict[str, Any] = MISSING
+    description: str = ""
+    seeds: list[int] = field(default_factory=lambda: [1])
+    reference_arm: str | None = None
+    baselines: bool = True
+    max_concurrent_trials: int | None = None
+    datasets: dict[str, Any] | None = None
+    backbones: dict[str, Any] | None = None
+    search_space: str | None = None
+
+    def __post_init__(self) -> None:
+        check_name("name", self.name)
+        if not self.arms:
+            raise ConfigError("arms: expected a non-empty mapping of arm name → overrides")
+        self.arm_overrides()
+        self.named("datasets")
+        self.named("backbones")
+        if not self.seeds:
+            raise ConfigError("seeds: expected a non-empty list of integers")
+        dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if dup:
+            raise ConfigError(f"seeds: {dup} listed more than once (two trials would share one run directory)")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ConfigError(f"max_concurrent_trials: expected an integer >= 1 or null, got "
+                              f"{self.max_concurrent_trials}")
+
+    def arm_overrides(self) -> dict[str, dict[str, Any]]:
+        """arm name → dotted overrides, names checked."""
+        return _named("arms", self.arms)
+
+    def named(self, key: str) -> dict[str, dict[str, Any]]:
+        """``datasets`` or ``backbones`` as name → overrides (``{"": {}}`` when absent)."""
+        return _named(key, getattr(self, key))
+
+
+@dataclass(frozen=True)
+class DimensionSpec:
+    """One sampled hyperparameter of a search space.
+
+    Attributes
+    ----------
+    type
+        ``uniform``, ``loguniform``, ``int`` or ``choice``.
+    low, high
+        Bounds (numbers; integers for ``int``).
+    values
+        Options of a ``choice``.
+    """
+
+    type: str = MISSING
+    low: Any = None
+    high: Any = None
+    values: list[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in DIMENSION_TYPES:
+            raise ConfigError(f"type: {self.type!r} is not one of {', '.join(DIMENSION_TYPES)}")
+        if self.type == "choice":
+            if not self.values:
+                raise ConfigError("values: a choice needs a non-empty list of values")
+            if self.low is not None or self.high is not None:
+                raise ConfigError("low/high: a choice takes values, not bounds")
+            return
+        if self.values is not None:
+            raise ConfigError(f"values: a {self.type} dimension takes low/high, not values")
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (self.low, self.high))
+        if not numeric or not self.low < self.high:
+            raise ConfigError(f"low/high: expected numbers with low < high, got low={self.low!r}, high={self.high!r}")
+        if self.type == "int" and not all(isinstance(v, int) for v in (self.low, self.high)):
+            raise ConfigError(f"low/high: an int dimension needs integer bounds, got {self.low!r}, {self.high!r}")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ConfigError(f"low: loguniform needs low > 0, got {self.low}")
+
+
+@dataclass(frozen=True)
+class SearchSpaceFile:
+    """A search-space YAML: the dimensions Optuna samples (ablation arms are never sampled).
+
+    Attributes
+    ----------
+    params
+        dotted config key → :class:`DimensionSpec`.
+    metric, mode
+        What the search optimises (a validation metric the training loop reports).
+    num_samples
+        Optuna samples per arm.
+    sampler_seed
+        TPE sampler seed.
+    scheduler
+        ``none`` or ``asha`` (``grace_period``, ``reduction_factor``, ``max_t`` in epochs).
+    storage
+        ``sqlite`` or ``journal`` (both persist in the sweep directory).
+    """
+
+    params: dict[str, DimensionSpec] = MISSING
+    description: str = ""
+    metric: str = "val_mse_de"
+    mode: str = "min"
+    num_samples: int = 4
+    sampler_seed: int = 0
+    scheduler: str = "none"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    max_t: int | None = None
+    storage: str = "sqlite"
+
+    def __post_init__(self) -> None:
+        if not self.params:
+            raise ConfigError("params: expected a non-empty mapping of dotted config keys to dimensions")
+        if not is_metric_name(self.metric, "val"):
+            raise ConfigError(f"metric: {self.metric!r} is not a validation metric (val_<metric> or "
+                              "val_<subgroup>_<metric>, e.g. val_mse_de)")
+        for key, choices in (("mode", ("min", "max")), ("scheduler", ("none", "asha")),
+                             ("storage", ("sqlite", "journal"))):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples: expected an integer >= 1, got {self.num_samples}")
+        if self.grace_period < 1 or self.reduction_factor <= 1 or (self.max_t is not None and self.max_t < 1):
+            raise ConfigError("grace_period / reduction_factor / max_t: expected grace_period >= 1, "
+                              "reduction_factor > 1 and max_t >= 1 (epochs)")

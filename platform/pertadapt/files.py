@@ -1,0 +1,121 @@
+"""Bottom-layer file helpers shared by every layer: cache root, file hashes, atomic writes, package data.
+
+Nothing here imports a heavy framework, so every layer (config, go, data, train, sweep, cli) can use it.
+Every file the platform writes goes through :func:`atomic_write`: a temporary file in the destination's
+directory, then :func:`os.replace`, so a reader sees the old content or the complete new one, never a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "cache_dir",
+    "package_data",
+    "sha256_bytes",
+    "sha256_file",
+]
+
+#: Environment variable naming the cache root (simulated data, GO tables, graphs and masks).
+CACHE_ENV = "PERTADAPT_CACHE"
+
+
+def cache_dir() -> Path:
+    """The cache root: ``$PERTADAPT_CACHE`` (``~`` expanded) or ``~/.cache/pertadapt``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pertadapt"
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file's bytes, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes | str) -> str:
+    """SHA-256 hex digest of ``data`` (``str`` is UTF-8 encoded)."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, mode: int | None = 0o644) -> None:
+    """Write ``path`` via a temporary file in the same directory and an atomic rename.
+
+    Parameters
+    ----------
+    path
+        Destination; it either keeps its old content or gets the complete new one.
+    write
+        Called with the temporary path; it must create the file there. If it raises, the temporary
+        file is removed and the exception propagates.
+    mode
+        Permission bits of the result (``mkstemp`` creates 0600 files; outputs are meant to be shared).
+        ``None`` keeps what ``write`` left.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        if mode is not None:
+            os.chmod(tmp_path, mode & ~_umask())
+        os.replace(tmp_path, dest)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: object, *, indent: int | None = 2,
+                      sort_keys: bool = False) -> None:
+    """Write ``obj`` as JSON atomically; values JSON cannot hold are written as their ``str``."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+def package_data(*parts: str) -> Traversable:
+    """A file or folder shipped inside the package (``pertadapt/resources/...``), wheel or checkout alike.
+
+    Parameters
+    ----------
+    parts
+        Path components below ``pertadapt/resources``, e.g. ``("configs", "demo.yaml")``.
+
+    Returns
+    -------
+    importlib.resources.abc.Traversable
+        Use ``.is_file()``, ``.read_text()``, ``.iterdir()``; ``Path(str(t))`` for an installed package.
+    """
+    node = resources.files("pertadapt").joinpath("resources")
+    for part in parts:
+        node = node.joinpath(part)
+    return node
