@@ -7,21 +7,26 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pandas as pd
+
 from pertadapt.files import cache_dir as cache_root
 from pertadapt.go.errors import GeneListError, GOOptionError
 from pertadapt.go.sources import (
+    ALIAS_COLUMNS,
     Annotation,
-    TermRecord,
+    GOTables,
     fetch_debian,
     read_bundled,
     read_debian,
+    rows_frame,
     write_obo,
 )
 
@@ -237,12 +242,10 @@ def _with_hgnc_mitochondrial(aliases: dict[str, tuple[str, ...]], symbols: froze
             aliases[hgnc] = (ncbi,)
 
 
-def _alias_map(pairs: Iterable[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
-    table: dict[str, set[str]] = {}
-    for symbol, alias in pairs:
-        if alias != symbol:
-            table.setdefault(alias, set()).add(symbol)
-    return {a: tuple(sorted(s)) for a, s in table.items()}
+def _alias_map(pairs: pd.DataFrame) -> dict[str, tuple[str, ...]]:
+    """Alias -> sorted candidate symbols, from ``(symbol, alias)`` rows (identity rows ignored)."""
+    real = pairs.loc[pairs["alias"] != pairs["symbol"]]
+    return {a: tuple(sorted(set(s))) for a, s in _grouped(real["alias"], real["symbol"])}
 
 
 def check_source(source: str, aspects: Sequence[str] = ASPECTS, *, obo: object = None, gaf: object = None) -> None:
@@ -262,7 +265,7 @@ def check_source(source: str, aspects: Sequence[str] = ASPECTS, *, obo: object =
         raise GOOptionError("source='obo' needs both an OBO file (obo=) and a GAF file (gaf=)")
 
 
-def _dag_for_terms(terms: list[TermRecord], version: Mapping[str, str], cache_dir: Path) -> GODag:
+def _dag_for_terms(terms: pd.DataFrame, version: Mapping[str, str], cache_dir: Path) -> GODag:
     from pertadapt.go.obo import load_dag
 
     path = cache_dir / "go" / "obo" / f"go-{version.get('go_release', 'unknown')}-{len(terms)}.obo"
@@ -322,34 +325,33 @@ def load_annotations(source: str = "bundled", *, obo: str | os.PathLike[str] | N
         rows, alias_pairs, dropped = read_gaf(Path(gaf), dag)
         if dropped:
             log.warning("%s: %d annotation rows use terms absent from %s (obsolete?); dropped", gaf, dropped, obo)
+        rows_table, alias_table = rows_frame(rows, Annotation._fields), rows_frame(alias_pairs, ALIAS_COLUMNS)
         version = {"obo": str(obo), "gaf": str(gaf), "go_release": str(dag.data_version)}
         uniq = {o.item_id: o for o in dag.values()}.values()
         term_aspect = {o.item_id: {"biological_process": "BP", "molecular_function": "MF",
                                    "cellular_component": "CC"}.get(o.namespace, "") for o in uniq}
         term_name = {o.item_id: o.name for o in uniq}
     else:
-        if source == "bundled":
-            rows, terms, alias_pairs, version = read_bundled()
-        else:
-            rows, terms, alias_pairs, version = read_debian(fetch_debian(cache))
-        term_aspect = {t.go_id: t.aspect for t in terms}
-        term_name = {t.go_id: t.name for t in terms}
+        tables: GOTables = read_bundled() if source == "bundled" else read_debian(fetch_debian(cache))
+        rows_table, alias_table, version = tables.annotations, tables.aliases, tables.version
+        term_aspect = dict(zip(tables.terms["go_id"], tables.terms["aspect"], strict=True))
+        term_name = dict(zip(tables.terms["go_id"], tables.terms["name"], strict=True))
         if propagate:
-            dag = _dag_for_terms(terms, version, cache)
-    gene2terms = _direct(rows, set(aspects), set(exclude_evidence))
+            dag = _dag_for_terms(tables.terms, version, cache)
+    gene2terms = _direct(rows_table, aspects, exclude_evidence)
     if propagate:
         assert dag is not None
         up = _ancestors_of(dag, gene2terms, part_of)
         keep = set(aspects)
         gene2terms = {g: frozenset(t for t in ts.union(*(up[x] for x in ts)) if term_aspect.get(t) in keep)
                       for g, ts in gene2terms.items()}
-    symbols = frozenset(s for s, _ in alias_pairs) | frozenset(gene2terms)
+    symbols = frozenset(alias_table["symbol"]) | frozenset(gene2terms)
     version = dict(version)
     if exclude_evidence:
         version["exclude_evidence"] = ",".join(sorted(exclude_evidence))
     if part_of and propagate:
         version["propagate_relationships"] = "is_a,part_of"
-    aliases = _alias_map(alias_pairs)
+    aliases = _alias_map(alias_table)
     _with_hgnc_mitochondrial(aliases, symbols)
     ann = GOAnnotations(MappingProxyType(gene2terms), source, MappingProxyType(version), tuple(aspects), propagate,
                         MappingProxyType(term_aspect), MappingProxyType(term_name), symbols,
@@ -360,12 +362,20 @@ def load_annotations(source: str = "bundled", *, obo: str | os.PathLike[str] | N
     return ann
 
 
-def _direct(rows: Iterable[Annotation], aspects: set[str], exclude: set[str]) -> dict[str, frozenset[str]]:
-    table: dict[str, set[str]] = {}
-    for r in rows:
-        if r.aspect in aspects and r.evidence not in exclude:
-            table.setdefault(r.symbol, set()).add(r.go_id)
-    return {g: frozenset(ts) for g, ts in table.items()}
+def _grouped(keys: pd.Series, values: pd.Series) -> Iterator[tuple[str, list[str]]]:
+    """``(key, values of that key)`` for each distinct key, keys in first-seen order (one stable sort)."""
+    codes, uniques = pd.factorize(keys)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+    vals = values.to_numpy()[order]
+    for k, key in enumerate(uniques):
+        yield key, vals[bounds[k]:bounds[k + 1]].tolist()
+
+
+def _direct(rows: pd.DataFrame, aspects: Sequence[str], exclude: Sequence[str]) -> dict[str, frozenset[str]]:
+    keep = rows["aspect"].isin(list(aspects)) & ~rows["evidence"].isin(list(exclude))
+    kept = rows.loc[keep]
+    return {g: frozenset(ts) for g, ts in _grouped(kept["symbol"], kept["go_id"])}
 
 
 def _ancestors_of(dag: GODag, gene2terms: Mapping[str, frozenset[str]], part_of: bool) -> dict[str, frozenset[str]]:

@@ -24,6 +24,8 @@ from importlib.resources.abc import Traversable
 from pathlib import Path, PurePosixPath
 from typing import IO, NamedTuple
 
+import pandas as pd
+
 from pertadapt.files import atomic_write, atomic_write_json, package_data, sha256_file
 from pertadapt.files import cache_dir as cache_root
 from pertadapt.go.errors import GOError, GOSourceUnavailable
@@ -31,12 +33,15 @@ from pertadapt.go.errors import GOError, GOSourceUnavailable
 __all__ = [
     "BUNDLED_DIR",
     "DEBIAN_PACKAGES",
+    "ALIAS_COLUMNS",
+    "TERM_COLUMNS",
     "Annotation",
-    "TermRecord",
+    "GOTables",
     "export_bundled_table",
     "fetch_debian",
     "read_bundled",
     "read_debian",
+    "rows_frame",
     "write_obo",
 ]
 
@@ -66,14 +71,35 @@ class Annotation(NamedTuple):
     evidence: str
 
 
-class TermRecord(NamedTuple):
-    """One current GO term with its ``is_a`` and ``part_of`` parents."""
+#: Columns of the terms table; ``is_a`` and ``part_of`` hold ``|``-joined parent GO ids.
+TERM_COLUMNS = ("go_id", "aspect", "name", "is_a", "part_of")
+ALIAS_COLUMNS = ("symbol", "alias")
 
-    go_id: str
-    aspect: str
-    name: str
-    is_a: tuple[str, ...]
-    part_of: tuple[str, ...]
+
+class GOTables(NamedTuple):
+    """The raw tables of a GO source, as DataFrames of strings.
+
+    Attributes
+    ----------
+    annotations
+        Columns ``symbol, go_id, aspect, evidence`` (:class:`Annotation`): direct annotations.
+    terms
+        Columns :data:`TERM_COLUMNS`: every current GO term with its parents.
+    aliases
+        Columns ``symbol, alias``, identity rows included (the symbol column is the symbol universe).
+    version
+        Release dates and package versions.
+    """
+
+    annotations: pd.DataFrame
+    terms: pd.DataFrame
+    aliases: pd.DataFrame
+    version: dict[str, str]
+
+
+def rows_frame(rows: Iterable[tuple[str, ...]], columns: tuple[str, ...]) -> pd.DataFrame:
+    """A DataFrame of string columns ``columns`` from row tuples (the form every source returns)."""
+    return pd.DataFrame(list(rows), columns=list(columns), dtype=object)
 
 
 # --------------------------------------------------------------------------- SQLite readers
@@ -105,7 +131,7 @@ def _sqlite_aliases(org_sqlite: Path) -> list[tuple[str, str]]:
         con.close()
 
 
-def _sqlite_terms(go_sqlite: Path) -> list[TermRecord]:
+def _sqlite_terms(go_sqlite: Path) -> list[tuple[str, str, str, str, str]]:
     con = sqlite3.connect(f"file:{go_sqlite}?mode=ro", uri=True)
     try:
         terms = {i: (g, o, n) for i, g, n, o in con.execute("SELECT _id, go_id, term, ontology FROM go_term")
@@ -120,7 +146,7 @@ def _sqlite_terms(go_sqlite: Path) -> list[TermRecord]:
     out = []
     for i, (go_id, aspect, name) in terms.items():
         par = parents.get(i, {"isa": set(), "part of": set()})
-        out.append(TermRecord(go_id, aspect, name, tuple(sorted(par["isa"])), tuple(sorted(par["part of"]))))
+        out.append((go_id, aspect, name, "|".join(sorted(par["isa"])), "|".join(sorted(par["part of"]))))
     return sorted(out)
 
 
@@ -279,7 +305,7 @@ def fetch_debian(cache_dir: Path | None = None) -> Path:
     return final
 
 
-def read_debian(directory: Path) -> tuple[list[Annotation], list[TermRecord], list[tuple[str, str]], dict[str, str]]:
+def read_debian(directory: Path) -> GOTables:
     """Read annotations, terms, aliases and version info from extracted Debian SQLite files.
 
     Parameters
@@ -289,9 +315,8 @@ def read_debian(directory: Path) -> tuple[list[Annotation], list[TermRecord], li
 
     Returns
     -------
-    tuple
-        ``(annotations, terms, aliases, version)``; ``aliases`` holds ``(symbol, alias)`` pairs
-        including each symbol's identity row.
+    GOTables
+        Rows sorted; ``aliases`` includes each symbol's identity row.
     """
     go_sqlite, org_sqlite = _find(directory, _GO_SQLITE), _find(directory, _ORG_SQLITE)
     version = _sqlite_version(go_sqlite, org_sqlite)
@@ -299,31 +324,35 @@ def read_debian(directory: Path) -> tuple[list[Annotation], list[TermRecord], li
     if debs.is_file():
         for pkg, info in json.loads(debs.read_text()).items():
             version[f"deb:{pkg}"] = info["version"]
-    return list(_sqlite_annotations(org_sqlite)), _sqlite_terms(go_sqlite), _sqlite_aliases(org_sqlite), version
+    return GOTables(rows_frame(_sqlite_annotations(org_sqlite), Annotation._fields),
+                    rows_frame(_sqlite_terms(go_sqlite), TERM_COLUMNS),
+                    rows_frame(_sqlite_aliases(org_sqlite), ALIAS_COLUMNS), version)
 
 
 # --------------------------------------------------------------------------- bundled table
 
 
-def _write_tsv_gz(path: Path, header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> None:
+def _write_tsv_gz(path: Path, table: pd.DataFrame) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
                                                    compresslevel=9) as gz:
             text = io.TextIOWrapper(gz, encoding="utf-8", newline="")
             writer = csv.writer(text, delimiter="\t", lineterminator="\n")
-            writer.writerow(header)
-            writer.writerows(rows)
+            writer.writerow(table.columns)
+            writer.writerows(table.itertuples(index=False, name=None))
             text.flush()
             text.detach()
 
     atomic_write(path, write)
 
 
-def _read_tsv_gz(path: Traversable) -> Iterator[list[str]]:
-    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        next(reader)
-        yield from reader
+def _read_tsv_gz(path: Traversable, columns: tuple[str, ...]) -> pd.DataFrame:
+    """Read a table written by :func:`_write_tsv_gz` (pandas' C parser: csv quoting, empty strings kept)."""
+    with path.open("rb") as raw:
+        table = pd.read_csv(raw, sep="\t", compression="gzip", dtype=str, keep_default_na=False, na_filter=False)
+    if tuple(table.columns) != columns:
+        raise GOError(f"{path}: columns {list(table.columns)}, expected {list(columns)}")
+    return table
 
 
 def export_bundled_table(sqlite_dir: Path, out: Path | None = None) -> dict[str, str]:
@@ -346,25 +375,24 @@ def export_bundled_table(sqlite_dir: Path, out: Path | None = None) -> dict[str,
     dict
         The content of ``SOURCE.json``: source versions and sha256 of inputs and outputs.
     """
-    annotations, terms, aliases, version = read_debian(sqlite_dir)
+    tables = read_debian(sqlite_dir)
     out = Path(str(BUNDLED_DIR)) if out is None else out
     out.mkdir(parents=True, exist_ok=True)
-    _write_tsv_gz(out / _FILES["gene2go"], Annotation._fields, annotations)
-    _write_tsv_gz(out / _FILES["terms"], TermRecord._fields,
-                  ((t.go_id, t.aspect, t.name, "|".join(t.is_a), "|".join(t.part_of)) for t in terms))
-    _write_tsv_gz(out / _FILES["aliases"], ("symbol", "alias"), aliases)
-    info: dict[str, str] = dict(version)
+    _write_tsv_gz(out / _FILES["gene2go"], tables.annotations)
+    _write_tsv_gz(out / _FILES["terms"], tables.terms)
+    _write_tsv_gz(out / _FILES["aliases"], tables.aliases)
+    info: dict[str, str] = dict(tables.version)
     for name in (_GO_SQLITE, _ORG_SQLITE):
         info[f"sha256:{name}"] = sha256_file(_find(sqlite_dir, name))
     for name in _FILES.values():
         info[f"sha256:{name}"] = sha256_file(out / name)
     atomic_write_json(out / _SOURCE_JSON, info, sort_keys=True)
-    log.info("bundled GO table written to %s (%d annotation rows, %d terms)", out, len(annotations), len(terms))
+    log.info("bundled GO table written to %s (%d annotation rows, %d terms)", out, len(tables.annotations),
+             len(tables.terms))
     return info
 
 
-def read_bundled(directory: Traversable = BUNDLED_DIR) -> tuple[
-        list[Annotation], list[TermRecord], list[tuple[str, str]], dict[str, str]]:
+def read_bundled(directory: Traversable = BUNDLED_DIR) -> GOTables:
     """Read the bundled tables written by :func:`export_bundled_table`.
 
     Parameters
@@ -374,25 +402,23 @@ def read_bundled(directory: Traversable = BUNDLED_DIR) -> tuple[
 
     Returns
     -------
-    tuple
-        ``(annotations, terms, aliases, version)`` as :func:`read_debian`.
+    GOTables
+        As :func:`read_debian`.
     """
     version = {k: v for k, v in json.loads(directory.joinpath(_SOURCE_JSON).read_text()).items()
                if not k.startswith("sha256:")}
-    annotations = [Annotation(*row) for row in _read_tsv_gz(directory.joinpath(_FILES["gene2go"]))]
-    terms = [TermRecord(g, a, n, tuple(i.split("|")) if i else (), tuple(p.split("|")) if p else ())
-             for g, a, n, i, p in _read_tsv_gz(directory.joinpath(_FILES["terms"]))]
-    aliases = [(s, a) for s, a in _read_tsv_gz(directory.joinpath(_FILES["aliases"]))]
-    return annotations, terms, aliases, version
+    return GOTables(_read_tsv_gz(directory.joinpath(_FILES["gene2go"]), Annotation._fields),
+                    _read_tsv_gz(directory.joinpath(_FILES["terms"]), TERM_COLUMNS),
+                    _read_tsv_gz(directory.joinpath(_FILES["aliases"]), ALIAS_COLUMNS), version)
 
 
-def write_obo(terms: Iterable[TermRecord], path: Path, data_version: str) -> None:
+def write_obo(terms: pd.DataFrame, path: Path, data_version: str) -> None:
     """Write a minimal go-basic-style OBO (id, name, namespace, is_a, part_of) for goatools.
 
     Parameters
     ----------
     terms
-        Current GO terms with their parents.
+        Current GO terms with their parents (columns :data:`TERM_COLUMNS`).
     path
         Output ``.obo`` file (written atomically).
     data_version
@@ -401,10 +427,10 @@ def write_obo(terms: Iterable[TermRecord], path: Path, data_version: str) -> Non
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(f"format-version: 1.2\ndata-version: releases/{data_version}\nontology: go\n\n")
-            for t in terms:
-                f.write(f"[Term]\nid: {t.go_id}\nname: {t.name}\nnamespace: {_NAMESPACE[t.aspect]}\n")
-                f.writelines(f"is_a: {p}\n" for p in t.is_a)
-                f.writelines(f"relationship: part_of {p}\n" for p in t.part_of)
+            for go_id, aspect, name, is_a, part_of in terms.itertuples(index=False, name=None):
+                f.write(f"[Term]\nid: {go_id}\nname: {name}\nnamespace: {_NAMESPACE[aspect]}\n")
+                f.writelines(f"is_a: {p}\n" for p in is_a.split("|") if p)
+                f.writelines(f"relationship: part_of {p}\n" for p in part_of.split("|") if p)
                 f.write("\n")
             f.write("[Typedef]\nid: part_of\nname: part of\n")
 
