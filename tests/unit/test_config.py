@@ -134,3 +134,117 @@ def test_cli_unreadable_data_file_exits_1_with_its_name(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert "not_h5ad.h5ad" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["optim.batch_size=10", "optim.micro_batch_size=4"], "optim.batch_size: 10 cells per step"),
+    (["engine.name=deepspeed", "engine.workers=2", "optim.batch_size=12", "optim.micro_batch_size=4"],
+     r"micro_batch_size × engine.workers = 4 × 2 = 8"),
+    (["engine.name=deepspeed", "engine.workers=2", "engine.deepspeed_config=nope.json"], "engine.deepspeed_config"),
+    (["adapter.heads=3"], "adapter.heads: 3 does not divide"),
+    (["eval.batch_size=0"], "eval.batch_size"),
+    (["adapter.ffn_dim=-1"], "adapter.ffn_dim"),
+    (["backbone.layers=0"], "backbone.layers"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay"),
+    (["optim.step_gamma=-1"], "optim.step_gamma"),
+    (["optim.clip_value=-1"], "optim.clip_value"),
+    (["optim.max_steps_per_epoch=0"], "optim.max_steps_per_epoch"),
+    (["go.graph_threshold=1.5"], "go.graph_threshold"),
+    (["eval.select_metric=val_nonsense"], "eval.select_metric"),
+    (["model.linear_k=0"], "model.linear_k"),
+    (["name=../escape"], "name"),
+])
+def test_cross_section_checks_fail_in_validation(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("×", "×")):
+        load_run_config(REPO / "configs" / "smoke.yaml", overrides)
+
+
+def test_baseline_configs_skip_model_only_checks() -> None:
+    cfg = load_run_config(REPO / "configs" / "smoke.yaml", ["model.name=baseline_mean", "optim.batch_size=10",
+                                                             "optim.micro_batch_size=4"])
+    assert cfg.is_baseline and not cfg.uses_ray_train
+    assert load_run_config(REPO / "configs" / "demo.yaml").uses_ray_train
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ("", "the file is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not a text file"),
+    ("optim:\n  lr: 0.1\noptim:\n  lr: 0.2\n", "duplicate key 'optim'"),
+    ("base: [a.yaml, b.yaml]\n", "expected one file name"),
+    ("- a\n- b\n", "expected a mapping"),
+])
+def test_malformed_run_config_files(tmp_path: Path, content: str | bytes, needle: str) -> None:
+    bad = _write(tmp_path / "bad.yaml", content)
+    with pytest.raises(ConfigError, match=rf"bad\.yaml.*{needle}"):
+        load_run_config(bad)
+
+
+def test_base_resolves_next_to_the_including_file_not_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "cwd").mkdir()
+    _write(tmp_path / "a" / "parent.yaml", "base: smoke.yaml\noptim: {lr: 0.01}\n")
+    _write(tmp_path / "a" / "child.yaml", "base: parent.yaml\n")
+    _write(tmp_path / "cwd" / "parent.yaml", "base: smoke.yaml\noptim: {lr: 0.9}\n")
+    for cwd in (tmp_path / "cwd", tmp_path):
+        monkeypatch.chdir(cwd)
+        assert load_run_config(tmp_path / "a" / "child.yaml").optim.lr == 0.01
+    # a bare name nobody ships next to it comes from the shipped configs
+    assert load_run_config("smoke.yaml").name == "smoke"
+
+
+def _ablation(tmp_path: Path, body: str) -> Path:
+    return _write(tmp_path / "abl.yaml", "name: x\nbase: smoke.yaml\n" + body)
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ("arms:\n  full: {}\n  full: {loss.name: mse}\n", "duplicate key 'full'"),
+    ("arms:\n", "arms"),
+    ("seeds: [1, 1]\narms: {full: {}}\n", r"seeds: \[1\] listed more than once"),
+    ("max_concurrent_trials: 0\narms: {full: {}}\n", "max_concurrent_trials"),
+    ("arms:\n  ../../escape: {}\n", "not a valid name"),
+    ("arms: {full: {}}\nbaselines: maybe\n", "baselines"),
+    ("arms: {full: {}}\nsedes: [1]\n", "sedes"),
+    ("arms: {full: {adapter.enabled: perhaps}}\n", "adapter.enabled"),
+    ("arms: {full: {adapter.attention_mask: diagonal}}\n", "adapter.attention_mask"),
+])
+def test_malformed_ablations(tmp_path: Path, body: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=rf"abl\.yaml.*{needle}"):
+        load_ablation(_ablation(tmp_path, body))
+
+
+def test_ablation_base_relative_to_the_ablation(tmp_path: Path) -> None:
+    _write(tmp_path / "mine.yaml", "base: smoke.yaml\noptim: {lr: 0.123}\n")
+    abl = load_ablation(_write(tmp_path / "abl.yaml", "name: x\nbase: mine.yaml\nbaselines: false\narms: {a: {}}\n"))
+    assert abl.trials[0].config.optim.lr == 0.123
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ("params:\n  optim.micro_batch_size: {type: int, low: 2.5, high: 8}\n", "integer bounds"),
+    ("metric: val_nonsense\nparams:\n  optim.lr: {type: uniform, low: 0.001, high: 0.1}\n", "metric"),
+    ("scheduler: hyperband\nparams:\n  optim.lr: {type: uniform, low: 0.001, high: 0.1}\n", "scheduler"),
+    ("params:\n  optim.lrr: {type: uniform, low: 0.001, high: 0.1}\n", "optim.lrr"),
+    ("params:\n  optim.lr: {type: normal, low: 0.001, high: 0.1}\n", "type"),
+    ("params:\n  optim.lr: {type: loguniform, low: 0, high: 0.1}\n", "loguniform needs low > 0"),
+    ("params: {}\n", "params"),
+])
+def test_malformed_search_spaces(tmp_path: Path, body: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=rf"space\.yaml.*{needle}"):
+        load_search_space(_write(tmp_path / "space.yaml", body))
+
+
+def test_config_show_prints_the_resolved_config() -> None:
+    res = _cli("config", "show", "configs/smoke.yaml", "optim.lr=0.5")
+    assert res.returncode == 0, res.stderr
+    import yaml
+
+    doc = yaml.safe_load(res.stdout)
+    assert doc["optim"]["lr"] == 0.5 and doc["model"]["hidden_size"] == 32 and doc["name"] == "smoke"
