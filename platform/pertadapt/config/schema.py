@@ -181,9 +181,12 @@ class AdapterConfig:
     inject: str = "all"
     #: Queries per chunk in the masked attention (bounds memory; never an N x N tensor).
     chunk_size: int = 2048
+    #: Masked attention path: ``chunked`` (dense SDPA per query chunk), ``sparse`` (only the allowed pairs' work) or ``auto``.
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("adapter.attention_mask", self.attention_mask, MASKS)
+        _choice("adapter.attention_impl", self.attention_impl, ("chunked", "sparse", "auto"))
         _choice("adapter.inject", self.inject, ("all", "perturbed"))
         _check("adapter.layers", self.layers > 0, "a positive integer", self.layers)
         _check("adapter.heads", self.heads > 0, "a positive integer", self.heads)

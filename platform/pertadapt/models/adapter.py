@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pertadapt.models.attention import SparseMask, masked_attention
+from pertadapt.models.attention import SparseMask, masked_attention, resolve_impl
 
 __all__ = ["AdapterBlock", "PerturbationAdapter"]
 
@@ -25,14 +25,19 @@ class AdapterBlock(nn.Module):
     ffn_dim
         Bottleneck width of the feed-forward network.
     chunk_size
-        Query chunk of the masked attention.
+        Query chunk of the chunked attention path.
+    attention_impl
+        ``chunked``, ``sparse`` or ``auto`` (:func:`~pertadapt.models.attention.resolve_impl`); the
+        path taken by the latest forward is in :attr:`last_attention_impl`.
     """
 
-    def __init__(self, d: int, heads: int, ffn_dim: int, chunk_size: int = 2048) -> None:
+    def __init__(self, d: int, heads: int, ffn_dim: int, chunk_size: int = 2048, attention_impl: str = "auto") -> None:
         super().__init__()
         if d % heads:
             raise ValueError(f"adapter width {d} is not divisible by heads={heads}")
-        self.heads, self.chunk_size = heads, chunk_size
+        resolve_impl(attention_impl, None, torch.device("cpu"))  # validates the name
+        self.heads, self.chunk_size, self.attention_impl = heads, chunk_size, attention_impl
+        self.last_attention_impl: str | None = None
         self.ln0, self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.in_proj = nn.Linear(d, 3 * d)
         self.out_proj = nn.Linear(d, d)
@@ -56,7 +61,9 @@ class AdapterBlock(nn.Module):
         b, n, d = x.shape
         x = self.ln0(x)
         q, k, v = self.in_proj(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = masked_attention(q, k, v, mask, chunk_size=self.chunk_size, checkpoint_chunks=n > self.chunk_size)
+        self.last_attention_impl = resolve_impl(self.attention_impl, mask, x.device)
+        a = masked_attention(q, k, v, mask, chunk_size=self.chunk_size, checkpoint_chunks=n > self.chunk_size,
+                             impl=self.last_attention_impl)
         a = self.out_proj(a.transpose(1, 2).reshape(b, n, d))
         h = self.ln1(a + x)
         return self.ln2(h + self.ffn(h))
@@ -67,7 +74,7 @@ class PerturbationAdapter(nn.Module):
 
     Parameters
     ----------
-    d, heads, ffn_dim, chunk_size
+    d, heads, ffn_dim, chunk_size, attention_impl
         See :class:`AdapterBlock`.
     layers
         Number of blocks.
@@ -76,9 +83,9 @@ class PerturbationAdapter(nn.Module):
     """
 
     def __init__(self, d: int, heads: int, ffn_dim: int, layers: int = 1, mask: SparseMask | None = None,
-                 chunk_size: int = 2048) -> None:
+                 chunk_size: int = 2048, attention_impl: str = "auto") -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(AdapterBlock(d, heads, ffn_dim, chunk_size) for _ in range(layers))
+        self.blocks = nn.ModuleList(AdapterBlock(d, heads, ffn_dim, chunk_size, attention_impl) for _ in range(layers))
         self.mask = mask
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ def build_model(cfg: RunConfig, inputs: ModelInputs) -> PertAdaptModel:
             if inputs.mask_indptr is None or inputs.mask_indices is None:
                 raise ValueError(f"adapter.attention_mask={acfg.attention_mask!r} needs a mask; none was built")
             mask = SparseMask(torch.from_numpy(inputs.mask_indptr), torch.from_numpy(inputs.mask_indices))
-        adapter = PerturbationAdapter(d, acfg.heads, acfg.ffn_dim, acfg.layers, mask, acfg.chunk_size)
+        adapter = PerturbationAdapter(d, acfg.heads, acfg.ffn_dim, acfg.layers, mask, acfg.chunk_size, attention_impl=acfg.attention_impl)
     head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden)
     model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject)
     if bcfg.is_foundation_model:  # FM off: the per-gene embedding is a trained part of the model
