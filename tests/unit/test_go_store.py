@@ -71,3 +71,22 @@ def test_cache_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("PERTADAPT_CACHE", str(tmp_path / "env"))
     cached_go_mask(_ann(), GENES)
     assert len(_masks(tmp_path / "env")) == 1
+
+
+def test_damaged_files_are_refused_naming_the_file(tmp_path: Path) -> None:
+    from pertadapt.go import GOError, load_gene_graph, load_go_mask, save_go_mask
+
+    ann = _ann()
+    save_go_mask(build_go_mask(ann, GENES), tmp_path / "m")
+    npz, js = tmp_path / "m.npz", tmp_path / "m.json"
+    good = npz.read_bytes()
+    npz.write_bytes(good[: len(good) // 2])
+    with pytest.raises(GOError, match="m.npz: missing or unreadable arrays indptr, indices"):
+        load_go_mask(tmp_path / "m")
+    npz.write_bytes(good)
+    assert load_go_mask(tmp_path / "m").n == len(GENES)
+    with pytest.raises(GOError, match="not a gene graph"):
+        load_gene_graph(tmp_path / "m")
+    js.write_text("{not json")
+    with pytest.raises(GOError, match="m.json: not a GO mask JSON file"):
+        load_go_mask(tmp_path / "m")

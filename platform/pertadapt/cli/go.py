@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -24,7 +24,12 @@ log = logging.getLogger("pertadapt.cli.go")
 
 go_app = typer.Typer(help="Gene Ontology: gene graph, attention mask, coverage.", no_args_is_help=True)
 
-_SOURCE_HELP = "GO source: bundled (offline, shipped), debian (apt-get download), obo (--obo + --gaf)."
+# Options shared by both commands: where the GO annotations come from.
+SourceOption = Annotated[str, typer.Option(
+    "--source", help="GO source: bundled (offline, shipped), debian (apt-get download), obo (--obo + --gaf).")]
+OboOption = Annotated[Path | None, typer.Option("--obo", help="OBO ontology file (source obo).")]
+GafOption = Annotated[Path | None, typer.Option("--gaf", help="GAF annotation file (source obo).")]
+PropagateOption = Annotated[bool, typer.Option("--propagate/--direct", help="Propagate annotations up is_a.")]
 
 
 def register(app: typer.Typer) -> None:
@@ -89,10 +94,10 @@ def build(
     out: Path = typer.Option(..., "--out", help="Output directory (gene_graph.* and go_mask.*)."),
     genes_file: Path | None = typer.Option(None, "--genes", help="Gene list, one symbol per line, in model order."),
     from_data: Path | None = typer.Option(None, "--from-data", help="Take the genes from an .h5ad's var."),
-    source: str = typer.Option("bundled", "--source", help=_SOURCE_HELP),
-    obo: Path | None = typer.Option(None, "--obo", help="OBO ontology file (source obo)."),
-    gaf: Path | None = typer.Option(None, "--gaf", help="GAF annotation file (source obo)."),
-    propagate: bool = typer.Option(False, "--propagate/--direct", help="Propagate annotations up is_a."),
+    source: SourceOption = "bundled",
+    obo: OboOption = None,
+    gaf: GafOption = None,
+    propagate: PropagateOption = False,
     threshold: float = typer.Option(0.1, help="Jaccard threshold (exclusive) of graph and mask."),
     top_k: int = typer.Option(20, "--top-k", help="Graph neighbours per gene besides the self-loop."),
     mask_kind: str = typer.Option("go", "--mask-kind", help="go, random_degree_matched or none."),
@@ -149,10 +154,10 @@ def build(
 def coverage_cmd(
     h5ad: Path = typer.Argument(..., help="GEARS-layout .h5ad (var gene_name, obs condition)."),
     vocab: Path | None = typer.Option(None, "--vocab", help="Model vocabulary file (default: the data's genes)."),
-    source: str = typer.Option("bundled", "--source", help=_SOURCE_HELP),
-    obo: Path | None = typer.Option(None, "--obo", help="OBO ontology file (source obo)."),
-    gaf: Path | None = typer.Option(None, "--gaf", help="GAF annotation file (source obo)."),
-    propagate: bool = typer.Option(False, "--propagate/--direct", help="Propagate annotations up is_a."),
+    source: SourceOption = "bundled",
+    obo: OboOption = None,
+    gaf: GafOption = None,
+    propagate: PropagateOption = False,
     threshold: float = typer.Option(0.1, help="Mask Jaccard threshold."),
 ) -> None:
     """Report how many vocabulary genes and perturbation targets have GO, and the mask density."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +47,41 @@ def _paths(stem: str | os.PathLike[str]) -> tuple[Path, Path]:
     return base.with_name(base.name + ".npz"), base.with_name(base.name + ".json")
 
 
+def _save(stem: str | os.PathLike[str], info: dict, arrays: dict[str, np.ndarray] | None) -> Path:
+    npz, js = _paths(stem)
+    if arrays is not None:
+        _write_npz(npz, **arrays)
+    _write_json(js, {"format": _FORMAT, **info})  # last: a JSON file marks a complete pair
+    return js
+
+
+def _open(stem: str | os.PathLike[str], kind: str, what: str) -> tuple[Path, Path, dict]:
+    """``(npz path, json path, json content)`` of a stored pair, checked to be of type ``kind``."""
+    npz, js = _paths(stem)
+    if not js.is_file():
+        raise GOError(f"{js}: no such {what} file")
+    try:
+        info = json.loads(js.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GOError(f"{js}: not a {what} JSON file ({e})") from e
+    if not isinstance(info, dict) or info.get("type") != kind:
+        raise GOError(f"{js}: not a {what} (type={info.get('type') if isinstance(info, dict) else None!r})")
+    return npz, js, info
+
+
+def _arrays(npz: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(npz) as z:  # allow_pickle stays False
+            return {k: z[k] for k in names}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise GOError(f"{npz}: missing or unreadable arrays {', '.join(names)} ({e})") from e
+
+
+def _verified(obj: GOMask | GeneGraph, npz: Path, js: Path, info: dict) -> None:
+    if obj.sha256 != info.get("sha256"):
+        raise GOError(f"{npz}: sha256 {obj.sha256} does not match {info.get('sha256')} recorded in {js}")
+
+
 def save_go_mask(mask: GOMask, stem: str | os.PathLike[str]) -> Path:
     """Write ``<stem>.npz`` (CSR indptr/indices, no values: all True) and ``<stem>.json``.
 
@@ -54,13 +90,10 @@ def save_go_mask(mask: GOMask, stem: str | os.PathLike[str]) -> Path:
     Path
         The JSON path.
     """
-    npz, js = _paths(stem)
-    if mask.csr is not None:
-        _write_npz(npz, indptr=mask.csr.indptr.astype(np.int64), indices=mask.csr.indices.astype(np.int32))
-    _write_json(js, {"format": _FORMAT, "type": "go_mask", "kind": mask.kind, "genes": list(mask.genes),
-                      "sha256": mask.sha256, "density": mask.density, "mean_degree": mask.mean_degree,
-                      "meta": dict(mask.meta)})
-    return js
+    arrays = None if mask.csr is None else {"indptr": mask.csr.indptr.astype(np.int64),
+                                            "indices": mask.csr.indices.astype(np.int32)}
+    return _save(stem, {"type": "go_mask", "kind": mask.kind, "genes": list(mask.genes), "sha256": mask.sha256,
+                        "density": mask.density, "mean_degree": mask.mean_degree, "meta": dict(mask.meta)}, arrays)
 
 
 def load_go_mask(stem: str | os.PathLike[str]) -> GOMask:
@@ -69,23 +102,17 @@ def load_go_mask(stem: str | os.PathLike[str]) -> GOMask:
     Raises
     ------
     GOError
-        Missing files, wrong type, or a hash mismatch (corrupt or edited file).
+        Missing or unreadable files, wrong type, or a hash mismatch (corrupt or edited file).
     """
-    npz, js = _paths(stem)
-    if not js.is_file():
-        raise GOError(f"{js}: no such mask file")
-    info = json.loads(js.read_text())
-    if info.get("type") != "go_mask":
-        raise GOError(f"{js}: not a GO mask (type={info.get('type')!r})")
+    npz, js, info = _open(stem, "go_mask", "GO mask")
     genes = tuple(info["genes"])
     csr = None
     if info["kind"] != "none":
-        with np.load(npz) as z:
-            indptr, indices = z["indptr"], z["indices"]
-        csr = sp.csr_matrix((np.ones(indices.size, dtype=bool), indices, indptr), shape=(len(genes), len(genes)))
+        z = _arrays(npz, ("indptr", "indices"))
+        csr = sp.csr_matrix((np.ones(z["indices"].size, dtype=bool), z["indices"], z["indptr"]),
+                            shape=(len(genes), len(genes)))
     mask = GOMask(genes, csr, info["kind"], info.get("meta", {}))
-    if mask.sha256 != info["sha256"]:
-        raise GOError(f"{npz}: sha256 {mask.sha256} does not match {info['sha256']} recorded in {js}")
+    _verified(mask, npz, js, info)
     return mask
 
 
@@ -97,11 +124,9 @@ def save_gene_graph(graph: GeneGraph, stem: str | os.PathLike[str]) -> Path:
     Path
         The JSON path.
     """
-    npz, js = _paths(stem)
-    _write_npz(npz, src=graph.src, dst=graph.dst, weight=graph.weight)
-    _write_json(js, {"format": _FORMAT, "type": "gene_graph", "genes": list(graph.genes),
-                      "sha256": graph.sha256, "n_edges": graph.n_edges, "meta": dict(graph.meta)})
-    return js
+    return _save(stem, {"type": "gene_graph", "genes": list(graph.genes), "sha256": graph.sha256,
+                        "n_edges": graph.n_edges, "meta": dict(graph.meta)},
+                 {"src": graph.src, "dst": graph.dst, "weight": graph.weight})
 
 
 def load_gene_graph(stem: str | os.PathLike[str]) -> GeneGraph:
@@ -110,18 +135,12 @@ def load_gene_graph(stem: str | os.PathLike[str]) -> GeneGraph:
     Raises
     ------
     GOError
-        Missing files, wrong type, or a hash mismatch.
+        Missing or unreadable files, wrong type, or a hash mismatch.
     """
-    npz, js = _paths(stem)
-    if not js.is_file():
-        raise GOError(f"{js}: no such graph file")
-    info = json.loads(js.read_text())
-    if info.get("type") != "gene_graph":
-        raise GOError(f"{js}: not a gene graph (type={info.get('type')!r})")
-    with np.load(npz) as z:
-        graph = GeneGraph(tuple(info["genes"]), z["src"], z["dst"], z["weight"], info.get("meta", {}))
-    if graph.sha256 != info["sha256"]:
-        raise GOError(f"{npz}: sha256 {graph.sha256} does not match {info['sha256']} recorded in {js}")
+    npz, js, info = _open(stem, "gene_graph", "gene graph")
+    z = _arrays(npz, ("src", "dst", "weight"))
+    graph = GeneGraph(tuple(info["genes"]), z["src"], z["dst"], z["weight"], info.get("meta", {}))
+    _verified(graph, npz, js, info)
     return graph
 
 
