@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from scipy import stats
 from pertadapt.config import ConfigError
 from pertadapt.data.io import DataError
 from pertadapt.data.summaries import write_predictions
+from pertadapt.files import sha256_file
 from pertadapt.report.bootstrap import hierarchical_bootstrap
 from pertadapt.report.console import print_summary
 from pertadapt.report.html import write_sweep_report
@@ -237,10 +239,20 @@ def test_predicted_vs_observed_de_figure_reads_the_dataset_and_predictions(tmp_p
     assert "top-20 DE genes of 4 test perturbations" in fig.caption
     assert fig.png[:4] == b"\x89PNG"
     assert (paths.directory / "de_changes_sim.png").is_file()
-    (root / "runs" / "sim" / "full" / "seed1" / "config.yaml").write_text("data: {path: /nonexistent.h5ad}\n")
+    ref_run = root / "runs" / "sim" / "full" / "seed1"
+    (ref_run / "config.yaml").write_text("data: {path: /nonexistent.h5ad}\n")
     again = write_sweep_report(root)
     assert "de_changes_sim.png" not in [f.name for f in again.report.figures]
     assert any("no predicted-vs-observed DE figure" in n and "/nonexistent.h5ad" in n for n in again.report.notes)
+    # provenance.json's data_path (simulated data: config.yaml has data.path null) wins, checked by SHA-256
+    moved = shutil.copy(data, tmp_path / "moved.h5ad")
+    (ref_run / "provenance.json").write_text(json.dumps({"data_path": str(moved), "data_sha256": sha256_file(data)}))
+    assert "de_changes_sim.png" in [f.name for f in write_sweep_report(root).report.figures]
+    with open(moved, "ab") as fh:
+        fh.write(b"\0")
+    changed = write_sweep_report(root)
+    assert "de_changes_sim.png" not in [f.name for f in changed.report.figures]
+    assert any("changed since the run" in n for n in changed.report.notes)
 
 
 def test_truth_figure_only_on_simulated_results(written, tmp_path: Path) -> None:

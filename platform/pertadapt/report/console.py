@@ -24,10 +24,10 @@ def summary_table(report: SweepReport) -> Table:
     if several:
         table.add_column("dataset", no_wrap=True)
     table.add_column("arm", no_wrap=True)
-    table.add_column("n", justify="right")
+    table.add_column("n", justify="right", no_wrap=True, min_width=3)
     for m in report.metrics:
-        table.add_column(m, justify="right", no_wrap=True)
-    table.add_column(f"vs {report.sweep.reference} ({report.metrics[0]})", no_wrap=True)
+        table.add_column(m, justify="right", overflow="fold")
+    table.add_column(f"vs {report.sweep.reference} ({report.metrics[0]})", overflow="fold")
     verdicts = {(r["dataset"], r["backbone"], r["arm"]): r["verdict"]
                 for _, r in report.tests[report.tests["metric"] == report.metrics[0]].iterrows()}
     order = {a: i for i, a in enumerate(arm_order(report.sweep.trials, report.sweep.reference))}
@@ -42,12 +42,13 @@ def summary_table(report: SweepReport) -> Table:
 
 
 def print_summary(report: SweepReport, console: Console | None = None) -> None:
-    """Print :func:`summary_table` (160 columns wide when not on a terminal, so logs are not squeezed)."""
+    """Print :func:`summary_table`; off a terminal (logs, CI) the console is as wide as the table needs."""
+    table = summary_table(report)
     if console is None:
         console = Console()
         if not console.is_terminal:
-            console = Console(width=160)
-    console.print(summary_table(report))
+            console = Console(width=max(160, Console(width=1000).measure(table).maximum))
+    console.print(table)
     failed = report.sweep.not_ok
     for _, r in failed.iterrows():
         console.print(f"[red]{r['status']}[/red] {r['trial']}: {r['error']}")

@@ -6,6 +6,7 @@ renders it as HTML and Markdown and writes the files.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import yaml
 
 from pertadapt.config import ConfigError
 from pertadapt.data.io import DataError
+from pertadapt.files import sha256_file
 from pertadapt.report import plots
 from pertadapt.report.stats import paired_tests, sentence
 from pertadapt.report.tables import (
@@ -129,18 +131,36 @@ def _read_history(run: Path) -> pd.DataFrame | None:
     return h.drop_duplicates("epoch", keep="last").sort_values("epoch") if "epoch" in h else None
 
 
+def _dataset_of(run: Path) -> Path:
+    """The prepared dataset a run was trained on: ``provenance.json``'s ``data_path``, else ``config.yaml``'s
+    ``data.path``; its SHA-256 must still equal ``provenance.json``'s ``data_sha256`` when that is recorded.
+
+    Raises
+    ------
+    DataError
+        No recorded path, the file is not here, or it changed since the run.
+    """
+    prov_file, cfg_file = run / "provenance.json", run / "config.yaml"
+    prov = json.loads(prov_file.read_text()) if prov_file.is_file() else {}
+    cfg = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
+    path = prov.get("data_path") or (cfg.get("data") or {}).get("path")
+    if not path or not Path(path).is_file():
+        raise DataError(f"{run}: the dataset path recorded in provenance.json (data_path) or config.yaml "
+                        f"(data.path), {path!r}, is not a file here")
+    if prov.get("data_sha256") and sha256_file(path) != prov["data_sha256"]:
+        raise DataError(f"{path}: changed since the run (SHA-256 differs from {prov_file})")
+    return Path(path)
+
+
 def _de_figure(sweep: SweepData, key: tuple[str, str], arms: Sequence[str], colours: dict[str, str],
-               label: str) -> Figure:
+               label: str, title: str) -> Figure:
     """Predicted vs observed top-DE changes of :data:`N_DE_PLOT_CONDITIONS` test perturbations (one seed)."""
     ok = sweep.ok[(sweep.ok["dataset"] == key[0]) & (sweep.ok["backbone"] == key[1])]
     ref = ok[ok["arm"] == sweep.reference]
     if ref.empty:
         raise DataError(f"no successful {sweep.reference!r} trial")
     first = ref.sort_values("seed").iloc[0]
-    cfg_file = Path(first["run_path"]) / "config.yaml"
-    data_path = (yaml.safe_load(cfg_file.read_text()) or {}).get("data", {}).get("path") if cfg_file.is_file() else None
-    if not data_path or not Path(data_path).is_file():
-        raise DataError(f"{cfg_file}: data.path {data_path!r} is not a file here")
+    data_path = _dataset_of(Path(first["run_path"]))
     from pertadapt.data.dataset import read_perturb_data  # imports torch: only when there is data to read
     from pertadapt.data.summaries import read_predictions
 
@@ -171,7 +191,7 @@ def _de_figure(sweep: SweepData, key: tuple[str, str], arms: Sequence[str], colo
     return Figure(f"de_changes{label}.png",
                   f"Predicted vs observed change from control on the top-{N_DE_PLOT} DE genes of "
                   f"{len(picked)} test perturbations (seed {first['seed']}; bars observed, dots predicted)",
-                  plots.de_changes_plot(observed, predicted, colours, f"{key[0] or 'data'}: top-DE changes"))
+                  plots.de_changes_plot(observed, predicted, colours, f"{title}: top-DE changes"))
 
 
 def _figures(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str], summary: pd.DataFrame,
@@ -213,7 +233,7 @@ def _figures(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str], su
             notes.append(f"{title}: no learning curves (no metrics.jsonl with {val})")
         try:
             figures.append(_de_figure(sweep, key, [a for a in arms if a not in baselines] or list(arms), colours,
-                                      label))
+                                      label, title))
         except (DataError, OSError) as e:
             notes.append(f"{title}: no predicted-vs-observed DE figure ({e})")
         pairs = [(metric_column(t.removeprefix("test_truth_")), t) for t in TRUTH_METRICS
