@@ -130,13 +130,20 @@ def test_every_trial_failed_still_gets_a_report(tmp_path: Path) -> None:
     assert "no final metrics (no error recorded)" in html
     assert "Every one of the 2 trials failed" in paths.markdown.read_text()
     assert pd.read_csv(paths.summary_csv)["n"].tolist() == [0, 0]
+    console = Console(record=True, width=160)
+    print_summary(paths.report, console)
+    assert "failed b/seed1: no final metrics (no error recorded)" in console.export_text()
     assert paths.report.tests.empty
     assert not paths.figures
 
 
 def test_header_only_results_csv_gets_a_report(tmp_path: Path) -> None:
     (tmp_path / "results.csv").write_text("trial,dataset,backbone_set,arm,seed,status,run_dir,wandb_run\n")
-    assert "0 trials" in write_sweep_report(tmp_path).html.read_text()
+    paths = write_sweep_report(tmp_path)
+    assert "0 trials" in paths.html.read_text()
+    console = Console(record=True, width=120)
+    print_summary(paths.report, console)
+    assert "reference: full" in console.export_text()
 
 
 def test_not_a_sweep_dir_is_a_data_error_naming_the_file(tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ def summary_table(report: SweepReport) -> Table:
     table.add_column(f"vs {report.sweep.reference} ({report.metrics[0]})", overflow="fold")
     verdicts = {(r["dataset"], r["backbone"], r["arm"]): r["verdict"]
                 for _, r in report.tests[report.tests["metric"] == report.metrics[0]].iterrows()}
+    if s.empty:  # a results.csv without trials
+        return table
     order = {a: i for i, a in enumerate(arm_order(report.sweep.trials, report.sweep.reference))}
     for _, r in s.assign(_o=s["arm"].map(order)).sort_values(["dataset", "backbone", "_o"]).iterrows():
         cells = [format_cell(r, metric_column(m), with_n=False) for m in report.metrics]

@@ -236,8 +236,8 @@ def _figures(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str], su
                                       label, title))
         except (DataError, OSError) as e:
             notes.append(f"{title}: no predicted-vs-observed DE figure ({e})")
-        pairs = [(metric_column(t.removeprefix("test_truth_")), t) for t in TRUTH_METRICS
-                 if f"{t}_mean" in s and f"{metric_column(t.removeprefix('test_truth_'))}_mean" in s]
+        pairs = [(metric_column(truth.removeprefix("test_truth_")), truth) for truth in TRUTH_METRICS
+                 if f"{truth}_mean" in s and f"{metric_column(truth.removeprefix('test_truth_'))}_mean" in s]
         if pairs:
             figures.append(Figure(f"truth_vs_observed{label}.png",
                                   f"{title} (simulated): error against the observed means (plain) and against "
