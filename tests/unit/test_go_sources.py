@@ -171,3 +171,19 @@ def test_debian_download_matches_bundled(tmp_path: Path, bundled: GOAnnotations)
     assert "deb:r-bioc-org.hs.eg.db" in deb.version
     if deb.version["go_release"] == bundled.version["go_release"]:
         assert deb.sha256() == bundled.sha256()
+
+
+def test_write_obo_from_terms_table(tmp_path: Path) -> None:
+    from pertadapt.go.obo import ancestors, load_dag
+    from pertadapt.go.sources import TERM_COLUMNS, rows_frame, write_obo
+
+    terms = rows_frame([("GO:0000001", "BP", "root", "", ""), ("GO:0000002", "BP", "child", "GO:0000001", ""),
+                        ("GO:0000003", "BP", "part", "", "GO:0000002"),
+                        ("GO:0000004", "BP", "two parents", "GO:0000001|GO:0000002", "")], TERM_COLUMNS)
+    write_obo(terms, tmp_path / "t.obo", "2099-01-01")
+    dag = load_dag(tmp_path / "t.obo")
+    assert dag.data_version == "releases/2099-01-01"
+    assert ancestors(dag, ["GO:0000004"], part_of=False)["GO:0000004"] == {"GO:0000001", "GO:0000002"}
+    assert ancestors(dag, ["GO:0000003"], part_of=False)["GO:0000003"] == frozenset()
+    assert ancestors(dag, ["GO:0000003"], part_of=True)["GO:0000003"] == {"GO:0000001", "GO:0000002"}
+    assert [p.name for p in tmp_path.iterdir()] == ["t.obo"]  # written atomically, no temporary left
