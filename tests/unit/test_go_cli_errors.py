@@ -113,3 +113,10 @@ def test_malformed_gaf_is_a_data_error(files: dict[str, Path], tmp_path: Path) -
     assert code == 1
     assert "absent.obo: no such file" in errors[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_out_is_an_existing_file(files: dict[str, Path]) -> None:
+    code, errors, _ = _run(["go", "build", "--genes", str(files["genes"]), "--out", str(files["genes"])])
+    assert code == 2
+    assert f"--out {files['genes']}: an existing file" in errors[0]
+    assert files["genes"].read_text() == "TP53\nKRAS\nNRAS\n"

@@ -121,6 +121,8 @@ def build(
 
     if (genes_file is None) == (from_data is None):
         raise _fail("give exactly one of --genes FILE or --from-data H5AD")
+    if out.exists() and not out.is_dir():
+        raise _fail(f"--out {out}: an existing file; expected a directory (created if missing)")
     with _exit_on_go_error(_CONFIG_ERROR):
         check_source(source, obo=obo, gaf=gaf)
         check_build_options(threshold, top_k, mask_kind)
