@@ -27,6 +27,7 @@ is what :func:`~torch.nn.functional.scaled_dot_product_attention` returns for an
 from __future__ import annotations
 
 import math
+import warnings
 
 import numba
 import numpy as np
@@ -298,7 +299,10 @@ def _cpu_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, 
 
 
 def _torch_csr(mask: SparseMask, values: torch.Tensor) -> torch.Tensor:
-    return torch.sparse_csr_tensor(mask.indptr, mask.indices, values, (mask.n, mask.n), check_invariants=False)
+    """The mask's pattern with ``values`` ``(nnz,)``, as a torch CSR tensor."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(mask.indptr, mask.indices, values, (mask.n, mask.n), check_invariants=False)
 
 
 def _torch_scores(mask: SparseMask, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
