@@ -125,7 +125,8 @@ class SymbolResolution:
     symbols
         Official symbol for each requested name (``None`` when unknown or ambiguous).
     via_alias
-        Name -> symbol for names resolved through an unambiguous alias.
+        Name -> symbol for names resolved through an unambiguous alias (HGNC mitochondrial names
+        included) or by dropping a chromosome suffix.
     ambiguous
         Name -> candidate symbols for aliases shared by several genes (left unresolved).
     unknown
