@@ -22,7 +22,8 @@ def report_command(
         "--reference", help="Reference arm (default: the ablation's reference_arm from sweep.json, else full).")
     ] = None,
     publish: Annotated[bool, typer.Option(
-        "--publish", help="Also create the W&B Report online from report/wandb_report.json (needs WANDB_API_KEY).")
+        "--publish", help="Also log the report's tables and figures to an online summary run and create the W&B "
+        "Report from report/wandb_report.json (needs WANDB_API_KEY).")
     ] = False,
     wandb_project: Annotated[str | None, typer.Option(
         "--wandb-project", help="W&B project of the Report spec (default: $WANDB_PROJECT, else pertadapt).")
@@ -44,7 +45,8 @@ def report_command(
     spec = build_wandb_report_spec(paths, project=wandb_project, entity=wandb_entity)
     log.info("report: %s (markdown %s); W&B Report spec %s", paths.html, paths.markdown, spec)
     if publish:
-        log.info("W&B Report: %s", publish_wandb_report(spec))
+        log.info("W&B Report: %s (learning curves need the trials' offline runs synced: wandb sync "
+                 "%s/runs/*/**/wandb/offline-run-*)", publish_wandb_report(spec, paths), sweep_dir)
 
 
 def register(app: typer.Typer) -> None:

@@ -94,12 +94,17 @@ if typing.TYPE_CHECKING:  # annotations only: report.html is imported where it i
     from pertadapt.report.html import ReportPaths
 
 
+def _wandb_project(project: str | None) -> str:
+    """The W&B project of the report: ``project``, else ``$WANDB_PROJECT``, else ``pertadapt``."""
+    return project or os.environ.get("WANDB_PROJECT") or "pertadapt"
+
+
 def _report_run_names(ablation: str) -> tuple[str, str]:
     """W&B group and run name of a sweep's summary run (trials use the groups ``<ablation>/<arm>``)."""
     return f"{ablation}/summary", f"{ablation}-report"
 
 
-def log_report_to_wandb(paths: ReportPaths, run: Any | None = None, *, project: str = "pertadapt",
+def log_report_to_wandb(paths: ReportPaths, run: Any | None = None, *, project: str | None = None,
                         mode: str | None = None) -> Any:
     """Log a written report to the sweep's summary run: ``summary.csv`` and ``paired_tests.csv`` as
     ``wandb.Table`` (keys ``report/summary``, ``report/paired_tests``) and every figure as ``wandb.Image``
@@ -113,7 +118,7 @@ def log_report_to_wandb(paths: ReportPaths, run: Any | None = None, *, project: 
         An open W&B run to log to (left open); ``None`` opens the summary run (group ``<ablation>/summary``,
         files under ``paths.directory/wandb``) and finishes it.
     project
-        W&B project of the run opened here.
+        W&B project of the run opened here (default ``$WANDB_PROJECT``, else ``pertadapt``).
     mode
         ``offline``/``online``/``disabled`` for the run opened here (default ``$WANDB_MODE``, else offline).
 
@@ -131,7 +136,7 @@ def log_report_to_wandb(paths: ReportPaths, run: Any | None = None, *, project: 
     own = run is None
     if own:
         group, name = _report_run_names(paths.report.sweep.name)
-        run = WandbLogger(project=project, group=group, name=name, directory=paths.directory,
+        run = WandbLogger(project=_wandb_project(project), group=group, name=name, directory=paths.directory,
                           config={"sweep_dir": str(paths.report.sweep.root),
                                   "reference_arm": paths.report.sweep.reference}, mode=mode).run
     captions = {f.name: f.caption for f in paths.report.figures}
@@ -175,7 +180,7 @@ def build_wandb_report_spec(paths: ReportPaths, *, project: str | None = None, e
     from pertadapt.report.html import render_layout_markdown
 
     r = paths.report
-    project = project or os.environ.get("WANDB_PROJECT") or "pertadapt"
+    project = _wandb_project(project)
     entity = entity if entity is not None else os.environ.get("WANDB_ENTITY", "")
     group, name = _report_run_names(r.sweep.name)
     summary_runs = wr.Runset(entity=entity, project=project, name="summary run",
@@ -246,8 +251,17 @@ def report_spec_from_json(doc: Any, entity: str = "") -> Any:
     return doc
 
 
-def publish_wandb_report(spec: Path) -> str:
+def publish_wandb_report(spec: Path, paths: ReportPaths | None = None) -> str:
     """Create the W&B Report saved by :func:`build_wandb_report_spec` (online; needs ``WANDB_API_KEY``).
+
+    Parameters
+    ----------
+    spec
+        ``wandb_report.json``.
+    paths
+        The written report: when given, its tables and figures are first logged to an online summary run
+        (:func:`log_report_to_wandb`) so that the Report's table and media panels have data. The trials'
+        offline runs need ``wandb sync`` for the learning curves.
 
     Returns
     -------
@@ -263,7 +277,10 @@ def publish_wandb_report(spec: Path) -> str:
 
     doc = json.loads(Path(spec).read_text())
     try:
-        report = report_spec_from_json(doc, entity=doc.get("entity") or wandb.Api().default_entity)
+        entity = doc.get("entity") or wandb.Api().default_entity  # fails fast when not logged in
+        if paths is not None:
+            log_report_to_wandb(paths, project=doc["project"], mode="online")
+        report = report_spec_from_json(doc, entity=entity)
         report.save()
         return str(report.url)
     except Exception as e:  # wandb raises a bare Exception when not logged in
