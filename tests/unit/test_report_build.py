@@ -288,3 +288,18 @@ def test_console_summary_lists_arms_counts_verdicts_and_failures(written) -> Non
     assert "2/3" in lines["worse"]
     assert "no difference" in lines["same"]
     assert f"failed sim/worse/seed2: {ERROR}" in text
+
+
+def test_per_condition_files_that_disagree_with_results_csv_are_noted(tmp_path: Path) -> None:
+    root = write_synthetic_sweep(tmp_path / "s", arms={"full": 0.0, "x": 0.1}, seeds=(1, 2), n_conditions=8,
+                                 baselines=())
+    assert not any("disagrees" in n for n in write_sweep_report(root).report.notes)
+    f = root / "runs" / "sim" / "x" / "seed2" / "per_condition.csv"
+    per = pd.read_csv(f)
+    per.loc[0, "mse_de"] += 1e-6  # row 0 is in combo_seen0: overall and that subgroup change
+    per.to_csv(f, index=False)
+    notes = [n for n in write_sweep_report(root).report.notes if "disagrees" in n]
+    assert len(notes) == 1
+    assert "2 value(s)" in notes[0]
+    assert "sim/x/seed2 test_mse_de" in notes[0]
+    assert "sim/x/seed2 test_combo_seen0_mse_de" in notes[0]

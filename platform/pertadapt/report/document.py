@@ -123,6 +123,33 @@ def _describe_arms(trials: pd.DataFrame, reference: str) -> dict[str, str]:
     return out
 
 
+def _consistency_notes(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str]) -> list[str]:
+    """Trials whose ``per_condition.csv`` means differ from their ``results.csv`` values (by > 1e-9, relative).
+
+    Both come from the same metric function, so a difference means mixed-up or stale files.
+    """
+    pc = sweep.per_condition[sweep.per_condition["metric"].isin(list(metrics))]
+    if pc.empty:
+        return []
+    overall = pc.groupby(["dataset", "backbone", "arm", "seed", "metric"])["value"].mean()
+    by_group = pc.groupby(["dataset", "backbone", "arm", "seed", "subgroup", "metric"])["value"].mean()
+    bad = []
+    for _, r in sweep.ok.iterrows():
+        key = (r["dataset"], r["backbone"], r["arm"], r["seed"])
+        for scope in scopes:
+            for m in metrics:
+                col = metric_column(m, scope)
+                idx = (*key, m) if scope == OVERALL else (*key, scope, m)
+                means = overall if scope == OVERALL else by_group
+                if col not in r or idx not in means.index or not np.isfinite(r[col]):
+                    continue
+                if abs(means[idx] - r[col]) > 1e-9 * max(1.0, abs(r[col])):
+                    bad.append(f"{r['trial']} {col}: results.csv {r[col]:.10g}, per_condition.csv mean "
+                               f"{means[idx]:.10g}")
+    return [f"per_condition.csv disagrees with results.csv for {len(bad)} value(s) (mixed-up or stale files?): "
+            + "; ".join(bad[:5]) + ("; …" if len(bad) > 5 else "")] if bad else []
+
+
 def _read_history(run: Path) -> pd.DataFrame | None:
     path = run / "metrics.jsonl"
     if not path.is_file() or path.stat().st_size == 0:
@@ -278,6 +305,7 @@ def build_report(sweep: SweepData, metrics: Sequence[str] | None = None) -> Swee
     if sweep.missing_per_condition:
         notes.append(f"{len(sweep.missing_per_condition)} ok trial(s) have no per_condition.csv and are not in the "
                      f"paired tests: {', '.join(sweep.missing_per_condition)}")
+    notes += _consistency_notes(sweep, metrics, scopes)
     if not sweep.ok.empty and sweep.ok[sweep.ok["arm"] == sweep.reference].empty:
         notes.append(f"the reference arm {sweep.reference!r} has no successful trial: nothing could be tested")
     figures, fig_notes = _figures(sweep, metrics, scopes, summary, tests, arms) if not sweep.ok.empty else ([], [])
