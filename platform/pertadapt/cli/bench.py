@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 bench = typer.Typer(help="Benchmarks (speed and memory targets); results printed as tables.", no_args_is_help=True)
 
 
-def _show(title: str, result: dict) -> None:
+def _show(title: str, result: dict, json_path: Path | None = None) -> None:
+    """Print ``result`` as a table and, with ``json_path``, write it there as JSON (atomically)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -19,6 +22,10 @@ def _show(title: str, result: dict) -> None:
             continue
         table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     Console().print(table)
+    if json_path is not None:
+        from pertadapt.files import atomic_write_json
+
+        atomic_write_json(json_path, result)
 
 
 @bench.command("go")
@@ -46,13 +53,32 @@ def _baselines(n_genes: int = typer.Option(2000), n_conditions: int = typer.Opti
     _show("baselines", run_baseline_benchmark(n_genes, n_conditions))
 
 
+_JSON = typer.Option(None, "--json", help="Also write the figures to this JSON file.")
+_DEVICE = typer.Option("cpu", help="cpu or cuda.")
+
+
 @bench.command("adapter")
 def _adapter(n_genes: int = typer.Option(None, help="First N vocabulary genes (default: all 19,264)."),
-             chunk_size: int = typer.Option(2048), device: str = typer.Option("cpu", help="cpu or cuda.")) -> None:
+             chunk_size: int = typer.Option(2048), device: str = _DEVICE,
+             attention_impl: str = typer.Option("auto", help="chunked, sparse or auto (adapter.attention_impl)."),
+             json_path: Path = _JSON) -> None:
     """Paper-size PA forward + backward over the FM vocabulary with the real GO mask, batch 1."""
     from pertadapt.train.bench import run_adapter_benchmark
 
-    _show(f"perturbation adapter ({device})", run_adapter_benchmark(n_genes, chunk_size=chunk_size, device=device))
+    result = run_adapter_benchmark(n_genes, chunk_size=chunk_size, device=device, attention_impl=attention_impl)
+    _show(f"perturbation adapter ({device})", result, json_path)
+
+
+@bench.command("attention")
+def _attention(n_genes: int = typer.Option(None, help="First N vocabulary genes (default: all 19,264)."),
+               heads: int = typer.Option(8), d: int = typer.Option(512, help="Model width (head dim d / heads)."),
+               chunk_size: int = typer.Option(2048, help="Queries per chunk of the chunked path."),
+               device: str = _DEVICE, json_path: Path = _JSON) -> None:
+    """Sparse vs chunked GO-masked attention, forward + backward, batch 1 (target: >= 3x faster, <= 1/2 memory)."""
+    from pertadapt.train.bench import run_attention_benchmark
+
+    result = run_attention_benchmark(n_genes, heads=heads, d=d, chunk_size=chunk_size, device=device)
+    _show(f"GO-masked attention, sparse vs chunked ({device})", result, json_path)
 
 
 def register(app: typer.Typer) -> None:
