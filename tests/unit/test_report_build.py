@@ -303,3 +303,16 @@ def test_per_condition_files_that_disagree_with_results_csv_are_noted(tmp_path: 
     assert "2 value(s)" in notes[0]
     assert "sim/x/seed2 test_mse_de" in notes[0]
     assert "sim/x/seed2 test_combo_seen0_mse_de" in notes[0]
+
+
+def test_metric_only_in_per_condition_files_is_tested_not_tabulated(tmp_path: Path) -> None:
+    root = write_synthetic_sweep(tmp_path / "s", arms={"full": 0.0, "x": 0.1}, seeds=(1, 2), n_conditions=8,
+                                 baselines=())
+    for f in (root / "runs").rglob("per_condition.csv"):
+        per = pd.read_csv(f)
+        per["extra_score"] = per["mse_de"] * 2
+        per.to_csv(f, index=False)
+    paths = write_sweep_report(root, metrics=["extra_score"])
+    assert paths.report.tests["verdict"].tolist() == ["better"]  # not an error name: higher is better
+    assert not paths.report.tables
+    assert any("no subgroup bars" in n for n in paths.report.notes)

@@ -245,9 +245,12 @@ def _figures(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str], su
         else:
             notes.append(f"{title}: no forest plot (no paired per-condition data)")
         shown = [m for m in metrics if any(f"{metric_column(m, sc)}_mean" in s for sc in scopes)]
-        figures.append(Figure(f"subgroups{label}.png",
-                              f"{title}: mean over seeds per subgroup (bars) and the individual seeds (dots)",
-                              plots.subgroup_bars_plot(s, ok, shown, scopes, arms, colours, title)))
+        if shown:
+            figures.append(Figure(f"subgroups{label}.png",
+                                  f"{title}: mean over seeds per subgroup (bars) and the individual seeds (dots)",
+                                  plots.subgroup_bars_plot(s, ok, shown, scopes, arms, colours, title)))
+        else:
+            notes.append(f"{title}: no subgroup bars (none of {', '.join(metrics)} is a results.csv column)")
         histories = {a: [h for r in ok[ok["arm"] == a]["run_path"] if (h := _read_history(Path(r))) is not None]
                      for a in arms}
         histories = {a: h for a, h in histories.items() if h}
