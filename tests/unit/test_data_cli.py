@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import anndata as ad
 import numpy as np
@@ -179,9 +181,22 @@ def test_split_errors(tmp_path):
     assert not out.exists()
     src = counts_file(tmp_path / "raw.h5ad")
     code, output = run("data", "split", src, "--seed", "1", "--kind", "combo", "--out", out)
-    assert code == 1
-    assert "'combo'" in output
+    assert code == 2
+    assert "--kind: 'combo' is not one of simulation, single" in output
     assert not out.exists()
     code, output = run("data", "prepare", tmp_path / "missing.h5ad", "--out", tmp_path / "x.h5ad")
     assert code == 1
     assert "missing.h5ad: no such file" in output
+
+
+def test_prepared_file_is_group_and_other_readable(tmp_path):
+    """Under umask 022 the prepared file (written via a 0600 temporary) ends up 0644, like any output."""
+    src = counts_file(tmp_path / "raw.h5ad")
+    out = tmp_path / "prepared.h5ad"
+    old = os.umask(0o022)
+    try:
+        code, output = run("data", "prepare", src, "--out", out, "--min-genes", "1")
+    finally:
+        os.umask(old)
+    assert code == 0, output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from pertadapt.data.io import DataError, read_raw, write_h5ad_atomic
+from pertadapt.config import ConfigError
+from pertadapt.data.io import DataError, ParamError, read_raw, write_h5ad_atomic
 from pertadapt.data.keys import (
     CELL_TYPE,
     CONDITION,
@@ -24,7 +25,7 @@ from pertadapt.data.keys import (
     TOP_NON_ZERO_DE_KEY,
     TOTAL_COUNT,
 )
-from pertadapt.data.prepare import prepare_adata
+from pertadapt.data.prepare import add_de_genes, prepare_adata
 from pertadapt.data.validate import validate_adata
 from pertadapt.files import sha256_file
 
@@ -123,7 +124,7 @@ def test_prepare_vocabulary_filter_and_round_trip(tmp_path):
 
 def test_prepare_rejects_bad_input():
     raw = counts_adata({"ctrl": 4, "G0+ctrl": 4})
-    with pytest.raises(DataError, match="NEW"):
+    with pytest.raises(ParamError, match="vocabulary: duplicate gene names NEW"):
         prepare_adata(raw, vocabulary=["G0", "G1", "NEW", "NEW"])
     with pytest.raises(DataError, match="perturbed genes missing from the vocabulary: G0"):
         prepare_adata(raw, vocabulary=["G1", "G2"])
@@ -132,6 +133,45 @@ def test_prepare_rejects_bad_input():
     raw.X = sp.csr_matrix(raw.X.toarray() + 0.5)
     with pytest.raises(DataError, match="non-integer values found in genes G0"):
         prepare_adata(raw, min_genes=1)
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"target_sum": 0}, "target_sum: expected a positive number"),
+    ({"target_sum": -100.0}, "target_sum: expected a positive number"),
+    ({"target_sum": float("nan")}, "got nan"),
+    ({"target_sum": float("inf")}, "got inf"),
+    ({"n_de": 0}, "n_de: expected a positive integer, got 0"),
+    ({"n_de": -5}, "n_de: expected a positive integer, got -5"),
+    ({"min_genes": -1}, "min_genes: expected a non-negative integer, got -1"),
+    ({"cell_type_default": " "}, "cell_type_default: expected a non-empty name"),
+    ({"vocabulary": []}, "vocabulary: no gene names"),
+])
+def test_prepare_rejects_bad_parameters(kwargs, needle):
+    """Out-of-range parameters raise ParamError (a ConfigError) before any step runs."""
+    steps = []
+    with pytest.raises(ParamError) as info:
+        prepare_adata(counts_adata({"ctrl": 4, "G0+ctrl": 4}), min_genes=kwargs.pop("min_genes", 1),
+                      on_step=steps.append, **kwargs)
+    assert needle in str(info.value)
+    assert isinstance(info.value, ConfigError)
+    assert steps == []
+
+
+def test_add_de_genes_rejects_non_positive_n_de():
+    out = prepare_adata(counts_adata({"ctrl": 4, "G0+ctrl": 4}), min_genes=1)
+    with pytest.raises(ParamError, match="n_de: expected a positive integer, got -5"):
+        add_de_genes(out, n_de=-5)
+
+
+def test_target_sum_and_n_de_change_the_output():
+    raw = counts_adata({"ctrl": 6, "G0+ctrl": 5, "G1+G2": 4})
+    out = prepare_adata(raw, min_genes=1, target_sum=1e4, n_de=2)
+    np.testing.assert_allclose(np.expm1(out.X.toarray()).sum(1), 1e4, rtol=1e-4)
+    assert out.uns["pertadapt_prepare"]["target_sum"] == 1e4
+    assert {len(v) for v in out.uns[TOP_NON_ZERO_DE_KEY].values()} == {2}
+    wide = prepare_adata(raw, min_genes=1, target_sum=10.0, n_de=5)
+    np.testing.assert_allclose(np.expm1(wide.X.toarray()).sum(1), 10.0, rtol=1e-4)
+    assert max(len(v) for v in wide.uns[TOP_NON_ZERO_DE_KEY].values()) == 5
 
 
 def test_prepare_drops_singleton_conditions(caplog):

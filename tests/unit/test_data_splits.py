@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from pertadapt.config import ConfigError
 from pertadapt.data.conditions import (
     ConditionError,
     canonical_condition,
@@ -14,6 +15,7 @@ from pertadapt.data.conditions import (
     is_control,
     parse_condition,
 )
+from pertadapt.data.io import ParamError
 from pertadapt.data.splits import ConditionSplit, SplitError, split_conditions
 
 SMALL = ["ctrl", "A+ctrl", "B+ctrl", "C+ctrl", "D+ctrl", "A+B", "A+C", "B+C", "C+D", "A+D", "B+D"]
@@ -103,10 +105,57 @@ def test_json_round_trip(tmp_path):
         ConditionSplit.from_json(path, expect_sha256="other")
 
 
-def test_bad_arguments():
-    with pytest.raises(SplitError, match="kind"):
-        split_conditions(SMALL, "combo", seed=1)
-    with pytest.raises(SplitError, match="train_gene_frac"):
-        split_conditions(SMALL, seed=1, train_gene_frac=1.0)
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"kind": "combo"}, "kind: 'combo' is not one of simulation, single"),
+    ({"train_gene_frac": 1.0}, "train_gene_frac: expected a fraction in (0, 1), got 1.0"),
+    ({"train_gene_frac": 0.0}, "train_gene_frac"),
+    ({"combo_seen2_train_frac": -0.1}, "combo_seen2_train_frac: expected a fraction in [0, 1]"),
+    ({"test_frac": 1.5}, "test_frac"),
+    ({"val_frac": float("nan")}, "val_frac"),
+    ({"seed": -1}, "seed: expected an integer in [0, 4294967295], got -1"),
+    ({"seed": 2**32}, "seed"),
+])
+def test_bad_arguments(kwargs, needle):
+    """Parameters outside their range are ParamErrors (ConfigError: exit 2), raised before any split work."""
+    call = {"seed": 1, **kwargs}
+    with pytest.raises(ParamError) as info:
+        split_conditions(SMALL, **call)
+    assert needle in str(info.value)
+    assert isinstance(info.value, ConfigError)
+
+
+def test_nothing_to_split():
     with pytest.raises(SplitError, match="no perturbed"):
         split_conditions(["ctrl"], seed=1)
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"\xff\xfe\x00binary", "not a readable split JSON file"),
+    (b"{not json", "not a readable split JSON file"),
+    (b"[1, 2]", "expected a JSON object, got list"),
+    (b'{"train": []}', "key 'val' missing"),
+    (b'{"train": "A+ctrl", "val": [], "test": [], "subgroups": {}, "data_sha256": "x", "seed": 1, '
+     b'"kind": "single"}', "train: expected a list of condition names"),
+    (b'{"train": [], "val": [], "test": [], "subgroups": [], "data_sha256": "x", "seed": 1, "kind": "single"}',
+     "subgroups: expected an object of lists"),
+    (b'{"train": [], "val": [], "test": [], "subgroups": {}, "data_sha256": "x", "seed": "one", '
+     b'"kind": "single"}', "seed / params"),
+])
+def test_from_json_rejects_malformed_files(tmp_path, content, needle):
+    path = tmp_path / "split.json"
+    path.write_bytes(content)
+    with pytest.raises(SplitError, match="split.json") as info:
+        ConditionSplit.from_json(path)
+    assert needle in str(info.value)
+
+
+def test_from_json_missing_file(tmp_path):
+    with pytest.raises(SplitError, match="nope.json: not a readable split JSON file"):
+        ConditionSplit.from_json(tmp_path / "nope.json")
+
+
+def test_to_json_refuses_a_directory(tmp_path):
+    (tmp_path / "split.json").mkdir()
+    with pytest.raises(ParamError, match="is a directory"):
+        split_conditions(SMALL, seed=1).to_json(tmp_path / "split.json", "abc")
+    assert [p.name for p in tmp_path.iterdir()] == ["split.json"]

@@ -18,7 +18,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     ----------
     pairs
         ``key=value`` items; ``key`` is a :class:`pertadapt.data.simulate.SimParams` field, the value
-        is converted to that field's type (tuples as comma-separated floats, e.g. ``gi_mix=0.2,0.2,0.2,0.2,0.2``).
+        is converted to that field's type (tuples as as many comma-separated floats as the default has,
+        e.g. ``gi_mix=0.2,0.2,0.2,0.2,0.2``).
 
     Returns
     -------
@@ -41,12 +42,26 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
             raise ValueError(f"--set {item!r}: expected key=value")
         if key not in defaults:
             raise ValueError(f"{key}: unknown simulator parameter; valid: {', '.join(sorted(defaults))}")
-        kind = type(defaults[key])
+        default = defaults[key]
+        if isinstance(default, tuple):
+            out[key] = _numbers(key, raw, len(default))
+            continue
         try:
-            out[key] = tuple(float(x) for x in raw.split(",")) if kind is tuple else kind(raw.strip())
+            out[key] = type(default)(raw.strip())
         except ValueError as e:
-            raise ValueError(f"{key}: cannot read {raw!r} as {kind.__name__}") from e
+            raise ValueError(f"{key}: cannot read {raw!r} as {type(default).__name__}") from e
     return out
+
+
+def _numbers(key: str, raw: str, n: int) -> tuple[float, ...]:
+    """``raw`` as ``n`` comma-separated floats; ``ValueError`` naming ``key`` otherwise."""
+    try:
+        values = tuple(float(x) for x in raw.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise ValueError(f"{key}: expected {n} comma-separated numbers, got {raw!r}")
+    return values
 
 
 def register(app: typer.Typer) -> None:
@@ -55,18 +70,26 @@ def register(app: typer.Typer) -> None:
     @app.command("simulate")
     def simulate_cmd(
         preset: str = typer.Option("demo", "--preset", help="Simulator preset (demo, benchmark, norman_like, replogle_like)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of every random draw (same seed = identical file)."),
+        seed: int = typer.Option(0, "--seed", min=0, help="Seed of every random draw (same seed = identical file)."),
         out: Path = typer.Option(..., "--out", help="Output .h5ad (written atomically)."),
         overrides: list[str] = typer.Option([], "--set", help="Override a simulator parameter: key=value (repeatable)."),
     ) -> None:
-        """Simulate a Perturb-seq screen with known ground truth and write it ready for training."""
-        from pertadapt.data.io import write_h5ad_atomic
+        """Simulate a Perturb-seq screen with known ground truth and write it ready for training.
+
+        Every mistake here is an option error (exit 2, nothing written): a bad preset, ``--set`` item
+        or parameter value, or an ``--out`` that is a directory.
+        """
+        from pertadapt.cli.data import OPTION_ERROR, exit_on_error
+        from pertadapt.data.io import check_output_path, write_h5ad_atomic
         from pertadapt.data.simulate import simulate
 
+        with exit_on_error():
+            check_output_path(out)
         try:
             adata = simulate(preset, seed, **parse_overrides(overrides))
         except ValueError as e:
             log.error("simulate: %s", e)
-            raise typer.Exit(2) from e
-        write_h5ad_atomic(adata, out)
+            raise typer.Exit(OPTION_ERROR) from e
+        with exit_on_error():
+            write_h5ad_atomic(adata, out)
         log.info("wrote %s (%d cells x %d genes)", out, adata.n_obs, adata.n_vars)

@@ -1,27 +1,40 @@
-"""Reading and writing Perturb-seq files: atomic h5ad writes and the raw-counts layout (b).
+"""Reading and writing Perturb-seq files, and the two error types of the data layer.
 
-Layout (a), the GEARS/PertAdapt processed layout, is read with :func:`anndata.read_h5ad` directly.
-Layout (b) is raw counts with a free-form perturbation column; :func:`read_raw` turns it into
-``obs['condition']`` with canonical GEARS names (:func:`pertadapt.data.conditions.parse_condition`).
+Layout (a), the GEARS/PertAdapt processed layout, is read with :func:`read_h5ad`. Layout (b) is raw
+counts with a free-form perturbation column; :func:`read_raw` turns it into ``obs['condition']`` with
+canonical GEARS names (:func:`pertadapt.data.conditions.parse_condition`).
+
+Every ``.h5ad`` a user names is opened by :func:`read_h5ad`, so a missing file, a directory, a file
+that is not HDF5, a truncated one or an HDF5 file that is not an AnnData is one :class:`DataError`
+naming the file. A bad parameter (a value outside its range, an output path that cannot be written)
+is a :class:`ParamError`, a :class:`~pertadapt.config.ConfigError`: the command line exits 2 for it
+and 1 for a :class:`DataError`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import anndata as ad
 import pandas as pd
 
+from pertadapt.config import ConfigError
 from pertadapt.data.conditions import ConditionError, parse_condition
 from pertadapt.data.keys import CONDITION, CONTROL, SEP
 from pertadapt.files import atomic_write
 
 __all__ = [
     "DataError",
+    "ParamError",
+    "check_output_path",
+    "check_param",
+    "check_raw_params",
     "read_conditions",
     "read_counts",
+    "read_h5ad",
     "read_raw",
     "write_h5ad_atomic",
 ]
@@ -33,20 +46,90 @@ class DataError(ValueError):
     """Unusable input data; the message names the file, key, condition or gene concerned."""
 
 
-def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:
-    """Write ``adata`` to ``path`` (``.h5ad``) atomically; no partial file is ever left at ``path``."""
+class ParamError(ConfigError):
+    """A parameter outside its range (a configuration mistake, not bad data).
+
+    Attributes
+    ----------
+    name
+        The parameter, as the function that raised spells it (``target_sum``); the command line
+        shows the matching option (``--target-sum``).
+    problem
+        What is wrong, e.g. ``expected a positive number, got 0.0``.
+    """
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+        self.problem = problem
+
+
+def check_param(name: str, ok: bool, expected: str, value: object) -> None:
+    """Raise :class:`ParamError` ``"{name}: expected {expected}, got {value!r}"`` unless ``ok``."""
+    if not ok:
+        raise ParamError(name, f"expected {expected}, got {value!r}")
+
+
+def check_output_path(path: str | os.PathLike[str], name: str = "out") -> None:
+    """Check, before any work, that a file can be written at ``path``.
+
+    Raises
+    ------
+    ParamError
+        If ``path`` is an existing directory, or its nearest existing ancestor is not a writable
+        directory (``name`` is the parameter reported).
+    """
+    dest = Path(path)
+    if dest.is_dir():
+        raise ParamError(name, f"{dest} is a directory; give a file path")
+    parent = next(p for p in dest.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ParamError(name, f"{dest}: {parent} is a file, so the directory cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ParamError(name, f"{dest}: directory {parent} is not writable")
+
+
+def read_h5ad(path: str | os.PathLike[str], *, backed: bool = False) -> ad.AnnData:
+    """Open an ``.h5ad`` file, in memory or (``backed=True``) read-only on disk.
+
+    Raises
+    ------
+    DataError
+        If the path is missing or not a file, or the file is not a readable AnnData (not HDF5,
+        truncated, other HDF5 content); the message names the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: {'not a file (a directory?)' if p.exists() else 'no such file'}")
+    try:
+        return ad.read_h5ad(p, backed="r" if backed else None)
+    except Exception as e:  # h5py and anndata raise OSError, KeyError, TypeError, ... on foreign files
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise DataError(f"{p}: not a readable .h5ad file ({type(e).__name__}: {first})") from e
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike[str]) -> None:
+    """Write ``adata`` to ``path`` (``.h5ad``) atomically; no partial file is ever left at ``path``.
+
+    Raises
+    ------
+    ParamError
+        If ``path`` cannot be written (see :func:`check_output_path`); nothing is written then.
+    """
+    check_output_path(path)
     atomic_write(path, lambda p: adata.write_h5ad(p))
 
 
-def read_conditions(path: str | Path) -> list[str]:
+def read_conditions(path: str | os.PathLike[str]) -> list[str]:
     """Unique ``obs['condition']`` values of an ``.h5ad`` without loading ``X`` (backed read).
 
     Raises
     ------
     DataError
-        If ``obs['condition']`` is missing (the message names the key and file).
+        If the file is unreadable (:func:`read_h5ad`) or ``obs['condition']`` is missing (the message
+        names the key and file).
     """
-    adata = ad.read_h5ad(path, backed="r")
+    adata = read_h5ad(path, backed=True)
     try:
         if CONDITION not in adata.obs:
             raise DataError(f"{path}: obs key {CONDITION!r} missing")
@@ -55,7 +138,20 @@ def read_conditions(path: str | Path) -> list[str]:
         adata.file.close()
 
 
-def read_raw(path: str | Path, *, perturbation_column: str = "gene",
+def check_raw_params(*, control_labels: Iterable[str], delimiter: str) -> None:
+    """Check the label parameters of :func:`read_raw` (the command line calls it before reading).
+
+    Raises
+    ------
+    ParamError
+        If ``delimiter`` is empty, or ``control_labels`` is empty or holds an empty label.
+    """
+    controls = list(control_labels)
+    check_param("delimiter", bool(delimiter), "a non-empty separator", delimiter)
+    check_param("control_labels", bool(controls) and all(controls), "non-empty labels", controls)
+
+
+def read_raw(path: str | os.PathLike[str], *, perturbation_column: str = "gene",
              control_labels: Iterable[str] = ("non-targeting", CONTROL), delimiter: str = "_") -> ad.AnnData:
     """Read a raw-counts ``.h5ad`` (layout (b)) and write canonical GEARS names to ``obs['condition']``.
 
@@ -80,15 +176,18 @@ def read_raw(path: str | Path, *, perturbation_column: str = "gene",
     Raises
     ------
     DataError
-        If the column is missing, a label is unreadable or a gene name contains ``+``; the message
-        names the column and label.
+        If the file is unreadable (:func:`read_h5ad`), the column is missing, a label is unreadable or
+        a gene name contains ``+``; the message names the file, column and label.
+    ParamError
+        If ``delimiter`` or a control label is empty.
     """
-    adata = ad.read_h5ad(path)
+    controls = tuple(control_labels)
+    check_raw_params(control_labels=controls, delimiter=delimiter)
+    adata = read_h5ad(path)
     if perturbation_column not in adata.obs:
         raise DataError(f"{path}: obs key {perturbation_column!r} (perturbation column) missing; "
                         f"obs has {', '.join(map(str, adata.obs.columns)) or 'no columns'}")
     labels = adata.obs[perturbation_column].astype(str)
-    controls = tuple(control_labels)
     mapping = {}
     for label in pd.unique(labels):
         if SEP in label and delimiter != SEP:
@@ -105,7 +204,7 @@ def read_raw(path: str | Path, *, perturbation_column: str = "gene",
     return adata
 
 
-def read_counts(path: str | Path, *, perturbation_column: str | None = None,
+def read_counts(path: str | os.PathLike[str], *, perturbation_column: str | None = None,
                 control_labels: Iterable[str] = ("non-targeting", CONTROL), delimiter: str = "_") -> ad.AnnData:
     """Read the input of ``prepare``: layout (b) via :func:`read_raw` if ``perturbation_column`` is given,
     else an ``.h5ad`` that already has ``obs['condition']``.
@@ -115,12 +214,7 @@ def read_counts(path: str | Path, *, perturbation_column: str | None = None,
     DataError
         If the file is missing or unreadable (the message names it), or as :func:`read_raw`.
     """
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        if perturbation_column is not None:
-            return read_raw(path, perturbation_column=perturbation_column, control_labels=control_labels,
-                            delimiter=delimiter)
-        return ad.read_h5ad(path)
-    except OSError as e:
-        raise DataError(f"{path}: not a readable .h5ad ({e})") from e
+    if perturbation_column is not None:
+        return read_raw(path, perturbation_column=perturbation_column, control_labels=control_labels,
+                        delimiter=delimiter)
+    return read_h5ad(path)

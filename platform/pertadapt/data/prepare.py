@@ -26,6 +26,7 @@ cell type (every published dataset) the two are identical.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -36,7 +37,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from pertadapt.data.conditions import condition_genes, unify_spellings
-from pertadapt.data.io import DataError
+from pertadapt.data.io import DataError, ParamError, check_param
 from pertadapt.data.keys import (
     CELL_TYPE,
     CONDITION,
@@ -56,7 +57,7 @@ from pertadapt.data.keys import (
 )
 from pertadapt.data.validate import gene_names, validate_adata
 
-__all__ = ["PREPARE_STEPS", "add_de_genes", "prepare_adata"]
+__all__ = ["PREPARE_STEPS", "add_de_genes", "check_prepare_params", "prepare_adata"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,36 @@ log = logging.getLogger(__name__)
 PREPARE_STEPS = ("validate", "align", "normalize", "de")
 #: ``uns`` key recording the preprocessing parameters.
 PREPARE_KEY = "pertadapt_prepare"
+
+
+def _check_n_de(n_de: int) -> None:
+    check_param("n_de", isinstance(n_de, int | np.integer) and n_de > 0, "a positive integer", n_de)
+
+
+def check_prepare_params(*, vocabulary: Sequence[str] | None = None, min_genes: int = 200,
+                         target_sum: float | None = None, n_de: int = 20, cell_type_default: str = "K562") -> None:
+    """Check the parameters of :func:`prepare_adata` (the command line calls it before reading any data).
+
+    Raises
+    ------
+    pertadapt.data.io.ParamError
+        Naming the first parameter outside its range: an empty ``vocabulary`` or one with duplicate
+        genes, ``min_genes`` < 0, ``target_sum`` not a finite positive number (0 would write an
+        all-zero ``X``, a negative one NaN), ``n_de`` < 1, or an empty ``cell_type_default``.
+    """
+    if vocabulary is not None:
+        names = pd.Index([str(g) for g in vocabulary])
+        dup = names[names.duplicated()].unique()
+        if len(dup):
+            raise ParamError("vocabulary", f"duplicate gene names {', '.join(map(str, dup[:10]))}")
+        if not len(names):
+            raise ParamError("vocabulary", "no gene names")
+    check_param("min_genes", isinstance(min_genes, int | np.integer) and min_genes >= 0, "a non-negative integer",
+                min_genes)
+    check_param("target_sum", target_sum is None or (math.isfinite(target_sum) and target_sum > 0),
+                "a positive number (None: the median library size)", target_sum)
+    _check_n_de(n_de)
+    check_param("cell_type_default", bool(cell_type_default.strip()), "a non-empty name", cell_type_default)
 
 
 def _align(x: sp.csr_matrix, genes: pd.Index, vocabulary: pd.Index) -> sp.csr_matrix:
@@ -192,6 +223,7 @@ def add_de_genes(adata: ad.AnnData, *, n_de: int = 20) -> ad.AnnData:
         first), ``non_zeros_gene_idx`` / ``non_dropout_gene_idx`` (sorted int64 indices) and
         ``top_non_dropout_de_20`` / ``top_non_zero_de_20`` (gene IDs ``(<= n_de,)``); no ``ctrl`` entries.
     """
+    _check_n_de(n_de)
     adata.obs = _condition_obs(adata.obs)
     ranked = _rank_genes(adata)
     adata.uns[DE_KEY] = ranked
@@ -245,24 +277,26 @@ def prepare_adata(adata: ad.AnnData, *, vocabulary: Sequence[str] | None = None,
 
     Raises
     ------
+    pertadapt.data.io.ParamError
+        On a parameter outside its range (:func:`check_prepare_params`) or duplicate vocabulary genes,
+        before any work.
     pertadapt.data.io.DataError
-        On any validation error, duplicate vocabulary genes, perturbed genes outside the vocabulary,
-        or no cells left; the message names the key, condition or gene.
+        On any validation error, perturbed genes outside the vocabulary, or no cells left; the message
+        names the key, condition or gene.
     """
     def step(name: str) -> None:
         log.info("prepare: %s", name)
         if on_step is not None:
             on_step(name)
 
+    check_prepare_params(vocabulary=vocabulary, min_genes=min_genes, target_sum=target_sum, n_de=n_de,
+                         cell_type_default=cell_type_default)
     step("validate")
     report = validate_adata(adata, expect="counts", min_cells_per_condition=1, check_perturbed_genes=False,
                             counts_layer=COUNTS_LAYER)
     report.raise_for_errors("input")
     genes = gene_names(adata)
     vocab = genes if vocabulary is None else pd.Index([str(g) for g in vocabulary])
-    dup = vocab[vocab.duplicated()].unique()
-    if len(dup):
-        raise DataError(f"vocabulary: duplicate gene names {', '.join(map(str, dup[:10]))}")
     mapping = unify_spellings(adata.obs[CONDITION].astype(str))
     conditions = adata.obs[CONDITION].astype(str).map(mapping)
     outside = sorted({g for c in mapping.values() for g in condition_genes(c)} - set(vocab))

@@ -34,10 +34,11 @@ import numpy as np
 
 from pertadapt.config.schema import SPLIT_KINDS, SUBGROUPS
 from pertadapt.data.conditions import condition_genes, is_control, unify_spellings
+from pertadapt.data.io import ParamError, check_output_path, check_param
 from pertadapt.data.keys import CONTROL
 from pertadapt.files import atomic_write_text
 
-__all__ = ["KINDS", "SUBGROUPS", "ConditionSplit", "SplitError", "split_conditions"]
+__all__ = ["KINDS", "SUBGROUPS", "ConditionSplit", "SplitError", "check_split_params", "split_conditions"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ KINDS = SPLIT_KINDS
 #: GEARS's fixed fractions for the validation re-split of the simulation split.
 _VAL_GENE_FRAC = 0.9
 _VAL_SEEN2_FRAC = 0.9
+#: Seeds ``numpy.random.RandomState`` accepts.
+_MAX_SEED = 2**32 - 1
 
 
 class SplitError(ValueError):
@@ -101,7 +104,13 @@ class ConditionSplit:
             Output file.
         data_hash
             SHA-256 hex digest of the data file the split was made from (key ``data_sha256``).
+
+        Raises
+        ------
+        pertadapt.data.io.ParamError
+            If ``path`` cannot be written (:func:`pertadapt.data.io.check_output_path`).
         """
+        check_output_path(path)
         doc = {
             "train": self.train,
             "val": self.val,
@@ -130,9 +139,15 @@ class ConditionSplit:
         Raises
         ------
         SplitError
-            On a missing key, an unknown kind or a hash mismatch; the message names the file and key.
+            On an unreadable file (missing, not UTF-8 JSON, not an object), a missing key, an unknown
+            kind or a hash mismatch; the message names the file and key.
         """
-        doc = json.loads(Path(path).read_text())
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SplitError(f"{path}: not a readable split JSON file ({e})") from e
+        if not isinstance(doc, dict):
+            raise SplitError(f"{path}: expected a JSON object, got {type(doc).__name__}")
         for key in ("train", "val", "test", "subgroups", "data_sha256", "seed", "kind"):
             if key not in doc:
                 raise SplitError(f"{path}: key {key!r} missing")
@@ -141,11 +156,28 @@ class ConditionSplit:
         if expect_sha256 is not None and doc["data_sha256"] != expect_sha256:
             raise SplitError(f"{path}: data_sha256 {doc['data_sha256']} does not match the data file "
                              f"({expect_sha256}); the split was made from other data")
-        return cls(train=list(doc["train"]), val=list(doc["val"]), test=list(doc["test"]),
-                   subgroups={k: list(v) for k, v in doc["subgroups"].items()},
-                   val_subgroups={k: list(v) for k, v in doc.get("val_subgroups", {}).items()},
-                   seed=int(doc["seed"]), kind=doc["kind"], excluded=list(doc.get("excluded", [])),
-                   params={k: float(v) for k, v in doc.get("params", {}).items()})
+        groups = {}
+        for key in ("subgroups", "val_subgroups"):
+            value = doc.get(key, {})
+            if not isinstance(value, dict):
+                raise SplitError(f"{path}: {key}: expected an object of lists, got {type(value).__name__}")
+            groups[key] = {k: _names(path, f"{key}.{k}", v) for k, v in value.items()}
+        try:
+            seed = int(doc["seed"])
+            params = {k: float(v) for k, v in doc.get("params", {}).items()}
+        except (TypeError, ValueError, AttributeError) as e:
+            raise SplitError(f"{path}: seed / params: expected an integer and numbers ({e})") from e
+        return cls(train=_names(path, "train", doc["train"]), val=_names(path, "val", doc["val"]),
+                   test=_names(path, "test", doc["test"]), subgroups=groups["subgroups"],
+                   val_subgroups=groups["val_subgroups"], seed=seed, kind=doc["kind"],
+                   excluded=_names(path, "excluded", doc.get("excluded", [])), params=params)
+
+
+def _names(path: str | Path, key: str, value: object) -> list[str]:
+    """``value`` as a list of condition names; :class:`SplitError` naming ``path`` and ``key`` otherwise."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SplitError(f"{path}: {key}: expected a list of condition names, got {value!r:.80}")
+    return list(value)
 
 
 def _genes(perts: Sequence[str]) -> np.ndarray:
@@ -202,6 +234,27 @@ def _representatives(conditions: Sequence[str]) -> dict[str, list[str]]:
     return reps
 
 
+def check_split_params(kind: str = "simulation", *, seed: int, train_gene_frac: float = 0.75,
+                       combo_seen2_train_frac: float = 0.75, test_frac: float = 0.1, val_frac: float = 0.1) -> None:
+    """Check the parameters of :func:`split_conditions` (the command line calls it before reading data).
+
+    Raises
+    ------
+    pertadapt.data.io.ParamError
+        Naming the first one outside its range: ``kind`` not in :data:`KINDS`, ``seed`` not in
+        ``[0, 2**32 - 1]`` (what GEARS's ``np.random.seed`` accepts), ``train_gene_frac`` not in
+        ``(0, 1)``, another fraction not in ``[0, 1]``.
+    """
+    if kind not in KINDS:
+        raise ParamError("kind", f"{kind!r} is not one of {', '.join(KINDS)}")
+    check_param("seed", isinstance(seed, int | np.integer) and 0 <= seed <= _MAX_SEED,
+                f"an integer in [0, {_MAX_SEED}]", seed)
+    check_param("train_gene_frac", 0.0 < train_gene_frac < 1.0, "a fraction in (0, 1)", train_gene_frac)
+    for name, value in (("combo_seen2_train_frac", combo_seen2_train_frac), ("test_frac", test_frac),
+                        ("val_frac", val_frac)):
+        check_param(name, 0.0 <= value <= 1.0, "a fraction in [0, 1]", value)
+
+
 def split_conditions(conditions: Sequence[str], kind: str = "simulation", *, seed: int,
                      train_gene_frac: float = 0.75, combo_seen2_train_frac: float = 0.75,
                      test_frac: float = 0.1, val_frac: float = 0.1) -> ConditionSplit:
@@ -228,18 +281,15 @@ def split_conditions(conditions: Sequence[str], kind: str = "simulation", *, see
 
     Raises
     ------
+    pertadapt.data.io.ParamError
+        On a parameter outside its range (:func:`check_split_params`).
     SplitError
-        On an unknown kind, a fraction outside its range or no perturbed condition.
+        On no perturbed condition.
     pertadapt.data.conditions.ConditionError
         On an unreadable condition name (the message names it).
     """
-    if kind not in KINDS:
-        raise SplitError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
-    for key, value, lo_open in (("train_gene_frac", train_gene_frac, True),
-                                ("combo_seen2_train_frac", combo_seen2_train_frac, False),
-                                ("test_frac", test_frac, False), ("val_frac", val_frac, False)):
-        if not (0.0 < value < 1.0 if lo_open else 0.0 <= value <= 1.0):
-            raise SplitError(f"{key}: {value!r} is outside its range")
+    check_split_params(kind, seed=seed, train_gene_frac=train_gene_frac,
+                       combo_seen2_train_frac=combo_seen2_train_frac, test_frac=test_frac, val_frac=val_frac)
     reps = _representatives(conditions)
     perts = sorted(reps)
     if not perts:

@@ -8,9 +8,9 @@ file unusable (``pertadapt data validate`` exits 1); warnings do not.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pertadapt.data.conditions import ConditionError, canonical_condition, condition_genes
-from pertadapt.data.io import DataError, read_counts
+from pertadapt.data.io import DataError, ParamError, check_param, read_h5ad
 from pertadapt.data.keys import (
     CELL_TYPE,
     CONDITION,
@@ -32,7 +32,8 @@ from pertadapt.data.keys import (
     TOP_NON_ZERO_DE_KEY,
 )
 
-__all__ = ["EXPECT", "Problem", "ValidationReport", "gene_names", "matrix_kind", "validate_adata", "validate_file"]
+__all__ = ["EXPECT", "Problem", "ValidationReport", "check_validate_params", "gene_names", "matrix_kind",
+           "validate_adata", "validate_file"]
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,21 @@ def _check_uns(report: ValidationReport, adata: ad.AnnData, genes: pd.Index) -> 
                 report.add("error", f"uns[{key!r}]", f"gene index {top} out of range ({len(genes)} genes)")
 
 
+def check_validate_params(*, expect: str | None = None, min_cells_per_condition: int = 2) -> None:
+    """Check the parameters of :func:`validate_adata` (the command line calls it before reading the file).
+
+    Raises
+    ------
+    pertadapt.data.io.ParamError
+        If ``expect`` is not ``None`` or one of :data:`EXPECT`, or ``min_cells_per_condition`` < 1.
+    """
+    if expect not in (None, *EXPECT):
+        raise ParamError("expect", f"{expect!r} is not one of {', '.join(EXPECT)}")
+    check_param("min_cells_per_condition",
+                isinstance(min_cells_per_condition, int | np.integer) and min_cells_per_condition >= 1,
+                "a positive integer", min_cells_per_condition)
+
+
 def validate_adata(adata: ad.AnnData, *, expect: str | None = None, min_cells_per_condition: int = 2,
                    check_perturbed_genes: bool = True, counts_layer: str | None = None) -> ValidationReport:
     """Check an AnnData against the data contract and summarise it.
@@ -243,9 +259,13 @@ def validate_adata(adata: ad.AnnData, *, expect: str | None = None, min_cells_pe
         Summary keys: ``n_cells``, ``n_genes``, ``n_conditions``, ``n_single``, ``n_double``,
         ``n_control_cells``, ``cells_per_condition_{min,median,max}``, ``density``, ``x_kind``,
         ``cell_types``.
+
+    Raises
+    ------
+    pertadapt.data.io.ParamError
+        On a parameter outside its range (:func:`check_validate_params`); bad data is reported, not raised.
     """
-    if expect not in (None, *EXPECT):
-        raise ValueError(f"expect: {expect!r} is not one of {', '.join(EXPECT)} or None")
+    check_validate_params(expect=expect, min_cells_per_condition=min_cells_per_condition)
     report = ValidationReport()
     genes = gene_names(adata)
     use_layer = counts_layer is not None and counts_layer in adata.layers
@@ -281,12 +301,16 @@ def validate_adata(adata: ad.AnnData, *, expect: str | None = None, min_cells_pe
     return report
 
 
-def validate_file(path: str | Path, *, expect: str | None = None, min_cells_per_condition: int = 2) -> ValidationReport:
-    """Read an ``.h5ad`` and :func:`validate_adata` it.
+def validate_file(path: str | os.PathLike[str], *, expect: str | None = None,
+                  min_cells_per_condition: int = 2) -> ValidationReport:
+    """Read an ``.h5ad`` and :func:`validate_adata` it (parameters are checked before the file is read).
 
     Raises
     ------
+    pertadapt.data.io.ParamError
+        As :func:`check_validate_params`.
     pertadapt.data.io.DataError
         If the file is missing or unreadable (the message names it).
     """
-    return validate_adata(read_counts(path), expect=expect, min_cells_per_condition=min_cells_per_condition)
+    check_validate_params(expect=expect, min_cells_per_condition=min_cells_per_condition)
+    return validate_adata(read_h5ad(path), expect=expect, min_cells_per_condition=min_cells_per_condition)
