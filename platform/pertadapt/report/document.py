@@ -244,13 +244,16 @@ def _figures(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str], su
                                   "(Holm 0.05)", plots.forest_plot(t, metrics, f"{title}: arm − {sweep.reference}")))
         else:
             notes.append(f"{title}: no forest plot (no paired per-condition data)")
-        shown = [m for m in metrics if any(f"{metric_column(m, sc)}_mean" in s for sc in scopes)]
+        # metrics with a value per subgroup (all of them when the split has no subgroups)
+        shown = [m for m in metrics if sum(f"{metric_column(m, sc)}_mean" in s for sc in scopes) > 1
+                 or (len(scopes) == 1 and f"{metric_column(m)}_mean" in s)]
         if shown:
             figures.append(Figure(f"subgroups{label}.png",
                                   f"{title}: mean over seeds per subgroup (bars) and the individual seeds (dots)",
                                   plots.subgroup_bars_plot(s, ok, shown, scopes, arms, colours, title)))
         else:
-            notes.append(f"{title}: no subgroup bars (none of {', '.join(metrics)} is a results.csv column)")
+            notes.append(f"{title}: no subgroup bars (none of {', '.join(metrics)} has results.csv columns per "
+                         "subgroup)")
         histories = {a: [h for r in ok[ok["arm"] == a]["run_path"] if (h := _read_history(Path(r))) is not None]
                      for a in arms}
         histories = {a: h for a, h in histories.items() if h}

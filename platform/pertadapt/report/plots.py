@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from pertadapt.report.tables import lower_is_better, metric_column
 
@@ -23,6 +24,8 @@ __all__ = ["arm_colours", "de_changes_plot", "forest_plot", "learning_curves_plo
 
 _VERDICT_COLOURS = {"better": "#1a9850", "worse": "#d73027", "no difference": "#555555", "not tested": "#bbbbbb"}
 _DPI = 100
+#: Most panels per row of the forest plot.
+_FOREST_COLUMNS = 3
 
 
 def arm_colours(arms: Sequence[str], baselines: set[str]) -> dict[str, str]:
@@ -55,9 +58,13 @@ def forest_plot(tests: pd.DataFrame, metrics: Sequence[str], title: str) -> byte
     """
     metrics = [m for m in metrics if (tests["metric"] == m).any()]
     arms = list(dict.fromkeys(tests["arm"]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1.2, 0.45 * len(arms) + 1.4),
-                             sharey=True, squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
+    nrows = -(-len(metrics) // _FOREST_COLUMNS)
+    ncols = -(-len(metrics) // nrows)  # balanced rows: 4 panels as 2 × 2
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 1.2, nrows * (0.4 * len(arms) + 1.5)),
+                             sharey=True, squeeze=False, layout="constrained")
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
         t = tests[tests["metric"] == metric].set_index("arm").reindex(arms)
         y = np.arange(len(arms))
         for yi, (_, r) in zip(y, t.iterrows(), strict=True):
@@ -68,6 +75,8 @@ def forest_plot(tests: pd.DataFrame, metrics: Sequence[str], title: str) -> byte
         ax.axvline(0.0, color="black", lw=0.8)
         ax.set_title(f"{metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)", fontsize=9)
         ax.set_xlabel(f"arm − {t['reference'].dropna().iloc[0]}", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_yticks(np.arange(len(arms)), arms)
     axes[0, 0].invert_yaxis()  # shared y: the first arm on top
     fig.suptitle(title, fontsize=10)
@@ -92,7 +101,7 @@ def subgroup_bars_plot(summary: pd.DataFrame, trials: pd.DataFrame, metrics: Seq
         Figure title.
     """
     by = summary.set_index("arm")
-    arms = [a for a in arms if a in by.index]
+    arms = [a for a in arms if a in by.index and by.loc[a, "n"] > 0]
     fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 1.1 * len(scopes) * max(len(arms), 1) / 3),
                                                        2.6 * len(metrics)), squeeze=False, layout="constrained")
     width = 0.8 / max(len(arms), 1)
@@ -107,6 +116,7 @@ def subgroup_bars_plot(summary: pd.DataFrame, trials: pd.DataFrame, metrics: Seq
                 vals = pd.to_numeric(trials.loc[trials["arm"] == arm, col], errors="coerce").dropna()
                 ax.scatter(np.full(len(vals), x), vals, color="black", s=6, zorder=3)
         ax.set_xticks(np.arange(len(present)), present, fontsize=8)
+        ax.set_xlim(-0.5, len(present) - 0.5)
         ax.set_ylabel(metric, fontsize=8)
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside upper center", fontsize=7,
                ncol=min(len(arms), 6))
@@ -200,7 +210,7 @@ def truth_vs_observed_plot(summary: pd.DataFrame, pairs: Sequence[tuple[str, str
         Figure title.
     """
     by = summary.set_index("arm")
-    arms = [a for a in arms if a in by.index]
+    arms = [a for a in arms if a in by.index and by.loc[a, "n"] > 0]
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 3.4), squeeze=False)
     x = np.arange(len(arms))
     for ax, (obs, truth) in zip(axes[0], pairs, strict=True):
