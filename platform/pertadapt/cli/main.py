@@ -44,9 +44,9 @@ def main() -> None:
 
 
 def _register_groups() -> None:
-    from pertadapt.cli import bench, cluster, data, embed, evaluate, go, runs, simulate
+    from pertadapt.cli import bench, cluster, data, embed, evaluate, go, report, runs, simulate
 
-    for module in (runs, simulate, data, go, evaluate, embed, bench, cluster):
+    for module in (runs, report, simulate, data, go, evaluate, embed, bench, cluster):
         module.register(app)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -55,11 +56,21 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML (arms × see
            overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides for every trial."),
            search_space: Path = typer.Option(None, "--search-space", help="Optuna search-space YAML."),
            out: Path = typer.Option(None, "--out", help="Sweep directory (default: runs/<ablation name>)."),
-           report: bool = typer.Option(True, help="Write report.html at the end.")) -> None:
+           report: bool = typer.Option(True, help="Write the report at the end."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Validate everything, print the trial table, "
+                                        "write OUT/plan.json; start nothing."),
+           resume: bool = typer.Option(False, "--resume", help="Finish the sweep in OUT (same plan): finished "
+                                       "trials are kept, interrupted ones continue from their last checkpoint."),
+           overwrite: bool = typer.Option(False, "--overwrite", help="Delete the sweep in OUT and start over.")
+           ) -> None:
     """Run an ablation grid through Ray Tune (trials = Ray Train + DeepSpeed runs), then report."""
+    from pertadapt.data.presets import data_file_for
     from pertadapt.sweep.ablation import load_ablation
+    from pertadapt.sweep.plan import build_plan, check_search_space, local_cpus, write_plan
     from pertadapt.sweep.search_space import load_search_space
 
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite: choose one")
     extra = {}
     for item in overrides or []:
         if "=" not in item:
@@ -69,64 +80,109 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML (arms × see
     abl = load_ablation(ablation, extra_overrides=extra)
     space = load_search_space(search_space) if search_space else (
         load_search_space(abl.search_space) if abl.search_space else None)
+    if space is not None:
+        check_search_space(abl, space)
     sweep_dir = (out or Path("runs") / abl.name).resolve()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    log.info("sweep %s: %d trials (%d arms × %d seeds) → %s", abl.name, len(abl.trials), len(abl.arms),
-             len(abl.seeds), sweep_dir)
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise ConfigError(f"--out: {sweep_dir} exists and is not a directory")
+    files = {t.key: data_file_for(t.config) for t in abl.trials}
+    plan = build_plan(abl, space, {k: str(p.resolve()) for k, (p, _) in files.items()},
+                      abl.max_concurrent_trials or 2)
+    _check_sweep_dir(sweep_dir, plan, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    _print_plan(plan, local_cpus(plan))
+    if dry_run:
+        log.info("dry run: plan written to %s; nothing started", write_plan(sweep_dir, plan))
+        return
+    from pertadapt.files import atomic_write_json
+    from pertadapt.report.wandb import describe_wandb_mode
     from pertadapt.sweep.tuner import run_sweep
     from pertadapt.train.setup import ensure_data_file
 
-    data_paths = {t.key: str(ensure_data_file(t.config).resolve()) for t in abl.trials}
+    if overwrite and sweep_dir.exists():
+        shutil.rmtree(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    for t in abl.trials:
+        if files[t.key][1]:
+            ensure_data_file(t.config)
+    write_plan(sweep_dir, plan)
+    atomic_write_json(sweep_dir / SWEEP_FILE, {"name": abl.name, "reference_arm": abl.reference_arm,
+                                               "ablation": str(abl.path), "started_at": time.time()})
+    log.info("sweep %s: %d trials (%d arms × %d seeds) → %s; W&B: %s", abl.name, len(abl.trials), len(abl.arms),
+             len(abl.seeds), sweep_dir, describe_wandb_mode(abl.trials[0].config.logging.wandb))
     t0 = time.time()
-    results = run_sweep(abl, sweep_dir, search_space=space, data_paths=data_paths)
+    results = run_sweep(abl, sweep_dir, search_space=space, data_paths=plan_paths(plan), num_cpus=local_cpus(plan),
+                        max_concurrent=plan["max_concurrent_trials"], resume=resume)
     log.info("sweep finished in %.0f s; results: %s", time.time() - t0, results)
-    _print_summary(results, abl.reference_arm)
     if report:
-        from pertadapt.report.html import write_report
+        from pertadapt.report.console import print_summary
+        from pertadapt.report.html import write_sweep_report
 
-        html = write_report(results, sweep_dir / "report.html", name=abl.name, reference=abl.reference_arm)
-        log.info("HTML report: %s", html)
-    log.info("W&B offline runs: %s/runs/*/**/wandb/offline-run-* (sync with `wandb sync`)", sweep_dir)
+        paths = write_sweep_report(sweep_dir)
+        print_summary(paths.report)
+        log.info("report: %s", paths.html)
+    offline = sorted(sweep_dir.glob("runs/**/wandb/offline-run-*"))
+    if offline:
+        log.info("W&B: %d offline run(s); upload with: wandb sync %s/runs/*/**/wandb/offline-run-*", len(offline),
+                 sweep_dir)
 
 
-def _print_summary(results: Path, reference: str) -> None:
+#: Written when a sweep starts (name, reference arm): a directory holding it holds a sweep.
+SWEEP_FILE = "sweep.json"
+
+
+def plan_paths(plan: dict) -> dict[str, str]:
+    """trial key → data file, from a plan."""
+    return {t["key"]: t["data_path"] for t in plan["trials"]}
+
+
+def _check_sweep_dir(sweep_dir: Path, plan: dict, *, resume: bool, overwrite: bool, dry_run: bool) -> None:
+    """Refuse to mix sweeps: an existing sweep in ``sweep_dir`` must be resumed (same plan) or overwritten."""
+    from pertadapt.sweep.plan import diff_plans, read_plan
+
+    started = (sweep_dir / SWEEP_FILE).is_file()
+    if resume and not started:
+        raise ConfigError(f"--resume: {sweep_dir} holds no sweep (no {SWEEP_FILE}); run without --resume")
+    if overwrite and sweep_dir.is_dir() and any(sweep_dir.iterdir()) and not started:
+        raise ConfigError(f"--overwrite: {sweep_dir} is not empty and holds no sweep; refusing to delete it")
+    if not started or overwrite:
+        return
+    old = read_plan(sweep_dir) or {}
+    diff = diff_plans(old, plan)
+    if diff:
+        shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+        raise ConfigError(f"--out: {sweep_dir} holds a different sweep ({shown}); use another --out, or "
+                          "--overwrite to delete it")
+    if not resume and not dry_run:
+        raise ConfigError(f"--out: {sweep_dir} already holds this sweep; --resume finishes it, --overwrite "
+                          "starts it over")
+
+
+def _print_plan(plan: dict, num_cpus: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pertadapt.report.tables import KEY_METRICS, load_results, summarise
-
-    s = summarise(load_results(results))
-    table = Table(title=f"mean ± sd over seeds (reference: {reference})")
-    table.add_column("arm", no_wrap=True)
-    table.add_column("n", justify="right")
-    for m in KEY_METRICS:
-        table.add_column(m.removeprefix("test_"), justify="right", no_wrap=True)
-    for _, r in s.iterrows():
-        table.add_row(str(r["arm"]), str(r["n"]), *[f"{r[f'{m}_mean']:.4f}±{r[f'{m}_sd']:.4f}" for m in KEY_METRICS])
+    varying = sorted({k for t in plan["trials"] for k in t["varying"]})
+    table = Table(title=f"sweep {plan['name']}: {len(plan['trials'])} trials, {plan['max_concurrent_trials']} at a "
+                        f"time (local Ray: {num_cpus} CPUs)")
+    for col in ("trial", "arm", "seed", "dataset", "backbone", *varying, "workers × CPU/GPU"):
+        table.add_column(col, no_wrap=True)
+    for t in plan["trials"]:
+        table.add_row(t["key"], t["arm"], str(t["seed"]), t["dataset"], t["backbone"],
+                      *[str(t["varying"].get(k, "")) for k in varying],
+                      f"{t['workers']} × {t['cpus_per_worker']:g}/{t['gpus_per_worker']}")
     console = Console()
-    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
-        console = Console(width=160)
+    if not console.is_terminal:
+        console = Console(width=max(160, Console(width=1000).measure(table).maximum))
     console.print(table)
 
 
-def _report(sweep_dir: Path = typer.Argument(..., help="A sweep directory (with results.csv)."),
-            reference: str = typer.Option("full", help="Reference arm for paired tests.")) -> None:
-    """Print the summary table and write ``report.html`` for a finished sweep."""
-    from pertadapt.report.html import write_report
-
-    results = sweep_dir / "results.csv"
-    if not results.is_file():
-        raise ConfigError(f"{results}: not found (is {sweep_dir} a sweep directory?)")
-    _print_summary(results, reference)
-    log.info("HTML report: %s", write_report(results, sweep_dir / "report.html", name=sweep_dir.name,
-                                            reference=reference))
-
-
-def _demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Sweep directory.")) -> None:
-    """The embedded default: simulated Perturb-seq on real GO → paper ablation grid → W&B offline → HTML."""
+def _demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Sweep directory."),
+          overwrite: bool = typer.Option(True, help="Start over when OUT holds an earlier demo.")) -> None:
+    """The embedded default: simulated Perturb-seq on real GO → paper ablation grid → W&B offline → report."""
     from pertadapt.config.load import resolve_config_path
 
-    _sweep(resolve_config_path("demo.yaml", kind="ablations"), [], None, out, True)
+    _sweep(resolve_config_path("demo.yaml", kind="ablations"), [], None, out, True, False, False,
+           overwrite and (out / SWEEP_FILE).is_file())
 
 
 def _config_show(config: Path = typer.Argument(..., help="Run config YAML (may use base:)."),
@@ -145,5 +201,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(config_app, name="config")
     app.command("train")(_train)
     app.command("sweep")(_sweep)
-    app.command("report")(_report)
     app.command("demo")(_demo)

@@ -260,6 +260,11 @@ def config_from_dict(d: Mapping[str, Any]) -> RunConfig:
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """Short stable hash of the resolved config (what makes a result belong to a config)."""
-    blob = json.dumps(config_to_dict(cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+    """Short stable hash of what decides a run's results: the resolved config without ``logging``.
+
+    Where runs are written and how they are tracked (``logging.*``) does not change a result, so a
+    resumed sweep with another W&B mode still recognises its finished trials.
+    """
+    doc = config_to_dict(cfg)
+    doc.pop("logging", None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]

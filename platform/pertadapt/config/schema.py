@@ -306,13 +306,14 @@ class LoggingConfig:
     """Where runs go and how they are tracked."""
 
     out_dir: str = "runs"
-    #: W&B mode: ``offline`` (default), ``online`` or ``disabled``.
-    wandb: str = "offline"
+    #: W&B mode: ``auto`` (``$WANDB_MODE``, else online with an API key, else offline), ``offline``,
+    #: ``online`` or ``disabled``.
+    wandb: str = "auto"
     project: str = "pertadapt"
     group: str | None = None
 
     def __post_init__(self) -> None:
-        _choice("logging.wandb", self.wandb, ("offline", "online", "disabled"))
+        _choice("logging.wandb", self.wandb, ("auto", "offline", "online", "disabled"))
 
 
 @dataclass(frozen=True)

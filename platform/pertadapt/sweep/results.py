@@ -1,23 +1,69 @@
-"""Collect finished trials into ``results.csv``: one row per trial with its coordinates, the config
-values that vary across the grid, and its final val/test metrics."""
+"""The sweep's results, built from what this sweep's trials reported: ``results.csv`` and ``results.parquet``.
+
+One row per grid trial (and ``hpo_results.csv`` for the Optuna samples): its coordinates, ``status``
+(``ok``, ``failed``, ``stopped_early``, ``pending``), ``attempts``, ``error`` (the exception's last line),
+``wall_s``, ``best_epoch``, ``config_hash``, the config values that vary across the grid, and every final
+val/test metric. A run directory's ``final_metrics.json`` counts only when the trial reported success in
+this sweep and the run's recorded config hash equals the trial's: a file left by an earlier sweep with
+another config is never reported as this trial's result.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pertadapt.config.load import config_to_dict
-from pertadapt.sweep.ablation import Ablation
+from pertadapt.config.load import config_hash, config_to_dict
+from pertadapt.files import atomic_write, atomic_write_text
+from pertadapt.sweep.ablation import Ablation, Trial
 
-__all__ = ["collect_results", "flatten"]
+__all__ = ["RESULT_STATUSES", "TrialOutcome", "collect_results", "flatten"]
 
 log = logging.getLogger(__name__)
+
+RESULT_STATUSES = ("ok", "failed", "stopped_early", "pending")
+_HEAD = ["trial", "dataset", "backbone_set", "arm", "seed", "stage", "status", "attempts", "error", "wall_s",
+         "best_epoch", "config_hash", "is_baseline"]
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What Tune reported for one trial of this sweep.
+
+    Attributes
+    ----------
+    key
+        Grid trial key.
+    stage
+        ``grid``, ``final`` (after HPO) or ``hpo``.
+    status
+        One of :data:`RESULT_STATUSES`.
+    error
+        Last line of the exception of a failed trial.
+    wall_s
+        Tune's ``time_total_s``.
+    sample
+        Tune trial id of an HPO sample (its run dir is ``hpo/<arm>/<id>``), ``None`` for grid trials.
+    params
+        Sampled parameters of an HPO sample.
+    """
+
+    key: str
+    stage: str
+    status: str
+    error: str | None
+    wall_s: float
+    sample: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -32,41 +78,77 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def collect_results(ablation: Ablation, sweep_dir: Path) -> Path:
-    """Write ``sweep_dir/results.csv`` (atomically) and return its path.
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
-    A trial without ``final_metrics.json`` gets ``status = failed`` and empty metrics.
-    """
-    rows = []
-    for t in ablation.trials:
-        run_dir = sweep_dir / "runs" / t.key
-        metrics_file = run_dir / "final_metrics.json"
-        cfg_file = run_dir / "config.yaml"
-        cfg = flatten(config_to_dict(t.config))
-        if cfg_file.is_file():
-            cfg = flatten(yaml.safe_load(cfg_file.read_text()))
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        wandb_dirs = sorted(str(p) for p in run_dir.glob("wandb/offline-run-*"))
-        rows.append({"trial": t.key, "dataset": t.dataset, "backbone_set": t.backbone, "arm": t.arm, "seed": t.seed,
-                     "status": "ok" if metrics else "failed", "run_dir": str(run_dir),
-                     "wandb_run": wandb_dirs[-1] if wandb_dirs else "", "_cfg": cfg, **metrics})
-    keys = sorted({k for r in rows for k in r["_cfg"]})
-    varying = [k for k in keys if len({json.dumps(r["_cfg"].get(k), default=str) for r in rows}) > 1
+
+def _row(t: Trial, outcome: TrialOutcome | None, run_dir: Path, expected: str | None) -> dict[str, Any]:
+    prov = _read_json(run_dir / "provenance.json") or {}
+    metrics: dict[str, Any] = {}
+    status = outcome.status if outcome is not None else "pending"
+    if status == "ok":
+        found = _read_json(run_dir / "final_metrics.json")
+        if found is None or (expected is not None and prov.get("config_hash") != expected):
+            status, metrics = "failed", {}
+            log.error("trial %s reported success but %s holds no results of its config", t.key, run_dir)
+        else:
+            metrics = found
+    attempts = _read_json(run_dir / "attempts.json")
+    wandb_dirs = sorted(str(p) for p in run_dir.glob("wandb/offline-run-*"))
+    return {"trial": t.key, "dataset": t.dataset, "backbone_set": t.backbone, "arm": t.arm, "seed": t.seed,
+            "stage": outcome.stage if outcome else "", "status": status,
+            "attempts": len(attempts) if isinstance(attempts, list) else int(outcome is not None),
+            "error": (outcome.error if outcome else None) or ("" if status != "failed" else "no results written"),
+            "wall_s": outcome.wall_s if outcome else None, "best_epoch": metrics.pop("best_epoch", None),
+            "config_hash": prov.get("config_hash", expected or ""), "is_baseline": t.is_baseline, **metrics, "run_dir": str(run_dir),
+            "wandb_run": wandb_dirs[-1] if wandb_dirs else ""}
+
+
+def _table(rows: list[dict[str, Any]], cfgs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    keys = sorted({k for c in cfgs for k in c})
+    varying = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in cfgs}) > 1
                and k not in ("seed", "name", "logging.group", "data.path")]
-    for r in rows:
-        cfg = r.pop("_cfg")
-        r.update({f"cfg.{k}": cfg.get(k) for k in varying})
-    head = ["trial", "dataset", "backbone_set", "arm", "seed", "status", *[f"cfg.{k}" for k in varying]]
+    for r, c in zip(rows, cfgs, strict=True):
+        r.update({f"cfg.{k}": c.get(k) for k in varying})
+    head = [*_HEAD, *[f"cfg.{k}" for k in varying]]
     metric_cols = sorted({k for r in rows for k in r} - set(head) - {"run_dir", "wandb_run"})
-    cols = [*head, *metric_cols, "run_dir", "wandb_run"]
+    return [*head, *metric_cols, "run_dir", "wandb_run"], rows
+
+
+def _write(path: Path, cols: list[str], rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+    table = pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows]) if rows else pa.table({c: [] for c in cols})
+    atomic_write(path.with_suffix(".parquet"), lambda p: pq.write_table(table, p))
+
+
+def collect_results(ablation: Ablation, sweep_dir: Path, outcomes: Sequence[TrialOutcome]) -> Path:
+    """Write ``results.csv`` / ``results.parquet`` (and ``hpo_results.*``) atomically; return the CSV path."""
+    final = {o.key: o for o in outcomes if o.stage in ("grid", "final")}
+    rows, cfgs = [], []
+    for t in ablation.trials:
+        rows.append(_row(t, final.get(t.key), sweep_dir / "runs" / t.key, config_hash(t.config)))
+        cfgs.append(flatten(config_to_dict(t.config)))
     out = sweep_dir / "results.csv"
-    tmp = out.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out)
+    _write(out, *_table(rows, cfgs))
+    by_key = {t.key: t for t in ablation.trials}
+    hpo_rows, hpo_cfgs = [], []
+    for o in (o for o in outcomes if o.stage == "hpo"):
+        t = by_key[o.key]
+        # a sample's config is the arm's plus its parameters: its run records its own hash
+        row = _row(t, o, sweep_dir / "hpo" / t.key.rsplit("/", 1)[0] / str(o.sample), None)
+        row.update({f"param.{k}": v for k, v in o.params.items()})
+        hpo_rows.append(row)
+        hpo_cfgs.append({})
+    if hpo_rows:
+        _write(sweep_dir / "hpo_results.csv", *_table(hpo_rows, hpo_cfgs))
     failed = [r["trial"] for r in rows if r["status"] != "ok"]
     if failed:
-        log.error("%d trial(s) failed: %s", len(failed), failed)
+        log.error("%d trial(s) did not finish: %s", len(failed), failed)
     return out

@@ -1,9 +1,12 @@
 """Ray Tune driver: one trial = one Ray Train run (DeepSpeed workers) = one W&B run.
 
 The only module importing :mod:`ray.tune` and :mod:`optuna`. Without a search space the grid of
-trials runs as one Tune experiment; with one, each arm first gets an Optuna study (OptunaSearch,
-persistent storage in the sweep dir) on the first seed, and its best parameters are then run on
-every seed (``stage`` = ``hpo`` / ``final`` in the results).
+trials runs as one Tune experiment (``grid``); with one, each arm first gets an Optuna study
+(OptunaSearch, persistent storage in the sweep dir, optionally ASHA) on the first seed, and its best
+parameters are then run on every seed (experiment ``final``). Every experiment lives under
+``<sweep>/ray/<experiment>`` and is restored with :meth:`ray.tune.Tuner.restore` on ``--resume``:
+finished trials are kept, interrupted and errored ones run again (Ray Train resumes them from their
+last checkpoint under the same run name and storage).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,13 +29,21 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pertadapt.config.load import config_from_dict, config_to_dict, dotted_to_nested, load_run_config
 from pertadapt.sweep.ablation import Ablation, Trial
-from pertadapt.sweep.results import collect_results
+from pertadapt.sweep.results import TrialOutcome, collect_results
 from pertadapt.sweep.search_space import SearchSpace
 from pertadapt.train.worker import launch
 
-__all__ = ["run_sweep"]
+__all__ = ["LOCAL_NODE_IP", "run_sweep"]
 
 log = logging.getLogger(__name__)
+
+#: Node address of a local Ray started by a sweep: loopback, and not 127.0.0.1 (Ray rewrites that one to
+#: the host's interface address, platform-notes.md §4).
+LOCAL_NODE_IP = "127.0.0.2"
+#: Environment forwarded to every Ray worker (cache, W&B mode, DeepSpeed accelerator, threads).
+_FORWARD_PREFIXES = ("PERTADAPT_", "WANDB_", "DS_", "OMP_", "RAY_TRAIN_")
+#: Never forwarded, never written: secrets stay in the environment of the process that has them.
+_SECRETS = ("WANDB_API_KEY",)
 
 
 def _apply_params(run_dict: dict[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -52,12 +64,12 @@ def _trial_fn(config: dict[str, Any]) -> None:
     run_dict = _apply_params(spec["run"], params) if params else spec["run"]
     cfg = config_from_dict(run_dict)
     run_dir = Path(spec["run_dir"])
-    if params:
-        run_dir = run_dir / tune.get_context().get_trial_id()
     name = spec["key"].replace("/", "-")
-    launch(cfg, run_dir, name=f"{name}-{tune.get_context().get_trial_id()}" if params else name,
-           storage_path=Path(spec["storage"]), report=tune.report, train_callbacks=[TuneReportCallback()],
-           max_failures=spec.get("max_failures", 0))
+    if params:
+        trial_id = tune.get_context().get_trial_id()
+        run_dir, name = run_dir / trial_id, f"{name}-{trial_id}"
+    launch(cfg, run_dir, name=name, storage_path=Path(spec["storage"]), report=tune.report,
+           train_callbacks=[TuneReportCallback()])
     if cfg.uses_ray_train:
         time.sleep(3)  # let the last TuneReportCallback result reach Tune (Train V2 race)
 
@@ -72,32 +84,84 @@ def _spec(trial: Trial, sweep_dir: Path, data_paths: Mapping[str, str]) -> dict[
     run_dict = config_to_dict(trial.config)
     run_dict["data"]["path"] = data_paths[trial.key]
     return {"key": trial.key, "run": run_dict, "run_dir": str(sweep_dir / "runs" / trial.key),
-            "storage": str(sweep_dir / "ray"), "max_failures": 0}
+            "storage": str(sweep_dir / "ray")}
 
 
 class _Progress(tune.Callback):
-    def __init__(self, total: int) -> None:
-        self.total, self.done = total, 0
+    """Live progress: a rich table in a terminal, one log line per event otherwise."""
+
+    def __init__(self, title: str, total: int) -> None:
+        self.title, self.total = title, total
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.live = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live(self._table(), console=Console(stderr=True), refresh_per_second=2)
+            self.live.start()
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"{self.title}: {sum(r['status'] != 'running' for r in self.rows.values())}/"
+                            f"{self.total} done")
+        for col in ("trial", "status", "epoch", "val metric", "elapsed s"):
+            table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+        for key, r in self.rows.items():
+            table.add_row(key, r["status"], str(r.get("epoch", "")), r.get("metric", ""), f"{r.get('elapsed', 0):.0f}")
+        return table
+
+    def _update(self, trial: Any, status: str, result: Mapping[str, Any] | None = None) -> None:
+        key = trial.config["trial"]["key"] + (f"#{trial.trial_id}" if len(trial.config) > 1 else "")
+        row = self.rows.setdefault(key, {"status": "running"})
+        row["status"] = status
+        if result:
+            row["elapsed"] = float(result.get("time_total_s", row.get("elapsed", 0.0)))
+            if "epoch" in result:
+                row["epoch"] = int(result["epoch"])
+            val = next((f"{k} {v:.4g}" for k, v in result.items() if k.startswith("val_mse_de")), None)
+            row["metric"] = val or row.get("metric", "")
+        if self.live is not None:
+            self.live.update(self._table())
+        elif status != "running" or result is None:
+            log.info("[%s] %s %s%s", self.title, key, status, f" ({row.get('metric')})" if row.get("metric") else "")
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, "running")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._update(trial, "running", result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.done += 1
-        log.info("[%d/%d] trial %s finished", self.done, self.total, trial.config["trial"]["key"])
+        self._update(trial, "finished", trial.last_result)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.done += 1
-        log.error("[%d/%d] trial %s FAILED", self.done, self.total, trial.config["trial"]["key"])
+        self._update(trial, "FAILED", trial.last_result)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.live is not None:
+            self.live.stop()
 
 
-def _run_grid(specs: Sequence[dict[str, Any]], sweep_dir: Path, name: str, max_concurrent: int) -> None:
-    tuner = tune.Tuner(
-        tune.with_resources(_trial_fn, _resources),
-        param_space={"trial": tune.grid_search(list(specs))},
+def _fit(make: Any, trainable: Any, path: Path, resume: bool) -> tune.ResultGrid:
+    """Fit a fresh Tuner, or restore the experiment at ``path`` when resuming and it can be restored."""
+    if resume and tune.Tuner.can_restore(str(path)):
+        log.info("resuming Tune experiment %s", path)
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit()
+    return make().fit()
+
+
+def _run_grid(specs: Sequence[dict[str, Any]], sweep_dir: Path, name: str, max_concurrent: int,
+              resume: bool) -> tune.ResultGrid:
+    trainable = tune.with_resources(_trial_fn, _resources)
+    return _fit(lambda: tune.Tuner(
+        trainable, param_space={"trial": tune.grid_search(list(specs))},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir / "ray"), verbose=0,
-                                  callbacks=[_Progress(len(specs))],
+                                  callbacks=[_Progress(name, len(specs))],
                                   failure_config=tune.FailureConfig(max_failures=0)),
-    )
-    tuner.fit()
+    ), trainable, sweep_dir / "ray" / name, resume)
 
 
 def _optuna_space(space: SearchSpace) -> dict[str, Any]:
@@ -123,35 +187,76 @@ def _storage(space: SearchSpace, sweep_dir: Path) -> optuna.storages.BaseStorage
                                       engine_kwargs={"connect_args": {"timeout": 30}})
 
 
+def _scheduler(space: SearchSpace, epochs: int) -> ASHAScheduler | None:
+    if space.scheduler != "asha" or epochs < 2:
+        return None
+    max_t = min(space.max_t or epochs, epochs)
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(space.grace_period, max_t),
+                         reduction_factor=space.reduction_factor)
+
+
 def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path, ablation_name: str,
-             max_concurrent: int) -> dict[str, Any]:
-    search = OptunaSearch(_optuna_space(space), metric=space.metric, mode=space.mode,
-                          study_name=f"{ablation_name}-{arm}", storage=_storage(space, sweep_dir),
-                          sampler=optuna.samplers.TPESampler(seed=space.sampler_seed))
-    epochs = spec["run"]["optim"]["epochs"]
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1) if space.scheduler == "asha"
-                 and epochs > 1 else None)
-    tuner = tune.Tuner(
-        tune.with_resources(_trial_fn, _resources),
-        param_space={"trial": spec},
-        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search, scheduler=scheduler,
-                                    num_samples=space.num_samples, max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name=f"hpo-{arm}", storage_path=str(sweep_dir / "ray"), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
-    )
-    best = tuner.fit().get_best_result(metric=space.metric, mode=space.mode, scope="all")
-    return {k: v for k, v in best.config.items() if k != "trial"}
+             max_concurrent: int, resume: bool) -> tuple[dict[str, Any], tune.ResultGrid]:
+    trainable = tune.with_resources(_trial_fn, _resources)
+    name = f"hpo-{arm}"
+
+    def make() -> tune.Tuner:
+        search = OptunaSearch(_optuna_space(space), metric=space.metric, mode=space.mode,
+                              study_name=f"{ablation_name}-{arm}", storage=_storage(space, sweep_dir),
+                              sampler=optuna.samplers.TPESampler(seed=space.sampler_seed))
+        return tune.Tuner(
+            trainable, param_space={"trial": spec},
+            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search,
+                                        scheduler=_scheduler(space, spec["run"]["optim"]["epochs"]),
+                                        num_samples=space.num_samples, max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir / "ray"), verbose=0,
+                                      callbacks=[_Progress(name, space.num_samples)],
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+
+    grid = _fit(make, trainable, sweep_dir / "ray" / name, resume)
+    best = grid.get_best_result(metric=space.metric, mode=space.mode, scope="all")
+    return {k: v for k, v in best.config.items() if k != "trial"}, grid
 
 
 def _runtime_env() -> dict[str, Any]:
-    """Forward the platform's environment (cache, W&B mode, DeepSpeed accelerator, threads) to every worker."""
-    prefixes = ("PERTADAPT_", "WANDB_", "DS_", "OMP_", "RAY_TRAIN_")
-    return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(prefixes)}}
+    """The platform's environment for every worker, without secrets (workers read those from their own)."""
+    return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_PREFIXES) and k not in _SECRETS}}
+
+
+def _init_ray(num_cpus: int) -> None:
+    """Join the cluster at ``RAY_ADDRESS``, or start a local one bound to loopback with token auth."""
+    if os.environ.get("RAY_ADDRESS"):  # joining a cluster (ray job submit, KubeRay, SLURM): it owns resources
+        ray.init(log_to_driver=False, runtime_env=_runtime_env())
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(num_cpus=num_cpus, log_to_driver=False, runtime_env=_runtime_env(), _node_ip_address=LOCAL_NODE_IP,
+             dashboard_host="127.0.0.1", include_dashboard=True)
+
+
+def _outcomes(grid: tune.ResultGrid, stage: str) -> list[TrialOutcome]:
+    out = []
+    for result in grid:
+        spec = result.config["trial"]
+        metrics = result.metrics or {}
+        error = None if result.error is None else (str(result.error).strip().splitlines() or [""])[-1][:500]
+        if error is not None:
+            status = "failed"
+        elif metrics.get("done"):
+            status = "ok"
+        elif metrics:
+            status = "stopped_early"
+        else:
+            status = "pending"
+        params = {k: v for k, v in result.config.items() if k != "trial"}
+        out.append(TrialOutcome(spec["key"], stage, status, error, float(metrics.get("time_total_s", math.nan)),
+                                str(metrics.get("trial_id", Path(result.path).name)) if params else None, params))
+    return out
 
 
 def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace | None = None,
-              data_paths: Mapping[str, str], num_cpus: float | None = None) -> Path:
-    """Run every trial of ``ablation`` on a local Ray cluster this function starts and stops.
+              data_paths: Mapping[str, str], num_cpus: int, max_concurrent: int, resume: bool = False) -> Path:
+    """Run every trial of ``ablation`` on Ray (a local cluster this function starts and stops, or
+    the one at ``RAY_ADDRESS``), then write the results.
 
     Parameters
     ----------
@@ -164,7 +269,11 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     data_paths
         trial key → prepared ``.h5ad`` (made once by the caller).
     num_cpus
-        Logical CPUs of the local Ray cluster (default: enough for the concurrent trials).
+        Logical CPUs of a local Ray cluster.
+    max_concurrent
+        Trials at once.
+    resume
+        Restore the sweep's Tune experiments instead of starting them afresh.
 
     Returns
     -------
@@ -172,29 +281,26 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
         ``results.csv``.
     """
     sweep_dir = sweep_dir.resolve()
-    concurrent = ablation.max_concurrent_trials or 2
-    workers = max(t.config.engine.workers * t.config.engine.cpus_per_worker for t in ablation.trials)
-    if os.environ.get("RAY_ADDRESS"):  # joining a cluster (ray job submit, KubeRay, SLURM): it owns resources
-        ray.init(log_to_driver=False, runtime_env=_runtime_env())
-    else:
-        ray.init(num_cpus=num_cpus or math.ceil(concurrent * (workers + 0.01)) + 1, log_to_driver=False,
-                 runtime_env=_runtime_env())
+    _init_ray(num_cpus)
+    outcomes: list[TrialOutcome] = []
     try:
         specs = [_spec(t, sweep_dir, data_paths) for t in ablation.trials]
         if search_space is None:
-            _run_grid(specs, sweep_dir, "grid", concurrent)
+            outcomes += _outcomes(_run_grid(specs, sweep_dir, "grid", max_concurrent, resume), "grid")
         else:
             first = ablation.seeds[0]
             for t, spec in zip(ablation.trials, specs, strict=True):
                 if t.seed != first or t.is_baseline:
                     continue
                 hpo_spec = {**spec, "run_dir": str(sweep_dir / "hpo" / t.key.rsplit("/", 1)[0])}
-                best = _run_hpo(hpo_spec, t.arm, search_space, sweep_dir, ablation.name, concurrent)
+                best, grid = _run_hpo(hpo_spec, t.arm, search_space, sweep_dir, ablation.name, max_concurrent,
+                                      resume)
+                outcomes += _outcomes(grid, "hpo")
                 log.info("arm %s: best %s", t.arm, best)
                 for t2, s2 in zip(ablation.trials, specs, strict=True):
                     if t2.arm == t.arm and t2.dataset == t.dataset and t2.backbone == t.backbone:
                         s2["run"] = _apply_params(s2["run"], best)
-            _run_grid(specs, sweep_dir, "final", concurrent)
+            outcomes += _outcomes(_run_grid(specs, sweep_dir, "final", max_concurrent, resume), "final")
     finally:
         ray.shutdown()
-    return collect_results(ablation, sweep_dir)
+    return collect_results(ablation, sweep_dir, outcomes)

@@ -16,8 +16,9 @@ import numpy as np
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.conditions import condition_genes
 from pertadapt.data.dataset import PairedCells, PerturbData, read_perturb_data
+from pertadapt.data.presets import data_file_for
 from pertadapt.data.splits import ConditionSplit, split_conditions
-from pertadapt.files import cache_dir, sha256_bytes, sha256_file
+from pertadapt.files import sha256_bytes, sha256_file
 from pertadapt.models.build import ModelInputs
 from pertadapt.train.loop import EvalSet
 
@@ -28,25 +29,12 @@ log = logging.getLogger(__name__)
 
 def ensure_data_file(cfg: RunConfig) -> Path:
     """The run's ``.h5ad``: ``data.path``, or the simulator preset generated once into the cache."""
-    if cfg.data.path is not None:
-        p = Path(cfg.data.path)
-        if not p.is_file():
-            raise ConfigError(f"data.path: file not found: {p}")
-        return p
-    from pertadapt import __version__
-    from pertadapt.data.io import write_h5ad_atomic
-    from pertadapt.data.simulate import PRESETS, simulate
+    out, missing = data_file_for(cfg)
+    if missing:
+        from pertadapt.data.io import write_h5ad_atomic
+        from pertadapt.data.simulate import simulate
 
-    preset = cfg.data.simulate_preset
-    if preset not in PRESETS:
-        raise ConfigError(f"data.simulate_preset: {preset!r} is not one of {', '.join(PRESETS)}")
-    # the file name carries the preset's parameters and the package version, so a changed simulator
-    # never reuses a stale cached file
-    key = sha256_bytes(f"{PRESETS[preset]!r}|{__version__}")[:10]
-    out = cache_dir() / "simulated" / f"{preset}_seed{cfg.data.simulate_seed}_{key}.h5ad"
-    if not out.is_file():
         log.info("simulating preset %r (seed %d) → %s", cfg.data.simulate_preset, cfg.data.simulate_seed, out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_h5ad_atomic(simulate(cfg.data.simulate_preset, seed=cfg.data.simulate_seed), out)
     return out
 

@@ -1,0 +1,138 @@
+"""The plan of a sweep: every trial with its coordinates, what varies, its resources and its config hash.
+
+Built without Ray or data (``pertadapt sweep --dry-run`` prints it and writes ``plan.json``); a sweep
+directory keeps the plan it was started with, so a re-run can tell a resume of the same grid from a
+different grid that would mix results (refused unless ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pertadapt.config.load import config_hash, config_to_dict
+from pertadapt.config.schema import ConfigError
+from pertadapt.files import atomic_write_json
+from pertadapt.sweep.ablation import Ablation, Trial
+from pertadapt.sweep.search_space import SearchSpace
+
+__all__ = ["PLAN_FILE", "build_plan", "check_search_space", "diff_plans", "local_cpus", "read_plan", "trial_cpus",
+           "write_plan"]
+
+PLAN_FILE = "plan.json"
+#: Logical CPUs of a Tune function trial that only drives Ray Train workers (``{"CPU": 0}`` is refused).
+DRIVER_CPUS = 0.01
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def trial_cpus(trial: Trial) -> float:
+    """Logical CPUs one trial holds: its Ray Train workers plus the driver, or one CPU in-process."""
+    cfg = trial.config
+    if cfg.uses_ray_train:
+        return DRIVER_CPUS + cfg.engine.workers * cfg.engine.cpus_per_worker
+    return 1.0
+
+
+def check_search_space(ablation: Ablation, space: SearchSpace) -> None:
+    """Arms are enumerated, never sampled: a sampled key that an arm sets is a config error."""
+    for dim in space.dims:
+        setters = sorted({t.arm for t in ablation.trials if dim.key in t.overrides})
+        if setters:
+            raise ConfigError(f"{space.path}: params.{dim.key}: set by arm(s) {', '.join(setters)} of "
+                              f"{ablation.path}; an arm's toggles are enumerated, not sampled")
+
+
+def build_plan(ablation: Ablation, space: SearchSpace | None, data_paths: Mapping[str, str],
+               max_concurrent: int) -> dict[str, Any]:
+    """The JSON-able plan of a sweep.
+
+    Parameters
+    ----------
+    ablation
+        The validated grid.
+    space
+        Optional search space.
+    data_paths
+        trial key → the data file it reads.
+    max_concurrent
+        How many trials run at once.
+    """
+    flats = {t.key: _flat(config_to_dict(t.config)) for t in ablation.trials}
+    keys = sorted({k for f in flats.values() for k in f})
+    varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats.values()}) > 1
+               and k not in ("seed", "name", "logging.group", "data.path")]
+    trials = []
+    for t in ablation.trials:
+        cfg = t.config
+        trials.append({
+            "key": t.key, "arm": t.arm, "seed": t.seed, "dataset": t.dataset, "backbone": t.backbone,
+            "is_baseline": cfg.is_baseline, "varying": {k: flats[t.key].get(k) for k in varying},
+            "workers": cfg.engine.workers if cfg.uses_ray_train else 1,
+            "cpus_per_worker": cfg.engine.cpus_per_worker if cfg.uses_ray_train else 1.0,
+            "gpus_per_worker": 1 if cfg.engine.use_gpu and not cfg.is_baseline else 0,
+            "cpus": trial_cpus(t), "data_path": data_paths[t.key], "config_hash": config_hash(cfg),
+        })
+    search = None
+    if space is not None:
+        search = {"path": str(space.path), "metric": space.metric, "mode": space.mode,
+                  "num_samples": space.num_samples, "scheduler": space.scheduler,
+                  "dims": [{"key": d.key, "kind": d.kind, "low": d.low, "high": d.high, "values": list(d.values)}
+                           for d in space.dims]}
+    return {"name": ablation.name, "ablation": str(ablation.path), "reference_arm": ablation.reference_arm,
+            "search": search, "max_concurrent_trials": max_concurrent, "trials": trials}
+
+
+def local_cpus(plan: Mapping[str, Any]) -> int:
+    """Logical CPUs of a local Ray cluster that holds ``max_concurrent_trials`` of the largest trial."""
+    largest = max(t["cpus"] for t in plan["trials"])
+    return math.ceil(plan["max_concurrent_trials"] * largest) + 1
+
+
+def diff_plans(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs between two plans, one line per difference (empty: the same sweep)."""
+    out = []
+    if old.get("name") != new.get("name"):
+        out.append(f"name: {old.get('name')!r} → {new.get('name')!r}")
+    a = {t["key"]: t for t in old.get("trials", [])}
+    b = {t["key"]: t for t in new.get("trials", [])}
+    out += [f"trial {k} removed" for k in sorted(set(a) - set(b))]
+    out += [f"trial {k} added" for k in sorted(set(b) - set(a))]
+    for k in sorted(set(a) & set(b)):
+        if a[k]["config_hash"] != b[k]["config_hash"]:
+            changed = sorted(n for n in set(a[k]["varying"]) | set(b[k]["varying"])
+                             if a[k]["varying"].get(n) != b[k]["varying"].get(n))
+            what = ", ".join(f"{n}: {a[k]['varying'].get(n)!r} → {b[k]['varying'].get(n)!r}" for n in changed)
+            out.append(f"trial {k}: config changed ({what or 'a shared setting changed'})")
+    if json.dumps(old.get("search"), sort_keys=True) != json.dumps(new.get("search"), sort_keys=True):
+        out.append("search space changed")
+    return out
+
+
+def write_plan(sweep_dir: Path, plan: Mapping[str, Any]) -> Path:
+    """Write ``sweep_dir/plan.json`` atomically."""
+    path = sweep_dir / PLAN_FILE
+    atomic_write_json(path, plan)
+    return path
+
+
+def read_plan(sweep_dir: Path) -> dict[str, Any] | None:
+    """The plan a sweep directory was started with, or ``None`` when it holds no sweep."""
+    path = sweep_dir / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); the directory does not hold a readable sweep") from e
