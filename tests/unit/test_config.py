@@ -170,7 +170,8 @@ def test_cross_section_checks_fail_in_validation(overrides: list[str], needle: s
 def test_baseline_configs_skip_model_only_checks() -> None:
     cfg = load_run_config(REPO / "configs" / "smoke.yaml", ["model.name=baseline_mean", "optim.batch_size=10",
                                                              "optim.micro_batch_size=4"])
-    assert cfg.is_baseline and not cfg.uses_ray_train
+    assert cfg.is_baseline
+    assert not cfg.uses_ray_train
     assert load_run_config(REPO / "configs" / "demo.yaml").uses_ray_train
 
 
@@ -247,4 +248,6 @@ def test_config_show_prints_the_resolved_config() -> None:
     import yaml
 
     doc = yaml.safe_load(res.stdout)
-    assert doc["optim"]["lr"] == 0.5 and doc["model"]["hidden_size"] == 32 and doc["name"] == "smoke"
+    assert doc["optim"]["lr"] == 0.5
+    assert doc["model"]["hidden_size"] == 32
+    assert doc["name"] == "smoke"
