@@ -1,14 +1,21 @@
-"""Sweeps through Ray Tune: the demo ablation grid end to end, W&B read-back, Optuna persistence."""
+"""Sweeps through Ray Tune: the demo grid end to end, W&B read-back, Optuna, and sweeps that survive."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 import yaml
 
@@ -17,42 +24,54 @@ from pertadapt.report.wandb import find_offline_runs, read_offline_run
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["optim.epochs=1", "optim.max_steps_per_epoch=2"]
+DUMMY_KEY = "dummykey0123456789abcdef0123456789abcdef"
 
 
-def _pertadapt(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+def _pertadapt(*args: str, timeout: int = 1500, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, "-m", "pertadapt.cli", *args], cwd=REPO, capture_output=True, text=True,
-                         timeout=timeout)
-    assert res.returncode == 0, res.stderr[-4000:]
+                         timeout=timeout, env=env)
+    if ok:
+        assert res.returncode == 0, res.stderr[-4000:]
     return res
 
 
 @pytest.fixture(scope="module")
 def demo_sweep(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("demo_sweep")
-    _pertadapt("sweep", "ablations/demo.yaml", *FAST, "--out", str(out))
+    _pertadapt("sweep", "ablations/demo.yaml", *FAST, "--out", str(out),
+               env={**os.environ, "WANDB_API_KEY": DUMMY_KEY, "WANDB_MODE": "offline"})
     return out
 
 
-def _rows(sweep: Path) -> list[dict[str, str]]:
-    with (sweep / "results.csv").open() as fh:
+def _rows(sweep: Path, name: str = "results.csv") -> list[dict[str, str]]:
+    with (sweep / name).open() as fh:
         return list(csv.DictReader(fh))
 
 
 def test_demo_grid_results(demo_sweep: Path) -> None:
     rows = _rows(demo_sweep)
     assert all(r["status"] == "ok" for r in rows)
+    assert all(r["attempts"] == "1" and r["error"] == "" for r in rows)
     arms = {r["arm"] for r in rows}
     assert {"full", "no_fm", "no_pa", "no_am", "no_ladapt"} <= arms
     assert {"baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear"} <= arms
     for arm in arms:
         assert sorted(int(r["seed"]) for r in rows if r["arm"] == arm) == [1, 2]
     for r in rows:
-        for key in ("test_mse_de", "test_mse", "test_pearson_delta", "val_mse_de"):
+        for key in ("test_mse_de", "test_mse", "test_pearson_delta", "val_mse_de", "wall_s"):
             assert math.isfinite(float(r[key])), (r["trial"], key)
-    # the varying config values are columns
+        prov = json.loads((Path(r["run_dir"]) / "provenance.json").read_text())
+        assert prov["config_hash"] == r["config_hash"]
+        assert (Path(r["run_dir"]) / "per_condition.csv").is_file()
+    # the varying config values are columns; the parquet file holds the same table
     assert {"cfg.backbone.name", "cfg.adapter.enabled", "cfg.adapter.attention_mask", "cfg.loss.name",
             "cfg.model.name"} <= set(rows[0])
-    assert (demo_sweep / "report.html").read_text().count("<table") >= 2
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(demo_sweep / "results.parquet")
+    assert table.num_rows == len(rows)
+    assert table.column("test_mse_de").to_pylist() == pytest.approx([float(r["test_mse_de"]) for r in rows])
+    assert (demo_sweep / "report" / "report.html").read_text().count("<table") >= 2
 
 
 def test_every_trial_has_one_finished_wandb_run_matching_the_csv(demo_sweep: Path) -> None:
@@ -66,37 +85,151 @@ def test_every_trial_has_one_finished_wandb_run_matching_the_csv(demo_sweep: Pat
             assert info["summary"][key] == pytest.approx(float(r[key]), rel=1e-6), (r["trial"], key)
 
 
-def test_training_trials_ran_on_two_deepspeed_workers(demo_sweep: Path) -> None:
-    import json
+def test_the_api_key_reaches_no_file(demo_sweep: Path) -> None:
+    """The driver had WANDB_API_KEY set: no file under the sweep dir or Ray's session dirs holds it."""
+    roots = [demo_sweep, Path("/tmp/ray")]
+    hits = []
+    for root in roots:
+        for path in root.rglob("*") if root.exists() else []:
+            try:
+                if path.is_file() and path.stat().st_size < 50_000_000 and DUMMY_KEY.encode() in path.read_bytes():
+                    hits.append(path)
+            except OSError:
+                continue
+    assert hits == []
 
+
+def test_training_trials_ran_on_two_deepspeed_workers(demo_sweep: Path) -> None:
     for r in _rows(demo_sweep):
         prov = json.loads((Path(r["run_dir"]) / "provenance.json").read_text())
-        assert prov["world_size"] == (1 if r["arm"].startswith("baseline_") else 2)
+        assert prov["world_size"] == (1 if r["is_baseline"] == "True" else 2)
 
 
 def test_report_command_rewrites_the_report(demo_sweep: Path) -> None:
-    (demo_sweep / "report.html").unlink()
+    report = demo_sweep / "report" / "report.html"
+    report.unlink()
     _pertadapt("report", str(demo_sweep), "--reference", "full")
-    assert "Paired t-tests against full" in (demo_sweep / "report.html").read_text()
+    assert report.is_file()
+    assert _rows(demo_sweep / "report", "paired_tests.csv")
+
+
+def test_rerun_into_a_finished_sweep_is_refused_and_a_changed_arm_names_the_change(demo_sweep: Path) -> None:
+    same = _pertadapt("sweep", "ablations/demo.yaml", *FAST, "--out", str(demo_sweep), ok=False)
+    assert same.returncode == 2
+    assert "already holds this sweep" in same.stderr
+    changed = _pertadapt("sweep", "ablations/demo.yaml", *FAST, "adapter.ffn_dim=8", "--out", str(demo_sweep), ok=False)
+    assert changed.returncode == 2
+    assert "holds a different sweep" in changed.stderr
+    assert "config changed" in changed.stderr
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    t0 = time.time()
+    while not predicate():
+        if time.time() - t0 > timeout:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+def _listeners() -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket listened on by a Ray process of this machine."""
+    out = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
+            if "ray" not in text:
+                continue
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    out.append((conn.laddr.ip, conn.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def _jobs_api_refused(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/jobs/", timeout=3) as resp:
+            return resp.status >= 400
+    except urllib.error.HTTPError as e:
+        return e.code in (401, 403, 404, 405)
+    except (urllib.error.URLError, OSError, ValueError):
+        return True  # not HTTP, or not answering: no Jobs API there
 
 
 @pytest.mark.usefixtures("no_leftover_ray")
-def test_optuna_search_persists_and_resumes(tmp_path: Path, cache_dir: Path) -> None:
+def test_sigterm_the_driver_then_resume(tmp_path: Path, cache_dir: Path) -> None:
+    abl = tmp_path / "abl.yaml"
+    abl.write_text("name: survive\nbase: smoke.yaml\nseeds: [1, 2]\nbaselines: false\nmax_concurrent_trials: 1\n"
+                   "arms:\n  full: {}\n  no_am: {adapter.attention_mask: none}\n")
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "pertadapt.cli", "sweep", str(abl), "optim.epochs=1", "--out", str(out),
+            "--no-report"]
+    driver = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "runs" / "full" / "seed1" / "final_metrics.json"
+    try:
+        _wait_for(lambda: first.is_file(), 900, "the first trial")
+        # the local Ray is bound to loopback and offers no unauthenticated Jobs API
+        listeners = _listeners()
+        assert listeners
+        assert all(ip in ("0.0.0.0", "::") or ip.startswith("127.") for ip, _ in listeners), listeners
+        assert all(_jobs_api_refused(port) for _, port in listeners)
+        time.sleep(2)
+        driver.send_signal(signal.SIGTERM)
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    before = (first.read_bytes(), first.stat().st_mtime_ns)
+    _pertadapt("sweep", str(abl), "optim.epochs=1", "--out", str(out), "--resume", "--no-report")
+    rows = _rows(out)
+    assert sorted(r["trial"] for r in rows) == ["full/seed1", "full/seed2", "no_am/seed1", "no_am/seed2"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == before
+
+
+@pytest.mark.usefixtures("no_leftover_ray")
+def test_optuna_search_then_resume_keeps_num_samples(tmp_path: Path, cache_dir: Path) -> None:
     abl = tmp_path / "hpo.yaml"
     abl.write_text("name: hpo\nbase: smoke.yaml\nseeds: [1]\nbaselines: false\nmax_concurrent_trials: 1\n"
                    "arms:\n  full: {}\n")
     out = tmp_path / "sweep"
-    for expected in (2, 4):
+    for extra in ([], ["--resume"]):
         _pertadapt("sweep", str(abl), "optim.epochs=1", "--search-space", "search_spaces/demo.yaml", "--out",
-                   str(out), "--no-report")
+                   str(out), "--no-report", *extra)
         storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna' / 'studies.db'}")
         study = optuna.load_study(study_name="hpo-full", storage=storage)
-        assert len(study.trials) == expected
+        assert len(study.trials) == 2  # search_spaces/demo.yaml: num_samples 2, never more after a resume
         assert all(t.value is not None and math.isfinite(t.value) for t in study.trials)
     rows = _rows(out)
     assert len(rows) == 1
     assert rows[0]["status"] == "ok"
-    # the final run uses the best parameters of this invocation's samples
-    best = min(study.trials[2:], key=lambda t: t.value)
+    assert len(_rows(out, "hpo_results.csv")) == 2
+    best = min(study.trials, key=lambda t: t.value)
     final_cfg = yaml.safe_load((Path(rows[0]["run_dir"]) / "config.yaml").read_text())
     assert final_cfg["optim"]["lr"] == pytest.approx(best.params["optim.lr"])
+
+
+def test_dry_run_plans_without_starting_anything(tmp_path: Path) -> None:
+    before = _ray_processes()
+    t0 = time.time()
+    res = _pertadapt("sweep", "ablations/demo.yaml", "--out", str(tmp_path / "plan"), "--dry-run")
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert len(plan["trials"]) == 18
+    assert {t["arm"] for t in plan["trials"]} >= {"full", "no_fm", "baseline_linear"}
+    assert all(t["workers"] == 2 for t in plan["trials"] if not t["is_baseline"])
+    assert "18 trials" in res.stdout
+    assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["plan.json"]
+    assert _ray_processes() == before
+    assert time.time() - t0 < 120
+
+
+def _ray_processes() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def test_resume_of_a_directory_without_a_sweep_is_refused(tmp_path: Path) -> None:
+    res = _pertadapt("sweep", "ablations/demo.yaml", "--out", str(tmp_path / "empty"), "--resume", ok=False)
+    assert res.returncode == 2
+    assert "holds no sweep" in res.stderr

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -110,8 +112,13 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML (arms × see
     log.info("sweep %s: %d trials (%d arms × %d seeds) → %s; W&B: %s", abl.name, len(abl.trials), len(abl.arms),
              len(abl.seeds), sweep_dir, describe_wandb_mode(abl.trials[0].config.logging.wandb))
     t0 = time.time()
+    stopped = _stop_gracefully_on_sigterm()
     results = run_sweep(abl, sweep_dir, search_space=space, data_paths=plan_paths(plan), num_cpus=local_cpus(plan),
                         max_concurrent=plan["max_concurrent_trials"], resume=resume)
+    if stopped:
+        log.error("sweep interrupted after %.0f s; finish it with: pertadapt sweep %s --out %s --resume",
+                  time.time() - t0, ablation, sweep_dir)
+        raise typer.Exit(128 + signal.SIGTERM)
     log.info("sweep finished in %.0f s; results: %s", time.time() - t0, results)
     if report:
         from pertadapt.report.console import print_summary
@@ -124,6 +131,19 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML (arms × see
     if offline:
         log.info("W&B: %d offline run(s); upload with: wandb sync %s/runs/*/**/wandb/offline-run-*", len(offline),
                  sweep_dir)
+
+
+def _stop_gracefully_on_sigterm() -> list[int]:
+    """Turn SIGTERM (a scheduler's or a user's ``kill``) into Tune's graceful stop (SIGINT: state saved, Ray
+    shut down); the returned list gets the signal number once one arrived."""
+    got: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        got.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, handler)
+    return got
 
 
 #: Written when a sweep starts (name, reference arm): a directory holding it holds a sweep.

@@ -296,6 +296,8 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
                 best, grid = _run_hpo(hpo_spec, t.arm, search_space, sweep_dir, ablation.name, max_concurrent,
                                       resume)
                 outcomes += _outcomes(grid, "hpo")
+                if any(o.status == "pending" for o in outcomes):  # interrupted: --resume continues here
+                    return collect_results(ablation, sweep_dir, outcomes)
                 log.info("arm %s: best %s", t.arm, best)
                 for t2, s2 in zip(ablation.trials, specs, strict=True):
                     if t2.arm == t.arm and t2.dataset == t.dataset and t2.backbone == t.backbone:
