@@ -275,10 +275,13 @@ class EngineConfig:
     deepspeed_config: str = "zero2.json"
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    #: Ray Train worker-group restarts (from the latest checkpoint) after a worker or node failure.
+    max_failures: int = 2
 
     def __post_init__(self) -> None:
         _choice("engine.name", self.name, ENGINES)
         _check("engine.workers", self.workers >= 1, "an integer >= 1", self.workers)
+        _check("engine.max_failures", self.max_failures >= 0, "an integer >= 0", self.max_failures)
         _check("engine.cpus_per_worker", self.cpus_per_worker > 0, "a positive number", self.cpus_per_worker)
         if self.name == "torch" and self.workers != 1:
             raise ConfigError("engine.workers: the 'torch' engine runs one process; use engine.name=deepspeed")

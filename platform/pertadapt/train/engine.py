@@ -8,7 +8,6 @@ module that imports :mod:`deepspeed`.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,9 +18,22 @@ from torch import nn
 
 from pertadapt.config.deepspeed import read_deepspeed_json
 from pertadapt.config.schema import ConfigError, RunConfig
+from pertadapt.train.checkpoint import (
+    CheckpointError,
+    Codec,
+    consolidated_state_dict,
+    expected_shapes,
+    load_tree,
+    read_checkpoint,
+    save_tree,
+    set_rng_state,
+    trained_state,
+    write_checkpoint,
+)
 from pertadapt.types import Batch
 
-__all__ = ["ENGINES", "DeepSpeedEngine", "Engine", "TorchEngine", "build_engine", "consolidated_state_dict", "deepspeed_config"]
+__all__ = ["ENGINES", "DeepSpeedEngine", "Engine", "TorchEngine", "build_engine", "consolidated_state_dict",
+           "deepspeed_config"]
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +66,15 @@ class Engine(Protocol):
         ...
 
     def save(self, directory: Path, client_state: dict[str, Any]) -> None:
-        """Write a resumable checkpoint (every rank calls it)."""
+        """Write a resumable checkpoint (every rank calls it; format: :mod:`pertadapt.train.checkpoint`)."""
         ...
 
     def load(self, directory: Path) -> dict[str, Any]:
-        """Restore a checkpoint written by :meth:`save`; returns its client state."""
+        """Validate, then restore a checkpoint written by :meth:`save` (RNG states included); its client state.
+
+        Raises :class:`~pertadapt.train.checkpoint.CheckpointError` before changing anything when a file
+        is missing or malformed or the tensors do not match the model.
+        """
         ...
 
     def gather(self, obj: Any) -> list[Any]:
@@ -82,6 +98,25 @@ def _clip_value_hooks(params: list[nn.Parameter], clip: float | None) -> None:
 
 def _optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+#: Torch engine: the optimiser's ``state_dict()`` as a :func:`~pertadapt.train.checkpoint.save_tree` file.
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def _check_optimizer_state(path: Path, state: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimiser state whose groups or per-parameter tensors do not fit ``optimizer``."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    try:
+        sizes = [len(g["params"]) for g in state["param_groups"]]
+        shape_of = dict(zip([i for g in state["param_groups"] for i in g["params"]], params, strict=True))
+        ok = sizes == [len(g["params"]) for g in optimizer.param_groups] and all(
+            not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape == shape_of[i].shape
+            for i, entry in state["state"].items() for v in entry.values())
+    except (KeyError, TypeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: optimiser state does not match the model's trainable parameters")
 
 
 class TorchEngine:
@@ -130,18 +165,23 @@ class TorchEngine:
         _frozen_backbone_eval(self.model)
 
     def save(self, directory: Path, client_state: dict[str, Any]) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / "state.pt.tmp"
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "client_state": client_state, "micro": self._micro}, tmp)
-        os.replace(tmp, directory / "state.pt")
+        save_tree(directory / OPTIMIZER_FILE, self.optimizer.state_dict())
+        write_checkpoint(directory, rank=0, world_size=1, engine="torch", client_state=client_state,
+                         rank_state={"micro": self._micro, "files": [OPTIMIZER_FILE]},
+                         trained=trained_state(self.model))
 
     def load(self, directory: Path) -> dict[str, Any]:
-        state = torch.load(directory / "state.pt", map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._micro = state["micro"]
-        return state["client_state"]
+        loaded = read_checkpoint(directory, engine="torch", world_size=1, rank=0, shapes=expected_shapes(self.model))
+        optim = load_tree(directory / OPTIMIZER_FILE)
+        _check_optimizer_state(directory / OPTIMIZER_FILE, optim, self.optimizer)
+        micro = loaded.rank_state.get("micro")
+        if not isinstance(micro, int) or micro < 0:
+            raise CheckpointError(f"{directory / 'rank0.json'}: 'micro' must be a non-negative integer")
+        self.model.load_state_dict(loaded.trained, strict=False)
+        self.optimizer.load_state_dict(optim)
+        self._micro = micro
+        set_rng_state(loaded.rank_state["rng"])
+        return loaded.client_state
 
     def gather(self, obj: Any) -> list[Any]:
         return [obj]
@@ -159,6 +199,56 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds.update(train_micro_batch_size_per_gpu=cfg.optim.micro_batch_size, gradient_accumulation_steps=accumulation,
               train_batch_size=cfg.optim.micro_batch_size * accumulation * world_size, gradient_clipping=0.0)
     return ds
+
+
+#: DeepSpeed's checkpoint tag (its files go to ``<checkpoint>/ds/``).
+DS_TAG = "ds"
+
+
+def _deepspeed_codecs() -> list[Codec]:
+    """The non-JSON objects DeepSpeed 0.19 puts in its checkpoint dicts (closed allow-list)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    def scaler(cls: type) -> Codec:
+        def decode(state: Any) -> Any:
+            if not (isinstance(state, dict) and all(isinstance(v, bool | int | float) for v in state.values())):
+                raise ValueError(f"{cls.__name__}: expected a dict of numbers")
+            obj = cls.__new__(cls)
+            obj.__dict__.update(state)
+            return obj
+
+        return Codec(cls, cls.__name__, lambda o: dict(vars(o)), decode)
+
+    return [scaler(LossScaler), scaler(DynamicLossScaler),
+            Codec(ZeroStageEnum, "ZeroStageEnum", int, ZeroStageEnum),
+            Codec(fragment_address, "fragment_address", list, lambda v: fragment_address(*map(int, v)))]
+
+
+def _safe_checkpoint_engine() -> Any:
+    """A DeepSpeed checkpoint engine that writes and reads :func:`save_tree` files instead of pickles.
+
+    DeepSpeed keeps its own layout and logic (ZeRO 0–3 partitions, module states); only the file
+    format changes. ``written`` lists the files of the last save.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    codecs = _deepspeed_codecs()
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.written: list[str] = []
+
+        def save(self, state_dict: Any, path: str) -> None:
+            save_tree(Path(path), state_dict, codecs)
+            self.written.append(path)
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return load_tree(Path(path), codecs)
+
+    return SafeCheckpointEngine()
 
 
 class DeepSpeedEngine:
@@ -185,8 +275,10 @@ class DeepSpeedEngine:
         params = [p for p in model.parameters() if p.requires_grad]
         _clip_value_hooks(params, cfg.optim.clip_value)
         self.ds, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(params, cfg), config=ds_cfg)
+        self.ds.checkpoint_engine = _safe_checkpoint_engine()
         self.model = self.ds.module
         self.device = self.ds.device
+        self._stage3 = self.ds.zero_optimization_stage() == 3
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.ds(batch.to(self.device, self.dtype)).float()
@@ -219,31 +311,34 @@ class DeepSpeedEngine:
                 buf.div_(self.world_size)
 
     def save(self, directory: Path, client_state: dict[str, Any]) -> None:
-        self.ds.save_checkpoint(str(directory), tag="ds", client_state=client_state)
+        import deepspeed
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, enabled=self._stage3):  # ZeRO-3: full params on rank 0
+            trained = trained_state(self.model) if self.rank == 0 else None
+        written = self.ds.checkpoint_engine.written
+        written.clear()
+        self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state={}, save_latest=False,
+                                exclude_frozen_parameters=True)
+        files = [Path(f).relative_to(directory).as_posix() for f in written]
+        write_checkpoint(directory, rank=self.rank, world_size=self.world_size, engine="deepspeed",
+                         client_state=client_state, rank_state={"files": files}, trained=trained)
 
     def load(self, directory: Path) -> dict[str, Any]:
-        _, client_state = self.ds.load_checkpoint(str(directory), tag="ds")
-        return client_state or {}
+        full = {n: list(p.ds_shape) for n, p in self.model.named_parameters() if hasattr(p, "ds_shape")}
+        loaded = read_checkpoint(directory, engine="deepspeed", world_size=self.world_size, rank=self.rank,
+                                 shapes=expected_shapes(self.model, full))
+        # every file this load reads is a validated save_tree file, read by the safe checkpoint engine
+        path, _ = self.ds.load_checkpoint(str(directory), tag=DS_TAG, load_module_strict=False)
+        if path is None:
+            raise CheckpointError(f"{directory / DS_TAG}: DeepSpeed found no checkpoint to load")
+        set_rng_state(loaded.rank_state["rng"])
+        return loaded.client_state
 
     def gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
-
-
-def consolidated_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 model state dict from a checkpoint of either engine (ZeRO shards are merged).
-
-    Parameters
-    ----------
-    directory
-        A checkpoint directory written by :meth:`Engine.save` (``ckpt/best`` or ``ckpt/last``).
-    """
-    if (directory / "state.pt").exists():
-        return torch.load(directory / "state.pt", map_location="cpu", weights_only=False)["model"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="ds")
 
 
 def _torch_engine(model: nn.Module, cfg: RunConfig) -> Engine:

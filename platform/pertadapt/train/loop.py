@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ from pertadapt.config.schema import RunConfig
 from pertadapt.data.dataset import PairedCells
 from pertadapt.data.keys import CONTROL
 from pertadapt.eval import Metrics, score_predictions
+from pertadapt.files import atomic_write_text
+from pertadapt.train.checkpoint import Checkpoints, record_attempt, record_nonfinite
 from pertadapt.train.engine import Engine
 from pertadapt.types import Batch, LossOutput
 
@@ -119,8 +122,10 @@ def _loss_record(out: LossOutput) -> dict[str, float]:
     return rec
 
 
-def _has_checkpoint(directory: Path) -> bool:
-    return (directory / "latest").exists() or (directory / "state.pt").exists()
+def _keep_history(path: Path, start: int) -> None:
+    """Keep the ``metrics.jsonl`` rows of the epochs before ``start`` (all of them are redone from there)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines if json.loads(line)["epoch"] < start))
 
 
 def _epoch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
@@ -139,7 +144,7 @@ def _epoch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int, worl
 
 def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet, test: EvalSet,
           loss_fn: Callable[[torch.Tensor, Batch], LossOutput], run_dir: Path, report: Report,
-          *, resume: bool = False) -> TrainResult:
+          *, checkpoints: Checkpoints, resumed: dict[str, Any] | None = None) -> TrainResult:
     """Train, select the best epoch on ``eval.select_metric``, test it, and return the final metrics.
 
     Parameters
@@ -153,23 +158,33 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
     loss_fn
         ``(pred, batch) -> LossOutput``.
     run_dir
-        Where checkpoints (``ckpt/last``, ``ckpt/best``) and ``metrics.jsonl`` go.
+        Where ``metrics.jsonl``, ``attempts.json`` (one record per start) and, on a non-finite loss,
+        ``nonfinite.json`` go.
     report
-        Called on every rank with each epoch's row: ``epoch``, ``lr``, ``train_loss`` and the loss
-        components (``train_<component>``) and weights (``loss_weight_<name>``), and the validation metrics.
-    resume
-        Continue from ``ckpt/last`` when it exists.
+        Called on every rank with each epoch's row, after the epoch's checkpoint was saved: ``epoch``,
+        ``lr``, ``train_loss`` and the loss components (``train_<component>``) and weights
+        (``loss_weight_<name>``), and the validation metrics.
+    checkpoints
+        Where each epoch's checkpoint goes and the selected one is read back from.
+    resumed
+        Client state of the checkpoint already restored into ``engine`` (``Checkpoints.restore``):
+        training continues after its epoch; ``None`` starts from epoch 0.
+
+    Raises
+    ------
+    FloatingPointError
+        When a micro-batch loss is NaN/inf (epoch, micro-step and loss components in the message; also
+        written to ``run_dir/nonfinite.json``, so that a retry does not train again).
     """
     o = cfg.optim
-    ckpt_last, ckpt_best = run_dir / "ckpt" / "last", run_dir / "ckpt" / "best"
-    start, best = 0, math.inf
-    if resume and _has_checkpoint(ckpt_last):
-        state = engine.load(ckpt_last)
-        start, best = state["epoch"] + 1, state["best"]
-        log.info("resumed from %s at epoch %d", ckpt_last, start)
+    start, best, best_epoch = 0, math.inf, -1
+    if resumed is not None:
+        start, best, best_epoch = resumed["epoch"] + 1, resumed["best"], resumed["best_epoch"]
+        log.info("resumed at epoch %d (best so far: epoch %d)", start, best_epoch)
     history = run_dir / "metrics.jsonl"
-    if start == 0 and engine.rank == 0:
-        history.unlink(missing_ok=True)  # a fresh run in an existing directory starts a fresh history
+    if engine.rank == 0:
+        record_attempt(run_dir, start if resumed is not None else None)
+        _keep_history(history, start)
     select, sign = cfg.eval.select_metric, (1.0 if cfg.eval.select_mode == "min" else -1.0)
     for epoch in range(start, o.epochs):
         engine.train(True)
@@ -185,8 +200,10 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
             out = loss_fn(engine.forward(batch), batch)
             rec = _loss_record(out)
             if not math.isfinite(rec["train_loss"]):
-                raise FloatingPointError(f"training loss became {rec['train_loss']} at epoch {epoch}, micro-step "
-                                         f"{step} (components: {rec})")
+                message = (f"training loss became {rec['train_loss']} at epoch {epoch}, micro-step {step} "
+                           f"(components: {rec})")
+                record_nonfinite(run_dir, message, epoch=epoch, micro_step=step)
+                raise FloatingPointError(message)
             engine.backward(out.total * cfg.loss.scale)
             engine.step()
             records.append(rec)
@@ -196,15 +213,15 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
         if select not in val_metrics:
             raise KeyError(f"eval.select_metric: {select!r} is not a validation metric "
                            f"(e.g. {', '.join(sorted(val_metrics)[:6])}, ...)")
-        if sign * val_metrics[select] < best:
-            best = sign * val_metrics[select]
-            engine.save(ckpt_best, {"epoch": epoch, "best": best})
-        engine.save(ckpt_last, {"epoch": epoch, "best": best})
+        improved = sign * val_metrics[select] < best
+        if improved:
+            best, best_epoch = sign * val_metrics[select], epoch
+        checkpoints.save(engine, {"epoch": epoch, "best": best, "best_epoch": best_epoch}, improved)
         if engine.rank == 0:
             with history.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
         report(row)
-    state = engine.load(ckpt_best)
+    checkpoints.load_best(engine, best_epoch)
     test_metrics, test_pred = evaluate(engine, test, "test", cfg.eval.batch_size)
     val_metrics = evaluate(engine, val, "val", cfg.eval.batch_size)[0]
-    return TrainResult(int(state["epoch"]), val_metrics, test_metrics, test_pred)
+    return TrainResult(best_epoch, val_metrics, test_metrics, test_pred)

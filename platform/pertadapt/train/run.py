@@ -30,6 +30,7 @@ from pertadapt.files import atomic_write_json, atomic_write_text
 from pertadapt.models.build import build_loss, build_model
 from pertadapt.report.logger import NullLogger, RunLogger
 from pertadapt.report.wandb import open_logger
+from pertadapt.train.checkpoint import Checkpoints, DirCheckpoints
 from pertadapt.train.engine import build_engine
 from pertadapt.train.loop import train
 from pertadapt.train.setup import RunData, prepare_run_data, provenance
@@ -92,7 +93,7 @@ def _per_condition_csv(test: Metrics, truth: Metrics | None, subgroups: dict[str
 
 
 def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, report: Report | None = None,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, checkpoints: Checkpoints | None = None) -> dict[str, Any]:
     """Train (or fit a baseline), test the best epoch, write the run directory, return final metrics.
 
     Parameters
@@ -109,7 +110,9 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         Called on every rank with each epoch's row and, last, the final metrics with ``done = 1``
         (Ray Train / Tune reporting).
     resume
-        Continue from ``run_dir/ckpt/last``.
+        Continue from ``run_dir/ckpt/last`` (refused with a :class:`ConfigError` when there is none).
+    checkpoints
+        Where checkpoints go (Ray Train storage on Ray Train workers); default ``run_dir/ckpt``.
 
     Returns
     -------
@@ -134,10 +137,12 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         seed_everything(cfg.seed)
         engine = build_engine(build_model(cfg, rd.inputs), cfg)
         rank, world = engine.rank, engine.world_size
+        store = checkpoints or DirCheckpoints(run_dir, resume=resume)
+        resumed = store.restore(engine)  # validated and loaded before anything in run_dir is written
         if rank == 0:
             _write_run_files(cfg, run_dir, rd, world)
         result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), run_dir, on_epoch,
-                       resume=resume)
+                       checkpoints=store, resumed=resumed)
         best_epoch, val, test, preds = result.best_epoch, result.val, result.test, result.test_predictions
     metrics: dict[str, Any] = {"best_epoch": best_epoch, **val.flat("val"), **test.flat("test")}
     if rank == 0:

@@ -3,12 +3,22 @@
 :func:`launch` is the one dispatch every caller uses (``pertadapt train``, a Tune trial): a config that
 ``uses_ray_train`` runs on ``engine.workers`` Ray Train workers (:func:`train_fn_per_worker` on each),
 anything else runs :func:`pertadapt.train.run.run` right here.
+
+On Ray Train every epoch's checkpoint (each rank's files, merged by Ray) is reported with the epoch's
+metrics into Ray storage as ``<storage>/train-<name>/epoch_<n>``; Ray keeps the best (``eval.select_metric``)
+and the latest. When a worker or node fails, Ray restarts the worker group (``engine.max_failures``
+times) and each worker restores the latest checkpoint (model, optimiser, epoch, RNG states) from
+``ray.train.get_checkpoint()``; the world-size-invariant step order makes the resumed run end with the
+metrics of an uninterrupted one. A non-finite loss is not retried (``nonfinite.json``). At the end,
+the selected epoch's checkpoint is also copied to ``run_dir/ckpt/best``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,41 +29,113 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pertadapt.config.load import config_from_dict, config_to_dict
 from pertadapt.config.schema import RunConfig
+from pertadapt.train.checkpoint import (
+    ATTEMPTS_FILE,
+    NONFINITE_FILE,
+    CheckpointEngine,
+    CheckpointError,
+    check_not_nonfinite,
+    has_checkpoint,
+    read_checkpoint,
+    replace_dir,
+    require_checkpoint,
+)
 from pertadapt.train.run import open_run_logger, run
 
-__all__ = ["launch", "train_fn_per_worker"]
+__all__ = ["has_resumable_checkpoint", "launch", "train_fn_per_worker"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
 
 
+class RayCheckpoints:
+    """Checkpoints in Ray Train storage (see the module docstring); also the worker's report hook.
+
+    Parameters
+    ----------
+    run_dir
+        The run directory (the selected epoch's checkpoint is copied to ``ckpt/best``).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._pending: tuple[Path, int] | None = None
+
+    def restore(self, engine: CheckpointEngine) -> dict[str, Any] | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return engine.load(Path(d))
+
+    def save(self, engine: CheckpointEngine, client_state: dict[str, Any], is_best: bool) -> None:
+        directory = Path(tempfile.mkdtemp(prefix="pertadapt-ckpt-"))
+        engine.save(directory, client_state)
+        self._pending = (directory, int(client_state["epoch"]))
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """``ray.train.report`` of an epoch's row with that epoch's checkpoint (or of the final metrics)."""
+        if self._pending is None:
+            ray.train.report(metrics)
+            return
+        directory, epoch = self._pending
+        self._pending = None
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def load_best(self, engine: CheckpointEngine, epoch: int) -> dict[str, Any]:
+        found = [r.checkpoint for r in ray.train.get_all_reported_checkpoints() if r.metrics.get("epoch") == epoch]
+        if not found:
+            raise CheckpointError(f"Ray storage holds no checkpoint of the selected epoch {epoch}")
+        with found[-1].as_directory() as d:
+            state = engine.load(Path(d))
+            if engine.rank == 0:
+                copy = self.run_dir / "ckpt" / ".best.new"
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(d, copy)
+                replace_dir(copy, self.run_dir / "ckpt" / "best")
+        return state
+
+
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
-    """Body of each Ray Train worker: rebuild the config, run, report every epoch and the final metrics.
+    """Body of each Ray Train worker: rebuild the config, restore the latest checkpoint, run, report.
 
     Parameters
     ----------
     loop_config
-        ``{"run": <config dict>, "run_dir": str, "resume": bool, "wandb_name": str}``.
+        ``{"run": <config dict>, "run_dir": str, "wandb_name": str}``.
+
+    Raises
+    ------
+    FloatingPointError
+        At once, when an earlier attempt recorded a non-finite loss (a retry would fail again).
     """
     cfg = config_from_dict(loop_config["run"])
     run_dir = Path(loop_config["run_dir"])
+    check_not_nonfinite(run_dir)
     rank = ray.train.get_context().get_world_rank()
     logger = open_run_logger(cfg, run_dir, rank=rank, name=loop_config["wandb_name"])
-    run(cfg, run_dir, logger=logger, report=ray.train.report, resume=loop_config.get("resume", False))
+    store = RayCheckpoints(run_dir)
+    run(cfg, run_dir, logger=logger, report=store.report, checkpoints=store)
 
 
 def _fit_on_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path: Path, wandb_name: str,
-                      callbacks: Sequence[Any], resume: bool, max_failures: int) -> dict[str, Any]:
+                      callbacks: Sequence[Any], max_failures: int) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"run": config_to_dict(cfg), "run_dir": str(run_dir), "resume": resume,
-                           "wandb_name": wandb_name},
+        train_loop_config={"run": config_to_dict(cfg), "run_dir": str(run_dir), "wandb_name": wandb_name},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.engine.workers, use_gpu=cfg.engine.use_gpu,
                                                resources_per_worker={"CPU": cfg.engine.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.engine.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name=name, storage_path=str(storage_path), callbacks=list(callbacks),
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures,
-                                                                              controller_failure_limit=2)),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage_path), callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=2),
+            # num_to_keep=1 with a score: the best epoch's checkpoint, and Ray always keeps the latest
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.eval.select_metric,
+                                                         checkpoint_score_order=cfg.eval.select_mode)),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -61,9 +143,42 @@ def _fit_on_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path:
     return dict(result.metrics or {})
 
 
+def _resume_point(cfg: RunConfig, run_dir: Path, ray_run: Path | None) -> tuple[Path | None, Path]:
+    """The checkpoint a resumed run continues from (``None``: none) and where it was looked for."""
+    if ray_run is None:
+        last = run_dir / "ckpt" / "last"
+        return (last if has_checkpoint(last) else None), last
+    epochs = sorted(d for d in ray_run.glob("epoch_*") if has_checkpoint(d)) if ray_run.is_dir() else []
+    return (epochs[-1] if epochs else None), ray_run
+
+
+def _ray_run(cfg: RunConfig, run_dir: Path, name: str | None, storage_path: Path | None) -> Path | None:
+    """The Ray Train run's storage directory (``None`` for in-process runs)."""
+    return (storage_path or run_dir / "ray") / f"train-{name or cfg.name}" if cfg.uses_ray_train else None
+
+
+def has_resumable_checkpoint(cfg: RunConfig, run_dir: Path, *, name: str | None = None,
+                             storage_path: Path | None = None) -> bool:
+    """Whether :func:`launch` with ``resume=True`` (same ``name``/``storage_path``) has a checkpoint to continue from."""
+    return _resume_point(cfg, run_dir, _ray_run(cfg, run_dir, name, storage_path))[0] is not None
+
+
+def _prepare_run_dir(cfg: RunConfig, run_dir: Path, ray_run: Path | None, resume: bool) -> None:
+    """Resume: check the checkpoint to continue from before anything is written. Fresh: clear the last run's state."""
+    if resume:
+        ckpt = require_checkpoint(*_resume_point(cfg, run_dir, ray_run))
+        read_checkpoint(ckpt, engine=cfg.engine.name, world_size=cfg.engine.workers, rank=0, shapes=None)
+        return
+    for name in (ATTEMPTS_FILE, NONFINITE_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
+    if ray_run is not None:
+        shutil.rmtree(ray_run, ignore_errors=True)
+
+
 def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_path: Path | None = None,
            report: Report | None = None, train_callbacks: Sequence[Any] = (), resume: bool = False,
-           max_failures: int = 0) -> dict[str, Any]:
+           max_failures: int | None = None) -> dict[str, Any]:
     """Run one config where it belongs and return its final metrics.
 
     Parameters
@@ -82,25 +197,31 @@ def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_pa
     train_callbacks
         Ray Train runs: Ray Train callbacks (e.g. Tune's ``TuneReportCallback``).
     resume
-        Continue from ``run_dir/ckpt/last``.
+        Continue from the latest checkpoint (``run_dir/ckpt/last``, or the Ray Train run's storage);
+        refused (:class:`~pertadapt.config.schema.ConfigError`) when there is none, and a checkpoint that
+        fails validation is refused (:class:`~pertadapt.train.checkpoint.CheckpointError`) before anything
+        is written. Without it, the last run's checkpoints, ``attempts.json`` and ``nonfinite.json`` are
+        removed and training starts at epoch 0.
     max_failures
-        Ray Train worker-group restarts on failure.
+        Ray Train worker-group restarts on failure (default ``engine.max_failures``).
 
     Returns
     -------
     dict
         Final metrics.
     """
+    ray_run = _ray_run(cfg, run_dir, name, storage_path)
     name = name or cfg.name
-    if not cfg.uses_ray_train:
+    _prepare_run_dir(cfg, run_dir, ray_run, resume)
+    if ray_run is None:
         return run(cfg, run_dir, logger=open_run_logger(cfg, run_dir, name=name), report=report, resume=resume)
     started_here = not ray.is_initialized()
     if started_here:  # `pertadapt train --workers N`: a local Ray sized for this one run
         ray.init(num_cpus=math.ceil(cfg.engine.workers * cfg.engine.cpus_per_worker) + 1, log_to_driver=False)
     try:
-        return _fit_on_ray_train(cfg, run_dir, name=f"train-{name}", storage_path=storage_path or run_dir / "ray",
-                                 wandb_name=name, callbacks=train_callbacks, resume=resume,
-                                 max_failures=max_failures)
+        return _fit_on_ray_train(cfg, run_dir, name=ray_run.name, storage_path=ray_run.parent, wandb_name=name,
+                                 callbacks=train_callbacks,
+                                 max_failures=cfg.engine.max_failures if max_failures is None else max_failures)
     finally:
         if started_here:
             ray.shutdown()
