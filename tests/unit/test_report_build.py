@@ -316,3 +316,12 @@ def test_metric_only_in_per_condition_files_is_tested_not_tabulated(tmp_path: Pa
     assert paths.report.tests["verdict"].tolist() == ["better"]  # not an error name: higher is better
     assert not paths.report.tables
     assert any("no subgroup bars" in n for n in paths.report.notes)
+
+
+def test_stopped_and_pending_trials_say_why_they_have_no_metrics(tmp_path: Path) -> None:
+    pd.DataFrame({"trial": ["full/seed1", "full/seed2", "full/seed3"], "arm": ["full"] * 3, "seed": [1, 2, 3],
+                  "stage": ["grid"] * 3, "status": ["stopped_early", "pending", "failed"],
+                  "error": ["", "", ""]}).to_csv(tmp_path / "results.csv", index=False)
+    errors = write_sweep_report(tmp_path).report.sweep.trials["error"].tolist()
+    assert errors == ["stopped early by the scheduler (ASHA)", "not run (sweep interrupted?)",
+                      "no final metrics (no error recorded)"]

@@ -22,7 +22,7 @@ from pertadapt.report.document import SweepReport, build_report
 from pertadapt.report.stats import ALPHA
 from pertadapt.report.tables import LayoutTable, load_sweep
 
-__all__ = ["ReportPaths", "render_html", "render_layout_markdown", "render_markdown", "write_report", "write_sweep_report"]
+__all__ = ["ReportPaths", "render_html", "render_layout_markdown", "render_markdown", "write_sweep_report"]
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +249,3 @@ def write_sweep_report(sweep_dir: Path, *, out: Path | None = None, metrics: Seq
                        per_condition_csv=paths["per_condition"], tables=tuple(tables), figures=tuple(figures),
                        report=report)
 
-
-def write_report(results_csv: Path, out: Path, *, name: str, reference: str) -> Path:
-    """Transitional call of ``cli/runs.py``: :func:`write_sweep_report` of ``results_csv``'s directory.
-
-    ``out`` and ``name`` are ignored (the report goes to ``SWEEP/report/``, the name comes from
-    ``sweep.json``); remove once ``cli/runs.py`` calls :func:`write_sweep_report`.
-    """
-    del out, name
-    return write_sweep_report(Path(results_csv).parent, reference=reference).html

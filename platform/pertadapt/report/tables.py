@@ -56,6 +56,8 @@ OVERALL = "overall"
 #: Arm names that are baselines when ``results.csv`` has no ``is_baseline`` column, in display order.
 _BASELINE_NAMES = ("baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear", "gears")
 _LOWER_IS_BETTER = ("mse", "mae", "truth_mse", "truth_mae")
+#: What a trial without an error message and without success means, by status.
+_STATUS_ERRORS = {"stopped_early": "stopped early by the scheduler (ASHA)", "pending": "not run (sweep interrupted?)"}
 _GROUP = ("dataset", "backbone", "arm")
 
 
@@ -139,7 +141,9 @@ def _read_results(path: Path) -> pd.DataFrame:
         df["is_baseline"] = df["is_baseline"].astype(str).str.lower().isin(("true", "1"))
     else:
         df["is_baseline"] = df["arm"].isin(_BASELINE_NAMES) | df["arm"].str.startswith("baseline_")
-    df.loc[(df["status"] != "ok") & (df["error"] == ""), "error"] = "no final metrics (no error recorded)"
+    unexplained = (df["status"] != "ok") & (df["error"] == "")
+    df.loc[unexplained, "error"] = df.loc[unexplained, "status"].map(_STATUS_ERRORS).fillna(
+        "no final metrics (no error recorded)")
     return df
 
 
