@@ -27,7 +27,8 @@ DATA_ERROR = 1
 OPTION_ERROR = 2
 
 
-def _fail(message: str, code: int) -> typer.Exit:
+def fail(message: str, code: int) -> typer.Exit:
+    """Print ``error: {message}`` on one stderr line and return the ``typer.Exit`` to raise with ``code``."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
@@ -58,12 +59,12 @@ def exit_on_error(origin: str | None = None, options: Mapping[str, str] | None =
         yield
     except ParamError as e:
         flag = (options or {}).get(e.name, "--" + e.name.replace("_", "-"))
-        raise _fail(f"{flag}: {e.problem}", OPTION_ERROR) from e
+        raise fail(f"{flag}: {e.problem}", OPTION_ERROR) from e
     except (DataError, ConditionError, SplitError) as e:
         message = str(e)
         if origin is not None and not message.startswith(origin):
             message = f"{origin}: {message}"
-        raise _fail(message, DATA_ERROR) from e
+        raise fail(message, DATA_ERROR) from e
 
 
 @data_app.command("prepare")
@@ -95,7 +96,7 @@ def prepare(
         try:
             vocabulary = read_gene_list(vocab)
         except GeneListError as e:
-            raise _fail(f"--vocab: {e}", OPTION_ERROR) from e
+            raise fail(f"--vocab: {e}", OPTION_ERROR) from e
     options = {"vocabulary": f"--vocab {vocab}", "cell_type_default": "--cell-type",
                "control_labels": "--control-label"}
     with exit_on_error(str(in_path), options):

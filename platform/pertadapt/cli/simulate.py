@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
         Every mistake here is an option error (exit 2, nothing written): a bad preset, ``--set`` item
         or parameter value, or an ``--out`` that is a directory.
         """
-        from pertadapt.cli.data import OPTION_ERROR, exit_on_error
+        from pertadapt.cli.data import OPTION_ERROR, exit_on_error, fail
         from pertadapt.data.io import check_output_path, write_h5ad_atomic
         from pertadapt.data.simulate import simulate
 
@@ -88,8 +88,7 @@ def register(app: typer.Typer) -> None:
         try:
             adata = simulate(preset, seed, **parse_overrides(overrides))
         except ValueError as e:
-            log.error("simulate: %s", e)
-            raise typer.Exit(OPTION_ERROR) from e
+            raise fail(f"simulate: {e}", OPTION_ERROR) from e
         with exit_on_error():
             write_h5ad_atomic(adata, out)
         log.info("wrote %s (%d cells x %d genes)", out, adata.n_obs, adata.n_vars)
