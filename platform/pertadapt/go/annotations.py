@@ -109,7 +109,7 @@ class GOAnnotations:
         return len(frozenset().union(*self.gene2terms.values()))
 
     @cached_property
-    def _universe(self) -> tuple[str, ...]:
+    def sorted_symbols(self) -> tuple[str, ...]:
         """Every known symbol (annotated or not), sorted: the candidates of spelling suggestions."""
         return tuple(sorted(self.symbols | self.gene2terms.keys()))
 
@@ -231,7 +231,7 @@ def suggest(ann: GOAnnotations, name: str, n: int = 3) -> list[str]:
             out.append(variant)
         out += ann.aliases.get(variant, ())
     if not out:
-        hits = process.extract(name.upper(), ann._universe, scorer=fuzz.ratio, limit=n, score_cutoff=_FUZZY_CUTOFF)
+        hits = process.extract(name.upper(), ann.sorted_symbols, scorer=fuzz.ratio, limit=n, score_cutoff=_FUZZY_CUTOFF)
         out = [symbol for symbol, _, _ in hits]
     return list(dict.fromkeys(out))
 

@@ -78,7 +78,7 @@ def run_go_benchmark(n_genes: int | None = None, *, threshold: float = 0.1, top_
         suggest(ann, name)
     t5 = time.perf_counter()
     for name in probes:  # what each unknown name cost before: difflib over every symbol
-        difflib.get_close_matches(name.upper(), ann._universe, n=3, cutoff=0.85)
+        difflib.get_close_matches(name.upper(), ann.sorted_symbols, n=3, cutoff=0.85)
     t6 = time.perf_counter()
     deg = mask.degrees()
     out = {
