@@ -63,8 +63,9 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML (arms × see
                                         "write OUT/plan.json; start nothing."),
            resume: bool = typer.Option(False, "--resume", help="Finish the sweep in OUT (same plan): finished "
                                        "trials are kept, interrupted ones continue from their last checkpoint."),
-           overwrite: bool = typer.Option(False, "--overwrite", help="Delete the sweep in OUT and start over.")
-           ) -> None:
+           overwrite: bool = typer.Option(False, "--overwrite", help="Delete the sweep in OUT and start over."),
+           address: str = typer.Option(None, "--address", help="Join the Ray cluster at ADDR (also $RAY_ADDRESS) "
+                                       "instead of starting a local one.")) -> None:
     """Run an ablation grid through Ray Tune (trials = Ray Train + DeepSpeed runs), then report."""
     from pertadapt.data.presets import data_file_for
     from pertadapt.sweep.ablation import load_ablation
@@ -73,6 +74,12 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML (arms × see
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite: choose one")
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    if os.environ.get("RAY_ADDRESS") and not os.environ.get("RAY_AUTH_MODE"):
+        raise ConfigError("--address / RAY_ADDRESS: clusters started by Ray >= 2.59 require token auth; set "
+                          "RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file "
+                          "~/.ray/auth_token / RAY_AUTH_TOKEN_PATH) in this shell")
     extra = {}
     for item in overrides or []:
         if "=" not in item:
@@ -202,7 +209,7 @@ def _demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Sweep direc
     from pertadapt.config.load import resolve_config_path
 
     _sweep(resolve_config_path("demo.yaml", kind="ablations"), [], None, out, True, False, False,
-           overwrite and (out / SWEEP_FILE).is_file())
+           overwrite and (out / SWEEP_FILE).is_file(), None)
 
 
 def _config_show(config: Path = typer.Argument(..., help="Run config YAML (may use base:)."),

@@ -274,7 +274,14 @@ class EngineConfig:
     #: DeepSpeed JSON with parallelism/precision knobs only (batch sizes come from ``optim``).
     deepspeed_config: str = "zero2.json"
     cpus_per_worker: float = 1.0
+    #: Train on GPUs (NCCL, one process per GPU); implied by ``gpus_per_worker > 0``.
     use_gpu: bool = False
+    #: GPUs per worker (default: 1 when ``use_gpu``, else 0).
+    gpus_per_worker: float = 0.0
+    #: Ray accelerator type a worker must run on (e.g. ``H100``); ``None`` = any.
+    accelerator_type: str | None = None
+    #: Worker placement: ``pack`` (as few nodes as possible) or ``spread`` (one per node where possible).
+    placement: str = "pack"
     #: Ray Train worker-group restarts (from the latest checkpoint) after a worker or node failure.
     max_failures: int = 2
 
@@ -283,6 +290,18 @@ class EngineConfig:
         _check("engine.workers", self.workers >= 1, "an integer >= 1", self.workers)
         _check("engine.max_failures", self.max_failures >= 0, "an integer >= 0", self.max_failures)
         _check("engine.cpus_per_worker", self.cpus_per_worker > 0, "a positive number", self.cpus_per_worker)
+        _check("engine.gpus_per_worker", self.gpus_per_worker >= 0, "a non-negative number", self.gpus_per_worker)
+        _choice("engine.placement", self.placement, ("pack", "spread"))
+
+    @property
+    def gpus(self) -> float:
+        """GPUs each worker asks Ray for."""
+        return self.gpus_per_worker or (1.0 if self.use_gpu else 0.0)
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether training runs on CUDA devices."""
+        return self.gpus > 0
         if self.name == "torch" and self.workers != 1:
             raise ConfigError("engine.workers: the 'torch' engine runs one process; use engine.name=deepspeed")
 

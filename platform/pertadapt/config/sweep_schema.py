@@ -22,6 +22,8 @@ __all__ = ["AblationFile", "DimensionSpec", "SearchSpaceFile", "check_name"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
 DIMENSION_TYPES = ("uniform", "loguniform", "int", "choice")
+#: Keys of an ablation's ``resources:`` (the same as ``engine.*`` of a run config).
+RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "accelerator_type", "placement")
 
 
 def check_name(where: str, name: object) -> str:
@@ -72,7 +74,18 @@ class AblationFile:
         Optional named override sets crossed with the arms.
     search_space
         Optional search-space YAML (relative to the ablation file, then the shipped ones).
+    resources
+        Per-trial resources, the keys of :data:`RESOURCE_KEYS` (``engine.<key>`` of every model trial).
+    max_failures
+        Ray Train restarts per trial after a failure (``engine.max_failures``).
     """
+
+    def engine_overrides(self) -> dict[str, Any]:
+        """The dotted ``engine.*`` overrides that ``resources`` and ``max_failures`` stand for."""
+        out = {f"engine.{k}": v for k, v in (self.resources or {}).items()}
+        if self.max_failures is not None:
+            out["engine.max_failures"] = self.max_failures
+        return out
 
     name: str = MISSING
     base: str = MISSING
@@ -85,9 +98,16 @@ class AblationFile:
     datasets: dict[str, Any] | None = None
     backbones: dict[str, Any] | None = None
     search_space: str | None = None
+    resources: dict[str, Any] | None = None
+    max_failures: int | None = None
 
     def __post_init__(self) -> None:
         check_name("name", self.name)
+        unknown = sorted(set(self.resources or {}) - set(RESOURCE_KEYS))
+        if unknown:
+            raise ConfigError(f"resources: unknown key(s) {unknown}; valid: {', '.join(RESOURCE_KEYS)}")
+        if self.max_failures is not None and self.max_failures < 0:
+            raise ConfigError(f"max_failures: expected an integer >= 0, got {self.max_failures}")
         if not self.arms:
             raise ConfigError("arms: expected a non-empty mapping of arm name → overrides")
         self.arm_overrides()

@@ -112,7 +112,8 @@ def load_ablation(path: str | Path, *, extra_overrides: Mapping[str, Any] | None
     trials = []
     for (ds, ds_o), (bb, bb_o), (arm, arm_o), seed in itertools.product(
             spec.named("datasets").items(), spec.named("backbones").items(), arms.items(), spec.seeds):
-        overrides = {**ds_o, **bb_o, **arm_o, **extra, "seed": seed, "name": f"{arm}-seed{seed}",
+        engine = spec.engine_overrides() if arm not in BASELINE_ARMS else {}
+        overrides = {**ds_o, **bb_o, **engine, **arm_o, **extra, "seed": seed, "name": f"{arm}-seed{seed}",
                      "logging.group": f"{spec.name}/{arm}"}
         try:
             cfg = load_run_config(base, extra=dotted_to_nested(overrides))

@@ -81,7 +81,8 @@ def build_plan(ablation: Ablation, space: SearchSpace | None, data_paths: Mappin
             "is_baseline": cfg.is_baseline, "varying": {k: flats[t.key].get(k) for k in varying},
             "workers": cfg.engine.workers if cfg.uses_ray_train else 1,
             "cpus_per_worker": cfg.engine.cpus_per_worker if cfg.uses_ray_train else 1.0,
-            "gpus_per_worker": 1 if cfg.engine.use_gpu and not cfg.is_baseline else 0,
+            "gpus_per_worker": 0.0 if cfg.is_baseline else cfg.engine.gpus, "placement": cfg.engine.placement,
+            "accelerator_type": cfg.engine.accelerator_type,
             "cpus": trial_cpus(t), "data_path": data_paths[t.key], "config_hash": config_hash(cfg),
         })
     search = None

@@ -28,12 +28,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from pertadapt.config.load import config_from_dict, config_to_dict, dotted_to_nested, load_run_config
+from pertadapt.config.schema import ConfigError
 from pertadapt.sweep.ablation import Ablation, Trial
 from pertadapt.sweep.results import TrialOutcome, collect_results
 from pertadapt.sweep.search_space import SearchSpace
 from pertadapt.train.worker import launch
 
-__all__ = ["LOCAL_NODE_IP", "run_sweep"]
+__all__ = ["LOCAL_NODE_IP", "check_resources", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,11 @@ def _trial_fn(config: dict[str, Any]) -> None:
 
 
 def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
-    if config_from_dict(config["trial"]["run"]).uses_ray_train:  # the Train workers ask for their own
+    cfg = config_from_dict(config["trial"]["run"])
+    if cfg.uses_ray_train:  # the Train workers ask for their own
         return tune.PlacementGroupFactory([{"CPU": 0.01}])
-    return tune.PlacementGroupFactory([{"CPU": 1}])
+    gpu = {"GPU": cfg.engine.gpus} if cfg.engine.on_gpu and not cfg.is_baseline else {}
+    return tune.PlacementGroupFactory([{"CPU": 1, **gpu}])
 
 
 def _spec(trial: Trial, sweep_dir: Path, data_paths: Mapping[str, str]) -> dict[str, Any]:
@@ -233,6 +236,45 @@ def _init_ray(num_cpus: int) -> None:
              dashboard_host="127.0.0.1", include_dashboard=True)
 
 
+def _worker_bundle(trial: Trial) -> dict[str, float]:
+    """Resources one worker of a trial asks Ray for (the whole trial, for in-process trials)."""
+    e = trial.config.engine
+    if not trial.config.uses_ray_train:
+        return {"CPU": 1.0, **({"GPU": e.gpus} if e.on_gpu and not trial.is_baseline else {})}
+    bundle = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus} if e.on_gpu else {})}
+    if e.accelerator_type:
+        bundle[f"accelerator_type:{e.accelerator_type}"] = 0.001
+    return bundle
+
+
+def check_resources(ablation: Ablation) -> None:
+    """Fail before any trial is queued when a trial needs more than any node, or the cluster, offers.
+
+    Raises
+    ------
+    ConfigError
+        Naming the ``resources.*`` / ``engine.*`` key that asks too much and what the cluster has.
+    """
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total: dict[str, float] = {}
+    for res in nodes:
+        for k, v in res.items():
+            total[k] = total.get(k, 0.0) + v
+    keys = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}
+    for t in ablation.trials:
+        bundle = _worker_bundle(t)
+        workers = t.config.engine.workers if t.config.uses_ray_train else 1
+        for res, need in bundle.items():
+            key = keys.get(res, "accelerator_type")
+            have_node = max((n.get(res, 0.0) for n in nodes), default=0.0)
+            if need > have_node or need * workers > total.get(res, 0.0):
+                has = ", ".join(f"{k} {v:g}" for k, v in sorted(total.items()) if k in ("CPU", "GPU")
+                                or k.startswith("accelerator_type")) or "nothing"
+                raise ConfigError(f"resources.{key} (engine.{key}) of trial {t.key}: {workers} worker(s) × "
+                                  f"{need:g} {res} do not fit this cluster (largest node: {have_node:g} {res}; "
+                                  f"cluster: {has}); ask for less or add nodes")
+
+
 def _outcomes(grid: tune.ResultGrid, stage: str) -> list[TrialOutcome]:
     out = []
     for result in grid:
@@ -284,6 +326,7 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     _init_ray(num_cpus)
     outcomes: list[TrialOutcome] = []
     try:
+        check_resources(ablation)
         specs = [_spec(t, sweep_dir, data_paths) for t in ablation.trials]
         if search_space is None:
             outcomes += _outcomes(_run_grid(specs, sweep_dir, "grid", max_concurrent, resume), "grid")
