@@ -45,6 +45,8 @@ __all__ = [
 BASELINE_MODELS = ("baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear")
 MODELS = ("pertadapt", *BASELINE_MODELS)
 BACKBONES = ("tiny", "learned", "aido_cell", "scfoundation")
+#: Backbones with published pretrained weights (a checkpoint is expected).
+PRETRAINED_BACKBONES = ("aido_cell", "scfoundation")
 FINETUNE_MODES = ("frozen", "last_k", "full", "lora")
 MASKS = ("go", "none", "random_degree_matched")
 LOSSES = ("adaptive", "mse", "gears")
@@ -147,6 +149,9 @@ class BackboneConfig:
     lora_rank: int = 8
     #: AIDO.Cell input: ``code`` (log1p data re-normalised as counts, as the reference) or ``intended``.
     input_mode: str = "code"
+    #: Build a named FM (``aido_cell``, ``scfoundation``) with random weights when no checkpoint is given.
+    #: Without it, a named FM without ``checkpoint`` is an error (a random "FM" must never pass for a real one).
+    random_init: bool = False
 
     def __post_init__(self) -> None:
         _choice("backbone.name", self.name, BACKBONES)
@@ -160,6 +165,17 @@ class BackboneConfig:
         _check("backbone.layers", self.layers > 0, "a positive integer", self.layers)
         _check("backbone.last_k", self.last_k > 0, "a positive integer", self.last_k)
         _check("backbone.lora_rank", self.lora_rank > 0, "a positive integer", self.lora_rank)
+        if self.name in PRETRAINED_BACKBONES and self.checkpoint is None and not self.random_init:
+            raise ConfigError(f"backbone.checkpoint: the {self.name} backbone needs its pretrained weights "
+                              "(a checkpoint directory); set backbone.random_init=true to run it with random "
+                              "weights on purpose (results are then labelled 'random FM')")
+        if self.random_init and self.checkpoint is not None:
+            raise ConfigError("backbone.random_init: true, but backbone.checkpoint is set; choose one")
+
+    @property
+    def weights_are_random(self) -> bool:
+        """Whether the FM's weights are random (``tiny``, or a named FM with ``random_init``)."""
+        return self.is_foundation_model and self.checkpoint is None
 
     @property
     def is_foundation_model(self) -> bool:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 RESULT_STATUSES = ("ok", "failed", "stopped_early", "pending")
 _HEAD = ["trial", "dataset", "backbone_set", "arm", "seed", "stage", "status", "attempts", "error", "wall_s",
-         "best_epoch", "config_hash", "is_baseline"]
+         "best_epoch", "config_hash", "is_baseline", "backbone_weights"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ def _row(t: Trial, outcome: TrialOutcome | None, run_dir: Path, expected: str | 
             "attempts": len(attempts) if isinstance(attempts, list) else int(outcome is not None),
             "error": (outcome.error if outcome else None) or ("" if status != "failed" else "no results written"),
             "wall_s": outcome.wall_s if outcome else None, "best_epoch": metrics.pop("best_epoch", None),
-            "config_hash": prov.get("config_hash", expected or ""), "is_baseline": t.is_baseline, **metrics, "run_dir": str(run_dir),
+            "config_hash": prov.get("config_hash", expected or ""), "is_baseline": t.is_baseline,
+            "backbone_weights": prov.get("backbone_weights", ""), **metrics, "run_dir": str(run_dir),
             "wandb_run": wandb_dirs[-1] if wandb_dirs else ""}
 
 

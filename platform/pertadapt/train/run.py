@@ -26,7 +26,7 @@ from pertadapt.data.keys import CONTROL
 from pertadapt.data.simulate import read_sim_truth
 from pertadapt.data.summaries import write_predictions
 from pertadapt.eval import Metrics, score_against_truth, score_predictions
-from pertadapt.files import atomic_write_json, atomic_write_text
+from pertadapt.files import atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
 from pertadapt.models.build import build_loss, build_model
 from pertadapt.report.logger import NullLogger, RunLogger
 from pertadapt.report.wandb import open_logger
@@ -35,7 +35,7 @@ from pertadapt.train.engine import build_engine
 from pertadapt.train.loop import train
 from pertadapt.train.setup import RunData, prepare_run_data, provenance
 
-__all__ = ["open_run_logger", "run", "seed_everything"]
+__all__ = ["backbone_weights", "open_run_logger", "run", "seed_everything"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
@@ -53,10 +53,24 @@ def open_run_logger(cfg: RunConfig, run_dir: Path, *, rank: int = 0, name: str |
                        name=name or cfg.name, directory=run_dir, config=config_to_dict(cfg))
 
 
+def backbone_weights(cfg: RunConfig) -> str:
+    """What the backbone's weights are: ``random``, ``none (FM off)``, or the checkpoint's SHA-256."""
+    b = cfg.backbone
+    if cfg.is_baseline or not b.is_foundation_model:
+        return "none (FM off)" if not cfg.is_baseline else "none (baseline)"
+    if b.weights_are_random:
+        return "random"
+    path = Path(b.checkpoint)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return sha256_bytes("".join(f"{p.relative_to(path) if path.is_dir() else p.name}:{sha256_file(p)}\n"
+                                for p in files))
+
+
 def _write_run_files(cfg: RunConfig, run_dir: Path, rd: RunData, world_size: int) -> None:
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     atomic_write_json(run_dir / "provenance.json", provenance({
-        **rd.hashes, "config_hash": config_hash(cfg), "world_size": world_size, "n_genes": len(rd.data.genes),
+        **rd.hashes, "config_hash": config_hash(cfg), "backbone_weights": backbone_weights(cfg),
+        "world_size": world_size, "n_genes": len(rd.data.genes),
         "n_perturbation_genes": len(rd.pert_vocab),
         "split": {"train": rd.split.train, "val": rd.split.val, "test": rd.split.test,
                   "subgroups": rd.split.subgroups, "seed": rd.split.seed}}))
