@@ -1,4 +1,4 @@
-"""GPU checks (``-m gpu``; skipped without CUDA): the adapter and a training run on the device."""
+"""GPU checks (``-m gpu``; skipped without CUDA): the adapter, sparse attention and a training run on the device."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pertadapt.models.adapter import PerturbationAdapter
-from pertadapt.models.attention import SparseMask
+from pertadapt.models.attention import SparseMask, masked_attention, sparse_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 REPO = Path(__file__).resolve().parents[2]
@@ -28,6 +28,28 @@ def test_masked_adapter_matches_cpu_on_gpu() -> None:
         cpu = adapter(x)
         gpu = adapter.cuda()(x.cuda()).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("density", [0.08, 1.0])
+def test_sparse_attention_equals_chunked_on_gpu_forward_and_backward(density: float) -> None:
+    """The ``torch.sparse`` backend on CUDA against the chunked SDPA path on CUDA, with empty rows."""
+    n = 3000
+    rng = np.random.default_rng(0)
+    dense = rng.random((n, n)) < density
+    dense[[0, 10, 2999]] = False
+    indptr = torch.from_numpy(np.r_[0, np.cumsum(dense.sum(1))])
+    mask = SparseMask(indptr, torch.from_numpy(np.nonzero(dense)[1])).cuda()
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 8, n, 64, generator=g).cuda() for _ in range(4))
+    results = []
+    for fn in (lambda *x: masked_attention(*x, mask, chunk_size=512, impl="chunked"),
+               lambda *x: sparse_attention(*x, mask)):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*x)
+        results.append([out.detach(), *torch.autograd.grad(out, x, grad)])
+    for ref, got in zip(*results, strict=True):
+        assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    assert torch.count_nonzero(results[1][0][:, :, [0, 10, 2999]]) == 0
 
 
 def test_training_run_on_gpu(demo_h5ad: Path, tmp_path: Path) -> None:

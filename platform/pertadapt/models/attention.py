@@ -13,7 +13,8 @@ layer. Two exact implementations of the same masked softmax attention:
     scores from the saved log-sum-exp of each row (as flash attention does), so nothing of size
     ``nnz`` is kept between the passes. On CPU it is a fused numba kernel that sweeps the keys in
     blocks small enough to stay in L2 while every query row with keys in the block is visited (an
-    online softmax carries each row across blocks); on other devices the same algorithm runs on
+    online softmax carries each row across blocks), genes in reverse Cuthill-McKee order so that the
+    allowed pairs cluster into fewer (row, block) visits; on other devices the same algorithm runs on
     ``torch.sparse`` CSR products (SDDMM, segment max/sum, SpMM).
 
 The real GO mask (19,264 genes, 8.07 %) is not block-structured, which is why the sparse path works
@@ -31,8 +32,10 @@ import warnings
 
 import numba
 import numpy as np
+import scipy.sparse
 import torch
 import torch.nn.functional as F
+from scipy.sparse.csgraph import reverse_cuthill_mckee
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ATTENTION_IMPLS", "AUTO_SPARSE_MAX_DENSITY", "SparseMask", "masked_attention", "resolve_impl",
@@ -41,9 +44,9 @@ __all__ = ["ATTENTION_IMPLS", "AUTO_SPARSE_MAX_DENSITY", "SparseMask", "masked_a
 #: Values of ``adapter.attention_impl``.
 ATTENTION_IMPLS = ("chunked", "sparse", "auto")
 #: ``auto`` takes the sparse path on CPU below this mask density. The sparse path's cost grows with the
-#: allowed pairs, the chunked one's with all pairs; the ratio measured by ``pertadapt bench attention``
-#: on the real GO mask puts the break-even density well above this (benchmarks/README.md).
-AUTO_SPARSE_MAX_DENSITY = 0.25
+#: allowed pairs, the chunked one's with all pairs; ``pertadapt bench attention`` on the real GO mask
+#: (8.07 %, 3.5x faster) puts the break-even density near 0.29 (benchmarks/README.md).
+AUTO_SPARSE_MAX_DENSITY = 0.2
 
 
 class SparseMask(torch.nn.Module):
@@ -59,7 +62,7 @@ class SparseMask(torch.nn.Module):
     Notes
     -----
     The buffers are non-persistent: a mask is rebuilt from GO by the builder, never stored in a
-    checkpoint.
+    checkpoint. The CPU kernel's gene order (:meth:`locality_order`) is computed once, on first use.
     """
 
     def __init__(self, indptr: torch.Tensor, indices: torch.Tensor) -> None:
@@ -67,6 +70,7 @@ class SparseMask(torch.nn.Module):
         self.n = int(indptr.numel() - 1)
         self.register_buffer("indptr", indptr.to(torch.long), persistent=False)
         self.register_buffer("indices", indices.to(torch.long), persistent=False)
+        self._locality: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def nnz(self) -> int:
@@ -86,6 +90,31 @@ class SparseMask(torch.nn.Module):
         dense = torch.zeros(stop - start, self.n, dtype=torch.bool, device=self.indices.device)
         dense[row_ids, self.indices[a:b]] = True
         return dense
+
+
+    def locality_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reverse Cuthill-McKee order of the genes and the mask permuted by it, on CPU.
+
+        Returns
+        -------
+        tuple
+            ``order`` ``(n,)`` (position -> gene), ``inverse`` ``(n,)`` (gene -> position), and the
+            permuted CSR ``indptr`` ``(n + 1,)``, ``indices`` ``(nnz,)``. Permuting rows and columns
+            together gathers the allowed pairs near the diagonal, so the CPU kernel visits fewer
+            (row, key block) pairs with more keys each.
+        """
+        if self._locality is None:
+            indptr, indices = self.indptr.cpu().numpy(), self.indices.cpu().numpy()
+            pattern = scipy.sparse.csr_matrix((np.ones(indices.size, np.int8), indices, indptr), (self.n, self.n))
+            order = reverse_cuthill_mckee(pattern, symmetric_mode=True).astype(np.int64)
+            permuted = pattern[order][:, order].tocsr()
+            permuted.sort_indices()
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(self.n)
+            self._locality = (torch.from_numpy(order), torch.from_numpy(inverse),
+                              torch.from_numpy(permuted.indptr.astype(np.int64)),
+                              torch.from_numpy(permuted.indices.astype(np.int64)))
+        return self._locality
 
 
 def resolve_impl(impl: str, mask: SparseMask | None, device: torch.device) -> str:
@@ -343,7 +372,10 @@ def _torch_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
 
 
 class _SparseAttention(torch.autograd.Function):
-    """Exact masked attention over ``(T, N, D)`` float32 slices; saves ``out`` and ``lse`` only."""
+    """Exact masked attention over ``(T, N, D)`` float32 slices; saves ``out`` and ``lse`` only.
+
+    With the ``numba`` backend the slices are in the mask's locality order, ``torch``: in gene order.
+    """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SparseMask,
@@ -352,8 +384,9 @@ class _SparseAttention(torch.autograd.Function):
         if backend == "numba":
             out, lse = torch.empty_like(q), q.new_empty(q.shape[:2])
             _set_numba_threads()
-            _cpu_forward(q.numpy(), k.numpy(), v.numpy(), mask.indptr.numpy(), mask.indices.numpy(), scale,
-                         out.numpy(), lse.numpy())
+            _, _, indptr, indices = mask.locality_order()
+            _cpu_forward(q.numpy(), k.numpy(), v.numpy(), indptr.numpy(), indices.numpy(), scale, out.numpy(),
+                         lse.numpy())
         else:
             out, lse = _torch_forward(q, k, v, mask, scale)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -367,8 +400,9 @@ class _SparseAttention(torch.autograd.Function):
         if ctx.backend == "numba":
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
             _set_numba_threads()
+            _, _, indptr, indices = mask.locality_order()
             _cpu_backward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), dout.numpy(), lse.numpy(),
-                          mask.indptr.numpy(), mask.indices.numpy(), ctx.scale, dq.numpy(), dk.numpy(), dv.numpy())
+                          indptr.numpy(), indices.numpy(), ctx.scale, dq.numpy(), dk.numpy(), dv.numpy())
         else:
             dq, dk, dv = _torch_backward(q, k, v, out, dout, lse, mask, ctx.scale)
         return dq, dk, dv, None, None
@@ -404,6 +438,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Sp
     backend = backend or ("numba" if q.device.type == "cpu" else "torch")
     if backend not in ("numba", "torch"):
         raise ValueError(f"sparse attention backend {backend!r} is not one of numba, torch")
-    flat = [x.to(torch.float32).reshape(b * h, n, d).contiguous() for x in (q, k, v)]
-    out = _SparseAttention.apply(*flat, mask, backend)
+    if backend == "numba":  # the kernel works in the mask's locality order (see SparseMask.locality_order)
+        order, inverse, _, _ = mask.locality_order()
+        flat = [x.to(torch.float32).reshape(b * h, n, d).index_select(1, order) for x in (q, k, v)]
+        out = _SparseAttention.apply(*flat, mask, backend).index_select(1, inverse)
+    else:
+        flat = [x.to(torch.float32).reshape(b * h, n, d).contiguous() for x in (q, k, v)]
+        out = _SparseAttention.apply(*flat, mask, backend)
     return out.view(b, h, n, d).to(q.dtype)
