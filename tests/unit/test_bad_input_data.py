@@ -58,12 +58,21 @@ def _no_control(a: ad.AnnData) -> None:
     a.obs[CONDITION] = a.obs[CONDITION].replace({"ctrl": "G5+ctrl"})
 
 
+def _triple(a: ad.AnnData) -> None:
+    a.obs[CONDITION] = a.obs[CONDITION].replace({"G2+G3": "G2+G3+G4"})
+
+
+def _no_cells(a: ad.AnnData) -> None:
+    a._inplace_subset_obs(np.zeros(a.n_obs, dtype=bool))
+
+
 @pytest.fixture
 def inputs(tmp_path: Path) -> dict[str, Path]:
     """Every input file of the cases below, in ``tmp_path``."""
-    files = {name: tmp_path / f"{name}.h5ad" for name in ("raw", "nan", "negative", "nocond", "noctrl")}
-    _write_counts(files["raw"])
-    for name, edit in (("nan", _nan), ("negative", _negative), ("nocond", _no_condition), ("noctrl", _no_control)):
+    edits = {"raw": None, "nan": _nan, "negative": _negative, "nocond": _no_condition, "noctrl": _no_control,
+             "triple": _triple, "nocells": _no_cells}
+    files = {name: tmp_path / f"{name}.h5ad" for name in edits}
+    for name, edit in edits.items():
         _write_counts(files[name], edit)
     files["text"] = tmp_path / "text.h5ad"
     files["text"].write_text("this is not HDF5\n")
@@ -117,6 +126,8 @@ CASES = [
     ("prepare-nan", "data prepare {nan} --out {out} --min-genes 1", 1, "non-finite values (NaN/inf) in genes G4"),
     ("prepare-negative", "data prepare {negative} --out {out} --min-genes 1", 1, "negative values in genes G5"),
     ("prepare-no-condition", "data prepare {nocond} --out {out} --min-genes 1", 1, "obs['condition']"),
+    ("prepare-bad-condition", "data prepare {triple} --out {out} --min-genes 1", 1, "triple.h5ad: "),
+    ("prepare-no-cells", "data prepare {nocells} --out {out} --min-genes 1", 1, "nocells.h5ad: "),
     ("prepare-no-control", "data prepare {noctrl} --out {out} --min-genes 1", 1, "no control cells"),
     ("prepare-no-column", "data prepare {raw} --out {out} --perturbation-column guide", 1, "obs key 'guide'"),
     ("prepare-vocab-misses-target", "data prepare {raw} --out {out} --vocab {shortvocab} --min-genes 1", 1,
@@ -131,6 +142,8 @@ CASES = [
     ("validate-dir", "data validate {dir}", 1, "folder.h5ad: not a file"),
     ("validate-missing", "data validate {missing}", 1, "missing.h5ad: no such file"),
     ("validate-nan", "data validate {nan}", 1, "non-finite values (NaN/inf) in genes G4"),
+    ("validate-no-cells", "data validate {nocells}", 1, "empty matrix (0 cells x 6 genes)"),
+    ("validate-bad-condition", "data validate {triple}", 1, "G2+G3+G4"),
     # split
     ("split-seed-neg", "data split {text} --seed -1 --out {out}", 2, "--seed: expected an integer in [0, 4294967295]"),
     ("split-seed-big", "data split {text} --seed 4294967296 --out {out}", 2, "--seed"),
@@ -144,6 +157,7 @@ CASES = [
     ("split-truncated", "data split {trunc} --seed 1 --out {out}", 1, "trunc.h5ad: not a readable .h5ad file"),
     ("split-not-anndata", "data split {plain} --seed 1 --out {out}", 1, "plain.h5ad: not a readable .h5ad file"),
     ("split-dir", "data split {dir} --seed 1 --out {out}", 1, "folder.h5ad: not a file"),
+    ("split-bad-condition", "data split {triple} --seed 1 --out {out}", 1, "triple.h5ad: condition 'G2+G3+G4'"),
     ("split-no-condition", "data split {nocond} --seed 1 --out {out}", 1, "nocond.h5ad: obs key 'condition' missing"),
     # simulate: every mistake is an option error
     ("simulate-out-dir", "simulate --out {dir}", 2, "folder.h5ad is a directory"),

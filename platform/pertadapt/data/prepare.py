@@ -294,7 +294,7 @@ def prepare_adata(adata: ad.AnnData, *, vocabulary: Sequence[str] | None = None,
     step("validate")
     report = validate_adata(adata, expect="counts", min_cells_per_condition=1, check_perturbed_genes=False,
                             counts_layer=COUNTS_LAYER)
-    report.raise_for_errors("input")
+    report.raise_for_errors()
     genes = gene_names(adata)
     vocab = genes if vocabulary is None else pd.Index([str(g) for g in vocabulary])
     mapping = unify_spellings(adata.obs[CONDITION].astype(str))

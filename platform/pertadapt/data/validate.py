@@ -79,10 +79,14 @@ class ValidationReport:
         """Whether no error was found."""
         return not self.errors
 
-    def raise_for_errors(self, source: str = "data") -> None:
-        """Raise :class:`~pertadapt.data.io.DataError` listing every error, if there is any."""
+    def raise_for_errors(self, source: str | None = None) -> None:
+        """Raise :class:`~pertadapt.data.io.DataError` listing every error, if there is any.
+
+        The message is ``key: message; key: message ...``, prefixed by ``source:`` when given.
+        """
         if self.errors:
-            raise DataError(f"{source}: " + "; ".join(str(p) for p in self.errors))
+            listed = "; ".join(f"{p.key}: {p.message}" for p in self.errors)
+            raise DataError(listed if source is None else f"{source}: {listed}")
 
     def add(self, severity: str, key: str, message: str) -> None:
         """Record a problem."""
