@@ -223,7 +223,8 @@ def _deepspeed_codecs() -> list[Codec]:
 
     return [scaler(LossScaler), scaler(DynamicLossScaler),
             Codec(ZeroStageEnum, "ZeroStageEnum", int, ZeroStageEnum),
-            Codec(fragment_address, "fragment_address", list, lambda v: fragment_address(*map(int, v)))]
+            Codec(fragment_address, "fragment_address", lambda a: [a.numel, a.start],
+                  lambda v: fragment_address(*map(int, v)))]
 
 
 def _safe_checkpoint_engine() -> Any:
@@ -321,6 +322,8 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state={}, save_latest=False,
                                 exclude_frozen_parameters=True)
         files = [Path(f).relative_to(directory).as_posix() for f in written]
+        for script in directory.glob("zero_to_*.py"):  # DeepSpeed's consolidation scripts read pickles, not this format
+            script.unlink(missing_ok=True)
         write_checkpoint(directory, rank=self.rank, world_size=self.world_size, engine="deepspeed",
                          client_state=client_state, rank_state={"files": files}, trained=trained)
 
