@@ -251,3 +251,14 @@ def test_config_show_prints_the_resolved_config() -> None:
     assert doc["optim"]["lr"] == 0.5
     assert doc["model"]["hidden_size"] == 32
     assert doc["name"] == "smoke"
+
+
+@pytest.mark.parametrize("name", ["aido_cell", "scfoundation"])
+def test_a_named_fm_without_weights_is_refused_unless_random_init(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"backbone\.checkpoint: the .* needs its pretrained weights"):
+        load_run_config(REPO / "configs" / "smoke.yaml", [f"backbone.name={name}"])
+    cfg = load_run_config(REPO / "configs" / "smoke.yaml", [f"backbone.name={name}", "backbone.random_init=true"])
+    assert cfg.backbone.weights_are_random
+    res = _cli("train", "configs/smoke.yaml", f"backbone.name={name}", "--out", "/nonexistent/never")
+    assert res.returncode == 2
+    assert "backbone.checkpoint" in res.stderr

@@ -130,10 +130,14 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML (arms × see
     if report:
         from pertadapt.report.console import print_summary
         from pertadapt.report.html import write_sweep_report
+        from pertadapt.report.wandb import build_wandb_report_spec, log_report_to_wandb
 
         paths = write_sweep_report(sweep_dir)
         print_summary(paths.report)
-        log.info("report: %s", paths.html)
+        logging_cfg = abl.trials[0].config.logging
+        log_report_to_wandb(paths, project=logging_cfg.project, mode=logging_cfg.wandb)
+        log.info("report: %s; W&B Report spec: %s", paths.html,
+                 build_wandb_report_spec(paths, project=logging_cfg.project))
     offline = sorted(sweep_dir.glob("runs/**/wandb/offline-run-*"))
     if offline:
         log.info("W&B: %d offline run(s); upload with: wandb sync %s/runs/*/**/wandb/offline-run-*", len(offline),

@@ -18,7 +18,7 @@ import torch
 
 from pertadapt.data import keys
 from pertadapt.data.conditions import condition_genes
-from pertadapt.data.io import DataError
+from pertadapt.data.io import DataError, read_h5ad
 from pertadapt.types import Batch
 
 #: DE genes kept per condition for the metrics (GEARS' frac_correct_direction_200).
@@ -193,12 +193,7 @@ def read_perturb_data(path: str | Path, *, n_de: int = 20, backed: bool = False,
         message names the file and the key.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: {'not a file' if p.exists() else 'file not found'}")
-    try:
-        adata = ad.read_h5ad(p, backed="r" if backed else None)
-    except Exception as e:
-        raise DataError(f"{p}: not a readable .h5ad file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    adata = read_h5ad(p, backed=backed)
     try:
         return load_perturb_data(adata, n_de=n_de, for_training=for_training)
     except KeyError as e:

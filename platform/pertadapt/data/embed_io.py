@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from pertadapt.data.io import DataError
+from pertadapt.data.io import DataError, read_h5ad
 from pertadapt.data.keys import COUNTS_LAYER, GENE_NAME, TOTAL_COUNT
 
 __all__ = ["AlignedCounts", "read_counts_for_vocab"]
@@ -85,12 +85,7 @@ def read_counts_for_vocab(path: str | Path, vocab: Sequence[str]) -> AlignedCoun
         When the file is not a readable ``.h5ad``, the matrix is not raw counts, a vocabulary gene occurs
         twice in the data, or no gene matches (the message names examples from both sides).
     """
-    import anndata as ad
-
-    try:
-        adata = ad.read_h5ad(path)
-    except (OSError, KeyError, ValueError) as e:
-        raise DataError(f"{path}: not a readable .h5ad ({e})") from e
+    adata = read_h5ad(path)
     if COUNTS_LAYER in adata.layers:
         matrix, source = adata.layers[COUNTS_LAYER], f"layers['{COUNTS_LAYER}']"
     else:

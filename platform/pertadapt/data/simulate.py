@@ -93,6 +93,7 @@ import scipy.sparse as sp
 from numpy.polynomial.hermite_e import hermegauss
 from scipy.special import gammaln
 
+from pertadapt.data.io import read_h5ad
 from pertadapt.data.keys import CELL_TYPE, CONDITION, CONTROL, GENE_NAME, SEP
 from pertadapt.data.prepare import prepare_adata
 from pertadapt.data.presets import GI_TYPES, MODALITIES, PRESETS, SimParams
@@ -562,7 +563,7 @@ def sim_truth(adata: ad.AnnData) -> SimTruth | None:
 
 def read_sim_truth(path: str | Path) -> SimTruth | None:
     """:func:`sim_truth` of a data file, opened in backed mode (``X`` is not loaded)."""
-    adata = ad.read_h5ad(path, backed="r")
+    adata = read_h5ad(path, backed=True)
     try:
         return sim_truth(adata)
     finally:

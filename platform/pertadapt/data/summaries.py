@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pertadapt.data.io import DataError, write_h5ad_atomic
+from pertadapt.data.io import DataError, read_h5ad, write_h5ad_atomic
 from pertadapt.data.keys import CONDITION
 
 __all__ = ["read_predictions", "write_predictions"]
@@ -77,7 +77,7 @@ def read_predictions(path: str | os.PathLike[str], genes: Sequence[str]) -> tupl
         No ``obs['condition']``; genes that differ from ``genes`` (the message names them); non-finite
         values (the message gives their count and the first offending condition and gene).
     """
-    pred = ad.read_h5ad(path)
+    pred = read_h5ad(path)
     if CONDITION not in pred.obs:
         raise DataError(f"{path}: obs has no {CONDITION!r} column")
     got = [str(g) for g in pred.var_names]

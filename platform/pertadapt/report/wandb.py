@@ -17,7 +17,8 @@ from typing import Any
 
 from pertadapt.report.logger import NullLogger, RunLogger
 
-__all__ = ["WandbLogger", "find_offline_runs", "open_logger", "read_offline_run"]
+__all__ = ["WandbLogger", "describe_wandb_mode", "find_offline_runs", "open_logger", "read_offline_run",
+           "resolve_wandb_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,40 @@ class WandbLogger:
         self.run.finish()
 
 
+def resolve_wandb_mode(mode: str) -> str:
+    """The W&B mode a run uses: ``offline``/``online``/``disabled`` as given; ``auto`` from the environment.
+
+    ``auto``: ``$WANDB_MODE`` when set; else ``online`` when an API key is available to this process
+    (``$WANDB_API_KEY``, or a ``wandb login`` entry in ``~/.netrc``); else ``offline``. The key itself is
+    never read into a config, a log or a file of ours.
+    """
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    import netrc
+
+    try:
+        logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        logged_in = False
+    return "online" if logged_in else "offline"
+
+
+def describe_wandb_mode(mode: str) -> str:
+    """One line for the driver's log: the resolved mode and why."""
+    resolved = resolve_wandb_mode(mode)
+    why = "" if mode != "auto" else (" ($WANDB_MODE)" if os.environ.get("WANDB_MODE") else
+                                     " (API key found)" if resolved == "online" else " (no API key: runs stay on disk)")
+    return f"{resolved}{why}"
+
+
 def open_logger(*, mode: str, rank: int = 0, **kwargs: Any) -> RunLogger:
-    """A :class:`WandbLogger` on rank 0 unless ``mode='disabled'``; a :class:`NullLogger` otherwise."""
+    """A :class:`WandbLogger` on rank 0 unless the mode resolves to ``disabled``; a :class:`NullLogger` otherwise."""
+    mode = resolve_wandb_mode(mode)
     if mode == "disabled" or rank != 0:
         return NullLogger()
     return WandbLogger(mode=mode, **kwargs)
@@ -130,7 +163,7 @@ def log_report_to_wandb(paths: ReportPaths, run: Any | None = None, *, project: 
     import pandas as pd
     import wandb
 
-    mode = mode or os.environ.get("WANDB_MODE", "offline")
+    mode = resolve_wandb_mode(mode or "auto")
     if run is None and mode == "disabled":
         return None
     own = run is None

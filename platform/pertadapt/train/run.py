@@ -69,7 +69,7 @@ def backbone_weights(cfg: RunConfig) -> str:
 def _write_run_files(cfg: RunConfig, run_dir: Path, rd: RunData, world_size: int) -> None:
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     atomic_write_json(run_dir / "provenance.json", provenance({
-        **rd.hashes, "config_hash": config_hash(cfg), "backbone_weights": backbone_weights(cfg),
+        **rd.hashes, "data_path": str(rd.data_path), "config_hash": config_hash(cfg), "backbone_weights": backbone_weights(cfg),
         "world_size": world_size, "n_genes": len(rd.data.genes),
         "n_perturbation_genes": len(rd.pert_vocab),
         "split": {"train": rd.split.train, "val": rd.split.val, "test": rd.split.test,
