@@ -35,6 +35,7 @@ demo: install
 test: install
 	$(BIN)/ruff check platform tests
 	$(BIN)/lint-imports
+	bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest
 
 lint: install
