@@ -91,29 +91,29 @@ class SparseMask(torch.nn.Module):
         dense[row_ids, self.indices[a:b]] = True
         return dense
 
-
     def locality_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reverse Cuthill-McKee order of the genes and the mask permuted by it, on CPU.
+        """The mask as the CPU kernel reads it: rows and keys in reverse Cuthill-McKee order, on CPU.
 
         Returns
         -------
         tuple
-            ``order`` ``(n,)`` (position -> gene), ``inverse`` ``(n,)`` (gene -> position), and the
-            permuted CSR ``indptr`` ``(n + 1,)``, ``indices`` ``(nnz,)``. Permuting rows and columns
-            together gathers the allowed pairs near the diagonal, so the CPU kernel visits fewer
-            (row, key block) pairs with more keys each.
+            ``indptr`` ``(n + 1,)`` and ``indices`` ``(nnz,)`` (int32): the CSR whose ``r``-th row is
+            gene ``rows[r]``, its keys given as gene ids sorted by ``pos``; ``rows`` ``(n,)`` (position
+            -> gene) and ``pos`` ``(n,)`` (gene -> position). Numbering rows and keys together this way
+            gathers the allowed pairs near the diagonal, so the kernel's key blocks meet fewer rows,
+            with more keys each; the tensors themselves stay in gene order.
         """
         if self._locality is None:
             indptr, indices = self.indptr.cpu().numpy(), self.indices.cpu().numpy()
             pattern = scipy.sparse.csr_matrix((np.ones(indices.size, np.int8), indices, indptr), (self.n, self.n))
-            order = reverse_cuthill_mckee(pattern, symmetric_mode=True).astype(np.int64)
-            permuted = pattern[order][:, order].tocsr()
+            rows = reverse_cuthill_mckee(pattern, symmetric_mode=True).astype(np.int64)
+            permuted = pattern[rows][:, rows].tocsr()
             permuted.sort_indices()
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(self.n)
-            self._locality = (torch.from_numpy(order), torch.from_numpy(inverse),
-                              torch.from_numpy(permuted.indptr.astype(np.int64)),
-                              torch.from_numpy(permuted.indices.astype(np.int64)))
+            pos = np.empty_like(rows)
+            pos[rows] = np.arange(self.n)
+            self._locality = (torch.from_numpy(permuted.indptr.astype(np.int64)),
+                              torch.from_numpy(rows[permuted.indices].astype(np.int32)),
+                              torch.from_numpy(rows), torch.from_numpy(pos))
         return self._locality
 
 
@@ -229,10 +229,12 @@ _KEY_BLOCK = 256
 
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _cpu_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
-                 scale: float, out: np.ndarray, lse: np.ndarray) -> None:
+                 rows: np.ndarray, pos: np.ndarray, scale: float, out: np.ndarray, lse: np.ndarray) -> None:
     """Fill ``out`` ``(T, N, D)`` and ``lse`` ``(T, N)`` from ``q, k, v`` ``(T, N, D)`` (float32).
 
-    Keys are swept in blocks of :data:`_KEY_BLOCK`; each row keeps a running max, sum and weighted sum
+    The CSR (``indptr``, ``indices``) lists, for the ``r``-th row of the locality order (gene
+    ``rows[r]``), its keys as gene ids sorted by their position ``pos`` in that order. Keys are swept
+    in blocks of :data:`_KEY_BLOCK` positions; each row keeps a running max, sum and weighted sum
     (online softmax) across the blocks. One thread owns a slice ``t``.
     """
     n_slices, n, dim = q.shape
@@ -244,14 +246,15 @@ def _cpu_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, indptr: np.ndarray
         acc = out[t]
         acc[:] = 0.0
         for c1 in range(_KEY_BLOCK, n + _KEY_BLOCK, _KEY_BLOCK):
-            for i in range(n):
-                a, stop = cursor[i], indptr[i + 1]
+            for r in range(n):
+                a, stop = cursor[r], indptr[r + 1]
                 e = a
-                while e < stop and indices[e] < c1:
+                while e < stop and pos[indices[e]] < c1:
                     e += 1
                 if e == a:
                     continue
-                cursor[i] = e
+                cursor[r] = e
+                i = rows[r]
                 _row_dots(q[t, i], k[t], indices, a, e, scale, s)
                 m_new = m[i]
                 for c in range(e - a):
@@ -283,8 +286,8 @@ def _cpu_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, indptr: np.ndarray
 
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _cpu_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, dout: np.ndarray,
-                  lse: np.ndarray, indptr: np.ndarray, indices: np.ndarray, scale: float,
-                  dq: np.ndarray, dk: np.ndarray, dv: np.ndarray) -> None:
+                  lse: np.ndarray, indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, pos: np.ndarray,
+                  scale: float, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray) -> None:
     """Accumulate into zeroed ``dq, dk, dv`` (all ``(T, N, D)``), keys swept in blocks as in the forward.
 
     Every allowed pair is visited once: with ``lse`` and ``delta`` known, its share of the three
@@ -301,14 +304,15 @@ def _cpu_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, 
             delta[i] = x
         cursor = indptr[:-1].copy()
         for c1 in range(_KEY_BLOCK, n + _KEY_BLOCK, _KEY_BLOCK):
-            for i in range(n):
-                a, stop = cursor[i], indptr[i + 1]
+            for r in range(n):
+                a, stop = cursor[r], indptr[r + 1]
                 e = a
-                while e < stop and indices[e] < c1:
+                while e < stop and pos[indices[e]] < c1:
                     e += 1
                 if e == a:
                     continue
-                cursor[i] = e
+                cursor[r] = e
+                i = rows[r]
                 qi, doi, dqi = q[t, i], dout[t, i], dq[t, i]
                 li, di = lse[t, i], delta[i]
                 for c in range(a, e):
@@ -372,10 +376,7 @@ def _torch_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
 
 
 class _SparseAttention(torch.autograd.Function):
-    """Exact masked attention over ``(T, N, D)`` float32 slices; saves ``out`` and ``lse`` only.
-
-    With the ``numba`` backend the slices are in the mask's locality order, ``torch``: in gene order.
-    """
+    """Exact masked attention over ``(T, N, D)`` float32 slices (gene order); saves ``out`` and ``lse`` only."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SparseMask,
@@ -384,9 +385,8 @@ class _SparseAttention(torch.autograd.Function):
         if backend == "numba":
             out, lse = torch.empty_like(q), q.new_empty(q.shape[:2])
             _set_numba_threads()
-            _, _, indptr, indices = mask.locality_order()
-            _cpu_forward(q.numpy(), k.numpy(), v.numpy(), indptr.numpy(), indices.numpy(), scale, out.numpy(),
-                         lse.numpy())
+            _cpu_forward(q.numpy(), k.numpy(), v.numpy(), *(x.numpy() for x in mask.locality_order()), scale,
+                         out.numpy(), lse.numpy())
         else:
             out, lse = _torch_forward(q, k, v, mask, scale)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -400,9 +400,8 @@ class _SparseAttention(torch.autograd.Function):
         if ctx.backend == "numba":
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
             _set_numba_threads()
-            _, _, indptr, indices = mask.locality_order()
             _cpu_backward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), dout.numpy(), lse.numpy(),
-                          indptr.numpy(), indices.numpy(), ctx.scale, dq.numpy(), dk.numpy(), dv.numpy())
+                          *(x.numpy() for x in mask.locality_order()), ctx.scale, dq.numpy(), dk.numpy(), dv.numpy())
         else:
             dq, dk, dv = _torch_backward(q, k, v, out, dout, lse, mask, ctx.scale)
         return dq, dk, dv, None, None
@@ -438,11 +437,6 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Sp
     backend = backend or ("numba" if q.device.type == "cpu" else "torch")
     if backend not in ("numba", "torch"):
         raise ValueError(f"sparse attention backend {backend!r} is not one of numba, torch")
-    if backend == "numba":  # the kernel works in the mask's locality order (see SparseMask.locality_order)
-        order, inverse, _, _ = mask.locality_order()
-        flat = [x.to(torch.float32).reshape(b * h, n, d).index_select(1, order) for x in (q, k, v)]
-        out = _SparseAttention.apply(*flat, mask, backend).index_select(1, inverse)
-    else:
-        flat = [x.to(torch.float32).reshape(b * h, n, d).contiguous() for x in (q, k, v)]
-        out = _SparseAttention.apply(*flat, mask, backend)
+    flat = [x.to(torch.float32).reshape(b * h, n, d).contiguous() for x in (q, k, v)]
+    out = _SparseAttention.apply(*flat, mask, backend)
     return out.view(b, h, n, d).to(q.dtype)
