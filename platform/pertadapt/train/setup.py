@@ -89,14 +89,14 @@ def _mask_arrays(cfg: RunConfig, ann, genes: tuple[str, ...]) -> tuple[np.ndarra
 
 def prepare_run_data(cfg: RunConfig) -> RunData:
     """Load the data, split its conditions, build the GO graph and mask, and pair the cells."""
-    from pertadapt.go import cached_gene_graph, load_annotations
+    from pertadapt.go import cached_gene_graph, has_go, load_annotations
 
     path = ensure_data_file(cfg)
     data = read_perturb_data(path, n_de=cfg.data.n_de, backed=cfg.data.backed)
     ann = load_annotations(cfg.go.source, obo=cfg.go.obo, gaf=cfg.go.gaf, aspects=tuple(cfg.go.aspects),
                            propagate=cfg.go.propagate)
     targets = sorted({g for c in data.conditions for g in condition_genes(c)})
-    missing = [g for g in targets if not ann.gene2terms.get(g)]
+    missing = [g for g, ok in zip(targets, has_go(ann, targets), strict=True) if not ok]
     if missing:
         if cfg.data.missing_go == "fail":
             raise ConfigError(f"data.missing_go=fail: perturbation targets without GO annotation: {missing} "
