@@ -65,8 +65,12 @@ def test_resume_continues_from_last_checkpoint(demo_h5ad: Path, tmp_path: Path) 
     resumed = run(_cfg(demo_h5ad, "optim.epochs=2"), tmp_path / "r", resume=True)
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
+    attempts = json.loads((tmp_path / "r" / "attempts.json").read_text())
+    assert [(a["attempt"], a["resumed_from_epoch"]) for a in attempts] == [(1, None), (2, 1)]
     full = run(_cfg(demo_h5ad, "optim.epochs=2"), tmp_path / "full")
     assert resumed["test_mse_de"] == pytest.approx(full["test_mse_de"], rel=1e-5)
+    assert rows[1]["train_loss"] == pytest.approx(json.loads(  # optimiser state and RNG restored: same epoch 1
+        (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[1])["train_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear"])
