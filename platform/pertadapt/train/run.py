@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import random
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,11 +68,24 @@ def backbone_weights(cfg: RunConfig) -> str:
                                 for p in files))
 
 
-def _write_run_files(cfg: RunConfig, run_dir: Path, rd: RunData, world_size: int) -> None:
+#: Set by the Ray Train worker (``train.worker``) so that a rank can say where it runs.
+NODE_ID_ENV, NODE_IP_ENV = "PERTADAPT_RAY_NODE_ID", "PERTADAPT_RAY_NODE_IP"
+
+
+def rank_placement(rank: int, device: object) -> dict[str, object]:
+    """Where this rank runs: ``rank``, ``local_rank``, ``node_id``, ``node_ip``, ``hostname``, ``device``."""
+    return {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+            "node_id": os.environ.get(NODE_ID_ENV, "local"),
+            "node_ip": os.environ.get(NODE_IP_ENV, "127.0.0.1"), "hostname": socket.gethostname(),
+            "device": str(device)}
+
+
+def _write_run_files(cfg: RunConfig, run_dir: Path, rd: RunData, ranks: list[dict[str, object]]) -> None:
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     atomic_write_json(run_dir / "provenance.json", provenance({
-        **rd.hashes, "data_path": str(rd.data_path), "config_hash": config_hash(cfg), "backbone_weights": backbone_weights(cfg),
-        "world_size": world_size, "n_genes": len(rd.data.genes),
+        **rd.hashes, "data_path": str(rd.data_path), "config_hash": config_hash(cfg),
+        "backbone_weights": backbone_weights(cfg), "world_size": len(ranks), "ranks": ranks,
+        "n_genes": len(rd.data.genes),
         "n_perturbation_genes": len(rd.pert_vocab),
         "split": {"train": rd.split.train, "val": rd.split.val, "test": rd.split.test,
                   "subgroups": rd.split.subgroups, "seed": rd.split.seed}}))
@@ -146,15 +161,16 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
     rd = prepare_run_data(cfg)
     if cfg.is_baseline:
         best_epoch, val, test, preds = _run_baseline(cfg, rd)
-        rank, world = 0, 1
+        rank, ranks = 0, [rank_placement(0, "cpu")]
     else:
         seed_everything(cfg.seed)
         engine = build_engine(build_model(cfg, rd.inputs), cfg)
-        rank, world = engine.rank, engine.world_size
+        rank = engine.rank
+        ranks = engine.gather(rank_placement(rank, engine.device))
         store = checkpoints or DirCheckpoints(run_dir, resume=resume)
         resumed = store.restore(engine)  # validated and loaded before anything in run_dir is written
         if rank == 0:
-            _write_run_files(cfg, run_dir, rd, world)
+            _write_run_files(cfg, run_dir, rd, ranks)
         result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), run_dir, on_epoch,
                        checkpoints=store, resumed=resumed)
         best_epoch, val, test, preds = result.best_epoch, result.val, result.test, result.test_predictions
@@ -165,7 +181,7 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         if truth is not None:  # simulated data: distance to the noise-free truth, not only to noisy means
             metrics.update({f"test_truth_{k}": v for k, v in truth.overall.items()})
         if cfg.is_baseline:
-            _write_run_files(cfg, run_dir, rd, world)
+            _write_run_files(cfg, run_dir, rd, ranks)
         conds = sorted(preds)
         write_predictions(run_dir / "test_predictions.h5ad", conds, np.stack([preds[c] for c in conds]),
                           list(rd.data.genes))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -40,7 +41,7 @@ from pertadapt.train.checkpoint import (
     replace_dir,
     require_checkpoint,
 )
-from pertadapt.train.run import open_run_logger, run
+from pertadapt.train.run import NODE_ID_ENV, NODE_IP_ENV, open_run_logger, run
 
 __all__ = ["has_resumable_checkpoint", "launch", "train_fn_per_worker"]
 
@@ -117,6 +118,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     run_dir = Path(loop_config["run_dir"])
     check_not_nonfinite(run_dir)
     rank = ray.train.get_context().get_world_rank()
+    os.environ[NODE_ID_ENV] = ray.get_runtime_context().get_node_id()  # recorded in provenance.json "ranks"
+    os.environ[NODE_IP_ENV] = ray.util.get_node_ip_address()
     logger = open_run_logger(cfg, run_dir, rank=rank, name=loop_config["wandb_name"])
     store = RayCheckpoints(run_dir)
     run(cfg, run_dir, logger=logger, report=store.report, checkpoints=store)
