@@ -93,13 +93,21 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     (["train", "configs/smoke.yaml", "adapter.attention_mask=foo"], "adapter.attention_mask"),
     (["train", "configs/missing.yaml"], "missing.yaml"),
     (["train", "configs/smoke.yaml", "data.path=/nonexistent/x.h5ad"], "data.path"),
+    (["train", "configs/smoke.yaml", "optim.batch_size=10", "optim.micro_batch_size=4", "logging.wandb=offline"],
+     "optim.batch_size"),
+    (["train", "configs/demo.yaml", "engine.deepspeed_config=missing.json"], "engine.deepspeed_config"),
+    (["train", "configs/smoke.yaml", "eval.batch_size=0"], "eval.batch_size"),
+    (["sweep", "ablations/demo.yaml", "optim.batch_size=10", "optim.micro_batch_size=4"], "optim.batch_size"),
 ])
 def test_cli_bad_config_exits_2_before_starting(args: list[str], needle: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
+    before = set(Path("/tmp").glob("ray/session_*"))
     res = _cli(*args, "--out", str(out))
     assert res.returncode == 2, res.stderr
     assert needle in res.stderr + res.stdout
-    assert not out.exists()
+    assert "Traceback" not in res.stderr
+    assert not out.exists()  # nothing written: no run dir, no W&B run
+    assert set(Path("/tmp").glob("ray/session_*")) == before  # no Ray started
 
 
 def test_cli_bad_ablation_exits_2(tmp_path: Path) -> None:
