@@ -69,19 +69,29 @@ def test_killed_worker_resumes_from_its_last_epoch_and_matches_an_uninterrupted_
     finally:
         ray.shutdown()
     assert "error" not in outcome, outcome
+    assert outcome["metrics"] == json.loads((killed_dir / "final_metrics.json").read_text())
+    assert full == json.loads((tmp_path / "full" / "final_metrics.json").read_text())
+    assert_resumed_like_uninterrupted(tmp_path / "full", killed_dir, f"train-{cfg.name}")
+
+
+def assert_resumed_like_uninterrupted(full_dir: Path, killed_dir: Path, ray_name: str) -> None:
+    """A resumed run: ≥ 2 attempts, the last after a saved epoch, and every epoch row and test metric as uninterrupted."""
     attempts = json.loads((killed_dir / "attempts.json").read_text())
     assert len(attempts) >= 2
     assert attempts[0]["resumed_from_epoch"] is None
     assert attempts[-1]["resumed_from_epoch"] >= 1  # continued after a saved epoch, not from epoch 0
-    rows = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
-    resumed = outcome["metrics"]
+    rows = {d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (full_dir, killed_dir)}
+    assert [r["epoch"] for r in rows[killed_dir]] == [0, 1, 2]
+    for resumed_row, full_row in zip(rows[killed_dir], rows[full_dir], strict=True):
+        assert resumed_row == pytest.approx(full_row, rel=1e-4, abs=1e-4)
+    full, resumed = (json.loads((d / "final_metrics.json").read_text()) for d in (full_dir, killed_dir))
     test_keys = sorted(k for k in full if k.startswith("test_"))
-    assert test_keys
+    assert len(test_keys) > 10
     assert {k: resumed[k] for k in test_keys} == pytest.approx({k: full[k] for k in test_keys}, rel=1e-4, abs=1e-4)
     assert resumed["best_epoch"] == full["best_epoch"]
     # Ray storage keeps the best and the latest epoch only
-    kept = sorted(p.name for p in (killed_dir / "ray" / f"train-{cfg.name}").glob("epoch_*"))
+    kept = sorted(p.name for p in (killed_dir / "ray" / ray_name).glob("epoch_*"))
     assert 1 <= len(kept) <= 2
     assert f"epoch_{full['best_epoch']:04d}" in kept
     assert "epoch_0002" in kept

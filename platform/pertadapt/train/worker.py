@@ -15,6 +15,7 @@ the selected epoch's checkpoint is also copied to ``run_dir/ckpt/best``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -143,7 +144,8 @@ def _fit_on_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return dict(result.metrics or {})
+    # rank 0 wrote them before its last report (Result.metrics holds the latest checkpoint's epoch row)
+    return json.loads((run_dir / "final_metrics.json").read_text())
 
 
 def _resume_point(cfg: RunConfig, run_dir: Path, ray_run: Path | None) -> tuple[Path | None, Path]:
