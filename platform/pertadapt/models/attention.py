@@ -13,8 +13,7 @@ layer. Two exact implementations of the same masked softmax attention:
     scores from the saved log-sum-exp of each row (as flash attention does), so nothing of size
     ``nnz`` is kept between the passes. On CPU it is a fused numba kernel that sweeps the keys in
     blocks small enough to stay in L2 while every query row with keys in the block is visited (an
-    online softmax carries each row across blocks), genes in reverse Cuthill-McKee order so that the
-    allowed pairs cluster into fewer (row, block) visits; on other devices the same algorithm runs on
+    online softmax carries each row across blocks); on other devices the same algorithm runs on
     ``torch.sparse`` CSR products (SDDMM, segment max/sum, SpMM).
 
 The real GO mask (19,264 genes, 8.07 %) is not block-structured, which is why the sparse path works
@@ -32,10 +31,8 @@ import warnings
 
 import numba
 import numpy as np
-import scipy.sparse
 import torch
 import torch.nn.functional as F
-from scipy.sparse.csgraph import reverse_cuthill_mckee
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ATTENTION_IMPLS", "AUTO_SPARSE_MAX_DENSITY", "SparseMask", "masked_attention", "resolve_impl",
@@ -62,7 +59,7 @@ class SparseMask(torch.nn.Module):
     Notes
     -----
     The buffers are non-persistent: a mask is rebuilt from GO by the builder, never stored in a
-    checkpoint. The CPU kernel's gene order (:meth:`locality_order`) is computed once, on first use.
+    checkpoint.
     """
 
     def __init__(self, indptr: torch.Tensor, indices: torch.Tensor) -> None:
@@ -70,7 +67,6 @@ class SparseMask(torch.nn.Module):
         self.n = int(indptr.numel() - 1)
         self.register_buffer("indptr", indptr.to(torch.long), persistent=False)
         self.register_buffer("indices", indices.to(torch.long), persistent=False)
-        self._locality: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def nnz(self) -> int:
@@ -90,31 +86,6 @@ class SparseMask(torch.nn.Module):
         dense = torch.zeros(stop - start, self.n, dtype=torch.bool, device=self.indices.device)
         dense[row_ids, self.indices[a:b]] = True
         return dense
-
-    def locality_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The mask as the CPU kernel reads it: rows and keys in reverse Cuthill-McKee order, on CPU.
-
-        Returns
-        -------
-        tuple
-            ``indptr`` ``(n + 1,)`` and ``indices`` ``(nnz,)`` (int32): the CSR whose ``r``-th row is
-            gene ``rows[r]``, its keys given as gene ids sorted by ``pos``; ``rows`` ``(n,)`` (position
-            -> gene) and ``pos`` ``(n,)`` (gene -> position). Numbering rows and keys together this way
-            gathers the allowed pairs near the diagonal, so the kernel's key blocks meet fewer rows,
-            with more keys each; the tensors themselves stay in gene order.
-        """
-        if self._locality is None:
-            indptr, indices = self.indptr.cpu().numpy(), self.indices.cpu().numpy()
-            pattern = scipy.sparse.csr_matrix((np.ones(indices.size, np.int8), indices, indptr), (self.n, self.n))
-            rows = reverse_cuthill_mckee(pattern, symmetric_mode=True).astype(np.int64)
-            permuted = pattern[rows][:, rows].tocsr()
-            permuted.sort_indices()
-            pos = np.empty_like(rows)
-            pos[rows] = np.arange(self.n)
-            self._locality = (torch.from_numpy(permuted.indptr.astype(np.int64)),
-                              torch.from_numpy(rows[permuted.indices].astype(np.int32)),
-                              torch.from_numpy(rows), torch.from_numpy(pos))
-        return self._locality
 
 
 def resolve_impl(impl: str, mask: SparseMask | None, device: torch.device) -> str:
@@ -229,12 +200,10 @@ _KEY_BLOCK = 256
 
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _cpu_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
-                 rows: np.ndarray, pos: np.ndarray, scale: float, out: np.ndarray, lse: np.ndarray) -> None:
+                 scale: float, out: np.ndarray, lse: np.ndarray) -> None:
     """Fill ``out`` ``(T, N, D)`` and ``lse`` ``(T, N)`` from ``q, k, v`` ``(T, N, D)`` (float32).
 
-    The CSR (``indptr``, ``indices``) lists, for the ``r``-th row of the locality order (gene
-    ``rows[r]``), its keys as gene ids sorted by their position ``pos`` in that order. Keys are swept
-    in blocks of :data:`_KEY_BLOCK` positions; each row keeps a running max, sum and weighted sum
+    Keys are swept in blocks of :data:`_KEY_BLOCK`; each row keeps a running max, sum and weighted sum
     (online softmax) across the blocks. One thread owns a slice ``t``.
     """
     n_slices, n, dim = q.shape
@@ -246,15 +215,14 @@ def _cpu_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, indptr: np.ndarray
         acc = out[t]
         acc[:] = 0.0
         for c1 in range(_KEY_BLOCK, n + _KEY_BLOCK, _KEY_BLOCK):
-            for r in range(n):
-                a, stop = cursor[r], indptr[r + 1]
+            for i in range(n):
+                a, stop = cursor[i], indptr[i + 1]
                 e = a
-                while e < stop and pos[indices[e]] < c1:
+                while e < stop and indices[e] < c1:
                     e += 1
                 if e == a:
                     continue
-                cursor[r] = e
-                i = rows[r]
+                cursor[i] = e
                 _row_dots(q[t, i], k[t], indices, a, e, scale, s)
                 m_new = m[i]
                 for c in range(e - a):
@@ -286,8 +254,8 @@ def _cpu_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, indptr: np.ndarray
 
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _cpu_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, dout: np.ndarray,
-                  lse: np.ndarray, indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, pos: np.ndarray,
-                  scale: float, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray) -> None:
+                  lse: np.ndarray, indptr: np.ndarray, indices: np.ndarray, scale: float,
+                  dq: np.ndarray, dk: np.ndarray, dv: np.ndarray) -> None:
     """Accumulate into zeroed ``dq, dk, dv`` (all ``(T, N, D)``), keys swept in blocks as in the forward.
 
     Every allowed pair is visited once: with ``lse`` and ``delta`` known, its share of the three
@@ -304,15 +272,14 @@ def _cpu_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, 
             delta[i] = x
         cursor = indptr[:-1].copy()
         for c1 in range(_KEY_BLOCK, n + _KEY_BLOCK, _KEY_BLOCK):
-            for r in range(n):
-                a, stop = cursor[r], indptr[r + 1]
+            for i in range(n):
+                a, stop = cursor[i], indptr[i + 1]
                 e = a
-                while e < stop and pos[indices[e]] < c1:
+                while e < stop and indices[e] < c1:
                     e += 1
                 if e == a:
                     continue
-                cursor[r] = e
-                i = rows[r]
+                cursor[i] = e
                 qi, doi, dqi = q[t, i], dout[t, i], dq[t, i]
                 li, di = lse[t, i], delta[i]
                 for c in range(a, e):
@@ -376,7 +343,7 @@ def _torch_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
 
 
 class _SparseAttention(torch.autograd.Function):
-    """Exact masked attention over ``(T, N, D)`` float32 slices (gene order); saves ``out`` and ``lse`` only."""
+    """Exact masked attention over ``(T, N, D)`` float32 slices; saves ``out`` and ``lse`` only."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SparseMask,
@@ -385,7 +352,7 @@ class _SparseAttention(torch.autograd.Function):
         if backend == "numba":
             out, lse = torch.empty_like(q), q.new_empty(q.shape[:2])
             _set_numba_threads()
-            _cpu_forward(q.numpy(), k.numpy(), v.numpy(), *(x.numpy() for x in mask.locality_order()), scale,
+            _cpu_forward(q.numpy(), k.numpy(), v.numpy(), mask.indptr.numpy(), mask.indices.numpy(), scale,
                          out.numpy(), lse.numpy())
         else:
             out, lse = _torch_forward(q, k, v, mask, scale)
@@ -401,7 +368,7 @@ class _SparseAttention(torch.autograd.Function):
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
             _set_numba_threads()
             _cpu_backward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), dout.numpy(), lse.numpy(),
-                          *(x.numpy() for x in mask.locality_order()), ctx.scale, dq.numpy(), dk.numpy(), dv.numpy())
+                          mask.indptr.numpy(), mask.indices.numpy(), ctx.scale, dq.numpy(), dk.numpy(), dv.numpy())
         else:
             dq, dk, dv = _torch_backward(q, k, v, out, dout, lse, mask, ctx.scale)
         return dq, dk, dv, None, None
