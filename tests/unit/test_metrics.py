@@ -153,3 +153,25 @@ def test_gi_metrics_magnitude_mse_and_single_fallback():
     assert g.overall["gi_n_doubles"] == 1.0
     with pytest.raises(ValueError, match="not a double"):
         gi_metrics(pred, truth, ctrl, ["A+ctrl"])
+
+
+def test_systema_metrics_and_centroid_accuracy_by_hand():
+    """Systema: PearsonΔ against the mean of training perturbations; centroid accuracy (nearest centroid)."""
+    ctrl = np.zeros(4)
+    shared = np.ones(4)  # every training perturbation shifts all genes by +1
+    truth = {"A+ctrl": np.array([2.0, 0.0, 1.0, 1.0]), "B+ctrl": np.array([1.0, 1.0, 2.0, 0.0])}
+    pred = {"A+ctrl": np.array([0.0, 2.0, 1.0, 1.0]),  # A's own effect (+1, -1, 0, 0) predicted backwards
+            "B+ctrl": truth["B+ctrl"].copy()}
+    de = {c: np.arange(4) for c in truth}
+    m = compute_metrics(pred, truth, ctrl, de, perturbed_mean=shared)
+    per = m.per_perturbation
+    assert per["A+ctrl"]["systema_pearson_delta"] == pytest.approx(-1.0)  # (-1,1,0,0) vs (1,-1,0,0)
+    assert per["B+ctrl"]["systema_pearson_delta"] == pytest.approx(1.0)
+    assert per["A+ctrl"]["systema_pearson_delta_de"] == pytest.approx(-1.0)
+    # |pred_A - A| = sqrt(8) > |pred_A - B| = 2: A's prediction is nearer B's centroid
+    assert per["A+ctrl"]["centroid_accuracy"] == 0.0
+    assert per["B+ctrl"]["centroid_accuracy"] == 1.0
+    assert m.overall["centroid_accuracy"] == 0.5
+    assert m.overall["systema_pearson_delta"] == pytest.approx(0.0)
+    # without a reference the Systema PearsonΔ is not reported (centroid accuracy needs none)
+    assert "systema_pearson_delta" not in compute_metrics(pred, truth, ctrl, de).overall

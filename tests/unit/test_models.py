@@ -181,7 +181,7 @@ def test_inject_perturbed_only_changes_output() -> None:
 
 @pytest.mark.parametrize("name", ["aido_cell", "scfoundation"])
 def test_fm_backbones_build_through_the_registry(name: str) -> None:
-    m = _model(f"backbone.name={name}", "backbone.finetune=frozen")
+    m = _model(f"backbone.name={name}", "backbone.random_init=true", "backbone.finetune=frozen")
     assert m(_batch()).shape == (6, N)
     assert not any(p.requires_grad for p in m.backbone.parameters())
 

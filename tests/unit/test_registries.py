@@ -39,7 +39,7 @@ def test_metric_vocabulary_is_what_compute_metrics_reports() -> None:
     de = {c: np.argsort(-np.abs(truth[c] - ctrl)) for c in conds}
     hvg = top_variable_genes(np.stack([ctrl, *truth.values()]))
     m = compute_metrics(pred, truth, ctrl, de, non_dropout_de_idx={c: de[c][:20] for c in conds}, hvg_idx=hvg,
-                        gene_names=[f"G{i}" for i in range(n)])
+                        gene_names=[f"G{i}" for i in range(n)], perturbed_mean=ctrl + 0.5)
     assert set(m.overall) == set(schema.METRICS)
 
 

@@ -54,7 +54,8 @@ def _evaluate(data: object, split: dict, conditions: list[str], matrix: np.ndarr
     unpredicted = [c for c in split["test"] if c not in pred]
     if unpredicted:
         raise ValueError(f"{len(unpredicted)} test condition(s) have no prediction, first {unpredicted[0]!r}")
-    metrics = score_predictions({c: pred[c] for c in split["test"]}, data, subgroups=split["subgroups"])
+    metrics = score_predictions({c: pred[c] for c in split["test"]}, data, subgroups=split["subgroups"],
+                                reference_conditions=split["train"])
     doc = metrics.to_dict()
     doubles = [c for c in split["test"] if len(condition_genes(c)) == 2]
     if gi and doubles:

@@ -58,7 +58,7 @@ METRICS = (
     "frac_correct_direction_all", "frac_correct_direction_20", "frac_correct_direction_50",
     "frac_correct_direction_100", "frac_correct_direction_200", "mse_top20_de_non_dropout",
     "pearson_delta_top20_de_non_dropout", "pearson_top200_hvg", "pearson_delta_top200_hvg", "mse_top200_hvg",
-    "de_overlap_20", "pds_l1",
+    "de_overlap_20", "pds_l1", "centroid_accuracy", "systema_pearson_delta", "systema_pearson_delta_de",
 )
 #: Condition split kinds (GEARS).
 SPLIT_KINDS = ("simulation", "single")

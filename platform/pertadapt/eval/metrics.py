@@ -39,6 +39,13 @@ but differ from cell-eval where noted)
     perturbed genes removed when ``gene_names`` is given (cell-eval ``discrimination_score_l1``; both
     deltas use the *true* control mean, avoiding cell-eval#183/#196).
 
+Beyond systematic variation (Viñas Torné et al., Systema, Nat. Biotechnol. 2025)
+    Perturbed cells often share a shift away from control (selection, stress) that PearsonΔ against
+    control rewards. With ``m`` = the mean of the training perturbations' means:
+    ``systema_pearson_delta`` = r(μ̂_p − m, μ_p − m), ``systema_pearson_delta_de`` the same over ``D_p``;
+    ``centroid_accuracy`` = 1 when μ̂_p is nearer (Euclidean) to μ_p than to every other evaluated
+    perturbation's μ_q, else 0 (its mean is the fraction of perturbations identified).
+
 Control: if ``ctrl`` is evaluated it gets ``mse``, ``pearson`` and ``mae`` only (GEARS gives it
 ``*_de`` = 0 but leaves it out of the ``_de`` averages, and its ``deeper_analysis`` raises on it).
 """
@@ -295,6 +302,7 @@ def compute_metrics(
     non_dropout_de_idx: Mapping[str, np.ndarray] | None = None,
     hvg_idx: np.ndarray | None = None,
     gene_names: Sequence[str] | None = None,
+    perturbed_mean: np.ndarray | None = None,
 ) -> Metrics:
     """GEARS-compatible metrics (plus MAE, DE overlap and PDS) of predicted condition means.
 
@@ -319,6 +327,10 @@ def compute_metrics(
         ``(200,)`` HVG indices (:func:`top_variable_genes`); enables the ``*_top200_hvg`` metrics.
     gene_names
         ``(n_genes,)`` names; when given, PDS drops the perturbed genes' own columns.
+    perturbed_mean
+        ``(n_genes,)`` mean of the training perturbations' means (Systema's reference); enables
+        ``systema_pearson_delta`` and ``systema_pearson_delta_de`` (PearsonΔ against it instead of the
+        control, so that a shift shared by every perturbation earns nothing).
 
     Returns
     -------
@@ -351,11 +363,34 @@ def compute_metrics(
         per[k] = perturbation_metrics(p, t, ctrl, np.asarray(de_idx[k], dtype=np.intp), nd, hvg)
     for k, v in _pds_l1(perts, p64, t64, ctrl, gene_names).items():
         per[k]["pds_l1"] = v
+    for k, v in _centroid_accuracy(perts, p64, t64).items():
+        per[k]["centroid_accuracy"] = v
+    if perturbed_mean is not None:
+        ref = np.asarray(perturbed_mean, dtype=np.float64)
+        for k in perts:
+            top = np.asarray(de_idx[k], dtype=np.intp)[:N_DE]
+            pd_, td = p64[k] - ref, t64[k] - ref
+            per[k]["systema_pearson_delta"] = pearson0(pd_, td)
+            per[k]["systema_pearson_delta_de"] = pearson0(pd_[top], td[top])
     return aggregate(per, subgroups)
 
 
+def _centroid_accuracy(perts: Sequence[str], pred: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray]
+                       ) -> dict[str, float]:
+    """1 where a prediction is nearer (L2) to its own observed centroid than to any other evaluated one."""
+    if not perts:
+        return {}
+    centroids = np.stack([truth[p] for p in perts])  # (P, n_genes)
+    out = {}
+    for k, p in enumerate(perts):
+        dist = np.linalg.norm(centroids - pred[p], axis=1)
+        out[p] = float(int(np.argmin(dist)) == k)
+    return out
+
+
 def score_predictions(pred: Mapping[str, np.ndarray], data: PerturbData, *,
-                      subgroups: Mapping[str, Sequence[str]] | None = None) -> Metrics:
+                      subgroups: Mapping[str, Sequence[str]] | None = None,
+                      reference_conditions: Sequence[str] = ()) -> Metrics:
     """The one metric path: predicted condition means scored against a dataset's observed means.
 
     Training (validation and test), ``pertadapt eval``, ``pertadapt baselines`` and the sweep's baseline
@@ -371,6 +406,8 @@ def score_predictions(pred: Mapping[str, np.ndarray], data: PerturbData, *,
         The dataset (:func:`pertadapt.data.dataset.read_perturb_data`).
     subgroups
         Subgroup name -> conditions.
+    reference_conditions
+        The training conditions: the mean of their perturbations' means is the Systema reference.
     """
     means = data.condition_means
     unknown = [c for c in pred if c not in means]
@@ -379,5 +416,8 @@ def score_predictions(pred: Mapping[str, np.ndarray], data: PerturbData, *,
     if not data.non_dropout_de_idx:
         log.warning("the data has no uns['top_non_dropout_de_20']: the *_non_dropout metrics are left out")
     hvg = top_variable_genes(np.stack([means[c] for c in data.conditions]))
+    refs = [c for c in reference_conditions if c != CONTROL and c in means]
+    perturbed = np.mean([means[c] for c in refs], axis=0) if refs else None
     return compute_metrics(pred, {c: means[c] for c in pred}, data.ctrl_mean, data.de_idx, subgroups=subgroups,
-                           non_dropout_de_idx=data.non_dropout_de_idx or None, hvg_idx=hvg, gene_names=data.genes)
+                           non_dropout_de_idx=data.non_dropout_de_idx or None, hvg_idx=hvg, gene_names=data.genes,
+                           perturbed_mean=perturbed)

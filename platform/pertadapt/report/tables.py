@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from pertadapt.config.schema import SUBGROUPS as SCHEMA_SUBGROUPS
 from pertadapt.data.io import DataError
 from pertadapt.report.bootstrap import hierarchical_bootstrap
 
@@ -47,10 +48,12 @@ log = logging.getLogger(__name__)
 
 #: Metrics shown by default, as ``results.csv`` columns (lower is better for mse*, higher for pearson*).
 KEY_METRICS = ("test_mse_de", "test_mse", "test_pearson_delta", "test_pearson_delta_de")
+#: Beyond systematic variation (Systema): reported whenever the trials have them.
+SYSTEMA_METRICS = ("test_systema_pearson_delta", "test_centroid_accuracy")
 #: Distance to the simulator's noise-free truth (present for simulated data only).
 TRUTH_METRICS = ("test_truth_mse_de", "test_truth_pearson_delta_de")
-#: GEARS test subgroups, in the paper's column order.
-SUBGROUPS = ("combo_seen0", "combo_seen1", "combo_seen2", "unseen_single")
+#: GEARS test subgroups, in the paper's column order (the schema's list).
+SUBGROUPS = SCHEMA_SUBGROUPS
 #: Scope name of the metrics over all test conditions.
 OVERALL = "overall"
 #: Arm names that are baselines when ``results.csv`` has no ``is_baseline`` column, in display order.
@@ -78,8 +81,9 @@ def lower_is_better(metric: str) -> bool:
 
 
 def default_metrics(trials: pd.DataFrame) -> list[str]:
-    """:data:`KEY_METRICS` plus the truth metrics present in ``trials``, as per-condition names."""
-    return [normalise_metric(m) for m in (*KEY_METRICS, *(t for t in TRUTH_METRICS if t in trials))]
+    """:data:`KEY_METRICS` plus the Systema and truth metrics present in ``trials``, as per-condition names."""
+    present = (t for t in (*SYSTEMA_METRICS, *TRUTH_METRICS) if t in trials)
+    return [normalise_metric(m) for m in (*KEY_METRICS, *present)]
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,13 @@ class EvalSet:
         Paired cells of the evaluated conditions.
     subgroups
         subgroup name → conditions (e.g. ``combo_seen0``).
+    reference
+        The training conditions (the Systema reference of the metrics).
     """
 
     cells: PairedCells
     subgroups: Mapping[str, Sequence[str]]
+    reference: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def evaluate(engine: Engine, es: EvalSet, prefix: str, batch_size: int) -> tuple
     """Metrics of one split (ctrl excluded) through the one metric path, and the mean predictions."""
     pred = predict_condition_means(engine, es.cells, batch_size)
     pred.pop(CONTROL, None)
-    return score_predictions(pred, es.cells.data, subgroups=es.subgroups), pred
+    return score_predictions(pred, es.cells.data, subgroups=es.subgroups, reference_conditions=es.reference), pred
 
 
 def _epoch_loss_row(gathered: list[list[dict[str, float]]]) -> dict[str, float]:

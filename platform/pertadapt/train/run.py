@@ -99,7 +99,7 @@ def _run_baseline(cfg: RunConfig, rd: RunData) -> tuple[int, Metrics, Metrics, d
     scored = []
     for conds, groups in ((rd.split.val, rd.split.val_subgroups), (rd.split.test, rd.split.subgroups)):
         pred = model.predict([c for c in conds if c != CONTROL])
-        scored.append((score_predictions(pred, d, subgroups=groups), pred))
+        scored.append((score_predictions(pred, d, subgroups=groups, reference_conditions=rd.split.train), pred))
     (val, _), (test, preds) = scored
     return 0, val, test, preds
 

@@ -113,8 +113,10 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
                          data.ctrl_mean.astype(np.float32))
     seed = cfg.seed
     train = PairedCells(data, split.train, pert_vocab, seed=seed, n_de=cfg.data.n_de)
-    val = EvalSet(PairedCells(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de), split.val_subgroups)
-    test = EvalSet(PairedCells(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de), split.subgroups)
+    val = EvalSet(PairedCells(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de), split.val_subgroups,
+                  split.train)
+    test = EvalSet(PairedCells(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de), split.subgroups,
+                   split.train)
     hashes = {"data_sha256": sha256_file(path), "gene_order_sha256": _gene_hash(data.genes),
               "go_mask_sha256": mask_hash, "go_source": ann.source}
     return RunData(data, split, pert_vocab, inputs, train, val, test, hashes, path)
