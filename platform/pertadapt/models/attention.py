@@ -198,6 +198,15 @@ def _row_dots(x: np.ndarray, keys: np.ndarray, indices: np.ndarray, a: int, e: i
 _KEY_BLOCK = 256
 
 
+@numba.njit(cache=True, inline="always")
+def _block_end(indices: np.ndarray, a: int, stop: int, c1: int) -> int:
+    """End of row entries ``[a, stop)`` whose key index is below ``c1`` (the row's part of a key block)."""
+    e = a
+    while e < stop and indices[e] < c1:
+        e += 1
+    return e
+
+
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _cpu_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
                  scale: float, out: np.ndarray, lse: np.ndarray) -> None:
@@ -216,10 +225,8 @@ def _cpu_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, indptr: np.ndarray
         acc[:] = 0.0
         for c1 in range(_KEY_BLOCK, n + _KEY_BLOCK, _KEY_BLOCK):
             for i in range(n):
-                a, stop = cursor[i], indptr[i + 1]
-                e = a
-                while e < stop and indices[e] < c1:
-                    e += 1
+                a = cursor[i]
+                e = _block_end(indices, a, indptr[i + 1], c1)
                 if e == a:
                     continue
                 cursor[i] = e
@@ -273,10 +280,8 @@ def _cpu_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, 
         cursor = indptr[:-1].copy()
         for c1 in range(_KEY_BLOCK, n + _KEY_BLOCK, _KEY_BLOCK):
             for i in range(n):
-                a, stop = cursor[i], indptr[i + 1]
-                e = a
-                while e < stop and indices[e] < c1:
-                    e += 1
+                a = cursor[i]
+                e = _block_end(indices, a, indptr[i + 1], c1)
                 if e == a:
                     continue
                 cursor[i] = e

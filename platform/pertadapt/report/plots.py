@@ -28,6 +28,12 @@ _DPI = 100
 _FOREST_COLUMNS = 3
 
 
+def _arms_with_data(summary: pd.DataFrame, arms: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """The summary indexed by arm, and the arms (in display order) that have at least one ok trial."""
+    by = summary.set_index("arm")
+    return by, [a for a in arms if a in by.index and by.loc[a, "n"] > 0]
+
+
 def arm_colours(arms: Sequence[str], baselines: set[str]) -> dict[str, str]:
     """Arm → colour: tab10 for model arms in order, greys for baselines."""
     model = [a for a in arms if a not in baselines]
@@ -100,8 +106,7 @@ def subgroup_bars_plot(summary: pd.DataFrame, trials: pd.DataFrame, metrics: Seq
     title
         Figure title.
     """
-    by = summary.set_index("arm")
-    arms = [a for a in arms if a in by.index and by.loc[a, "n"] > 0]
+    by, arms = _arms_with_data(summary, arms)
     fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 1.1 * len(scopes) * max(len(arms), 1) / 3),
                                                        2.6 * len(metrics)), squeeze=False, layout="constrained")
     width = 0.8 / max(len(arms), 1)
@@ -209,8 +214,7 @@ def truth_vs_observed_plot(summary: pd.DataFrame, pairs: Sequence[tuple[str, str
     title
         Figure title.
     """
-    by = summary.set_index("arm")
-    arms = [a for a in arms if a in by.index and by.loc[a, "n"] > 0]
+    by, arms = _arms_with_data(summary, arms)
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 3.4), squeeze=False)
     x = np.arange(len(arms))
     for ax, (obs, truth) in zip(axes[0], pairs, strict=True):
