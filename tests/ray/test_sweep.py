@@ -245,3 +245,22 @@ def test_a_gpu_request_on_a_cpu_cluster_fails_before_any_trial(tmp_path: Path, c
     assert "resources.gpus_per_worker" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "sweep" / "runs").exists()
+
+
+@pytest.mark.usefixtures("no_leftover_ray")
+def test_asha_stops_trials_early_and_says_so(tmp_path: Path, cache_dir: Path) -> None:
+    abl = tmp_path / "asha.yaml"
+    abl.write_text("name: asha\nbase: smoke.yaml\nseeds: [1]\nbaselines: false\nmax_concurrent_trials: 1\n"
+                   "arms:\n  full: {}\n")
+    space = tmp_path / "space.yaml"
+    # lr from 1e-5 (learns nothing in 3 epochs) to 0.05: later samples below the rung's best stop at epoch 1
+    space.write_text("metric: val_mse_de\nmode: min\nnum_samples: 6\nsampler_seed: 3\nscheduler: asha\n"
+                     "grace_period: 1\nreduction_factor: 3\nparams:\n"
+                     "  optim.lr: {type: loguniform, low: 1.0e-5, high: 5.0e-2}\n")
+    out = tmp_path / "sweep"
+    _pertadapt("sweep", str(abl), "optim.epochs=3", "optim.max_steps_per_epoch=2", "--search-space", str(space),
+               "--out", str(out), "--no-report")
+    statuses = [r["status"] for r in _rows(out, "hpo_results.csv")]
+    assert len(statuses) == 6
+    assert "stopped_early" in statuses
+    assert set(statuses) <= {"ok", "stopped_early"}

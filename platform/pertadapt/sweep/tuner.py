@@ -194,8 +194,9 @@ def _scheduler(space: SearchSpace, epochs: int) -> ASHAScheduler | None:
     if space.scheduler != "asha" or epochs < 2:
         return None
     max_t = min(space.max_t or epochs, epochs)
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(space.grace_period, max_t),
-                         reduction_factor=space.reduction_factor)
+    # one report per epoch, then the final one (test metrics, ``done``): ASHA must not cut that last report
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t + 1,
+                         grace_period=min(space.grace_period, max_t), reduction_factor=space.reduction_factor)
 
 
 def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path, ablation_name: str,
