@@ -72,6 +72,12 @@ def test_checkpoint_holds_exactly_the_safe_files(trained_run: Path) -> None:
     assert [(a["attempt"], a["resumed_from_epoch"]) for a in attempts] == [(1, None)]
 
 
+def test_a_trained_run_is_resumable_and_max_failures_is_checked(trained_run: Path, demo_h5ad: Path) -> None:
+    assert has_resumable_checkpoint(_cfg(demo_h5ad), trained_run)
+    with pytest.raises(ConfigError, match="engine.max_failures"):
+        _cfg(demo_h5ad, "engine.max_failures=-1")
+
+
 @pytest.mark.parametrize("name", CKPT_FILES)
 def test_each_file_replaced_by_a_pickle_is_refused_without_running_it(name: str, trained_run: Path,
                                                                       demo_h5ad: Path, tmp_path: Path) -> None:
@@ -113,6 +119,9 @@ def test_resume_without_a_checkpoint_is_refused_with_exit_2(demo_h5ad: Path, tmp
     with pytest.raises(ConfigError, match=r"--resume: no checkpoint in .*ckpt/last; run without --resume"):
         launch(cfg, tmp_path / "empty", resume=True)
     assert not (tmp_path / "empty").exists()
+    ds = _cfg(demo_h5ad, "engine.name=deepspeed", "engine.workers=2")  # refused before any Ray process starts
+    with pytest.raises(ConfigError, match=r"--resume: no checkpoint in .*ray/train-smoke;"):
+        launch(ds, tmp_path / "empty", resume=True)
     cmd = [sys.executable, "-m", "pertadapt.cli", "train", str(REPO / "configs" / "smoke.yaml"), f"data.path={demo_h5ad}",
            "--out", str(tmp_path / "empty"), "--resume"]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"}, timeout=300)
