@@ -44,7 +44,7 @@ from pertadapt.train.checkpoint import (
 )
 from pertadapt.train.run import NODE_ID_ENV, NODE_IP_ENV, open_run_logger, run
 
-__all__ = ["has_resumable_checkpoint", "launch", "train_fn_per_worker"]
+__all__ = ["RayCheckpoints", "has_resumable_checkpoint", "launch", "train_fn_per_worker"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
