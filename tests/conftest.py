@@ -44,12 +44,14 @@ def _assert_best_checkpoint_reproduces_test_predictions(cfg, run_dir: Path) -> N
 
     from pertadapt.data.summaries import read_predictions
     from pertadapt.models import build_model
-    from pertadapt.train.engine import consolidated_state_dict
+    from pertadapt.train.checkpoint import restore_model
+    from pertadapt.train.run import seed_everything
     from pertadapt.train.setup import prepare_run_data
 
     rd = prepare_run_data(cfg)
+    seed_everything(cfg.seed)  # checkpoints hold the trained tensors only: rebuild the frozen backbone as the run did
     model = build_model(cfg, rd.inputs)
-    model.load_state_dict(consolidated_state_dict(run_dir / "ckpt" / "best"))
+    restore_model(model, run_dir / "ckpt" / "best")
     model.eval()
     cells = rd.test.cells
     conds = np.asarray(cells.data.conditions)[cells.data.cell_condition[cells.cells]]

@@ -51,6 +51,9 @@ def read_deepspeed_json(name: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(ds, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(ds).__name__}")
+    if isinstance(ds.get("checkpoint"), dict) and ds["checkpoint"].get("load_universal"):
+        raise ConfigError(f"{path}: checkpoint.load_universal: DeepSpeed's universal-checkpoint loader unpickles "
+                          "files (code could run on resume); it is not supported")
     extra = set(ds) - ALLOWED_DEEPSPEED_KEYS
     if extra:
         raise ConfigError(f"{path}: keys {sorted(extra)} belong in the run config (optim.*), not the DeepSpeed "

@@ -32,7 +32,7 @@ from pertadapt.config.schema import ConfigError
 from pertadapt.sweep.ablation import Ablation, Trial
 from pertadapt.sweep.results import TrialOutcome, collect_results
 from pertadapt.sweep.search_space import SearchSpace
-from pertadapt.train.worker import launch
+from pertadapt.train.worker import has_resumable_checkpoint, launch
 
 __all__ = ["LOCAL_NODE_IP", "check_resources", "run_sweep"]
 
@@ -69,8 +69,11 @@ def _trial_fn(config: dict[str, Any]) -> None:
     if params:
         trial_id = tune.get_context().get_trial_id()
         run_dir, name = run_dir / trial_id, f"{name}-{trial_id}"
-    launch(cfg, run_dir, name=name, storage_path=Path(spec["storage"]), report=tune.report,
-           train_callbacks=[TuneReportCallback()])
+    storage = Path(spec["storage"])
+    # a retried or resumed trial continues from its last checkpoint; a first start begins afresh
+    resume = has_resumable_checkpoint(cfg, run_dir, name=name, storage_path=storage)
+    launch(cfg, run_dir, name=name, storage_path=storage, report=tune.report, train_callbacks=[TuneReportCallback()],
+           resume=resume)
     if cfg.uses_ray_train:
         time.sleep(3)  # let the last TuneReportCallback result reach Tune (Train V2 race)
 
