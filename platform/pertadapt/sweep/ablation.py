@@ -21,6 +21,7 @@ before any cluster starts.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ class Trial:
     def is_baseline(self) -> bool:
         """Whether the arm is one of the simple baselines."""
         return self.config.is_baseline
+
+    def run_config(self, data_path: str) -> RunConfig:
+        """The config the trial runs: its own, reading ``data_path`` (the resolved or simulated file)."""
+        return dataclasses.replace(self.config, data=dataclasses.replace(self.config.data, path=data_path))
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,8 @@ def build_plan(ablation: Ablation, space: SearchSpace | None, data_paths: Mappin
             "cpus_per_worker": cfg.engine.cpus_per_worker if cfg.uses_ray_train else 1.0,
             "gpus_per_worker": 0.0 if cfg.is_baseline else cfg.engine.gpus, "placement": cfg.engine.placement,
             "accelerator_type": cfg.engine.accelerator_type,
-            "cpus": trial_cpus(t), "data_path": data_paths[t.key], "config_hash": config_hash(cfg),
+            "cpus": trial_cpus(t), "data_path": data_paths[t.key],
+            "config_hash": config_hash(t.run_config(data_paths[t.key])),
         })
     search = None
     if space is not None:

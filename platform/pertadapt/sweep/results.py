@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pertadapt.config.load import config_hash, config_to_dict
+from pertadapt.config.load import config_to_dict
 from pertadapt.files import atomic_write, atomic_write_text
 from pertadapt.sweep.ablation import Ablation, Trial
 
@@ -129,12 +129,17 @@ def _write(path: Path, cols: list[str], rows: list[dict[str, Any]]) -> None:
     atomic_write(path.with_suffix(".parquet"), lambda p: pq.write_table(table, p))
 
 
-def collect_results(ablation: Ablation, sweep_dir: Path, outcomes: Sequence[TrialOutcome]) -> Path:
-    """Write ``results.csv`` / ``results.parquet`` (and ``hpo_results.*``) atomically; return the CSV path."""
+def collect_results(ablation: Ablation, sweep_dir: Path, outcomes: Sequence[TrialOutcome],
+                    hashes: Mapping[str, str]) -> Path:
+    """Write ``results.csv`` / ``results.parquet`` (and ``hpo_results.*``) atomically; return the CSV path.
+
+    ``hashes`` (trial key → :func:`~pertadapt.config.load.config_hash` of the config the trial ran, data
+    path and tuned parameters included) is what a run dir must carry for its metrics to count.
+    """
     final = {o.key: o for o in outcomes if o.stage in ("grid", "final")}
     rows, cfgs = [], []
     for t in ablation.trials:
-        rows.append(_row(t, final.get(t.key), sweep_dir / "runs" / t.key, config_hash(t.config)))
+        rows.append(_row(t, final.get(t.key), sweep_dir / "runs" / t.key, hashes[t.key]))
         cfgs.append(flatten(config_to_dict(t.config)))
     out = sweep_dir / "results.csv"
     _write(out, *_table(rows, cfgs))

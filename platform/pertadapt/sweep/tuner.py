@@ -27,7 +27,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from pertadapt.config.load import config_from_dict, config_to_dict, dotted_to_nested, load_run_config
+from pertadapt.config.load import (
+    config_from_dict,
+    config_hash,
+    config_to_dict,
+    dotted_to_nested,
+    load_run_config,
+)
 from pertadapt.config.schema import ConfigError
 from pertadapt.sweep.ablation import Ablation, Trial
 from pertadapt.sweep.results import TrialOutcome, collect_results
@@ -87,8 +93,7 @@ def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
 
 
 def _spec(trial: Trial, sweep_dir: Path, data_paths: Mapping[str, str]) -> dict[str, Any]:
-    run_dict = config_to_dict(trial.config)
-    run_dict["data"]["path"] = data_paths[trial.key]
+    run_dict = config_to_dict(trial.run_config(data_paths[trial.key]))
     return {"key": trial.key, "run": run_dict, "run_dir": str(sweep_dir / "runs" / trial.key),
             "storage": str(sweep_dir / "ray")}
 
@@ -279,6 +284,11 @@ def check_resources(ablation: Ablation) -> None:
                                   f"cluster: {has}); ask for less or add nodes")
 
 
+def _hashes(specs: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """trial key → hash of the config it runs (as sent to the trial: data path and tuned parameters in)."""
+    return {s["key"]: config_hash(config_from_dict(s["run"])) for s in specs}
+
+
 def _outcomes(grid: tune.ResultGrid, stage: str) -> list[TrialOutcome]:
     out = []
     for result in grid:
@@ -344,7 +354,7 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
                                       resume)
                 outcomes += _outcomes(grid, "hpo")
                 if any(o.status == "pending" for o in outcomes):  # interrupted: --resume continues here
-                    return collect_results(ablation, sweep_dir, outcomes)
+                    return collect_results(ablation, sweep_dir, outcomes, _hashes(specs))
                 log.info("arm %s: best %s", t.arm, best)
                 for t2, s2 in zip(ablation.trials, specs, strict=True):
                     if t2.arm == t.arm and t2.dataset == t.dataset and t2.backbone == t.backbone:
@@ -352,4 +362,4 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
             outcomes += _outcomes(_run_grid(specs, sweep_dir, "final", max_concurrent, resume), "final")
     finally:
         ray.shutdown()
-    return collect_results(ablation, sweep_dir, outcomes)
+    return collect_results(ablation, sweep_dir, outcomes, _hashes(specs))
