@@ -17,8 +17,11 @@ def _setup_logging(verbose: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
+    console = Console(stderr=True)
+    if not console.is_terminal:  # logs and CI: one message per line, never wrapped at 80 columns
+        console = Console(stderr=True, width=4000)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)], force=True)
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
 
 
 @app.callback()
