@@ -148,9 +148,11 @@ def _listeners() -> list[tuple[str, int]]:
 
 
 def _jobs_api_refused(port: int) -> bool:
+    """Whether ``GET /api/jobs/`` without the token is refused on ``port`` (a job list is JSON; the metrics
+    exporter, which answers every path with Prometheus text, is no Jobs API)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/jobs/", timeout=3) as resp:
-            return resp.status >= 400
+            return resp.status >= 400 or "json" not in (resp.headers.get("Content-Type") or "")
     except urllib.error.HTTPError as e:
         return e.code in (401, 403, 404, 405)
     except (urllib.error.URLError, OSError, ValueError):
