@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import http.client
 import json
 import math
 import os
@@ -155,8 +156,8 @@ def _jobs_api_refused(port: int) -> bool:
             return resp.status >= 400 or "json" not in (resp.headers.get("Content-Type") or "")
     except urllib.error.HTTPError as e:
         return e.code in (401, 403, 404, 405)
-    except (urllib.error.URLError, OSError, ValueError):
-        return True  # not HTTP, or not answering: no Jobs API there
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
+        return True  # not HTTP (gRPC), or not answering: no Jobs API there
 
 
 @pytest.mark.usefixtures("no_leftover_ray")
