@@ -38,6 +38,7 @@ from pertadapt.config.schema import ConfigError
 from pertadapt.sweep.ablation import Ablation, Trial
 from pertadapt.sweep.results import TrialOutcome, collect_results
 from pertadapt.sweep.search_space import SearchSpace
+from pertadapt.train.run import FINISHED_KEY
 from pertadapt.train.worker import has_resumable_checkpoint, launch
 
 __all__ = ["LOCAL_NODE_IP", "check_resources", "run_sweep"]
@@ -297,7 +298,7 @@ def _outcomes(grid: tune.ResultGrid, stage: str) -> list[TrialOutcome]:
         error = None if result.error is None else (str(result.error).strip().splitlines() or [""])[-1][:500]
         if error is not None:
             status = "failed"
-        elif metrics.get("done"):
+        elif metrics.get(FINISHED_KEY):
             status = "ok"
         elif metrics:
             status = "stopped_early"

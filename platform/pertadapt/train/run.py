@@ -37,10 +37,12 @@ from pertadapt.train.engine import build_engine
 from pertadapt.train.loop import train
 from pertadapt.train.setup import RunData, prepare_run_data, provenance
 
-__all__ = ["backbone_weights", "open_run_logger", "run", "seed_everything"]
+__all__ = ["FINISHED_KEY", "backbone_weights", "open_run_logger", "run", "seed_everything"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
+#: Key of the last report of a run that finished (Tune fills its own ``done`` into every result).
+FINISHED_KEY = "run_finished"
 
 
 def seed_everything(seed: int) -> None:
@@ -136,7 +138,7 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
     logger
         Where epoch rows and the final summary go (rank 0's W&B run; the null logger by default).
     report
-        Called on every rank with each epoch's row and, last, the final metrics with ``done = 1``
+        Called on every rank with each epoch's row and, last, the final metrics with ``run_finished = 1``
         (Ray Train / Tune reporting).
     resume
         Continue from ``run_dir/ckpt/last`` (refused with a :class:`ConfigError` when there is none).
@@ -188,5 +190,5 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         atomic_write_text(run_dir / "per_condition.csv", _per_condition_csv(test, truth, rd.split.subgroups))
         atomic_write_json(run_dir / "final_metrics.json", metrics)
     logger.finish(metrics)
-    hook({**metrics, "done": 1})
+    hook({**metrics, FINISHED_KEY: 1})
     return metrics
