@@ -11,6 +11,7 @@ last checkpoint under the same run name and storage).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -76,6 +77,10 @@ def _trial_fn(config: dict[str, Any]) -> None:
     if params:
         trial_id = tune.get_context().get_trial_id()
         run_dir, name = run_dir / trial_id, f"{name}-{trial_id}"
+    finished = _finished_metrics(cfg, run_dir)
+    if finished is not None:  # a resumed sweep whose Tune state missed this trial's end: nothing to redo
+        tune.report({**finished, FINISHED_KEY: 1})
+        return
     storage = Path(spec["storage"])
     # a retried or resumed trial continues from its last checkpoint; a first start begins afresh
     resume = has_resumable_checkpoint(cfg, run_dir, name=name, storage_path=storage)
@@ -83,6 +88,16 @@ def _trial_fn(config: dict[str, Any]) -> None:
            resume=resume)
     if cfg.uses_ray_train:
         time.sleep(3)  # let the last TuneReportCallback result reach Tune (Train V2 race)
+
+
+def _finished_metrics(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
+    """The final metrics of a run dir that already finished this very config (same config hash), else None."""
+    try:
+        prov = json.loads((run_dir / "provenance.json").read_text())
+        final = json.loads((run_dir / "final_metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return final if prov.get("config_hash") == config_hash(cfg) else None
 
 
 def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
