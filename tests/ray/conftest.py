@@ -13,6 +13,12 @@ def _ray_pids() -> set[int]:
 
 
 @pytest.fixture
+def ray_pids():
+    """The PIDs of the Ray head processes (gcs_server/raylet) running now, as a function."""
+    return _ray_pids
+
+
+@pytest.fixture
 def no_leftover_ray():
     """Fail if the test leaves Ray head processes (gcs_server/raylet) running that it started."""
     before = _ray_pids()

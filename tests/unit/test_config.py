@@ -272,3 +272,11 @@ def test_a_named_fm_without_weights_is_refused_unless_random_init(name: str) -> 
     res = _cli("train", "configs/smoke.yaml", f"backbone.name={name}", "--out", "/nonexistent/never")
     assert res.returncode == 2
     assert "backbone.checkpoint" in res.stderr
+
+
+def test_deepspeed_universal_checkpoint_loading_is_refused_at_config_time(tmp_path: Path) -> None:
+    """DeepSpeed's universal-checkpoint loader unpickles: refused before anything runs, naming the key."""
+    ds = _write(tmp_path / "ds.json", json.dumps({"zero_optimization": {"stage": 2},
+                                                  "checkpoint": {"load_universal": True}}))
+    with pytest.raises(ConfigError, match=r"ds\.json: checkpoint\.load_universal"):
+        load_run_config(REPO / "configs" / "demo.yaml", [f"engine.deepspeed_config={ds}"])

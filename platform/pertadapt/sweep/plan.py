@@ -17,6 +17,7 @@ from pertadapt.config.load import config_hash, config_to_dict
 from pertadapt.config.schema import ConfigError
 from pertadapt.files import atomic_write_json
 from pertadapt.sweep.ablation import Ablation, Trial
+from pertadapt.sweep.results import flatten, varying_keys
 from pertadapt.sweep.search_space import SearchSpace
 
 __all__ = ["PLAN_FILE", "build_plan", "check_search_space", "diff_plans", "local_cpus", "read_plan", "trial_cpus",
@@ -25,16 +26,6 @@ __all__ = ["PLAN_FILE", "build_plan", "check_search_space", "diff_plans", "local
 PLAN_FILE = "plan.json"
 #: Logical CPUs of a Tune function trial that only drives Ray Train workers (``{"CPU": 0}`` is refused).
 DRIVER_CPUS = 0.01
-
-
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def trial_cpus(trial: Trial) -> float:
@@ -69,10 +60,8 @@ def build_plan(ablation: Ablation, space: SearchSpace | None, data_paths: Mappin
     max_concurrent
         How many trials run at once.
     """
-    flats = {t.key: _flat(config_to_dict(t.config)) for t in ablation.trials}
-    keys = sorted({k for f in flats.values() for k in f})
-    varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats.values()}) > 1
-               and k not in ("seed", "name", "logging.group", "data.path")]
+    flats = {t.key: flatten(config_to_dict(t.config)) for t in ablation.trials}
+    varying = varying_keys(list(flats.values()))
     trials = []
     for t in ablation.trials:
         cfg = t.config

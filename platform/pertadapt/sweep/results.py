@@ -26,7 +26,7 @@ from pertadapt.config.load import config_to_dict
 from pertadapt.files import atomic_write, atomic_write_text
 from pertadapt.sweep.ablation import Ablation, Trial
 
-__all__ = ["RESULT_STATUSES", "TrialOutcome", "collect_results", "flatten"]
+__all__ = ["RESULT_STATUSES", "TrialOutcome", "collect_results", "finished_metrics", "flatten", "varying_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def varying_keys(flat_configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Dotted config keys whose value differs across trials (the run's own name, seed and data path aside)."""
+    keys = sorted({k for c in flat_configs for k in c})
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in flat_configs}) > 1
+            and k not in ("seed", "name", "logging.group", "data.path")]
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -85,14 +92,26 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def finished_metrics(run_dir: Path, expected_hash: str | None) -> dict[str, Any] | None:
+    """The final metrics in ``run_dir`` when its run finished the config hashed ``expected_hash``, else None.
+
+    ``expected_hash=None`` accepts any config (an HPO sample records its own).
+    """
+    final = _read_json(run_dir / "final_metrics.json")
+    prov = _read_json(run_dir / "provenance.json") or {}
+    if not isinstance(final, dict) or (expected_hash is not None and prov.get("config_hash") != expected_hash):
+        return None
+    return final
+
+
 def _row(t: Trial, outcome: TrialOutcome | None, run_dir: Path, expected: str | None) -> dict[str, Any]:
     prov = _read_json(run_dir / "provenance.json") or {}
     metrics: dict[str, Any] = {}
     status = outcome.status if outcome is not None else "pending"
     if status == "ok":
-        found = _read_json(run_dir / "final_metrics.json")
-        if found is None or (expected is not None and prov.get("config_hash") != expected):
-            status, metrics = "failed", {}
+        found = finished_metrics(run_dir, expected)
+        if found is None:
+            status = "failed"
             log.error("trial %s reported success but %s holds no results of its config", t.key, run_dir)
         else:
             metrics = found
@@ -109,9 +128,7 @@ def _row(t: Trial, outcome: TrialOutcome | None, run_dir: Path, expected: str | 
 
 
 def _table(rows: list[dict[str, Any]], cfgs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    keys = sorted({k for c in cfgs for k in c})
-    varying = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in cfgs}) > 1
-               and k not in ("seed", "name", "logging.group", "data.path")]
+    varying = varying_keys(cfgs)
     for r, c in zip(rows, cfgs, strict=True):
         r.update({f"cfg.{k}": c.get(k) for k in varying})
     head = [*_HEAD, *[f"cfg.{k}" for k in varying]]

@@ -11,7 +11,6 @@ last checkpoint under the same run name and storage).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ from pertadapt.config.load import (
 )
 from pertadapt.config.schema import ConfigError
 from pertadapt.sweep.ablation import Ablation, Trial
-from pertadapt.sweep.results import TrialOutcome, collect_results
+from pertadapt.sweep.results import TrialOutcome, collect_results, finished_metrics
 from pertadapt.sweep.search_space import SearchSpace
 from pertadapt.train.run import FINISHED_KEY
 from pertadapt.train.worker import has_resumable_checkpoint, launch
@@ -77,7 +76,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
     if params:
         trial_id = tune.get_context().get_trial_id()
         run_dir, name = run_dir / trial_id, f"{name}-{trial_id}"
-    finished = _finished_metrics(cfg, run_dir)
+    finished = finished_metrics(run_dir, config_hash(cfg))
     if finished is not None:  # a resumed sweep whose Tune state missed this trial's end: nothing to redo
         tune.report({**finished, FINISHED_KEY: 1})
         return
@@ -88,16 +87,6 @@ def _trial_fn(config: dict[str, Any]) -> None:
            resume=resume)
     if cfg.uses_ray_train:
         time.sleep(3)  # let the last TuneReportCallback result reach Tune (Train V2 race)
-
-
-def _finished_metrics(cfg: Any, run_dir: Path) -> dict[str, Any] | None:
-    """The final metrics of a run dir that already finished this very config (same config hash), else None."""
-    try:
-        prov = json.loads((run_dir / "provenance.json").read_text())
-        final = json.loads((run_dir / "final_metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return final if prov.get("config_hash") == config_hash(cfg) else None
 
 
 def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:

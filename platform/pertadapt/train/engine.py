@@ -272,9 +272,6 @@ class DeepSpeedEngine:
             deepspeed.init_distributed(dist_backend="nccl" if cfg.engine.use_gpu else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         ds_cfg = deepspeed_config(cfg, self.world_size)
-        if ds_cfg.get("checkpoint", {}).get("load_universal"):  # that loader unpickles (torch.load, weights_only=False)
-            raise ConfigError(f"{cfg.engine.deepspeed_config}: checkpoint.load_universal is not supported "
-                              "(checkpoints are safetensors + JSON, loaded without unpickling)")
         self.dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else None
         params = [p for p in model.parameters() if p.requires_grad]
         _clip_value_hooks(params, cfg.optim.clip_value)
