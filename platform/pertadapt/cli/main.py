@@ -18,10 +18,12 @@ def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
     console = Console(stderr=True)
-    if not console.is_terminal:  # logs and CI: one message per line, never wrapped at 80 columns
-        console = Console(stderr=True, width=4000)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+        fmt = "%(message)s"
+    else:  # logs and CI: one plain line per message, never wrapped or padded
+        handler, fmt = logging.StreamHandler(), "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, handlers=[handler], force=True)
 
 
 @app.callback()
