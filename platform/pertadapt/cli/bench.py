@@ -81,6 +81,35 @@ def _attention(n_genes: int = typer.Option(None, help="First N vocabulary genes 
     _show(f"GO-masked attention, sparse vs chunked ({device})", result, json_path)
 
 
+@bench.command("sweep")
+def _sweep_bench(ablation: Path = typer.Argument(None, help="Ablation YAML (default: the shipped demo grid)."),
+                 overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides for every trial."),
+                 out: Path = typer.Option(Path("runs/bench-sweep"), "--out", help="Sweep directory (started over)."),
+                 existing: Path = typer.Option(None, "--from", help="Only analyse this finished sweep directory."),
+                 json_path: Path = _JSON) -> None:
+    """Run a sweep (default: the demo grid) and print where each trial's time goes (target: overhead <= 35 %)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pertadapt.cli.runs import SWEEP_FILE, run_sweep_command
+    from pertadapt.config.load import resolve_config_path
+    from pertadapt.sweep.bench import PHASE_SPANS, sweep_timings
+
+    if existing is None:
+        ablation = ablation or resolve_config_path("demo.yaml", kind="ablations")
+        run_sweep_command(ablation, list(overrides or []), out=out, report=False,
+                          overwrite=(out / SWEEP_FILE).is_file())
+        existing = out
+    result = sweep_timings(existing.resolve())
+    table = Table(title=f"sweep {result['sweep']}: seconds per trial")
+    for col in ("trial", *PHASE_SPANS, "total"):
+        table.add_column(col, justify="left" if col == "trial" else "right")
+    for t in result["trials"]:
+        table.add_row(t["trial"], *[f"{t[p]:.1f}" for p in (*PHASE_SPANS, "total")])
+    Console().print(table)
+    _show("sweep overhead", result, json_path)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``bench`` to the root app."""
     app.add_typer(bench, name="bench")

@@ -67,6 +67,14 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML (arms × see
            address: str = typer.Option(None, "--address", help="Join the Ray cluster at ADDR (also $RAY_ADDRESS) "
                                        "instead of starting a local one.")) -> None:
     """Run an ablation grid through Ray Tune (trials = Ray Train + DeepSpeed runs), then report."""
+    run_sweep_command(ablation, list(overrides or []), search_space=search_space, out=out, report=report,
+                      dry_run=dry_run, resume=resume, overwrite=overwrite, address=address)
+
+
+def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Path | None = None,
+                      out: Path | None = None, report: bool = True, dry_run: bool = False, resume: bool = False,
+                      overwrite: bool = False, address: str | None = None) -> None:
+    """``pertadapt sweep``: validate, plan, run through Ray Tune, write results and (``report``) the report."""
     from pertadapt.data.presets import data_file_for
     from pertadapt.sweep.ablation import load_ablation
     from pertadapt.sweep.plan import build_plan, check_search_space, local_cpus, write_plan
@@ -81,7 +89,7 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML (arms × see
                           "RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file "
                           "~/.ray/auth_token / RAY_AUTH_TOKEN_PATH) in this shell")
     extra = {}
-    for item in overrides or []:
+    for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value (e.g. optim.epochs=2)")
         k, v = item.split("=", 1)
@@ -212,8 +220,8 @@ def _demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Sweep direc
     """The embedded default: simulated Perturb-seq on real GO → paper ablation grid → W&B offline → report."""
     from pertadapt.config.load import resolve_config_path
 
-    _sweep(resolve_config_path("demo.yaml", kind="ablations"), [], None, out, True, False, False,
-           overwrite and (out / SWEEP_FILE).is_file(), None)
+    run_sweep_command(resolve_config_path("demo.yaml", kind="ablations"), [], out=out,
+                      overwrite=overwrite and (out / SWEEP_FILE).is_file())
 
 
 def _config_show(config: Path = typer.Argument(..., help="Run config YAML (may use base:)."),

@@ -33,7 +33,6 @@ from collections.abc import Callable, Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 
 from pertadapt.data.conditions import condition_genes, unify_spellings
@@ -163,6 +162,8 @@ def _rank_genes(adata: ad.AnnData) -> dict[str, np.ndarray]:
                                           index=adata.obs_names[mask]),
                          var=pd.DataFrame(index=adata.var_names))
         sub.uns["log1p"] = {"base": None}
+        import scanpy as sc  # seconds to import: only where data is prepared (not in every training worker)
+
         with warnings.catch_warnings():
             # scanpy fills its result frame column by column; pandas warns about fragmentation.
             warnings.simplefilter("ignore", pd.errors.PerformanceWarning)

@@ -24,9 +24,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import dcor
 import numpy as np
-from sklearn.linear_model import TheilSenRegressor
 
 from pertadapt.data.conditions import condition_genes
 from pertadapt.data.keys import CONTROL, SEP
@@ -70,6 +68,9 @@ def gi_params(delta_a: np.ndarray, delta_b: np.ndarray, delta_ab: np.ndarray) ->
         ``dcor`` = dCor([δ_A, δ_B], δ_AB), ``dominance`` = |log10(c1/c2)| (inf/NaN when a
         coefficient is 0, as in GEARS), ``corr_fit`` = Pearson(fit, δ_AB) with NaN -> 0.
     """
+    import dcor  # numba-compiled at import (seconds): only where GI metrics are computed
+    from sklearn.linear_model import TheilSenRegressor
+
     singles = np.column_stack([delta_a, delta_b]).astype(np.float64)
     y = np.asarray(delta_ab, dtype=np.float64)
     ts = TheilSenRegressor(fit_intercept=False, max_subpopulation=int(1e5), max_iter=1000,

@@ -39,6 +39,7 @@ from pertadapt.sweep.ablation import Ablation, Trial
 from pertadapt.sweep.results import TrialOutcome, collect_results, finished_metrics
 from pertadapt.sweep.search_space import SearchSpace
 from pertadapt.train.run import FINISHED_KEY
+from pertadapt.train.timeline import mark
 from pertadapt.train.worker import has_resumable_checkpoint, launch
 
 __all__ = ["LOCAL_NODE_IP", "check_resources", "run_sweep"]
@@ -77,6 +78,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
         trial_id = tune.get_context().get_trial_id()
         run_dir, name = run_dir / trial_id, f"{name}-{trial_id}"
     finished = finished_metrics(run_dir, config_hash(cfg))
+    mark(run_dir, "trial_start")
     if finished is not None:  # a resumed sweep whose Tune state missed this trial's end: nothing to redo
         tune.report({**finished, FINISHED_KEY: 1})
         return
@@ -87,6 +89,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
            resume=resume)
     if cfg.uses_ray_train:
         time.sleep(3)  # let the last TuneReportCallback result reach Tune (Train V2 race)
+    mark(run_dir, "trial_end")
 
 
 def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
@@ -173,7 +176,7 @@ def _run_grid(specs: Sequence[dict[str, Any]], sweep_dir: Path, name: str, max_c
     trainable = tune.with_resources(_trial_fn, _resources)
     return _fit(lambda: tune.Tuner(
         trainable, param_space={"trial": tune.grid_search(list(specs))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir / "ray"), verbose=0,
                                   callbacks=[_Progress(name, len(specs))],
                                   failure_config=tune.FailureConfig(max_failures=0)),
@@ -225,7 +228,8 @@ def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path
             trainable, param_space={"trial": spec},
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search,
                                         scheduler=_scheduler(space, spec["run"]["optim"]["epochs"]),
-                                        num_samples=space.num_samples, max_concurrent_trials=max_concurrent),
+                                        num_samples=space.num_samples, max_concurrent_trials=max_concurrent,
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir / "ray"), verbose=0,
                                       callbacks=[_Progress(name, space.num_samples)],
                                       failure_config=tune.FailureConfig(max_failures=0)))
@@ -246,6 +250,8 @@ def _init_ray(num_cpus: int) -> None:
         ray.init(log_to_driver=False, runtime_env=_runtime_env())
         return
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # one machine: no node can be preempted, so no watcher actor per trial (seconds of start-up each)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=num_cpus, log_to_driver=False, runtime_env=_runtime_env(), _node_ip_address=LOCAL_NODE_IP,
              dashboard_host="127.0.0.1", include_dashboard=True)
 

@@ -24,6 +24,7 @@ from pertadapt.eval import Metrics, score_predictions
 from pertadapt.files import atomic_write_text
 from pertadapt.train.checkpoint import Checkpoints, record_attempt, record_nonfinite
 from pertadapt.train.engine import Engine
+from pertadapt.train.timeline import mark
 from pertadapt.types import Batch, LossOutput
 
 __all__ = ["EvalSet", "TrainResult", "predict_condition_means", "train"]
@@ -224,6 +225,8 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
             with history.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
         report(row)
+    if engine.rank == 0:
+        mark(run_dir, "train_end")
     checkpoints.load_best(engine, best_epoch)
     test_metrics, test_pred = evaluate(engine, test, "test", cfg.eval.batch_size)
     val_metrics = evaluate(engine, val, "val", cfg.eval.batch_size)[0]

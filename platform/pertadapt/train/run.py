@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from pertadapt.train.checkpoint import Checkpoints, DirCheckpoints
 from pertadapt.train.engine import build_engine
 from pertadapt.train.loop import train
 from pertadapt.train.setup import RunData, prepare_run_data, provenance
+from pertadapt.train.timeline import mark
 
 __all__ = ["FINISHED_KEY", "backbone_weights", "open_run_logger", "run", "seed_everything"]
 
@@ -162,10 +164,14 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
     seed_everything(cfg.seed)
     rd = prepare_run_data(cfg)
     if cfg.is_baseline:
+        mark(run_dir, "data_ready")
+        mark(run_dir, "model_ready")
         best_epoch, val, test, preds = _run_baseline(cfg, rd)
+        mark(run_dir, "train_end")
         rank, ranks = 0, [rank_placement(0, "cpu")]
     else:
         seed_everything(cfg.seed)
+        data_ready = time.time()
         engine = build_engine(build_model(cfg, rd.inputs), cfg)
         rank = engine.rank
         ranks = engine.gather(rank_placement(rank, engine.device))
@@ -173,11 +179,14 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         resumed = store.restore(engine)  # validated and loaded before anything in run_dir is written
         if rank == 0:
             _write_run_files(cfg, run_dir, rd, ranks)
+            mark(run_dir, "data_ready", at=data_ready)
+            mark(run_dir, "model_ready")
         result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), run_dir, on_epoch,
                        checkpoints=store, resumed=resumed)
         best_epoch, val, test, preds = result.best_epoch, result.val, result.test, result.test_predictions
     metrics: dict[str, Any] = {"best_epoch": best_epoch, **val.flat("val"), **test.flat("test")}
     if rank == 0:
+        mark(run_dir, "eval_end")
         sim = read_sim_truth(rd.data_path)
         truth = score_against_truth(preds, sim) if sim is not None else None
         if truth is not None:  # simulated data: distance to the noise-free truth, not only to noisy means
@@ -190,5 +199,7 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         atomic_write_text(run_dir / "per_condition.csv", _per_condition_csv(test, truth, rd.split.subgroups))
         atomic_write_json(run_dir / "final_metrics.json", metrics)
     logger.finish(metrics)
+    if rank == 0:
+        mark(run_dir, "run_end")
     hook({**metrics, FINISHED_KEY: 1})
     return metrics

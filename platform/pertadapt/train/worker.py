@@ -43,6 +43,7 @@ from pertadapt.train.checkpoint import (
     require_checkpoint,
 )
 from pertadapt.train.run import NODE_ID_ENV, NODE_IP_ENV, open_run_logger, run
+from pertadapt.train.timeline import mark
 
 __all__ = ["RayCheckpoints", "has_resumable_checkpoint", "launch", "train_fn_per_worker"]
 
@@ -119,6 +120,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     run_dir = Path(loop_config["run_dir"])
     check_not_nonfinite(run_dir)
     rank = ray.train.get_context().get_world_rank()
+    if rank == 0:
+        mark(run_dir, "worker_start")
     os.environ[NODE_ID_ENV] = ray.get_runtime_context().get_node_id()  # recorded in provenance.json "ranks"
     os.environ[NODE_IP_ENV] = ray.util.get_node_ip_address()
     logger = open_run_logger(cfg, run_dir, rank=rank, name=loop_config["wandb_name"])
