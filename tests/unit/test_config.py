@@ -171,6 +171,7 @@ def _write(path: Path, text: str | bytes) -> Path:
     (["eval.select_metric=val_nonsense"], "eval.select_metric"),
     (["model.linear_k=0"], "model.linear_k"),
     (["name=../escape"], "name"),
+    (["engine.workers=2"], "engine.workers: the 'torch' engine runs one process"),
 ])
 def test_cross_section_checks_fail_in_validation(overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("×", "×")):

@@ -128,8 +128,11 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
              len(abl.seeds), sweep_dir, describe_wandb_mode(abl.trials[0].config.logging.wandb))
     t0 = time.time()
     stopped = _stop_gracefully_on_sigterm()
+    # a local Ray is sized for the plan's concurrency; on a cluster it follows the cluster (capped by the YAML)
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     results = run_sweep(abl, sweep_dir, search_space=space, data_paths=plan_paths(plan), num_cpus=local_cpus(plan),
-                        max_concurrent=plan["max_concurrent_trials"], resume=resume)
+                        max_concurrent=abl.max_concurrent_trials if on_cluster else plan["max_concurrent_trials"],
+                        resume=resume)
     if stopped:
         log.error("sweep interrupted after %.0f s; finish it with: pertadapt sweep %s --out %s --resume",
                   time.time() - t0, ablation, sweep_dir)

@@ -308,6 +308,8 @@ class EngineConfig:
         _check("engine.cpus_per_worker", self.cpus_per_worker > 0, "a positive number", self.cpus_per_worker)
         _check("engine.gpus_per_worker", self.gpus_per_worker >= 0, "a non-negative number", self.gpus_per_worker)
         _choice("engine.placement", self.placement, ("pack", "spread"))
+        if self.name == "torch" and self.workers != 1:
+            raise ConfigError("engine.workers: the 'torch' engine runs one process; use engine.name=deepspeed")
 
     @property
     def gpus(self) -> float:
@@ -318,8 +320,6 @@ class EngineConfig:
     def on_gpu(self) -> bool:
         """Whether training runs on CUDA devices."""
         return self.gpus > 0
-        if self.name == "torch" and self.workers != 1:
-            raise ConfigError("engine.workers: the 'torch' engine runs one process; use engine.name=deepspeed")
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from pertadapt.train.run import FINISHED_KEY
 from pertadapt.train.timeline import mark
 from pertadapt.train.worker import has_resumable_checkpoint, launch
 
-__all__ = ["LOCAL_NODE_IP", "check_resources", "run_sweep"]
+__all__ = ["LOCAL_NODE_IP", "check_resources", "cluster_concurrency", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,24 @@ def check_resources(ablation: Ablation) -> None:
                                   f"cluster: {has}); ask for less or add nodes")
 
 
+def _trial_need(trial: Trial) -> dict[str, float]:
+    """Everything one trial holds at once: its workers' bundles (and the Tune trial function's sliver)."""
+    workers = trial.config.engine.workers if trial.config.uses_ray_train else 1
+    need = {k: v * workers for k, v in _worker_bundle(trial).items() if k in ("CPU", "GPU")}
+    need["CPU"] = need.get("CPU", 0.0) + (0.01 if trial.config.uses_ray_train else 0.0)
+    return need
+
+
+def cluster_concurrency(ablation: Ablation) -> int:
+    """How many of the ablation's largest trials the live cluster's CPUs and GPUs hold at once (≥ 1)."""
+    total = ray.cluster_resources()
+    fits = []
+    for t in ablation.trials:
+        need = _trial_need(t)
+        fits.append(min(math.floor(total.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0))
+    return max(1, min(fits))
+
+
 def _hashes(specs: Sequence[dict[str, Any]]) -> dict[str, str]:
     """trial key → hash of the config it runs (as sent to the trial: data path and tuned parameters in)."""
     return {s["key"]: config_hash(config_from_dict(s["run"])) for s in specs}
@@ -321,7 +339,7 @@ def _outcomes(grid: tune.ResultGrid, stage: str) -> list[TrialOutcome]:
 
 
 def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace | None = None,
-              data_paths: Mapping[str, str], num_cpus: int, max_concurrent: int, resume: bool = False) -> Path:
+              data_paths: Mapping[str, str], num_cpus: int, max_concurrent: int | None, resume: bool = False) -> Path:
     """Run every trial of ``ablation`` on Ray (a local cluster this function starts and stops, or
     the one at ``RAY_ADDRESS``), then write the results.
 
@@ -338,7 +356,7 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     num_cpus
         Logical CPUs of a local Ray cluster.
     max_concurrent
-        Trials at once.
+        Trials at once; ``None``: as many as the cluster's CPUs and GPUs hold (:func:`cluster_concurrency`).
     resume
         Restore the sweep's Tune experiments instead of starting them afresh.
 
@@ -352,6 +370,11 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     outcomes: list[TrialOutcome] = []
     try:
         check_resources(ablation)
+        fit = cluster_concurrency(ablation)
+        if max_concurrent is None or max_concurrent > fit:
+            log.info("%d trial(s) at a time: what the cluster holds%s", fit,
+                     "" if max_concurrent is None else f" (max_concurrent_trials {max_concurrent} asks for more)")
+        max_concurrent = min(fit, max_concurrent or fit)
         specs = [_spec(t, sweep_dir, data_paths) for t in ablation.trials]
         if search_space is None:
             outcomes += _outcomes(_run_grid(specs, sweep_dir, "grid", max_concurrent, resume), "grid")

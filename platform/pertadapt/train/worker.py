@@ -45,7 +45,7 @@ from pertadapt.train.checkpoint import (
 from pertadapt.train.run import NODE_ID_ENV, NODE_IP_ENV, open_run_logger, run
 from pertadapt.train.timeline import mark
 
-__all__ = ["RayCheckpoints", "has_resumable_checkpoint", "launch", "train_fn_per_worker"]
+__all__ = ["RayCheckpoints", "has_resumable_checkpoint", "launch", "scaling_config", "train_fn_per_worker"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
@@ -129,14 +129,23 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     run(cfg, run_dir, logger=logger, report=store.report, checkpoints=store)
 
 
+def scaling_config(cfg: RunConfig) -> ray.train.ScalingConfig:
+    """Ray Train's placement of a run: ``engine.workers`` × (``cpus_per_worker`` CPUs, ``gpus`` GPUs) on nodes
+    with ``accelerator_type`` (when set), packed onto as few nodes as possible or spread over many
+    (``engine.placement``)."""
+    e = cfg.engine
+    resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus} if e.on_gpu else {})}
+    return ray.train.ScalingConfig(num_workers=e.workers, use_gpu=e.on_gpu, resources_per_worker=resources,
+                                   placement_strategy=e.placement.upper(), accelerator_type=e.accelerator_type)
+
+
 def _fit_on_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path: Path, wandb_name: str,
                       callbacks: Sequence[Any], max_failures: int) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"run": config_to_dict(cfg), "run_dir": str(run_dir), "wandb_name": wandb_name},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.engine.workers, use_gpu=cfg.engine.use_gpu,
-                                               resources_per_worker={"CPU": cfg.engine.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.engine.use_gpu else "gloo"),
+        scaling_config=scaling_config(cfg),
+        torch_config=TorchConfig(backend="nccl" if cfg.engine.on_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage_path), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=2),

@@ -1,0 +1,102 @@
+"""A two-node local Ray cluster (head with 0 CPUs on 127.0.0.2, workers on 127.0.0.3 and .4), started and
+stopped by PID through the shipped recipe ``cluster/local/ray-local-cluster.sh``: a sweep joins it with
+``--address``, a sweep is submitted as a Ray job through ``pertadapt cluster submit``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "cluster" / "local" / "ray-local-cluster.sh"
+GCS, JOBS = "127.0.0.2:6390", "http://127.0.0.1:8275"
+FAST = ["optim.epochs=1", "optim.max_steps_per_epoch=2"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+
+
+def _pertadapt(*args: str, ok: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "pertadapt.cli", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout, env=_env())
+    if ok:
+        assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Path]:
+    # a short path: Ray's unix socket paths under the temp dir must stay short
+    state = Path(subprocess.run(["mktemp", "-d", "/tmp/pa2n.XXXX"], capture_output=True, text=True,
+                                check=True).stdout.strip())
+    before = subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True, text=True).stdout.split()
+    up = subprocess.run(["bash", str(RECIPE), "up", str(state), "2", "2"], capture_output=True, text=True,
+                        timeout=300, env=_env())
+    try:
+        assert up.returncode == 0, up.stderr + "".join(p.read_text()[-2000:] for p in state.glob("*.log"))
+        yield state
+    finally:
+        pids = [int(p.read_text()) for p in state.glob("*.pid")]
+        subprocess.run(["bash", str(RECIPE), "down", str(state)], timeout=300, env=_env())
+        alive = [p for p in pids if Path(f"/proc/{p}").exists()]
+        left = set(subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True,
+                                  text=True).stdout.split()) - set(before)
+        assert not alive, f"recipe processes left running: {alive}"
+        assert not left, f"Ray processes left running: {sorted(left)}"
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_a_sweep_joins_the_cluster_and_spreads_ranks_over_two_nodes(two_nodes: Path, tmp_path: Path) -> None:
+    abl = tmp_path / "two.yaml"
+    abl.write_text("name: twonode\nbase: demo.yaml\nseeds: [1]\nbaselines: false\nresources: {placement: spread}\n"
+                   "arms:\n  full: {}\n  no_am: {adapter.attention_mask: none}\n")
+    out = tmp_path / "sweep"
+    _pertadapt("sweep", str(abl), *FAST, "--out", str(out), "--address", GCS, "--no-report")
+    rows = _rows(out / "results.csv")
+    assert sorted(r["trial"] for r in rows) == ["full/seed1", "no_am/seed1"]
+    assert all(r["status"] == "ok" for r in rows)
+    node_sets = []
+    for r in rows:
+        ranks = json.loads((Path(r["run_dir"]) / "provenance.json").read_text())["ranks"]
+        assert [k["rank"] for k in ranks] == [0, 1]
+        # the head (which made the data, in the driver) offers no CPUs: no rank ran there
+        assert all(k["node_ip"] in ("127.0.0.3", "127.0.0.4") for k in ranks), ranks
+        assert all(k["device"] == "cpu" for k in ranks)
+        node_sets.append({k["node_id"] for k in ranks})
+    assert any(len(s) == 2 for s in node_sets), node_sets
+
+
+def test_a_gpu_request_fails_before_any_trial_on_the_cluster(two_nodes: Path, tmp_path: Path) -> None:
+    abl = tmp_path / "gpu.yaml"
+    abl.write_text("name: gpu\nbase: demo.yaml\nseeds: [1]\nbaselines: false\nresources: {gpus_per_worker: 1}\n"
+                   "arms:\n  full: {}\n")
+    res = _pertadapt("sweep", str(abl), "--out", str(tmp_path / "sweep"), "--address", GCS, ok=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "resources.gpus_per_worker" in res.stderr
+    assert "cluster: CPU 4" in res.stderr
+    assert not (tmp_path / "sweep" / "runs").exists()
+
+
+def test_cluster_submit_runs_a_sweep_as_a_ray_job(two_nodes: Path, tmp_path: Path) -> None:
+    abl = tmp_path / "job.yaml"
+    abl.write_text("name: job\nbase: demo.yaml\nseeds: [1]\nbaselines: false\n"
+                   "arms:\n  mean: {model.name: baseline_mean}\n")
+    out = tmp_path / "job"
+    res = _pertadapt("cluster", "submit", "--address", JOBS, "--id", f"pertadapt-test-{os.getpid()}", str(abl),
+                     "--out", str(out), "--no-report")
+    assert "succeeded" in res.stdout + res.stderr
+    rows = _rows(out / "results.csv")
+    assert [(r["trial"], r["status"]) for r in rows] == [("mean/seed1", "ok")]
