@@ -99,8 +99,8 @@ class AblationFile:
         arm name → dotted overrides (``{}`` = the base as it is).
     factors
         factor → level → dotted overrides. Every row of the product of the levels (or each of ``rows``)
-        is an arm named by :func:`pertadapt.sweep.ablation.arm_name`. Unquoted ``on``/``off`` keys
-        (YAML booleans) are the levels ``on`` and ``off``.
+        is an arm named by :func:`pertadapt.sweep.ablation.arm_name`. YAML reads unquoted ``on``/``off``
+        (also ``yes``/``no``, ``true``/``false``) as booleans; they are the levels ``on`` and ``off``.
     exclude
         Partial rows (factor → level); every row of the product that matches one of them is dropped.
     rows
@@ -181,7 +181,7 @@ class AblationFile:
             if self.exclude is not None or self.rows is not None:
                 raise ConfigError("exclude / rows: select rows of factors:, which this file does not have")
             return {}
-        if not isinstance(self.factors, Mapping) or not self.factors:
+        if not self.factors:
             raise ConfigError("factors: expected a non-empty mapping of factor → {level: overrides}")
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for f, levels in self.factors.items():

@@ -2,7 +2,7 @@
 
 An ablation file::
 
-    name: paper_toggles
+    name: fm_pa
     base: ../configs/demo.yaml      # a run config (relative to this file, then the shipped configs)
     seeds: [1, 2]
     reference_arm: fm+pa            # paired tests are made against it (default: the first arm)
