@@ -54,7 +54,7 @@ def test_demo_grid_results(demo_sweep: Path) -> None:
     assert all(r["status"] == "ok" for r in rows)
     assert all(r["attempts"] == "1" and r["error"] == "" for r in rows)
     arms = {r["arm"] for r in rows}
-    assert {"full", "no_fm", "no_pa", "no_am", "no_ladapt"} <= arms
+    assert {"none", "fm", "fm+pa", "fm+pa+am", "fm+ladapt", "fm+pa+am+ladapt"} <= arms
     assert {"baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear"} <= arms
     for arm in arms:
         assert sorted(int(r["seed"]) for r in rows if r["arm"] == arm) == [1, 2]
@@ -109,7 +109,7 @@ def test_training_trials_ran_on_two_deepspeed_workers(demo_sweep: Path) -> None:
 def test_report_command_rewrites_the_report(demo_sweep: Path) -> None:
     report = demo_sweep / "report" / "report.html"
     report.unlink()
-    _pertadapt("report", str(demo_sweep), "--reference", "full")
+    _pertadapt("report", str(demo_sweep), "--reference", "fm+pa+am+ladapt")
     assert report.is_file()
     assert _rows(demo_sweep / "report", "paired_tests.csv")
 
@@ -217,10 +217,10 @@ def test_dry_run_plans_without_starting_anything(tmp_path: Path, ray_pids) -> No
     before = ray_pids()
     res = _pertadapt("sweep", "ablations/demo.yaml", "--out", str(tmp_path / "plan"), "--dry-run")
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
-    assert len(plan["trials"]) == 18
-    assert {t["arm"] for t in plan["trials"]} >= {"full", "no_fm", "baseline_linear"}
+    assert len(plan["trials"]) == 20
+    assert {t["arm"] for t in plan["trials"]} >= {"fm+pa+am+ladapt", "none", "baseline_linear"}
     assert all(t["workers"] == 2 for t in plan["trials"] if not t["is_baseline"])
-    assert "18 trials" in res.stdout
+    assert "20 trials" in res.stdout
     assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["plan.json"]
     assert ray_pids() == before
 

@@ -25,7 +25,8 @@ def test_every_run_config_loads(path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "ablations").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_ablation_builds_all_trials(path: Path) -> None:
     abl = load_ablation(path)
-    assert len(abl.trials) == len(abl.arms) * len(abl.seeds)
+    cells = {(t.dataset, t.backbone) for t in abl.trials}
+    assert len(abl.trials) == len(cells) * len(abl.arms) * len(abl.seeds)
     assert {t.arm for t in abl.trials} >= {"baseline_nochange", "baseline_mean", "baseline_additive",
                                            "baseline_linear"}
 

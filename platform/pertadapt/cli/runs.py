@@ -54,8 +54,10 @@ def _print_metrics(run_dir: Path) -> None:
     Console().print(table)
 
 
-def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML (arms × seeds × datasets × backbones)."),
-           overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides for every trial."),
+def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML ((factorial) arms × seeds × datasets × backbones)."),
+           overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides for every trial; "
+                                                 "datasets.<name>.key=value or backbones.<name>.key=value "
+                                                 "for one named set of the ablation."),
            search_space: Path = typer.Option(None, "--search-space", help="Optuna search-space YAML."),
            out: Path = typer.Option(None, "--out", help="Sweep directory (default: runs/<ablation name>)."),
            report: bool = typer.Option(True, help="Write the report at the end."),

@@ -188,6 +188,9 @@ class AdapterConfig:
     """The perturbation adapter (PA) with its GO attention mask (AM)."""
 
     enabled: bool = True
+    #: What replaces the PA when ``enabled`` is false: ``decoder`` (the FM-baseline/GEARS decoder) or
+    #: ``sum`` (``H = E + p`` into the same head).
+    off_mode: str = "decoder"
     attention_mask: str = "go"
     layers: int = 1
     heads: int = 8
@@ -202,6 +205,7 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         _choice("adapter.attention_mask", self.attention_mask, MASKS)
+        _choice("adapter.off_mode", self.off_mode, ("decoder", "sum"))
         _choice("adapter.attention_impl", self.attention_impl, ("chunked", "sparse", "auto"))
         _choice("adapter.inject", self.inject, ("all", "perturbed"))
         _check("adapter.layers", self.layers > 0, "a positive integer", self.layers)

@@ -8,6 +8,7 @@ then the checks in ``__post_init__``. Whether an arm's overrides make valid run 
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from pertadapt.config.schema import is_metric_name
 __all__ = ["AblationFile", "DimensionSpec", "SearchSpaceFile", "check_name"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
+#: Factor and level names: no ``+``, ``=`` or ``.``, so that a derived arm name (``fm+pa+mask=random``)
+#: names exactly one row of the product.
+_FACTOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 DIMENSION_TYPES = ("uniform", "loguniform", "int", "choice")
 #: Keys of an ablation's ``resources:`` (the same as ``engine.*`` of a run config).
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "accelerator_type", "placement")
@@ -42,6 +46,37 @@ def _overrides(where: str, value: Any) -> dict[str, Any]:
     return {str(k): v for k, v in value.items()}
 
 
+def _factor_word(where: str, name: object) -> str:
+    """A factor or level name; YAML's ``on``/``off`` (read as booleans) stand for the levels ``on``/``off``."""
+    if isinstance(name, bool):
+        return "on" if name else "off"
+    if isinstance(name, int):
+        name = str(name)
+    if not isinstance(name, str) or not _FACTOR_NAME.match(name):
+        raise ConfigError(f"{where}: {name!r} is not a valid factor or level name (letters, digits, _ and -)")
+    return name
+
+
+def _level_row(where: str, raw: Any, factors: Mapping[str, Mapping[str, Any]], *, complete: bool
+               ) -> dict[str, str]:
+    """One ``exclude``/``rows`` entry as factor → level, every name checked against ``factors``."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(f"{where}: expected a non-empty mapping of factor → level, got {raw!r}")
+    row = {}
+    for f, level in raw.items():
+        f = _factor_word(where, f)
+        if f not in factors:
+            raise ConfigError(f"{where}.{f}: unknown factor; factors: {', '.join(factors)}")
+        level = _factor_word(f"{where}.{f}", level)
+        if level not in factors[f]:
+            raise ConfigError(f"{where}.{f}: unknown level {level!r}; levels of {f}: {', '.join(factors[f])}")
+        row[f] = level
+    missing = [f for f in factors if f not in row]
+    if complete and missing:
+        raise ConfigError(f"{where}: a row gives a level for every factor; missing: {', '.join(missing)}")
+    return {f: row[f] for f in factors if f in row}
+
+
 def _named(where: str, raw: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
     if raw is None:
         return {"": {}}
@@ -52,7 +87,7 @@ def _named(where: str, raw: Mapping[str, Any] | None) -> dict[str, dict[str, Any
 
 @dataclass(frozen=True)
 class AblationFile:
-    """An ablation YAML: named arms (dotted overrides) × seeds × optional datasets × backbones.
+    """An ablation YAML: arms (named, and/or rows of a factorial design) × seeds × optional datasets × backbones.
 
     Attributes
     ----------
@@ -62,6 +97,14 @@ class AblationFile:
         The run config every trial starts from (relative to the ablation file, then the shipped configs).
     arms
         arm name → dotted overrides (``{}`` = the base as it is).
+    factors
+        factor → level → dotted overrides. Every row of the product of the levels (or each of ``rows``)
+        is an arm named by :func:`pertadapt.sweep.ablation.arm_name`. YAML reads unquoted ``on``/``off``
+        (also ``yes``/``no``, ``true``/``false``) as booleans; they are the levels ``on`` and ``off``.
+    exclude
+        Partial rows (factor → level); every row of the product that matches one of them is dropped.
+    rows
+        Instead of the whole product: exactly these rows, in this order (each gives every factor's level).
     seeds
         Run seeds (distinct).
     reference_arm
@@ -89,7 +132,10 @@ class AblationFile:
 
     name: str = MISSING
     base: str = MISSING
-    arms: dict[str, Any] = MISSING
+    arms: dict[str, Any] | None = None
+    factors: dict[str, Any] | None = None
+    exclude: list[Any] | None = None
+    rows: list[Any] | None = None
     description: str = ""
     seeds: list[int] = field(default_factory=lambda: [1])
     reference_arm: str | None = None
@@ -108,9 +154,12 @@ class AblationFile:
             raise ConfigError(f"resources: unknown key(s) {unknown}; valid: {', '.join(RESOURCE_KEYS)}")
         if self.max_failures is not None and self.max_failures < 0:
             raise ConfigError(f"max_failures: expected an integer >= 0, got {self.max_failures}")
-        if not self.arms:
-            raise ConfigError("arms: expected a non-empty mapping of arm name → overrides")
-        self.arm_overrides()
+        if not self.arms and not self.factors:
+            raise ConfigError("arms / factors: expected a non-empty mapping of arm name → overrides under arms:, "
+                              "or factors: (factor → level → overrides)")
+        if self.arms is not None:
+            self.arm_overrides()
+        self.factor_rows()
         self.named("datasets")
         self.named("backbones")
         if not self.seeds:
@@ -123,8 +172,58 @@ class AblationFile:
                               f"{self.max_concurrent_trials}")
 
     def arm_overrides(self) -> dict[str, dict[str, Any]]:
-        """arm name → dotted overrides, names checked."""
-        return _named("arms", self.arms)
+        """arm name → dotted overrides of ``arms:``, names checked (empty without ``arms:``)."""
+        return _named("arms", self.arms) if self.arms is not None else {}
+
+    def factor_levels(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """factor → level → dotted overrides, in file order, names checked (empty without ``factors:``)."""
+        if self.factors is None:
+            if self.exclude is not None or self.rows is not None:
+                raise ConfigError("exclude / rows: select rows of factors:, which this file does not have")
+            return {}
+        if not self.factors:
+            raise ConfigError("factors: expected a non-empty mapping of factor → {level: overrides}")
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for f, levels in self.factors.items():
+            name = _factor_word("factors", f)
+            if name in out:
+                raise ConfigError(f"factors.{name}: listed twice")
+            if not isinstance(levels, Mapping) or not levels:
+                raise ConfigError(f"factors.{name}: expected a non-empty mapping of level → overrides, got "
+                                  f"{levels!r}")
+            out[name] = {}
+            for level, overrides in levels.items():
+                lv = _factor_word(f"factors.{name}", level)
+                if lv in out[name]:
+                    raise ConfigError(f"factors.{name}.{lv}: listed twice")
+                out[name][lv] = _overrides(f"factors.{name}.{lv}", overrides)
+        return out
+
+    def factor_rows(self) -> list[dict[str, str]]:
+        """The selected rows of the factorial design as factor → level, in order (empty without factors).
+
+        ``rows:`` gives them explicitly; otherwise the product of the levels (factors in file order, the
+        last varying fastest) minus every row that matches an ``exclude:`` entry.
+        """
+        factors = self.factor_levels()
+        if not factors:
+            return []
+        if self.rows is not None and self.exclude is not None:
+            raise ConfigError("rows / exclude: rows lists the arms, exclude filters the whole product; use one")
+        if self.rows is not None:
+            if not self.rows:
+                raise ConfigError("rows: expected a non-empty list of rows (factor → level)")
+            rows = [_level_row(f"rows[{i}]", r, factors, complete=True) for i, r in enumerate(self.rows)]
+            for i, r in enumerate(rows):
+                if r in rows[:i]:
+                    raise ConfigError(f"rows[{i}]: the same row as rows[{rows.index(r)}]")
+            return rows
+        drop = [_level_row(f"exclude[{i}]", e, factors, complete=False) for i, e in enumerate(self.exclude or [])]
+        product = [dict(zip(factors, levels, strict=True)) for levels in itertools.product(*factors.values())]
+        rows = [r for r in product if not any(all(r[f] == lv for f, lv in e.items()) for e in drop)]
+        if not rows:
+            raise ConfigError(f"exclude: drops every one of the {len(product)} rows of factors:; no arm is left")
+        return rows
 
     def named(self, key: str) -> dict[str, dict[str, Any]]:
         """``datasets`` or ``backbones`` as name → overrides (``{"": {}}`` when absent)."""

@@ -67,7 +67,8 @@ def build_plan(ablation: Ablation, space: SearchSpace | None, data_paths: Mappin
         cfg = t.config
         trials.append({
             "key": t.key, "arm": t.arm, "seed": t.seed, "dataset": t.dataset, "backbone": t.backbone,
-            "is_baseline": cfg.is_baseline, "varying": {k: flats[t.key].get(k) for k in varying},
+            "levels": t.levels, "is_baseline": cfg.is_baseline,
+            "varying": {k: flats[t.key].get(k) for k in varying},
             "workers": cfg.engine.workers if cfg.uses_ray_train else 1,
             "cpus_per_worker": cfg.engine.cpus_per_worker if cfg.uses_ray_train else 1.0,
             "gpus_per_worker": 0.0 if cfg.is_baseline else cfg.engine.gpus, "placement": cfg.engine.placement,
@@ -82,7 +83,8 @@ def build_plan(ablation: Ablation, space: SearchSpace | None, data_paths: Mappin
                   "dims": [{"key": d.key, "kind": d.kind, "low": d.low, "high": d.high, "values": list(d.values)}
                            for d in space.dims]}
     return {"name": ablation.name, "ablation": str(ablation.path), "reference_arm": ablation.reference_arm,
-            "search": search, "max_concurrent_trials": max_concurrent, "trials": trials}
+            "factors": {f: list(lv) for f, lv in ablation.factors.items()}, "search": search,
+            "max_concurrent_trials": max_concurrent, "trials": trials}
 
 
 def local_cpus(plan: Mapping[str, Any]) -> int:
