@@ -111,3 +111,39 @@ def test_select_mode_max_picks_the_epoch_with_the_highest_metric(demo_h5ad: Path
     again = run(_cfg(demo_h5ad, "optim.epochs=1"), tmp_path / "max")  # fresh run in the same dir
     assert len((tmp_path / "max" / "metrics.jsonl").read_text().splitlines()) == 1
     assert np.isfinite(again["test_mse_de"])
+
+
+def test_fm_baseline_decoder_trains_and_writes_final_metrics(demo_h5ad: Path, tmp_path: Path,
+                                                             assert_checkpoint_reproduces) -> None:
+    """PA off (``off_mode: decoder``, the default): the GEARS decoder trains end to end on the demo preset."""
+    cfg = _cfg(demo_h5ad, "adapter.enabled=false", "optim.epochs=1", "optim.max_steps_per_epoch=2")
+    assert cfg.uses_fm_decoder
+    m = run(cfg, tmp_path / "decoder")
+    assert np.isfinite(m["test_mse_de"])
+    assert m == pytest.approx(json.loads((tmp_path / "decoder" / "final_metrics.json").read_text()))
+    rows = [json.loads(line) for line in (tmp_path / "decoder" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    assert np.isfinite(rows[0]["train_loss"])
+    prov = json.loads((tmp_path / "decoder" / "provenance.json").read_text())
+    assert len(prov["coexpress_sha256"]) == 64
+    assert prov["go_mask_sha256"] == "none"  # no attention, no mask
+    assert_checkpoint_reproduces(cfg, tmp_path / "decoder")
+
+
+def test_coexpression_options_change_the_graph_handed_to_the_decoder(demo_h5ad: Path) -> None:
+    from pertadapt.train.setup import prepare_run_data
+
+    off = ["adapter.enabled=false"]
+    base = prepare_run_data(_cfg(demo_h5ad, *off))
+    n_genes = len(base.inputs.genes)
+    # demo control cells carry no co-expression (method.md §13): at 0.4 only the self-loops survive
+    assert len(base.inputs.coexpress_src) == n_genes
+    assert (base.inputs.coexpress_src == base.inputs.coexpress_dst).all()
+    loose = prepare_run_data(_cfg(demo_h5ad, *off, "model.coexpress_threshold=0.0"))
+    assert len(loose.inputs.coexpress_src) == n_genes * 21  # top 20 + itself, every |r| > 0
+    narrow = prepare_run_data(_cfg(demo_h5ad, *off, "model.coexpress_threshold=0.0", "model.coexpress_top_k=3"))
+    assert len(narrow.inputs.coexpress_src) == n_genes * 4
+    assert narrow.hashes["coexpress_sha256"] != loose.hashes["coexpress_sha256"]
+    summed = prepare_run_data(_cfg(demo_h5ad, *off, "adapter.off_mode=sum"))
+    assert summed.inputs.coexpress_src is None
+    assert summed.hashes["coexpress_sha256"] == "none"

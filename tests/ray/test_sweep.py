@@ -36,10 +36,30 @@ def _pertadapt(*args: str, timeout: int = 1500, env: dict | None = None, ok: boo
     return res
 
 
+#: The demo grid cut to two of its rows (the full model and "none") for CI: 2 model arms + 4 baselines × 2 seeds.
+DEMO_CI = """name: demo-ci
+base: demo.yaml
+seeds: [1, 2]
+reference_arm: fm+pa+am+ladapt
+baselines: true
+max_concurrent_trials: 2
+arms:
+  fm+pa+am+ladapt: {}
+  none: {backbone.name: learned, adapter.enabled: false, adapter.attention_mask: none, loss.name: gears}
+"""
+
+
 @pytest.fixture(scope="module")
-def demo_sweep(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+def demo_ablation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("abl") / "demo-ci.yaml"
+    path.write_text(DEMO_CI)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_sweep(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, demo_ablation: Path) -> Path:
     out = tmp_path_factory.mktemp("demo_sweep")
-    _pertadapt("sweep", "ablations/demo.yaml", *FAST, "--out", str(out),
+    _pertadapt("sweep", str(demo_ablation), *FAST, "--out", str(out),
                env={**os.environ, "WANDB_API_KEY": DUMMY_KEY, "WANDB_MODE": "offline"})
     return out
 
@@ -54,7 +74,7 @@ def test_demo_grid_results(demo_sweep: Path) -> None:
     assert all(r["status"] == "ok" for r in rows)
     assert all(r["attempts"] == "1" and r["error"] == "" for r in rows)
     arms = {r["arm"] for r in rows}
-    assert {"none", "fm", "fm+pa", "fm+pa+am", "fm+ladapt", "fm+pa+am+ladapt"} <= arms
+    assert {"none", "fm+pa+am+ladapt"} <= arms
     assert {"baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear"} <= arms
     for arm in arms:
         assert sorted(int(r["seed"]) for r in rows if r["arm"] == arm) == [1, 2]
@@ -78,7 +98,7 @@ def test_demo_grid_results(demo_sweep: Path) -> None:
 def test_every_trial_has_one_finished_wandb_run_matching_the_csv(demo_sweep: Path) -> None:
     rows = _rows(demo_sweep)
     runs = find_offline_runs(demo_sweep / "runs")
-    assert len(runs) == len(rows) >= 10
+    assert len(runs) == len(rows) == 12
     for r in rows:
         info = read_offline_run(Path(r["wandb_run"]))
         assert info["state"] == "finished"
@@ -114,14 +134,28 @@ def test_report_command_rewrites_the_report(demo_sweep: Path) -> None:
     assert _rows(demo_sweep / "report", "paired_tests.csv")
 
 
-def test_rerun_into_a_finished_sweep_is_refused_and_a_changed_arm_names_the_change(demo_sweep: Path) -> None:
-    same = _pertadapt("sweep", "ablations/demo.yaml", *FAST, "--out", str(demo_sweep), ok=False)
+def test_rerun_into_a_finished_sweep_is_refused_and_a_changed_arm_names_the_change(demo_sweep: Path,
+                                                                                  demo_ablation: Path) -> None:
+    same = _pertadapt("sweep", str(demo_ablation), *FAST, "--out", str(demo_sweep), ok=False)
     assert same.returncode == 2
     assert "already holds this sweep" in same.stderr
-    changed = _pertadapt("sweep", "ablations/demo.yaml", *FAST, "adapter.ffn_dim=8", "--out", str(demo_sweep), ok=False)
+    changed = _pertadapt("sweep", str(demo_ablation), *FAST, "adapter.ffn_dim=8", "--out", str(demo_sweep), ok=False)
     assert changed.returncode == 2
     assert "holds a different sweep" in changed.stderr
     assert "config changed" in changed.stderr
+
+
+def test_bench_sweep_reads_where_each_trial_spent_its_time(demo_sweep: Path, tmp_path: Path) -> None:
+    _pertadapt("bench", "sweep", "--from", str(demo_sweep), "--json", str(tmp_path / "b.json"))
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out["n_trials"] == 12
+    assert out["incomplete_trials"] == []
+    assert 0.0 < out["overhead_share"] < 1.0
+    assert out["concurrency"] == 2
+    for t in out["trials"]:
+        assert all(t[p] >= 0.0 for p in ("startup", "training", "evaluation", "teardown")), t
+        assert t["total"] == pytest.approx(t["startup"] + t["training"] + t["evaluation"] + t["teardown"])
+        assert t["total"] <= out["wall_s"]
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -189,6 +223,20 @@ def test_sigterm_the_driver_then_resume(tmp_path: Path, cache_dir: Path) -> None
     assert sorted(r["trial"] for r in rows) == ["full/seed1", "full/seed2", "no_am/seed1", "no_am/seed2"]
     assert all(r["status"] == "ok" for r in rows)
     assert (first.read_bytes(), first.stat().st_mtime_ns) == before
+    # a changed grid over it is refused; with --overwrite it starts over and no old metric survives
+    abl.write_text(abl.read_text().replace("seeds: [1, 2]", "seeds: [1]").replace("no_am: {adapter.attention_mask: "
+                                                                                  "none}", "no_am: {}"))
+    refused = _pertadapt("sweep", str(abl), "optim.epochs=1", "--out", str(out), "--no-report", ok=False)
+    assert refused.returncode == 2
+    assert "holds a different sweep" in refused.stderr
+    t0 = time.time()
+    _pertadapt("sweep", str(abl), "optim.epochs=1", "--out", str(out), "--no-report", "--overwrite")
+    rows = _rows(out)
+    assert sorted(r["trial"] for r in rows) == ["full/seed1", "no_am/seed1"]
+    assert not (out / "runs" / "full" / "seed2").exists()
+    for r in rows:
+        assert (Path(r["run_dir"]) / "final_metrics.json").stat().st_mtime > t0
+    assert first.read_bytes() != before[0] or first.stat().st_mtime_ns != before[1]
 
 
 @pytest.mark.usefixtures("no_leftover_ray")

@@ -10,7 +10,7 @@ from pertadapt.config import load_run_config
 from pertadapt.models import ModelInputs, build_loss, build_model
 from pertadapt.models.adapter import AdapterBlock
 from pertadapt.models.attention import SparseMask, masked_attention
-from pertadapt.models.losses import adaptive_loss, mse_loss
+from pertadapt.models.losses import adaptive_loss, gears_loss, mse_loss
 from pertadapt.types import Batch
 
 N, P = 24, 5
@@ -102,7 +102,8 @@ def test_am_toggle_changes_model_output() -> None:
 
 
 def test_pa_toggle_removes_the_adapter() -> None:
-    on, off = _model("adapter.enabled=true"), _model("adapter.enabled=false")
+    """``off_mode: sum`` keeps every other part, so the PA's effect shows with the shared weights loaded."""
+    on, off = _model("adapter.enabled=true"), _model("adapter.enabled=false", "adapter.off_mode=sum")
     assert off.adapter is None
     assert any(n.startswith("adapter.") for n, _ in on.named_parameters())
     assert not any(n.startswith("adapter.") for n, _ in off.named_parameters())
@@ -167,6 +168,29 @@ def test_gears_loss_components() -> None:
     assert out.total.item() == pytest.approx(0.0)
     worse = build_loss(_cfg("loss.name=gears"), _inputs())(b.y + 1.0, b)
     assert worse.components["loss_autofocus"].item() == pytest.approx(1.0)
+
+
+def test_gears_loss_direction_term_equals_hand_computation() -> None:
+    """GEARS ``loss_fct`` (snap-stanford/GEARS gears/utils.py) on 3 cells × 4 genes, c = 0.5 for every gene.
+
+    Condition A: cells 0 and 1, non-zero genes 0-2; ctrl: cell 2, all genes; K = 2.
+    (sign(y − c) − sign(ŷ − c))² per entry:
+      cell 0: y (+, −, +), ŷ (+, +, −) → 0, 4, 4;   cell 1: y (−, −, +), ŷ (−, −, 0) → 0, 0, 1
+      A: 9 / (2 · 3) = 1.5;   ctrl: y (+, +, −, −), ŷ (+, −, −, +) → 0, 4, 0, 4 → 8 / 4 = 2
+      direction = (1.5 + 2) / 2 = 1.75
+    |ŷ − y|⁴: A errors 1, 0.5, 0.2 → (1 + 0.0625 + 0.0016) / 6 = 0.17735; ctrl errors 0.5, 1 → 1.0625 / 4
+    = 0.265625; autofocus = (0.17735 + 0.265625) / 2 = 0.2214875; total = 0.2214875 + 0.1 · 1.75.
+    """
+    y = torch.tensor([[0.9, 0.1, 0.8, 0.0], [0.2, 0.3, 0.7, 0.0], [0.6, 0.9, 0.4, 0.1]])
+    pred = torch.tensor([[0.9, 1.1, 0.3, 9.0], [0.2, 0.3, 0.5, 9.0], [0.6, 0.4, 0.4, 1.1]])
+    nz = torch.tensor([[True, True, True, False]] * 2 + [[True] * 4])
+    b = Batch(torch.zeros(3, 4), torch.full((3,), 1e3), y, torch.tensor([[0, -1], [0, -1], [-1, -1]]),
+              torch.full((3, 2), -1), torch.tensor([0, 0, 1]), torch.tensor([False, False, True]),
+              torch.zeros(3, 2, dtype=torch.long), nz)
+    out = gears_loss(pred, b, ctrl_mean=torch.full((4,), 0.5), gamma=2.0, direction_lambda=0.1)
+    assert out.components["loss_direction"].item() == pytest.approx(1.75)
+    assert out.components["loss_autofocus"].item() == pytest.approx(0.2214875, rel=1e-5)
+    assert out.total.item() == pytest.approx(0.2214875 + 0.175, rel=1e-5)
 
 
 def test_inject_perturbed_only_changes_output() -> None:

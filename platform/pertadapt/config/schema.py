@@ -22,6 +22,7 @@ __all__ = [
     "MASKS",
     "METRICS",
     "MODELS",
+    "PA_OFF_MODES",
     "SPLIT_KINDS",
     "SUBGROUPS",
     "is_metric_name",
@@ -49,6 +50,8 @@ BACKBONES = ("tiny", "learned", "aido_cell", "scfoundation")
 PRETRAINED_BACKBONES = ("aido_cell", "scfoundation")
 FINETUNE_MODES = ("frozen", "last_k", "full", "lora")
 MASKS = ("go", "none", "random_degree_matched")
+#: What the model is with ``adapter.enabled: false`` (see :class:`AdapterConfig`).
+PA_OFF_MODES = ("decoder", "sum")
 LOSSES = ("adaptive", "mse", "gears")
 ENGINES = ("torch", "deepspeed")
 GO_SOURCES = ("bundled", "debian", "obo")
@@ -139,6 +142,7 @@ class BackboneConfig:
 
     name: str = "tiny"
     checkpoint: str | None = None
+    #: Width of the FM's embeddings; ``learned`` ignores it (its table has ``model.hidden_size`` columns).
     hidden_size: int = 64
     layers: int = 2
     heads: int = 4
@@ -185,11 +189,16 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """The perturbation adapter (PA) with its GO attention mask (AM)."""
+    """The perturbation adapter (PA) with its GO attention mask (AM).
+
+    With ``enabled: false`` the PA's own options (``attention_mask``, ``layers``, ``heads``, ``ffn_dim``,
+    ``chunk_size``, ``attention_impl``) are not used: no mask is built and nothing attends.
+    """
 
     enabled: bool = True
-    #: What replaces the PA when ``enabled`` is false: ``decoder`` (the FM-baseline/GEARS decoder) or
-    #: ``sum`` (``H = E + p`` into the same head).
+    #: What the model is with the PA off: ``decoder`` = the FM-baseline (GEARS) decoder over the gene
+    #: embeddings, the paper's "PA off" (its FM-only rows are its FM baselines); ``sum`` = ``H = E + p``
+    #: straight into the gene head (an extra control).
     off_mode: str = "decoder"
     attention_mask: str = "go"
     layers: int = 1
@@ -205,7 +214,7 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         _choice("adapter.attention_mask", self.attention_mask, MASKS)
-        _choice("adapter.off_mode", self.off_mode, ("decoder", "sum"))
+        _choice("adapter.off_mode", self.off_mode, PA_OFF_MODES)
         _choice("adapter.attention_impl", self.attention_impl, ("chunked", "sparse", "auto"))
         _choice("adapter.inject", self.inject, ("all", "perturbed"))
         _check("adapter.layers", self.layers > 0, "a positive integer", self.layers)
@@ -221,8 +230,13 @@ class ModelConfig:
     name: str = "pertadapt"
     #: Width D of gene tokens inside the adapter and head (paper: 512).
     hidden_size: int = 512
-    #: Hidden width of the head's recovery MLP (paper: 2 x hidden).
+    #: Hidden width of the head's recovery MLP (paper: 2 x hidden), also in the FM-baseline decoder.
     head_hidden: int = 1024
+    #: Co-expression graph of the FM-baseline decoder (PA off, ``adapter.off_mode: decoder``), built as
+    #: GEARS does from the training cells: per gene its ``coexpress_top_k`` most co-expressed genes plus
+    #: itself, kept where |Pearson r| > ``coexpress_threshold``.
+    coexpress_top_k: int = 20
+    coexpress_threshold: float = 0.4
     #: Principal components and ridge penalty of ``baseline_linear``.
     linear_k: int = 10
     linear_ridge: float = 0.1
@@ -231,6 +245,9 @@ class ModelConfig:
         _choice("model.name", self.name, MODELS)
         _check("model.hidden_size", self.hidden_size > 0, "a positive integer", self.hidden_size)
         _check("model.head_hidden", self.head_hidden > 0, "a positive integer", self.head_hidden)
+        _check("model.coexpress_top_k", self.coexpress_top_k > 0, "a positive integer", self.coexpress_top_k)
+        _check("model.coexpress_threshold", 0.0 <= self.coexpress_threshold < 1.0, "a value in [0, 1)",
+               self.coexpress_threshold)
         _check("model.linear_k", self.linear_k > 0, "a positive integer", self.linear_k)
         _check("model.linear_ridge", self.linear_ridge >= 0, "a non-negative float", self.linear_ridge)
 
@@ -386,6 +403,10 @@ class RunConfig:
             raise ConfigError(f"optim.batch_size: {self.optim.batch_size} cells per step is not a multiple of "
                               f"optim.micro_batch_size × engine.workers = {self.optim.micro_batch_size} × "
                               f"{self.engine.workers} = {per_step}")
+        if self.uses_fm_decoder and self.adapter.inject != "all":
+            raise ConfigError(f"adapter.inject: {self.adapter.inject!r} has no meaning for the FM-baseline decoder "
+                              "(adapter.enabled=false, adapter.off_mode=decoder), which adds the perturbation to "
+                              "every gene; use 'all' or adapter.off_mode=sum")
         if self.adapter.enabled and self.model.hidden_size % self.adapter.heads:
             raise ConfigError(f"adapter.heads: {self.adapter.heads} does not divide the adapter width "
                               f"model.hidden_size = {self.model.hidden_size}")
@@ -408,6 +429,11 @@ class RunConfig:
     def is_baseline(self) -> bool:
         """Whether the model is one of the simple baselines (fit on condition means; no engine, no Ray)."""
         return self.model.name in BASELINE_MODELS
+
+    @property
+    def uses_fm_decoder(self) -> bool:
+        """Whether the network is the FM-baseline (GEARS) decoder: PA off with ``adapter.off_mode: decoder``."""
+        return not self.is_baseline and not self.adapter.enabled and self.adapter.off_mode == "decoder"
 
     @property
     def uses_ray_train(self) -> bool:

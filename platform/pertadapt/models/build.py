@@ -13,6 +13,7 @@ from pertadapt.config.schema import RunConfig
 from pertadapt.models.adapter import PerturbationAdapter
 from pertadapt.models.attention import SparseMask
 from pertadapt.models.backbones.registry import build_backbone
+from pertadapt.models.decoder import GearsDecoder
 from pertadapt.models.finetune import apply_finetune
 from pertadapt.models.head import GeneHead
 from pertadapt.models.losses import LOSSES
@@ -39,6 +40,8 @@ class ModelInputs:
         CSR arrays of the ``(N, N)`` attention mask, or ``None`` for full attention.
     ctrl_mean
         ``(N,)`` mean control expression (used by the ``gears`` loss).
+    coexpress_src, coexpress_dst, coexpress_weight
+        ``(n_edges,)`` co-expression graph over the ``N`` genes (FM-baseline decoder only), else ``None``.
     """
 
     genes: tuple[str, ...]
@@ -49,26 +52,49 @@ class ModelInputs:
     mask_indptr: np.ndarray | None
     mask_indices: np.ndarray | None
     ctrl_mean: np.ndarray
+    coexpress_src: np.ndarray | None = None
+    coexpress_dst: np.ndarray | None = None
+    coexpress_weight: np.ndarray | None = None
 
 
 def build_model(cfg: RunConfig, inputs: ModelInputs) -> PertAdaptModel:
-    """Build the PertAdapt network and set which backbone parameters train (``backbone.finetune``)."""
+    """Build the PertAdapt network and set which backbone parameters train (``backbone.finetune``).
+
+    With ``adapter.enabled: false`` the network is the FM-baseline (GEARS) decoder over the backbone's
+    embeddings (``adapter.off_mode: decoder``) or ``H = E + p`` into the gene head (``sum``). FM off
+    (``backbone.name: learned``) is a full-width ``N × model.hidden_size`` gene embedding.
+
+    Raises
+    ------
+    ValueError
+        When the decoder is asked for but ``inputs`` has no co-expression graph, or a mask is asked for
+        but none was built.
+    """
     bcfg, acfg, d = cfg.backbone, cfg.adapter, cfg.model.hidden_size
     extra = {"input_mode": bcfg.input_mode} if bcfg.name == "aido_cell" else {}
+    width = bcfg.hidden_size if bcfg.is_foundation_model else d  # FM off: no rank-limiting projection
     backbone = build_backbone(bcfg.name, checkpoint=bcfg.checkpoint, genes=inputs.genes,
-                              hidden_size=bcfg.hidden_size, layers=bcfg.layers, heads=bcfg.heads, **extra)
+                              hidden_size=width, layers=bcfg.layers, heads=bcfg.heads, **extra)
     perturbation = PerturbationEncoder(inputs.n_perts, d, torch.from_numpy(inputs.graph_src),
                                        torch.from_numpy(inputs.graph_dst), torch.from_numpy(inputs.graph_weight))
-    adapter = None
-    if acfg.enabled:
-        mask = None
-        if acfg.attention_mask != "none":
-            if inputs.mask_indptr is None or inputs.mask_indices is None:
-                raise ValueError(f"adapter.attention_mask={acfg.attention_mask!r} needs a mask; none was built")
-            mask = SparseMask(torch.from_numpy(inputs.mask_indptr), torch.from_numpy(inputs.mask_indices))
-        adapter = PerturbationAdapter(d, acfg.heads, acfg.ffn_dim, acfg.layers, mask, acfg.chunk_size, attention_impl=acfg.attention_impl)
-    head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden)
-    model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject)
+    if cfg.uses_fm_decoder:
+        if inputs.coexpress_src is None or inputs.coexpress_dst is None or inputs.coexpress_weight is None:
+            raise ValueError("adapter.off_mode='decoder' needs the co-expression graph; none was built")
+        decoder = GearsDecoder(len(inputs.genes), d, cfg.model.head_hidden, torch.from_numpy(inputs.coexpress_src),
+                               torch.from_numpy(inputs.coexpress_dst), torch.from_numpy(inputs.coexpress_weight))
+        model = PertAdaptModel(backbone, perturbation, None, None, d, acfg.inject, decoder=decoder)
+    else:
+        adapter = None
+        if acfg.enabled:
+            mask = None
+            if acfg.attention_mask != "none":
+                if inputs.mask_indptr is None or inputs.mask_indices is None:
+                    raise ValueError(f"adapter.attention_mask={acfg.attention_mask!r} needs a mask; none was built")
+                mask = SparseMask(torch.from_numpy(inputs.mask_indptr), torch.from_numpy(inputs.mask_indices))
+            adapter = PerturbationAdapter(d, acfg.heads, acfg.ffn_dim, acfg.layers, mask, acfg.chunk_size,
+                                          attention_impl=acfg.attention_impl)
+        head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden)
+        model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject)
     if bcfg.is_foundation_model:  # FM off: the per-gene embedding is a trained part of the model
         apply_finetune(model.backbone, bcfg.finetune, last_k=bcfg.last_k, lora_rank=bcfg.lora_rank)
     return model

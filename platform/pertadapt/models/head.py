@@ -32,10 +32,17 @@ class GeneHead(nn.Module):
         nn.init.xavier_normal_(self.w)
         nn.init.xavier_normal_(self.b)
 
-    def forward(self, h: torch.Tensor, x_ctrl: torch.Tensor) -> torch.Tensor:
-        """``(batch, n_genes, d)`` tokens and ``(batch, n_genes)`` control → ``(batch, n_genes)``."""
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """``(batch, n_genes, d)`` tokens → ``(batch, n_genes)`` per-gene outputs before the residual.
+
+        ``Δ̂_bg = <recovery(ReLU(BN(h_bg))), w_g> + b_g`` (GEARS: ``bn_pert_base`` → ReLU →
+        ``recovery_w`` → ``indv_w1``/``indv_b1``).
+        """
         b, n, d = h.shape
         z = torch.relu(self.bn(h.reshape(b * n, d)))
         z = self.recovery(z).view(b, n, d)
-        delta = (z * self.w[:, :, 0]).sum(-1) + self.b[:, 0]
-        return delta + x_ctrl
+        return (z * self.w[:, :, 0]).sum(-1) + self.b[:, 0]
+
+    def forward(self, h: torch.Tensor, x_ctrl: torch.Tensor) -> torch.Tensor:
+        """``(batch, n_genes, d)`` tokens and ``(batch, n_genes)`` control → ``(batch, n_genes)``."""
+        return self.delta(h) + x_ctrl

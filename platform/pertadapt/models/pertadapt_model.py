@@ -1,4 +1,8 @@
-"""PertAdapt = backbone (frozen/fine-tuned FM or learned) + perturbation encoder + adapter + gene head."""
+"""PertAdapt = backbone (frozen/fine-tuned FM or learned) + perturbation encoder + adapter + gene head.
+
+With the PA off the same backbone and perturbation encoder feed either GEARS's decoder (the paper's FM
+baseline, ``adapter.off_mode: decoder``) or the gene head directly (``H = E + p``, ``off_mode: sum``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import torch
 from torch import nn
 
 from pertadapt.models.adapter import PerturbationAdapter
+from pertadapt.models.decoder import GearsDecoder
 from pertadapt.models.head import GeneHead
 from pertadapt.models.perturbation import PerturbationEncoder
 from pertadapt.types import Batch
@@ -23,18 +28,23 @@ class PertAdaptModel(nn.Module):
     perturbation
         Perturbation encoder (GO-graph SGConv + MLP).
     adapter
-        The PA, or ``None`` for the PA-off ablation (``H = E + p``).
+        The PA, or ``None`` with the PA off (then ``H = E + p`` goes to ``head``, or ``decoder`` is used).
     head
-        Gene-wise output head.
+        Gene-wise output head, or ``None`` when ``decoder`` is given.
     d
         Token width inside adapter and head; a trainable projection maps the backbone width to it.
     inject
         ``all``: add ``p`` to every gene token (paper); ``perturbed``: only to the perturbed genes' tokens.
+    decoder
+        The FM-baseline decoder (PA off, ``adapter.off_mode: decoder``): it takes the batch-normalised
+        embeddings and ``p`` in place of adapter and head (``p`` goes to every gene).
     """
 
     def __init__(self, backbone: nn.Module, perturbation: PerturbationEncoder, adapter: PerturbationAdapter | None,
-                 head: GeneHead, d: int, inject: str = "all") -> None:
+                 head: GeneHead | None, d: int, inject: str = "all", decoder: GearsDecoder | None = None) -> None:
         super().__init__()
+        if (head is None) == (decoder is None) or (decoder is not None and adapter is not None):
+            raise ValueError("PertAdaptModel takes adapter/head or a decoder alone")
         self.backbone = backbone
         self.proj = nn.Identity() if backbone.hidden_size == d else nn.Linear(backbone.hidden_size, d)
         self.bn_emb = nn.BatchNorm1d(d)
@@ -42,6 +52,7 @@ class PertAdaptModel(nn.Module):
         self.adapter = adapter
         self.head = head
         self.inject = inject
+        self.decoder = decoder
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Predict post-perturbation expression.
@@ -60,6 +71,8 @@ class PertAdaptModel(nn.Module):
         b, n, d = e.shape
         e = self.bn_emb(e.reshape(b * n, d)).view(b, n, d)
         p = self.perturbation(batch.pert_idx)
+        if self.decoder is not None:
+            return self.decoder(e, p, batch.x_ctrl)
         if self.inject == "all":
             tokens = e + p[:, None, :]
         else:

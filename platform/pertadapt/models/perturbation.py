@@ -1,11 +1,14 @@
-"""GEARS-style perturbation encoder: embedding table, one SGConv step over the GO gene graph, MLP."""
+"""GEARS-style perturbation encoder: embedding table, one SGConv step over the GO gene graph, MLP.
+
+The SGConv step (:class:`GraphPropagation`) is also the co-expression step of the FM-baseline decoder.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["PerturbationEncoder", "max_norm_rows", "mlp_bn"]
+__all__ = ["GraphPropagation", "PerturbationEncoder", "max_norm_rows", "mlp_bn"]
 
 
 def max_norm_rows(weight: torch.Tensor, max_norm: float = 1.0) -> torch.Tensor:
@@ -34,6 +37,45 @@ def mlp_bn(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+class GraphPropagation(nn.Module):
+    """One parameter-free SGConv step (``K = 1``): ``X' = D^-1/2 (A + I) D^-1/2 X`` over a weighted graph.
+
+    Edges run ``src → dst`` (node ``dst`` sums its in-neighbours, as PyG's ``source_to_target`` flow);
+    a self-loop of weight 1 is added to every node that has none (PyG ``add_remaining_self_loops``), and
+    the degree is the weighted in-degree. The learned ``Linear`` of an SGConv stays with its caller.
+
+    Parameters
+    ----------
+    n_nodes
+        Number of nodes ``n``.
+    edge_src, edge_dst, edge_weight
+        ``(n_edges,)`` edge list.
+    """
+
+    def __init__(self, n_nodes: int, edge_src: torch.Tensor, edge_dst: torch.Tensor,
+                 edge_weight: torch.Tensor) -> None:
+        super().__init__()
+        src, dst, w = self._with_self_loops(n_nodes, edge_src.long(), edge_dst.long(), edge_weight.float())
+        deg = torch.zeros(n_nodes).index_add_(0, dst, w)
+        norm = deg.pow(-0.5)[src] * w * deg.pow(-0.5)[dst]
+        self.register_buffer("src", src, persistent=False)
+        self.register_buffer("dst", dst, persistent=False)
+        self.register_buffer("norm", norm, persistent=False)
+
+    @staticmethod
+    def _with_self_loops(n: int, src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor):
+        has_loop = torch.zeros(n, dtype=torch.bool)
+        has_loop[src[src == dst]] = True
+        missing = torch.nonzero(~has_loop).flatten()
+        return (torch.cat([src, missing]), torch.cat([dst, missing]),
+                torch.cat([w, torch.ones(missing.numel())]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, d)`` node features → ``(n, d)`` propagated features."""
+        msg = x[self.src] * self.norm[:, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, self.dst, msg)
+
+
 class PerturbationEncoder(nn.Module):
     """Embed each cell's perturbed genes into one ``d``-vector (zeros for control cells).
 
@@ -56,26 +98,11 @@ class PerturbationEncoder(nn.Module):
         self.emb = nn.Embedding(n_perts, d)
         self.lin = nn.Linear(d, d)
         self.fuse = mlp_bn([d, d, d])
-        src, dst, w = self._with_self_loops(n_perts, edge_src.long(), edge_dst.long(), edge_weight.float())
-        deg = torch.zeros(n_perts).index_add_(0, dst, w)
-        norm = deg.pow(-0.5)[src] * w * deg.pow(-0.5)[dst]
-        self.register_buffer("src", src, persistent=False)
-        self.register_buffer("dst", dst, persistent=False)
-        self.register_buffer("norm", norm, persistent=False)
-
-    @staticmethod
-    def _with_self_loops(n: int, src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor):
-        has_loop = torch.zeros(n, dtype=torch.bool)
-        has_loop[src[src == dst]] = True
-        missing = torch.nonzero(~has_loop).flatten()
-        return (torch.cat([src, missing]), torch.cat([dst, missing]),
-                torch.cat([w, torch.ones(missing.numel())]))
+        self.graph = GraphPropagation(n_perts, edge_src, edge_dst, edge_weight)
 
     def propagated(self) -> torch.Tensor:
         """``(n_perts, d)`` GO-propagated perturbation embeddings."""
-        x = max_norm_rows(self.emb.weight)
-        msg = x[self.src] * self.norm[:, None].to(x.dtype)
-        return self.lin(torch.zeros_like(x).index_add_(0, self.dst, msg))
+        return self.lin(self.graph(max_norm_rows(self.emb.weight)))
 
     def forward(self, pert_idx: torch.Tensor) -> torch.Tensor:
         """``(batch, 2)`` indices with ``-1`` padding → ``(batch, d)`` (zero rows for control cells)."""

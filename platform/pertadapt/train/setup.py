@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pertadapt.config.schema import ConfigError, RunConfig
+from pertadapt.data.coexpression import training_coexpression
 from pertadapt.data.conditions import condition_genes
 from pertadapt.data.dataset import PairedCells, PerturbData, read_perturb_data
 from pertadapt.data.presets import data_file_for
@@ -52,11 +53,13 @@ class RunData:
     pert_vocab
         Perturbation genes (sorted) with GO annotations; conditions outside it were dropped.
     inputs
-        Arrays for the model builder (genes, GO graph, GO mask, control mean).
+        Arrays for the model builder (genes, GO graph, GO mask, control mean and, for the FM-baseline
+        decoder, the co-expression graph).
     train, val, test
         Paired cells of each split.
     hashes
-        ``data_sha256``, ``gene_order_sha256``, ``go_mask_sha256``.
+        ``data_sha256``, ``gene_order_sha256``, ``go_mask_sha256``, ``go_source`` and
+        ``coexpress_sha256`` (``none`` unless the FM-baseline decoder is used).
     data_path
         The ``.h5ad`` the data came from.
     """
@@ -88,7 +91,8 @@ def _mask_arrays(cfg: RunConfig, ann, genes: tuple[str, ...]) -> tuple[np.ndarra
 
 
 def prepare_run_data(cfg: RunConfig) -> RunData:
-    """Load the data, split its conditions, build the GO graph and mask, and pair the cells."""
+    """Load the data, split its conditions, build the GO graph and mask (and, for the FM-baseline decoder,
+    the training cells' co-expression graph), and pair the cells."""
     from pertadapt.go import cached_gene_graph, has_go, load_annotations
 
     path = ensure_data_file(cfg)
@@ -109,16 +113,22 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     pert_vocab = tuple(g for g in targets if g not in set(missing))
     graph = cached_gene_graph(ann, pert_vocab, threshold=cfg.go.graph_threshold, top_k=cfg.go.graph_top_k)
     indptr, indices, mask_hash = _mask_arrays(cfg, ann, data.genes)
+    data_hash = sha256_file(path)
+    coexpress, coexpress_hash = (None, None, None), "none"
+    if cfg.uses_fm_decoder:
+        co = training_coexpression(data, split.train, data_sha256=data_hash, top_k=cfg.model.coexpress_top_k,
+                                   threshold=cfg.model.coexpress_threshold)
+        coexpress, coexpress_hash = (co.src, co.dst, co.weight), co.sha256
     inputs = ModelInputs(data.genes, len(pert_vocab), graph.src, graph.dst, graph.weight, indptr, indices,
-                         data.ctrl_mean.astype(np.float32))
+                         data.ctrl_mean.astype(np.float32), *coexpress)
     seed = cfg.seed
     train = PairedCells(data, split.train, pert_vocab, seed=seed, n_de=cfg.data.n_de)
     val = EvalSet(PairedCells(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de), split.val_subgroups,
                   split.train)
     test = EvalSet(PairedCells(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de), split.subgroups,
                    split.train)
-    hashes = {"data_sha256": sha256_file(path), "gene_order_sha256": _gene_hash(data.genes),
-              "go_mask_sha256": mask_hash, "go_source": ann.source}
+    hashes = {"data_sha256": data_hash, "gene_order_sha256": _gene_hash(data.genes),
+              "go_mask_sha256": mask_hash, "go_source": ann.source, "coexpress_sha256": coexpress_hash}
     return RunData(data, split, pert_vocab, inputs, train, val, test, hashes, path)
 
 

@@ -53,7 +53,17 @@ class TinyTransformer(nn.Module):
 class LearnedGeneEmbedding(nn.Module):
     """FM off: one learned embedding per gene, identical for every cell (the paper's FM ablation).
 
-    The cell's state then enters the model only through the head's ``+ x_ctrl`` residual.
+    A full ``(N, D)`` table with rows of L2 norm ≤ 1, as the reference's ``gene_emb``
+    (``nn.Embedding(N, D, max_norm=True)``); the model builder makes ``D`` the model width, so no
+    projection sits between the table and the adapter or decoder. The cell's state then enters the
+    model only through the ``+ x_ctrl`` residual.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes ``N``.
+    hidden_size
+        Embedding width ``D``.
     """
 
     genes = None
@@ -89,9 +99,10 @@ def build_tiny(*, checkpoint: str | None, genes: Sequence[str], hidden_size: int
 
 def build_learned(*, checkpoint: str | None, genes: Sequence[str], hidden_size: int, layers: int,
                   heads: int) -> LearnedGeneEmbedding:
-    """Registry builder for ``backbone.name: learned`` (FM off).
+    """Registry builder for ``backbone.name: learned`` (FM off): an ``(N, hidden_size)`` embedding.
 
-    ``checkpoint``, ``layers`` and ``heads`` are ignored, so an ablation's FM-off arm may share a base
-    config that names a pretrained checkpoint.
+    ``models.build`` passes ``model.hidden_size`` as ``hidden_size`` (not ``backbone.hidden_size``), so
+    the table has the model's full width. ``checkpoint``, ``layers`` and ``heads`` are ignored, so an
+    ablation's FM-off arm may share a base config that names a pretrained checkpoint.
     """
     return LearnedGeneEmbedding(len(genes), hidden_size)
