@@ -59,3 +59,34 @@ def test_training_run_on_gpu(demo_h5ad: Path, tmp_path: Path) -> None:
     cfg = load_run_config(REPO / "configs" / "smoke.yaml", [f"data.path={demo_h5ad}", "engine.use_gpu=true"])
     metrics = run(cfg, tmp_path / "gpu")
     assert np.isfinite(metrics["test_mse_de"])
+
+
+GPU_STEPS = ["optim.epochs=1", "optim.max_steps_per_epoch=3", "optim.batch_size=16", "optim.micro_batch_size=4",
+             "logging.wandb=disabled", "engine.use_gpu=true"]
+
+
+def _gpu_trial(demo_h5ad: Path, run_dir: Path, *overrides: str) -> dict:
+    """One DeepSpeed trial on Ray Train workers with one GPU each (NCCL, LOCAL_RANK → cuda:<n>)."""
+    import json
+
+    from pertadapt.config import load_run_config
+    from pertadapt.train.worker import launch
+
+    cfg = load_run_config(REPO / "configs" / "demo.yaml", [f"data.path={demo_h5ad}", *GPU_STEPS, *overrides])
+    metrics = launch(cfg, run_dir)
+    assert np.isfinite(metrics["test_mse_de"])
+    return json.loads((run_dir / "provenance.json").read_text())
+
+
+@pytest.mark.parametrize("zero", ["zero2.json", "zero3.json", "zero3_autocast_bf16.json"])
+def test_one_gpu_deepspeed_trial(demo_h5ad: Path, tmp_path: Path, zero: str) -> None:
+    prov = _gpu_trial(demo_h5ad, tmp_path / zero, "engine.workers=1", f"engine.deepspeed_config={zero}",
+                      "optim.micro_batch_size=16")
+    assert [r["device"] for r in prov["ranks"]] == ["cuda:0"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpu_workers_one_process_per_gpu(demo_h5ad: Path, tmp_path: Path) -> None:
+    prov = _gpu_trial(demo_h5ad, tmp_path / "two", "engine.workers=2", "engine.deepspeed_config=zero2.json")
+    assert sorted(r["local_rank"] for r in prov["ranks"]) == [0, 1]
+    assert sorted(r["device"] for r in prov["ranks"]) == ["cuda:0", "cuda:1"]

@@ -8,6 +8,7 @@ module that imports :mod:`deepspeed`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -268,8 +269,10 @@ class DeepSpeedEngine:
 
         # Skip the CPU shared-memory comm op: it JIT-compiles C++ for ~50 s and only speeds up inference.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if cfg.engine.on_gpu:  # one process per GPU: LOCAL_RANK (set by Ray Train / the launcher) → cuda:<local rank>
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if cfg.engine.use_gpu else "gloo")
+            deepspeed.init_distributed(dist_backend="nccl" if cfg.engine.on_gpu else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         ds_cfg = deepspeed_config(cfg, self.world_size)
         self.dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else None
@@ -345,7 +348,7 @@ class DeepSpeedEngine:
 
 
 def _torch_engine(model: nn.Module, cfg: RunConfig) -> Engine:
-    return TorchEngine(model, cfg, torch.device("cuda" if cfg.engine.use_gpu else "cpu"))
+    return TorchEngine(model, cfg, torch.device("cuda" if cfg.engine.on_gpu else "cpu"))
 
 
 #: Closed registry: ``engine.name`` → builder ``(model, cfg) -> Engine``.
