@@ -63,14 +63,18 @@ def test_a_sweep_joins_the_cluster_and_spreads_ranks_over_two_nodes(two_nodes: P
     abl = tmp_path / "two.yaml"
     abl.write_text("name: twonode\nbase: demo.yaml\nseeds: [1]\nbaselines: false\nresources: {placement: spread}\n"
                    "arms:\n  full: {}\n  no_am: {adapter.attention_mask: none}\n")
-    out = tmp_path / "sweep"
-    _pertadapt("sweep", str(abl), *FAST, "--out", str(out), "--address", GCS, "--no-report")
+    out, shared = tmp_path / "sweep", tmp_path / "shared"
+    _pertadapt("sweep", str(abl), *FAST, "--out", str(out), "--address", GCS, "--storage", str(shared), "--no-report")
     rows = _rows(out / "results.csv")
     assert sorted(r["trial"] for r in rows) == ["full/seed1", "no_am/seed1"]
     assert all(r["status"] == "ok" for r in rows)
     node_sets = []
     for r in rows:
-        ranks = json.loads((Path(r["run_dir"]) / "provenance.json").read_text())["ranks"]
+        prov = json.loads((Path(r["run_dir"]) / "provenance.json").read_text())
+        # the driver placed the dataset on the shared storage; Ray's checkpoints live there too
+        assert Path(prov["data_path"]).parent == shared / "data"
+        assert list((shared / "ray").glob(f"train-{r['trial'].replace('/', '-')}/epoch_*"))
+        ranks = prov["ranks"]
         assert [k["rank"] for k in ranks] == [0, 1]
         # the head (which made the data, in the driver) offers no CPUs: no rank ran there
         assert all(k["node_ip"] in ("127.0.0.3", "127.0.0.4") for k in ranks), ranks

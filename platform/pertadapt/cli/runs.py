@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -67,20 +68,23 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML ((factorial)
                                        "trials are kept, interrupted ones continue from their last checkpoint."),
            overwrite: bool = typer.Option(False, "--overwrite", help="Delete the sweep in OUT and start over."),
            address: str = typer.Option(None, "--address", help="Join the Ray cluster at ADDR (also $RAY_ADDRESS) "
-                                       "instead of starting a local one.")) -> None:
+                                       "instead of starting a local one."),
+           storage: str = typer.Option(None, "--storage", help="Shared path every node mounts (NFS, EFS, ...) for "
+                                       "Ray storage, the datasets and the caches (default: OUT).")) -> None:
     """Run an ablation grid through Ray Tune (trials = Ray Train + DeepSpeed runs), then report."""
     run_sweep_command(ablation, list(overrides or []), search_space=search_space, out=out, report=report,
-                      dry_run=dry_run, resume=resume, overwrite=overwrite, address=address)
+                      dry_run=dry_run, resume=resume, overwrite=overwrite, address=address, storage=storage)
 
 
 def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Path | None = None,
                       out: Path | None = None, report: bool = True, dry_run: bool = False, resume: bool = False,
-                      overwrite: bool = False, address: str | None = None) -> None:
+                      overwrite: bool = False, address: str | None = None, storage: str | None = None) -> None:
     """``pertadapt sweep``: validate, plan, run through Ray Tune, write results and (``report``) the report."""
     from pertadapt.data.presets import data_file_for
     from pertadapt.sweep.ablation import load_ablation
     from pertadapt.sweep.plan import build_plan, check_search_space, local_cpus, write_plan
     from pertadapt.sweep.search_space import load_search_space
+    from pertadapt.sweep.storage import shared_data_path, stage_data
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite: choose one")
@@ -104,8 +108,12 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
     sweep_dir = (out or Path("runs") / abl.name).resolve()
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise ConfigError(f"--out: {sweep_dir} exists and is not a directory")
+    root = _storage_of(sweep_dir, storage, resume)
+    if storage is not None:  # simulated data and GO masks where every node finds them too
+        os.environ.setdefault("PERTADAPT_CACHE", str(root / "cache"))
     files = {t.key: data_file_for(t.config) for t in abl.trials}
-    plan = build_plan(abl, space, {k: str(p.resolve()) for k, (p, _) in files.items()},
+    # every trial reads its dataset from the storage root, where the driver places it (nodes need not share caches)
+    plan = build_plan(abl, space, {k: str(shared_data_path(p, root)) for k, (p, _) in files.items()},
                       abl.max_concurrent_trials or 2)
     _check_sweep_dir(sweep_dir, plan, resume=resume, overwrite=overwrite, dry_run=dry_run)
     _print_plan(plan, local_cpus(plan))
@@ -123,9 +131,12 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
     for t in abl.trials:
         if files[t.key][1]:
             ensure_data_file(t.config)
+    for source in sorted({p for p, _ in files.values()}):
+        stage_data(source, shared_data_path(source, root))
     write_plan(sweep_dir, plan)
     atomic_write_json(sweep_dir / SWEEP_FILE, {"name": abl.name, "reference_arm": abl.reference_arm,
-                                               "ablation": str(abl.path), "started_at": time.time()})
+                                               "ablation": str(abl.path), "storage": str(root),
+                                               "started_at": time.time()})
     log.info("sweep %s: %d trials (%d arms × %d seeds) → %s; W&B: %s", abl.name, len(abl.trials), len(abl.arms),
              len(abl.seeds), sweep_dir, describe_wandb_mode(abl.trials[0].config.logging.wandb))
     t0 = time.time()
@@ -134,7 +145,7 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     results = run_sweep(abl, sweep_dir, search_space=space, data_paths=plan_paths(plan), num_cpus=local_cpus(plan),
                         max_concurrent=abl.max_concurrent_trials if on_cluster else plan["max_concurrent_trials"],
-                        resume=resume)
+                        resume=resume, ray_storage=root / "ray")
     if stopped:
         log.error("sweep interrupted after %.0f s; finish it with: pertadapt sweep %s --out %s --resume",
                   time.time() - t0, ablation, sweep_dir)
@@ -177,6 +188,19 @@ SWEEP_FILE = "sweep.json"
 def plan_paths(plan: dict) -> dict[str, str]:
     """trial key → data file, from a plan."""
     return {t["key"]: t["data_path"] for t in plan["trials"]}
+
+
+def _storage_of(sweep_dir: Path, storage: str | None, resume: bool) -> Path:
+    """The sweep's storage root; a resumed sweep keeps the one it started with."""
+    from pertadapt.sweep.storage import storage_root
+
+    root = storage_root(storage, sweep_dir)
+    recorded = (sweep_dir / SWEEP_FILE).is_file() and json.loads((sweep_dir / SWEEP_FILE).read_text()).get("storage")
+    if resume and recorded and Path(recorded) != root:
+        if storage is not None:
+            raise ConfigError(f"--storage: the sweep in {sweep_dir} keeps its storage at {recorded}, not {root}")
+        return Path(recorded)
+    return root
 
 
 def _check_sweep_dir(sweep_dir: Path, plan: dict, *, resume: bool, overwrite: bool, dry_run: bool) -> None:

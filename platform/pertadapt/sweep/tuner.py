@@ -100,10 +100,10 @@ def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory([{"CPU": 1, **gpu}])
 
 
-def _spec(trial: Trial, sweep_dir: Path, data_paths: Mapping[str, str]) -> dict[str, Any]:
+def _spec(trial: Trial, sweep_dir: Path, data_paths: Mapping[str, str], ray_storage: Path) -> dict[str, Any]:
     run_dict = config_to_dict(trial.run_config(data_paths[trial.key]))
     return {"key": trial.key, "run": run_dict, "run_dir": str(sweep_dir / "runs" / trial.key),
-            "storage": str(sweep_dir / "ray")}
+            "storage": str(ray_storage)}
 
 
 class _Progress(tune.Callback):
@@ -171,16 +171,16 @@ def _fit(make: Any, trainable: Any, path: Path, resume: bool) -> tune.ResultGrid
     return make().fit()
 
 
-def _run_grid(specs: Sequence[dict[str, Any]], sweep_dir: Path, name: str, max_concurrent: int,
+def _run_grid(specs: Sequence[dict[str, Any]], ray_storage: Path, name: str, max_concurrent: int,
               resume: bool) -> tune.ResultGrid:
     trainable = tune.with_resources(_trial_fn, _resources)
     return _fit(lambda: tune.Tuner(
         trainable, param_space={"trial": tune.grid_search(list(specs))},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir / "ray"), verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=str(ray_storage), verbose=0,
                                   callbacks=[_Progress(name, len(specs))],
                                   failure_config=tune.FailureConfig(max_failures=0)),
-    ), trainable, sweep_dir / "ray" / name, resume)
+    ), trainable, ray_storage / name, resume)
 
 
 def _optuna_space(space: SearchSpace) -> dict[str, Any]:
@@ -215,8 +215,8 @@ def _scheduler(space: SearchSpace, epochs: int) -> ASHAScheduler | None:
                          grace_period=min(space.grace_period, max_t), reduction_factor=space.reduction_factor)
 
 
-def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path, ablation_name: str,
-             max_concurrent: int, resume: bool) -> tuple[dict[str, Any], tune.ResultGrid]:
+def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path, ray_storage: Path,
+             ablation_name: str, max_concurrent: int, resume: bool) -> tuple[dict[str, Any], tune.ResultGrid]:
     trainable = tune.with_resources(_trial_fn, _resources)
     name = f"hpo-{arm}"
 
@@ -230,11 +230,11 @@ def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path
                                         scheduler=_scheduler(space, spec["run"]["optim"]["epochs"]),
                                         num_samples=space.num_samples, max_concurrent_trials=max_concurrent,
                                         reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir / "ray"), verbose=0,
+            run_config=tune.RunConfig(name=name, storage_path=str(ray_storage), verbose=0,
                                       callbacks=[_Progress(name, space.num_samples)],
                                       failure_config=tune.FailureConfig(max_failures=0)))
 
-    grid = _fit(make, trainable, sweep_dir / "ray" / name, resume)
+    grid = _fit(make, trainable, ray_storage / name, resume)
     best = grid.get_best_result(metric=space.metric, mode=space.mode, scope="all")
     return {k: v for k, v in best.config.items() if k != "trial"}, grid
 
@@ -339,7 +339,8 @@ def _outcomes(grid: tune.ResultGrid, stage: str) -> list[TrialOutcome]:
 
 
 def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace | None = None,
-              data_paths: Mapping[str, str], num_cpus: int, max_concurrent: int | None, resume: bool = False) -> Path:
+              data_paths: Mapping[str, str], num_cpus: int, max_concurrent: int | None, resume: bool = False,
+              ray_storage: Path | None = None) -> Path:
     """Run every trial of ``ablation`` on Ray (a local cluster this function starts and stops, or
     the one at ``RAY_ADDRESS``), then write the results.
 
@@ -359,6 +360,9 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
         Trials at once; ``None``: as many as the cluster's CPUs and GPUs hold (:func:`cluster_concurrency`).
     resume
         Restore the sweep's Tune experiments instead of starting them afresh.
+    ray_storage
+        Ray Tune / Ray Train storage (experiment state, checkpoints) on a path every node sees
+        (default ``sweep_dir/ray``).
 
     Returns
     -------
@@ -366,6 +370,7 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
         ``results.csv``.
     """
     sweep_dir = sweep_dir.resolve()
+    ray_storage = (ray_storage or sweep_dir / "ray").resolve()
     _init_ray(num_cpus)
     outcomes: list[TrialOutcome] = []
     try:
@@ -375,17 +380,17 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
             log.info("%d trial(s) at a time: what the cluster holds%s", fit,
                      "" if max_concurrent is None else f" (max_concurrent_trials {max_concurrent} asks for more)")
         max_concurrent = min(fit, max_concurrent or fit)
-        specs = [_spec(t, sweep_dir, data_paths) for t in ablation.trials]
+        specs = [_spec(t, sweep_dir, data_paths, ray_storage) for t in ablation.trials]
         if search_space is None:
-            outcomes += _outcomes(_run_grid(specs, sweep_dir, "grid", max_concurrent, resume), "grid")
+            outcomes += _outcomes(_run_grid(specs, ray_storage, "grid", max_concurrent, resume), "grid")
         else:
             first = ablation.seeds[0]
             for t, spec in zip(ablation.trials, specs, strict=True):
                 if t.seed != first or t.is_baseline:
                     continue
                 hpo_spec = {**spec, "run_dir": str(sweep_dir / "hpo" / t.key.rsplit("/", 1)[0])}
-                best, grid = _run_hpo(hpo_spec, t.arm, search_space, sweep_dir, ablation.name, max_concurrent,
-                                      resume)
+                best, grid = _run_hpo(hpo_spec, t.arm, search_space, sweep_dir, ray_storage, ablation.name,
+                                      max_concurrent, resume)
                 outcomes += _outcomes(grid, "hpo")
                 if any(o.status == "pending" for o in outcomes):  # interrupted: --resume continues here
                     return collect_results(ablation, sweep_dir, outcomes, _hashes(specs))
@@ -393,7 +398,7 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
                 for t2, s2 in zip(ablation.trials, specs, strict=True):
                     if t2.arm == t.arm and t2.dataset == t.dataset and t2.backbone == t.backbone:
                         s2["run"] = _apply_params(s2["run"], best)
-            outcomes += _outcomes(_run_grid(specs, sweep_dir, "final", max_concurrent, resume), "final")
+            outcomes += _outcomes(_run_grid(specs, ray_storage, "final", max_concurrent, resume), "final")
     finally:
         ray.shutdown()
     return collect_results(ablation, sweep_dir, outcomes, _hashes(specs))

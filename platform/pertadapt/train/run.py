@@ -24,7 +24,7 @@ import yaml
 
 from pertadapt.baselines import fit_baseline
 from pertadapt.config.load import config_hash, config_to_dict
-from pertadapt.config.schema import RunConfig
+from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.keys import CONTROL
 from pertadapt.data.simulate import read_sim_truth
 from pertadapt.data.summaries import write_predictions
@@ -162,7 +162,11 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         hook(row)
 
     seed_everything(cfg.seed)
-    rd = prepare_run_data(cfg)
+    try:
+        rd = prepare_run_data(cfg)
+    except ConfigError as e:  # e.g. a data path this node cannot see: say which node
+        where = rank_placement(0, "cpu")
+        raise ConfigError(f"{e} (on {where['hostname']}, Ray node {where['node_ip']} {where['node_id']})") from e
     if cfg.is_baseline:
         mark(run_dir, "data_ready")
         mark(run_dir, "model_ready")
