@@ -51,6 +51,7 @@ def read_deepspeed_json(name: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(ds, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(ds).__name__}")
+    ds.pop("_comment", None)  # the file's "when to use" note; not a DeepSpeed key
     if isinstance(ds.get("checkpoint"), dict) and ds["checkpoint"].get("load_universal"):
         raise ConfigError(f"{path}: checkpoint.load_universal: DeepSpeed's universal-checkpoint loader unpickles "
                           "files (code could run on resume); it is not supported")
