@@ -106,6 +106,17 @@ def test_every_trial_has_one_finished_wandb_run_matching_the_csv(demo_sweep: Pat
             assert info["summary"][key] == pytest.approx(float(r[key]), rel=1e-6), (r["trial"], key)
 
 
+def test_one_summary_run_per_sweep_logs_the_results_table(demo_sweep: Path) -> None:
+    runs = find_offline_runs(demo_sweep / "report")
+    assert len(runs) == 1
+    info = read_offline_run(runs[0])
+    assert info["state"] == "finished"
+    table = info["summary"]["report/summary"]
+    assert table["_type"] == "table-file"
+    assert table["nrows"] == len({r["arm"] for r in _rows(demo_sweep)}) == 6
+    assert info["summary"]["report/paired_tests"]["_type"] == "table-file"
+
+
 def test_the_api_key_reaches_no_file(demo_sweep: Path) -> None:
     """The driver had WANDB_API_KEY set: no file under the sweep dir or Ray's session dirs holds it."""
     roots = [demo_sweep, Path("/tmp/ray")]
