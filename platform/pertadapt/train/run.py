@@ -29,10 +29,11 @@ from pertadapt.data.simulate import read_sim_truth
 from pertadapt.data.summaries import write_predictions
 from pertadapt.eval import Metrics, score_against_truth, score_predictions
 from pertadapt.files import atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
-from pertadapt.models.build import build_loss, build_model
+from pertadapt.models.build import build_backbone_for, build_loss, build_model
 from pertadapt.report.logger import NullLogger, RunLogger
 from pertadapt.report.wandb import open_logger
 from pertadapt.train.checkpoint import Checkpoints, DirCheckpoints
+from pertadapt.train.embed_cache import prepare_embedding_cache
 from pertadapt.train.engine import build_engine
 from pertadapt.train.loop import train
 from pertadapt.train.setup import RunData, prepare_run_data, provenance
@@ -82,11 +83,13 @@ def rank_placement(rank: int, device: object) -> dict[str, object]:
             "device": str(device)}
 
 
-def _write_run_files(cfg: RunConfig, run_dir: Path, rd: RunData, ranks: list[dict[str, object]]) -> None:
+def _write_run_files(cfg: RunConfig, run_dir: Path, rd: RunData, ranks: list[dict[str, object]],
+                     embedding_cache: dict[str, Any] | None = None) -> None:
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     atomic_write_json(run_dir / "provenance.json", provenance({
         **rd.hashes, "data_path": str(rd.data_path), "config_hash": config_hash(cfg),
-        "backbone_weights": backbone_weights(cfg), "world_size": len(ranks), "ranks": ranks,
+        "backbone_weights": backbone_weights(cfg), "embedding_cache": embedding_cache or {"used": False},
+        "world_size": len(ranks), "ranks": ranks,
         "n_genes": len(rd.data.genes),
         "n_perturbation_genes": len(rd.pert_vocab),
         "split": {"train": rd.split.train, "val": rd.split.val, "test": rd.split.test,
@@ -133,7 +136,8 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         The validated run config.
     run_dir
         Self-describing output directory: ``config.yaml``, ``provenance.json`` (git SHA, versions, data,
-        gene-order and GO-mask hashes, config hash, world size), ``metrics.jsonl``, ``final_metrics.json``,
+        gene-order and GO-mask hashes, config hash, world size, whether the frozen-FM embedding cache was
+        used and its key and path), ``metrics.jsonl``, ``final_metrics.json``,
         ``per_condition.csv``, ``test_predictions.h5ad``, ``ckpt/``.
     logger
         Where epoch rows and the final summary go (rank 0's W&B run; the null logger by default).
@@ -166,13 +170,16 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         rank, ranks = 0, [rank_placement(0, "cpu")]
     else:
         seed_everything(cfg.seed)
-        engine = build_engine(build_model(cfg, rd.inputs), cfg)
+        backbone = build_backbone_for(cfg, rd.inputs)  # first, as build_model would: the seeded init stays put
+        table, cache_info = prepare_embedding_cache(cfg, rd.data, rd.hashes, rd.train.pool, backbone)
+        engine = build_engine(build_model(cfg, rd.inputs, backbone=backbone, embeddings=table), cfg)
+        del backbone  # with the cache, nothing holds the frozen backbone any more
         rank = engine.rank
         ranks = engine.gather(rank_placement(rank, engine.device))
         store = checkpoints or DirCheckpoints(run_dir, resume=resume)
         resumed = store.restore(engine)  # validated and loaded before anything in run_dir is written
         if rank == 0:
-            _write_run_files(cfg, run_dir, rd, ranks)
+            _write_run_files(cfg, run_dir, rd, ranks, cache_info)
         result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), run_dir, on_epoch,
                        checkpoints=store, resumed=resumed)
         best_epoch, val, test, preds = result.best_epoch, result.val, result.test, result.test_predictions
