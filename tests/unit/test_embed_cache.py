@@ -75,7 +75,8 @@ def test_miss_builds_once_and_a_hit_reuses_the_file(demo_h5ad: Path, rd: RunData
     cache = _cache(cfg, rd, backbone, tmp_path)
     table, hit, seconds = _build(cache, backbone, rd)
     assert (hit, forwards.calls, table.shape) == (False, 4, (64, 240, 16))  # 64 pool cells / 16 per batch
-    assert seconds > 0 and cache.nbytes == 64 * 240 * 16 * 4 == cache.path.stat().st_size - 128  # .npy header
+    assert seconds > 0
+    assert cache.nbytes == 64 * 240 * 16 * 4 == cache.path.stat().st_size - 128
     stat = cache.path.stat()
     again, hit, seconds = _build(_cache(cfg, rd, backbone, tmp_path), backbone, rd)
     assert (hit, seconds, forwards.calls) == (True, 0.0, 4)  # no backbone forward on a hit
@@ -83,7 +84,8 @@ def test_miss_builds_once_and_a_hit_reuses_the_file(demo_h5ad: Path, rd: RunData
     assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
     np.testing.assert_array_equal(again, table)
     meta = json.loads(cache.path.with_suffix(".json").read_text())
-    assert meta["key"] == cache.key and meta["pool"]["n_cells"] == 64
+    assert meta["key"] == cache.key
+    assert meta["pool"]["n_cells"] == 64
 
 
 def test_table_rows_are_the_backbone_embeddings_of_the_pool(demo_h5ad: Path, rd: RunData, tmp_path: Path) -> None:
@@ -100,7 +102,8 @@ def test_table_rows_are_the_backbone_embeddings_of_the_pool(demo_h5ad: Path, rd:
 def _variant(demo_h5ad: Path, rd: RunData, part: str) -> tuple[object, dict, np.ndarray]:
     """Config, data hashes and pool with one key part changed."""
     hashes, pool = dict(rd.hashes), rd.train.pool
-    overrides = {"weights": ["seed=2"], "backbone_config": ["backbone.heads=4"], "dtype": ["backbone.cache_dtype=float16"],
+    overrides = {"weights": ["seed=2"], "backbone_config": ["backbone.heads=4"],
+                 "dtype": ["backbone.cache_dtype=float16"],
                  "pool_size": ["data.control_pool=63"], "pool_seed": ["data.control_pool_seed=5"]}.get(part, [])
     cfg = _cfg(demo_h5ad, *overrides)
     if part == "data":
@@ -136,7 +139,8 @@ def test_a_changed_key_part_is_a_miss_and_never_reads_the_old_table(demo_h5ad: P
     backbone2 = _backbone(cfg2, rd)
     forwards = _Forwards(backbone2)
     table2, hit, _ = _build(_cache(cfg2, rd, backbone2, tmp_path), backbone2, rd)
-    assert not hit and forwards.calls == 4
+    assert not hit
+    assert forwards.calls == 4
     assert len(list(tmp_path.glob("*.npy"))) == 2
 
 
@@ -148,7 +152,8 @@ def test_low_precision_storage(demo_h5ad: Path, rd: RunData, tmp_path: Path) -> 
         backbone = _backbone(cfg, rd)
         cache = _cache(cfg, rd, backbone, tmp_path)
         table, _, _ = _build(cache, backbone, rd)
-        assert table.dtype == stored and cache.nbytes == ref.nbytes // 2
+        assert table.dtype == stored
+        assert cache.nbytes == ref.nbytes // 2
         model = build_model(cfg, rd.inputs, backbone=backbone, embeddings=table)
         batch = rd.train.batch(np.arange(4))
         got = model.backbone.encode(batch.x_ctrl, batch.total_count, batch.ctrl_idx)
@@ -206,8 +211,11 @@ def test_outputs_loss_and_gradients_equal_with_and_without_the_cache(demo_h5ad: 
     items = np.flatnonzero(~np.isin(rd.train.cells, rd.train.pool))[:8]  # perturbed and out-of-pool control cells
     p1, l1, g1 = _loss_and_grads(cached, cfg, rd, items)
     p0, l0, g0 = _loss_and_grads(plain, cfg, rd, items)
-    assert _rel(p1, p0) <= 1e-5 and _rel(l1, l0) <= 1e-5
-    assert g0.keys() == g1.keys() and len(g0) > 10 and max(_rel(g1[n], g0[n]) for n in g0) <= 1e-5
+    assert _rel(p1, p0) <= 1e-5
+    assert _rel(l1, l0) <= 1e-5
+    assert g0.keys() == g1.keys()
+    assert len(g0) > 10
+    assert max(_rel(g1[n], g0[n]) for n in g0) <= 1e-5
     cached.eval()
     plain.eval()
     with torch.no_grad():  # eval mode (BatchNorm running statistics): the same
@@ -218,7 +226,9 @@ def test_outputs_loss_and_gradients_equal_with_and_without_the_cache(demo_h5ad: 
 def test_control_pool_is_a_seeded_subset_shared_by_pairing(demo_h5ad: Path, rd: RunData) -> None:
     ctrl = rd.data.control_cells
     pool = draw_control_pool(rd.data, 64, 0)
-    assert len(pool) == 64 and np.all(np.diff(pool) > 0) and np.isin(pool, ctrl).all()
+    assert len(pool) == 64
+    assert np.all(np.diff(pool) > 0)
+    assert np.isin(pool, ctrl).all()
     np.testing.assert_array_equal(pool, rd.train.pool)
     assert not np.array_equal(draw_control_pool(rd.data, 64, 1), pool)
     np.testing.assert_array_equal(draw_control_pool(rd.data, None, 0), ctrl)
@@ -247,8 +257,11 @@ def test_prepare_records_what_was_used(demo_h5ad: Path, rd: RunData, tmp_path: P
     monkeypatch.setenv("PERTADAPT_CACHE", str(tmp_path))
     cfg = _cfg(demo_h5ad)
     table, info = prepare_embedding_cache(cfg, rd.data, rd.hashes, rd.train.pool, _backbone(cfg, rd))
-    assert table.shape == (64, 240, 16) and info["used"] and not info["hit"]
-    assert Path(info["path"]).parent == tmp_path / "fm_embeddings" and info["bytes"] == table.nbytes
+    assert table.shape == (64, 240, 16)
+    assert info["used"]
+    assert not info["hit"]
+    assert Path(info["path"]).parent == tmp_path / "fm_embeddings"
+    assert info["bytes"] == table.nbytes
     assert prepare_embedding_cache(cfg, rd.data, rd.hashes, rd.train.pool, _backbone(cfg, rd))[1]["hit"]
     off = _cfg(demo_h5ad, "backbone.embedding_cache=off")
     assert prepare_embedding_cache(off, rd.data, rd.hashes, rd.train.pool, _backbone(off, rd)) == (
@@ -271,7 +284,8 @@ def test_cache_options_are_validated(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("backbone: {embedding_cache: on}\n")  # YAML 1.1 reads a bare on as true
     assert load_run_config(tmp_path / "c.yaml").backbone.embedding_cache == "on"
     for bad, key in (("backbone.embedding_cache=sometimes", "backbone.embedding_cache"),
-                     ("backbone.cache_dtype=int8", "backbone.cache_dtype"), ("data.control_pool=0", "data.control_pool"),
+                     ("backbone.cache_dtype=int8", "backbone.cache_dtype"),
+                     ("data.control_pool=0", "data.control_pool"),
                      ("data.control_pool_seed=-1", "data.control_pool_seed")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_run_config(None, [bad])
@@ -288,5 +302,7 @@ def test_training_with_the_cache_equals_training_without(demo_h5ad: Path, tmp_pa
         assert on[k] == pytest.approx(v, rel=1e-5, abs=1e-9), k
     prov_on = json.loads((tmp_path / "on" / "provenance.json").read_text())["embedding_cache"]
     prov_off = json.loads((tmp_path / "off" / "provenance.json").read_text())["embedding_cache"]
-    assert prov_on["used"] and Path(prov_on["path"]).is_file() and prov_on["shape"][0] == 400  # every control
+    assert prov_on["used"]
+    assert Path(prov_on["path"]).is_file()
+    assert prov_on["shape"][0] == 400
     assert prov_off == {"used": False, "reason": "backbone.embedding_cache=off"}

@@ -158,7 +158,8 @@ class EmbeddingCache:
     def size_text(self) -> str:
         """``pool × genes × dim × bytes = size``."""
         pool, n, d = self.shape
-        return f"pool {pool} × {n} genes × {d} dims × {self.np_dtype.itemsize} B ({self.dtype_name}) = {_gb(self.nbytes)}"
+        item = self.np_dtype.itemsize
+        return f"pool {pool} × {n} genes × {d} dims × {item} B ({self.dtype_name}) = {_gb(self.nbytes)}"
 
     def open(self) -> np.ndarray | None:
         """The stored table as a read-only memory map, or ``None`` when it is absent or does not fit the key."""
@@ -192,7 +193,9 @@ class EmbeddingCache:
                     x = torch.from_numpy(data.rows(cells).toarray().astype(np.float32)).to(device)
                     total = torch.from_numpy(data.total_count[cells]).to(device)
                     e = fm.encode(x, total).float().cpu().to(self.torch_dtype)
-                    out[start: start + len(cells)] = (e.view(torch.uint16) if self.dtype_name == "bfloat16" else e).numpy()
+                    if self.dtype_name == "bfloat16":  # stored as its bit patterns
+                        e = e.view(torch.uint16)
+                    out[start: start + len(cells)] = e.numpy()
             out.flush()
             del out
 
@@ -254,7 +257,8 @@ def build_device(cfg: RunConfig) -> torch.device:
 
 
 def prepare_embedding_cache(cfg: RunConfig, data: PerturbData, data_hashes: dict[str, str], pool: np.ndarray,
-                            backbone: nn.Module) -> tuple[np.ndarray | None, dict[str, Any]]:
+                            backbone: nn.Module, *, root: Path | None = None
+                            ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """The run's embedding table when ``backbone.embedding_cache`` asks for one, and what to record about it.
 
     Parameters
@@ -265,6 +269,8 @@ def prepare_embedding_cache(cfg: RunConfig, data: PerturbData, data_hashes: dict
         The run's data, its ``data_sha256`` / ``gene_order_sha256``, and the control pool's cell indices.
     backbone
         The frozen backbone as built for the run (run over the pool on a miss, hashed always).
+    root
+        Folder of the tables (default ``$PERTADAPT_CACHE/fm_embeddings``).
 
     Returns
     -------
@@ -283,7 +289,7 @@ def prepare_embedding_cache(cfg: RunConfig, data: PerturbData, data_hashes: dict
         return None, {"used": False, "reason": f"backbone.embedding_cache={b.embedding_cache}"
                       + ("" if b.embedding_cache == "off" else " and the backbone is not a frozen FM")}
     parts = cache_key_parts(cfg, data_hashes, pool, backbone)
-    cache = EmbeddingCache(parts, (len(pool), len(data.genes), backbone.hidden_size))
+    cache = EmbeddingCache(parts, (len(pool), len(data.genes), backbone.hidden_size), root)
     log.info("frozen-FM embedding cache %s: %s", cache.path, cache.size_text)
     try:
         table, hit, seconds = open_or_build(cache, backbone, data, pool, batch_size=cfg.eval.batch_size,

@@ -34,11 +34,11 @@ from pertadapt.report.logger import NullLogger, RunLogger
 from pertadapt.report.wandb import open_logger
 from pertadapt.train.checkpoint import Checkpoints, DirCheckpoints
 from pertadapt.train.embed_cache import prepare_embedding_cache
-from pertadapt.train.engine import build_engine
+from pertadapt.train.engine import Engine, build_engine
 from pertadapt.train.loop import train
 from pertadapt.train.setup import RunData, prepare_run_data, provenance
 
-__all__ = ["FINISHED_KEY", "backbone_weights", "open_run_logger", "run", "seed_everything"]
+__all__ = ["FINISHED_KEY", "backbone_weights", "build_run_engine", "open_run_logger", "run", "seed_everything"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
@@ -69,6 +69,32 @@ def backbone_weights(cfg: RunConfig) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return sha256_bytes("".join(f"{p.relative_to(path) if path.is_dir() else p.name}:{sha256_file(p)}\n"
                                 for p in files))
+
+
+def build_run_engine(cfg: RunConfig, rd: RunData, *, cache_root: Path | None = None) -> tuple[Engine, dict[str, Any]]:
+    """Seed, build the model (the frozen FM replaced by its embedding cache when on) and its engine.
+
+    The backbone is built first, as :func:`build_model` always does, so the seeded initialisation of the
+    other parts is the same with or without the cache; a cache build leaves the RNG state as it was.
+
+    Parameters
+    ----------
+    cfg, rd
+        The run config and its data.
+    cache_root
+        Folder of the embedding tables (default ``$PERTADAPT_CACHE/fm_embeddings``).
+
+    Returns
+    -------
+    tuple
+        The engine, and the cache's provenance record (:func:`prepare_embedding_cache`).
+    """
+    seed_everything(cfg.seed)
+    backbone = build_backbone_for(cfg, rd.inputs)
+    table, cache_info = prepare_embedding_cache(cfg, rd.data, rd.hashes, rd.train.pool, backbone, root=cache_root)
+    model = build_model(cfg, rd.inputs, backbone=backbone, embeddings=table)
+    del backbone  # with the cache, nothing holds the frozen backbone any more
+    return build_engine(model, cfg), cache_info
 
 
 #: Set by the Ray Train worker (``train.worker``) so that a rank can say where it runs.
@@ -169,11 +195,7 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         best_epoch, val, test, preds = _run_baseline(cfg, rd)
         rank, ranks = 0, [rank_placement(0, "cpu")]
     else:
-        seed_everything(cfg.seed)
-        backbone = build_backbone_for(cfg, rd.inputs)  # first, as build_model would: the seeded init stays put
-        table, cache_info = prepare_embedding_cache(cfg, rd.data, rd.hashes, rd.train.pool, backbone)
-        engine = build_engine(build_model(cfg, rd.inputs, backbone=backbone, embeddings=table), cfg)
-        del backbone  # with the cache, nothing holds the frozen backbone any more
+        engine, cache_info = build_run_engine(cfg, rd)
         rank = engine.rank
         ranks = engine.gather(rank_placement(rank, engine.device))
         store = checkpoints or DirCheckpoints(run_dir, resume=resume)
