@@ -306,3 +306,14 @@ def test_training_with_the_cache_equals_training_without(demo_h5ad: Path, tmp_pa
     assert Path(prov_on["path"]).is_file()
     assert prov_on["shape"][0] == 400
     assert prov_off == {"used": False, "reason": "backbone.embedding_cache=off"}
+
+
+def test_cache_benchmark_runs_small_and_agrees() -> None:
+    from pertadapt.train.bench import run_cache_benchmark
+
+    r = run_cache_benchmark(240, hidden_size=16, layers=1, heads=2, pool=32, steps=1, repeats=1)
+    assert r["max_rel_diff"] <= 1e-5
+    assert r["max_metric_rel_diff"] <= 1e-5
+    assert r["cache_bytes"] == 32 * 240 * 16 * 4
+    assert r["backbone_params"] > 0
+    assert r["speedup"] == r["recompute_epoch_s"] / r["cache_epoch_s"]
