@@ -33,6 +33,9 @@ class Batch:
         ``(batch, n_de)`` long, top DE genes of each cell's condition (rank order; zeros for ctrl).
     nz_mask
         ``(batch, n_genes)`` bool, genes with non-zero mean in the cell's condition (all for ctrl).
+    ctrl_idx
+        ``(batch,)`` long, position of each paired control cell in the run's control pool (the row of
+        the frozen-FM embedding cache), or ``None`` when the batch was built without a pool.
     """
 
     x_ctrl: torch.Tensor
@@ -44,15 +47,17 @@ class Batch:
     is_ctrl: torch.Tensor
     de_idx: torch.Tensor
     nz_mask: torch.Tensor
+    ctrl_idx: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        """Move every tensor; floating tensors optionally cast to ``dtype``."""
+        """Move every tensor (``None`` fields stay ``None``); floating tensors optionally cast to ``dtype``."""
         out = {}
         for f in fields(self):
             t = getattr(self, f.name)
-            t = t.to(device)
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
+            if t is not None:
+                t = t.to(device)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
             out[f.name] = t
         return Batch(**out)
 

@@ -11,6 +11,7 @@ from pertadapt.eval import compute_metrics, top_variable_genes
 from pertadapt.go.annotations import SOURCES
 from pertadapt.go.similarity import MASK_KINDS
 from pertadapt.models.losses import LOSSES
+from pertadapt.train.embed_cache import CACHE_DTYPES
 from pertadapt.train.engine import ENGINES
 
 
@@ -20,7 +21,8 @@ from pertadapt.train.engine import ENGINES
     (schema.ENGINES, ENGINES),
     (schema.MASKS, MASK_KINDS),
     (schema.GO_SOURCES, SOURCES),
-], ids=["baselines", "losses", "engines", "masks", "go_sources"])
+    (schema.CACHE_DTYPES, CACHE_DTYPES),
+], ids=["baselines", "losses", "engines", "masks", "go_sources", "cache_dtypes"])
 def test_schema_names_equal_registry(names: tuple[str, ...], registry: object) -> None:
     assert set(names) == set(registry)
 

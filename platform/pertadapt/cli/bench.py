@@ -110,6 +110,23 @@ def _sweep_bench(ablation: Path = typer.Argument(None, help="Ablation YAML (defa
     _show("sweep overhead", result, json_path)
 
 
+@bench.command("cache")
+def _cache(n_genes: int = typer.Option(2000, help="Genes of the simulated screen."),
+           hidden_size: int = typer.Option(128, help="AIDO.Cell hidden size (3M: 128)."),
+           layers: int = typer.Option(6, help="AIDO.Cell layers (3M: 6)."),
+           heads: int = typer.Option(4, help="AIDO.Cell heads (3M: 4)."),
+           pool: int = typer.Option(32, help="Control cells (the cache's rows)."),
+           steps: int = typer.Option(2, help="Optimiser steps per epoch."),
+           repeats: int = typer.Option(2, help="Epochs timed per mode, alternating; the fastest counts."),
+           json_path: Path = _JSON) -> None:
+    """Training epoch with the frozen-FM embedding cache vs recomputing the FM, same run (target >= 10x)."""
+    from pertadapt.train.bench import run_cache_benchmark
+
+    result = run_cache_benchmark(n_genes, hidden_size=hidden_size, layers=layers, heads=heads, pool=pool, steps=steps,
+                                 repeats=repeats)
+    _show(f"frozen-FM embedding cache vs recomputing ({result['config']})", result, json_path)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``bench`` to the root app."""
     app.add_typer(bench, name="bench")

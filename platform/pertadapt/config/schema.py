@@ -15,6 +15,8 @@ from pertadapt.config.errors import ConfigError
 __all__ = [
     "BACKBONES",
     "BASELINE_MODELS",
+    "CACHE_DTYPES",
+    "EMBEDDING_CACHE_MODES",
     "ENGINES",
     "FINETUNE_MODES",
     "GO_SOURCES",
@@ -49,6 +51,10 @@ BACKBONES = ("tiny", "learned", "aido_cell", "scfoundation")
 #: Backbones with published pretrained weights (a checkpoint is expected).
 PRETRAINED_BACKBONES = ("aido_cell", "scfoundation")
 FINETUNE_MODES = ("frozen", "last_k", "full", "lora")
+#: ``backbone.embedding_cache``: ``auto`` = on for a frozen FM backbone, off otherwise.
+EMBEDDING_CACHE_MODES = ("auto", "on", "off")
+#: Storage dtypes of the frozen-FM embedding cache (``train.embed_cache.CACHE_DTYPES``).
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 MASKS = ("go", "none", "random_degree_matched")
 #: What the model is with ``adapter.enabled: false`` (see :class:`AdapterConfig`).
 PA_OFF_MODES = ("decoder", "sum")
@@ -100,6 +106,11 @@ class DataConfig:
     missing_go: str = "drop"
     #: Keep the expression matrix on disk and read each batch's rows on demand (bounded memory).
     backed: bool = False
+    #: Control cells perturbed cells are paired with: a seeded subset of this many (``None`` = all). The
+    #: frozen-FM embedding cache holds exactly these cells; the pairing draws from them with or without it.
+    control_pool: int | None = None
+    #: Seed of the control pool's draw (not the run seed, so that every seed and arm shares one cache).
+    control_pool_seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("data.split", self.split, SPLIT_KINDS)
@@ -109,6 +120,10 @@ class DataConfig:
                self.combo_seen2_train_frac)
         _check("data.n_de", self.n_de > 0, "a positive integer", self.n_de)
         _check("data.simulate_seed", self.simulate_seed >= 0, "a non-negative integer", self.simulate_seed)
+        _check("data.control_pool", self.control_pool is None or self.control_pool >= 1, "an integer >= 1 or null",
+               self.control_pool)
+        _check("data.control_pool_seed", self.control_pool_seed >= 0, "a non-negative integer",
+               self.control_pool_seed)
 
 
 @dataclass(frozen=True)
@@ -156,10 +171,23 @@ class BackboneConfig:
     #: Build a named FM (``aido_cell``, ``scfoundation``) with random weights when no checkpoint is given.
     #: Without it, a named FM without ``checkpoint`` is an error (a random "FM" must never pass for a real one).
     random_init: bool = False
+    #: Compute the frozen FM's per-gene embeddings of the control pool once and reuse them (every epoch,
+    #: every trial with the same key): ``auto`` (on for a frozen FM), ``on`` or ``off``.
+    embedding_cache: str = "auto"
+    #: Storage dtype of that cache: ``float32`` (outputs equal to recomputing), ``float16`` or ``bfloat16``.
+    cache_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _choice("backbone.name", self.name, BACKBONES)
         _choice("backbone.finetune", self.finetune, FINETUNE_MODES)
+        if self.embedding_cache in ("True", "False"):  # YAML 1.1 reads a bare on/off as a boolean
+            object.__setattr__(self, "embedding_cache", "on" if self.embedding_cache == "True" else "off")
+        _choice("backbone.embedding_cache", self.embedding_cache, EMBEDDING_CACHE_MODES)
+        _choice("backbone.cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        if self.embedding_cache == "on" and not self.is_frozen_foundation_model:
+            raise ConfigError(f"backbone.embedding_cache: 'on' needs a frozen foundation-model backbone "
+                              f"(backbone.finetune=frozen and backbone.name other than 'learned'), got "
+                              f"backbone.name={self.name!r}, backbone.finetune={self.finetune!r}; use 'auto' or 'off'")
         _choice("backbone.input_mode", self.input_mode, ("code", "intended"))
         if self.input_mode != "code" and self.name != "aido_cell":
             raise ConfigError("backbone.input_mode: only the aido_cell backbone has input modes")
@@ -185,6 +213,16 @@ class BackboneConfig:
     def is_foundation_model(self) -> bool:
         """Whether the backbone is an FM (``learned`` = FM off: a trained per-gene embedding instead)."""
         return self.name != "learned"
+
+    @property
+    def is_frozen_foundation_model(self) -> bool:
+        """Whether the backbone is an FM that does not train (its embeddings depend on the cell only)."""
+        return self.is_foundation_model and self.finetune == "frozen"
+
+    @property
+    def wants_embedding_cache(self) -> bool:
+        """Whether ``embedding_cache`` asks for the cache (``on``, or ``auto`` with a frozen FM)."""
+        return self.embedding_cache == "on" or (self.embedding_cache == "auto" and self.is_frozen_foundation_model)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ densified one micro-batch at a time, so memory is bounded by the matrix itself.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,10 @@ N_METRIC_DE = 200
 #: Rows read at a time when averaging over cells.
 _CHUNK = 4096
 
-__all__ = ["N_METRIC_DE", "PairedCells", "PerturbData", "load_perturb_data", "read_perturb_data"]
+__all__ = ["N_METRIC_DE", "PairedCells", "PerturbData", "draw_control_pool", "load_perturb_data",
+           "read_perturb_data"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -200,10 +204,36 @@ def read_perturb_data(path: str | Path, *, n_de: int = 20, backed: bool = False,
         raise DataError(f"{p}: {e.args[0]}") from e
 
 
+def draw_control_pool(data: PerturbData, size: int | None, seed: int) -> np.ndarray:
+    """The control pool: the control cells perturbed cells are paired with (``data.control_pool``).
+
+    Parameters
+    ----------
+    data
+        The dataset arrays.
+    size
+        Pool size; ``None`` (or at least the number of control cells) = every control cell.
+    seed
+        Seed of the draw without replacement (``data.control_pool_seed``).
+
+    Returns
+    -------
+    np.ndarray
+        ``(pool,)`` sorted int64 cell indices.
+    """
+    ctrl = data.control_cells
+    if size is None or size >= len(ctrl):
+        if size is not None:
+            log.info("data.control_pool=%d: the data has %d control cells; the pool is all of them", size, len(ctrl))
+        return ctrl
+    return np.sort(np.random.default_rng(seed).choice(ctrl, size=size, replace=False))
+
+
 class PairedCells(torch.utils.data.Dataset):
     """Cells of some conditions, each paired with one control cell of the same cell type (seeded).
 
-    Control cells are paired with themselves (``x = y``), as in the reference.
+    Control cells are paired with themselves (``x = y``), as in the reference; with a control pool, a
+    control cell outside the pool is paired with a pool control of its cell type instead.
 
     Parameters
     ----------
@@ -217,23 +247,35 @@ class PairedCells(torch.utils.data.Dataset):
         Seed of the control pairing.
     n_de
         Number of DE genes per cell in the batch.
+    pool
+        ``(pool,)`` sorted cell indices of the control pool (:func:`draw_control_pool`); ``None`` = every
+        control cell. ``Batch.ctrl_idx`` is the paired control's position in it.
     """
 
     def __init__(self, data: PerturbData, conditions: Sequence[str], pert_vocab: Sequence[str], *, seed: int,
-                 n_de: int = 20) -> None:
+                 n_de: int = 20, pool: np.ndarray | None = None) -> None:
         self.data, self.n_de = data, n_de
         self.cells = data.cells_of(conditions)
-        ctrl = data.control_cells
+        ctrl = data.control_cells if pool is None else np.asarray(pool, dtype=np.int64)
         if len(ctrl) == 0:
             raise ValueError("no control cells ('ctrl') in the data")
+        self.pool = ctrl
         rng = np.random.default_rng(seed)
         self.pair = self.cells.copy()
-        for t in np.unique(data.cell_type[self.cells]):
-            pool = ctrl[data.cell_type[ctrl] == t]
-            if len(pool) == 0:
-                raise ValueError(f"no control cells for cell type index {t}")
-            sel = (data.cell_type[self.cells] == t) & (data.cell_condition[self.cells] != self._ctrl_id)
-            self.pair[sel] = rng.choice(pool, size=int(sel.sum()))
+        is_ctrl = data.cell_condition[self.cells] == self._ctrl_id
+        types = np.unique(data.cell_type[self.cells])
+        for t in types:
+            pool_t = ctrl[data.cell_type[ctrl] == t]
+            if len(pool_t) == 0:
+                raise ValueError(f"no control cells for cell type index {t}"
+                                 + ("" if pool is None else " in the control pool (data.control_pool)"))
+            sel = (data.cell_type[self.cells] == t) & ~is_ctrl
+            self.pair[sel] = rng.choice(pool_t, size=int(sel.sum()))
+        outside = is_ctrl & ~np.isin(self.cells, ctrl)
+        for t in types if outside.any() else ():
+            sel = outside & (data.cell_type[self.cells] == t)
+            self.pair[sel] = rng.choice(ctrl[data.cell_type[ctrl] == t], size=int(sel.sum()))
+        self.pair_pool_idx = np.searchsorted(ctrl, self.pair)
         vocab = {g: i for i, g in enumerate(pert_vocab)}
         gpos = {g: i for i, g in enumerate(data.genes)}
         n_cond = len(data.conditions)
@@ -281,4 +323,5 @@ class PairedCells(torch.utils.data.Dataset):
             is_ctrl=torch.from_numpy(is_ctrl),
             de_idx=torch.from_numpy(de),
             nz_mask=torch.from_numpy(nz),
+            ctrl_idx=torch.from_numpy(self.pair_pool_idx[items]),
         )

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from pertadapt.config.schema import RunConfig
 from pertadapt.models.adapter import PerturbationAdapter
 from pertadapt.models.attention import SparseMask
+from pertadapt.models.backbones.cached import CachedEmbeddings
 from pertadapt.models.backbones.registry import build_backbone
 from pertadapt.models.decoder import GearsDecoder
 from pertadapt.models.finetune import apply_finetune
@@ -21,7 +23,7 @@ from pertadapt.models.pertadapt_model import PertAdaptModel
 from pertadapt.models.perturbation import PerturbationEncoder
 from pertadapt.types import Batch, LossOutput
 
-__all__ = ["ModelInputs", "build_loss", "build_model"]
+__all__ = ["ModelInputs", "build_backbone_for", "build_loss", "build_model"]
 
 
 @dataclass(frozen=True)
@@ -57,24 +59,52 @@ class ModelInputs:
     coexpress_weight: np.ndarray | None = None
 
 
-def build_model(cfg: RunConfig, inputs: ModelInputs) -> PertAdaptModel:
+def build_backbone_for(cfg: RunConfig, inputs: ModelInputs) -> nn.Module:
+    """The configured backbone (``backbone.*``) over the data's genes; :func:`build_model` sets its fine-tuning.
+
+    FM off (``backbone.name: learned``) is a full-width ``N × model.hidden_size`` gene embedding (no
+    rank-limiting projection).
+    """
+    bcfg = cfg.backbone
+    extra = {"input_mode": bcfg.input_mode} if bcfg.name == "aido_cell" else {}
+    width = bcfg.hidden_size if bcfg.is_foundation_model else cfg.model.hidden_size
+    return build_backbone(bcfg.name, checkpoint=bcfg.checkpoint, genes=inputs.genes, hidden_size=width,
+                          layers=bcfg.layers, heads=bcfg.heads, **extra)
+
+
+def build_model(cfg: RunConfig, inputs: ModelInputs, *, backbone: nn.Module | None = None,
+                embeddings: np.ndarray | None = None) -> PertAdaptModel:
     """Build the PertAdapt network and set which backbone parameters train (``backbone.finetune``).
 
     With ``adapter.enabled: false`` the network is the FM-baseline (GEARS) decoder over the backbone's
-    embeddings (``adapter.off_mode: decoder``) or ``H = E + p`` into the gene head (``sum``). FM off
-    (``backbone.name: learned``) is a full-width ``N × model.hidden_size`` gene embedding.
+    embeddings (``adapter.off_mode: decoder``) or ``H = E + p`` into the gene head (``sum``).
+
+    Parameters
+    ----------
+    cfg, inputs
+        The run config and the data-derived arrays.
+    backbone
+        The backbone from :func:`build_backbone_for` (built here by default, first, as it always is, so
+        that the seeded initialisation of the other parts does not depend on who built it).
+    embeddings
+        ``(pool, N, D)`` table of the frozen backbone's embeddings of the control pool (the embedding
+        cache). The model then holds a :class:`CachedEmbeddings` lookup instead of the backbone.
 
     Raises
     ------
     ValueError
-        When the decoder is asked for but ``inputs`` has no co-expression graph, or a mask is asked for
-        but none was built.
+        When the decoder is asked for but ``inputs`` has no co-expression graph, a mask is asked for but
+        none was built, or ``embeddings`` do not fit.
     """
     bcfg, acfg, d = cfg.backbone, cfg.adapter, cfg.model.hidden_size
-    extra = {"input_mode": bcfg.input_mode} if bcfg.name == "aido_cell" else {}
-    width = bcfg.hidden_size if bcfg.is_foundation_model else d  # FM off: no rank-limiting projection
-    backbone = build_backbone(bcfg.name, checkpoint=bcfg.checkpoint, genes=inputs.genes,
-                              hidden_size=width, layers=bcfg.layers, heads=bcfg.heads, **extra)
+    backbone = build_backbone_for(cfg, inputs) if backbone is None else backbone
+    if embeddings is not None:
+        if not bcfg.is_frozen_foundation_model:
+            raise ValueError("embeddings: only a frozen foundation-model backbone can be replaced by its cache")
+        if embeddings.shape[1:] != (len(inputs.genes), backbone.hidden_size):
+            raise ValueError(f"embedding table {embeddings.shape} does not fit {len(inputs.genes)} genes x "
+                             f"backbone width {backbone.hidden_size}")
+        backbone = CachedEmbeddings(embeddings)
     perturbation = PerturbationEncoder(inputs.n_perts, d, torch.from_numpy(inputs.graph_src),
                                        torch.from_numpy(inputs.graph_dst), torch.from_numpy(inputs.graph_weight))
     if cfg.uses_fm_decoder:
@@ -95,7 +125,7 @@ def build_model(cfg: RunConfig, inputs: ModelInputs) -> PertAdaptModel:
                                           attention_impl=acfg.attention_impl)
         head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden)
         model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject)
-    if bcfg.is_foundation_model:  # FM off: the per-gene embedding is a trained part of the model
+    if bcfg.is_foundation_model and embeddings is None:  # cached: the model holds no FM to fine-tune
         apply_finetune(model.backbone, bcfg.finetune, last_k=bcfg.last_k, lora_rank=bcfg.lora_rank)
     return model
 

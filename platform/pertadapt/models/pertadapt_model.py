@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pertadapt.models.adapter import PerturbationAdapter
+from pertadapt.models.backbones.cached import CachedEmbeddings
 from pertadapt.models.decoder import GearsDecoder
 from pertadapt.models.head import GeneHead
 from pertadapt.models.perturbation import PerturbationEncoder
@@ -24,7 +25,8 @@ class PertAdaptModel(nn.Module):
     Parameters
     ----------
     backbone
-        Implements :class:`~pertadapt.models.backbones.base.Backbone`.
+        Implements :class:`~pertadapt.models.backbones.base.Backbone`, or a :class:`CachedEmbeddings`
+        lookup of a frozen backbone's embeddings (indexed by ``batch.ctrl_idx``).
     perturbation
         Perturbation encoder (GO-graph SGConv + MLP).
     adapter
@@ -67,7 +69,7 @@ class PertAdaptModel(nn.Module):
         torch.Tensor
             ``(B, N)`` predicted log-normalised expression.
         """
-        e = self.proj(self.backbone.encode(batch.x_ctrl, batch.total_count))
+        e = self.proj(self._embed(batch))
         b, n, d = e.shape
         e = self.bn_emb(e.reshape(b * n, d)).view(b, n, d)
         p = self.perturbation(batch.pert_idx)
@@ -84,3 +86,9 @@ class PertAdaptModel(nn.Module):
             tokens = e + sel * p[:, None, :]
         h = self.adapter(tokens) if self.adapter is not None else tokens
         return self.head(h, batch.x_ctrl)
+
+    def _embed(self, batch: Batch) -> torch.Tensor:
+        """``(B, N, D_backbone)`` embeddings of the paired controls: looked up in the cache, or computed."""
+        if isinstance(self.backbone, CachedEmbeddings):
+            return self.backbone.encode(batch.x_ctrl, batch.total_count, batch.ctrl_idx)
+        return self.backbone.encode(batch.x_ctrl, batch.total_count)

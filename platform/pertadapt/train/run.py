@@ -30,16 +30,17 @@ from pertadapt.data.simulate import read_sim_truth
 from pertadapt.data.summaries import write_predictions
 from pertadapt.eval import Metrics, score_against_truth, score_predictions
 from pertadapt.files import atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
-from pertadapt.models.build import build_loss, build_model
+from pertadapt.models.build import build_backbone_for, build_loss, build_model
 from pertadapt.report.logger import NullLogger, RunLogger
 from pertadapt.report.wandb import open_logger
 from pertadapt.train.checkpoint import Checkpoints, DirCheckpoints
-from pertadapt.train.engine import build_engine
+from pertadapt.train.embed_cache import prepare_embedding_cache
+from pertadapt.train.engine import Engine, build_engine
 from pertadapt.train.loop import train
 from pertadapt.train.setup import RunData, prepare_run_data, provenance
 from pertadapt.train.timeline import mark
 
-__all__ = ["FINISHED_KEY", "backbone_weights", "open_run_logger", "run", "seed_everything"]
+__all__ = ["FINISHED_KEY", "backbone_weights", "build_run_engine", "open_run_logger", "run", "seed_everything"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
@@ -72,6 +73,32 @@ def backbone_weights(cfg: RunConfig) -> str:
                                 for p in files))
 
 
+def build_run_engine(cfg: RunConfig, rd: RunData, *, cache_root: Path | None = None) -> tuple[Engine, dict[str, Any]]:
+    """Seed, build the model (the frozen FM replaced by its embedding cache when on) and its engine.
+
+    The backbone is built first, as :func:`build_model` always does, so the seeded initialisation of the
+    other parts is the same with or without the cache; a cache build leaves the RNG state as it was.
+
+    Parameters
+    ----------
+    cfg, rd
+        The run config and its data.
+    cache_root
+        Folder of the embedding tables (default ``$PERTADAPT_CACHE/fm_embeddings``).
+
+    Returns
+    -------
+    tuple
+        The engine, and the cache's provenance record (:func:`prepare_embedding_cache`).
+    """
+    seed_everything(cfg.seed)
+    backbone = build_backbone_for(cfg, rd.inputs)
+    table, cache_info = prepare_embedding_cache(cfg, rd.data, rd.hashes, rd.train.pool, backbone, root=cache_root)
+    model = build_model(cfg, rd.inputs, backbone=backbone, embeddings=table)
+    del backbone  # with the cache, nothing holds the frozen backbone any more
+    return build_engine(model, cfg), cache_info
+
+
 #: Set by the Ray Train worker (``train.worker``) so that a rank can say where it runs.
 NODE_ID_ENV, NODE_IP_ENV = "PERTADAPT_RAY_NODE_ID", "PERTADAPT_RAY_NODE_IP"
 
@@ -84,11 +111,13 @@ def rank_placement(rank: int, device: object) -> dict[str, object]:
             "device": str(device)}
 
 
-def _write_run_files(cfg: RunConfig, run_dir: Path, rd: RunData, ranks: list[dict[str, object]]) -> None:
+def _write_run_files(cfg: RunConfig, run_dir: Path, rd: RunData, ranks: list[dict[str, object]],
+                     embedding_cache: dict[str, Any] | None = None) -> None:
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     atomic_write_json(run_dir / "provenance.json", provenance({
         **rd.hashes, "data_path": str(rd.data_path), "config_hash": config_hash(cfg),
-        "backbone_weights": backbone_weights(cfg), "world_size": len(ranks), "ranks": ranks,
+        "backbone_weights": backbone_weights(cfg), "embedding_cache": embedding_cache or {"used": False},
+        "world_size": len(ranks), "ranks": ranks,
         "n_genes": len(rd.data.genes),
         "n_perturbation_genes": len(rd.pert_vocab),
         "split": {"train": rd.split.train, "val": rd.split.val, "test": rd.split.test,
@@ -135,7 +164,8 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         The validated run config.
     run_dir
         Self-describing output directory: ``config.yaml``, ``provenance.json`` (git SHA, versions, data,
-        gene-order and GO-mask hashes, config hash, world size), ``metrics.jsonl``, ``final_metrics.json``,
+        gene-order and GO-mask hashes, config hash, world size, whether the frozen-FM embedding cache was
+        used and its key and path), ``metrics.jsonl``, ``final_metrics.json``,
         ``per_condition.csv``, ``test_predictions.h5ad``, ``ckpt/``.
     logger
         Where epoch rows and the final summary go (rank 0's W&B run; the null logger by default).
@@ -174,15 +204,14 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         mark(run_dir, "train_end")
         rank, ranks = 0, [rank_placement(0, "cpu")]
     else:
-        seed_everything(cfg.seed)
         data_ready = time.time()
-        engine = build_engine(build_model(cfg, rd.inputs), cfg)
+        engine, cache_info = build_run_engine(cfg, rd)
         rank = engine.rank
         ranks = engine.gather(rank_placement(rank, engine.device))
         store = checkpoints or DirCheckpoints(run_dir, resume=resume)
         resumed = store.restore(engine)  # validated and loaded before anything in run_dir is written
         if rank == 0:
-            _write_run_files(cfg, run_dir, rd, ranks)
+            _write_run_files(cfg, run_dir, rd, ranks, cache_info)
             mark(run_dir, "data_ready", at=data_ready)
             mark(run_dir, "model_ready")
         result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), run_dir, on_epoch,

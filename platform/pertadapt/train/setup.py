@@ -16,7 +16,7 @@ import numpy as np
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.coexpression import training_coexpression
 from pertadapt.data.conditions import condition_genes
-from pertadapt.data.dataset import PairedCells, PerturbData, read_perturb_data
+from pertadapt.data.dataset import PairedCells, PerturbData, draw_control_pool, read_perturb_data
 from pertadapt.data.presets import data_file_for
 from pertadapt.data.splits import ConditionSplit, split_conditions
 from pertadapt.files import sha256_bytes, sha256_file
@@ -122,11 +122,12 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     inputs = ModelInputs(data.genes, len(pert_vocab), graph.src, graph.dst, graph.weight, indptr, indices,
                          data.ctrl_mean.astype(np.float32), *coexpress)
     seed = cfg.seed
-    train = PairedCells(data, split.train, pert_vocab, seed=seed, n_de=cfg.data.n_de)
-    val = EvalSet(PairedCells(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de), split.val_subgroups,
-                  split.train)
-    test = EvalSet(PairedCells(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de), split.subgroups,
-                   split.train)
+    pool = draw_control_pool(data, cfg.data.control_pool, cfg.data.control_pool_seed)  # one pool for all splits
+    train = PairedCells(data, split.train, pert_vocab, seed=seed, n_de=cfg.data.n_de, pool=pool)
+    val = EvalSet(PairedCells(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de, pool=pool),
+                  split.val_subgroups, split.train)
+    test = EvalSet(PairedCells(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de, pool=pool),
+                   split.subgroups, split.train)
     hashes = {"data_sha256": data_hash, "gene_order_sha256": _gene_hash(data.genes),
               "go_mask_sha256": mask_hash, "go_source": ann.source, "coexpress_sha256": coexpress_hash}
     return RunData(data, split, pert_vocab, inputs, train, val, test, hashes, path)
