@@ -68,3 +68,22 @@ def test_over_the_targets_only_the_unseen_target_sees_only_itself(ann: GOAnnotat
                       .clamp(min=1.0))
     torch.testing.assert_close(before, own)
     assert torch.equal(_unseen_row_after_changing(enc, vocab, "SEEN"), before)
+
+
+def test_the_batch_rows_equal_the_whole_tables_sgconv_step(ann: GOAnnotations) -> None:
+    vocab = perturbation_vocabulary(ann, TARGETS, "all")
+    enc = _encoder(ann, vocab).train()
+    pert_idx = torch.tensor([[3, -1], [2, 3], [-1, -1], [3, -1], [0, 4]])
+    nodes = torch.tensor([4, 0, 3, 3, 1, 2])
+    torch.testing.assert_close(enc.propagated_rows(nodes), enc.propagated()[nodes], rtol=0, atol=1e-6)
+    full = enc.propagated()
+    summed = (full[pert_idx.clamp(min=0)] * (pert_idx >= 0)[..., None]).sum(1)
+    expected = torch.zeros_like(summed)
+    expected[[0, 1, 3, 4]] = enc.fuse(summed[[0, 1, 3, 4]])
+    out = enc(pert_idx)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    out.square().sum().backward()
+    grad = enc.emb.weight.grad.clone()
+    enc.zero_grad()
+    expected.square().sum().backward()
+    torch.testing.assert_close(grad, enc.emb.weight.grad, rtol=0, atol=1e-6)

@@ -9,9 +9,9 @@ from pertadapt.baselines import BASELINES
 from pertadapt.config import schema
 from pertadapt.eval import compute_metrics, top_variable_genes
 from pertadapt.go.annotations import SOURCES
-from pertadapt.go.similarity import MASK_KINDS
+from pertadapt.go.similarity import MASK_KINDS, PERT_VOCABULARIES
 from pertadapt.models.losses import LOSSES
-from pertadapt.train.engine import ENGINES
+from pertadapt.train.engine import CLIPPERS, ENGINES
 
 
 @pytest.mark.parametrize(("names", "registry"), [
@@ -20,7 +20,9 @@ from pertadapt.train.engine import ENGINES
     (schema.ENGINES, ENGINES),
     (schema.MASKS, MASK_KINDS),
     (schema.GO_SOURCES, SOURCES),
-], ids=["baselines", "losses", "engines", "masks", "go_sources"])
+    (schema.CLIP_MODES, CLIPPERS),
+    (schema.PERT_GRAPH_GENES, PERT_VOCABULARIES),
+], ids=["baselines", "losses", "engines", "masks", "go_sources", "clip_modes", "pert_graph_genes"])
 def test_schema_names_equal_registry(names: tuple[str, ...], registry: object) -> None:
     assert set(names) == set(registry)
 
