@@ -9,10 +9,10 @@ from pertadapt.baselines import BASELINES
 from pertadapt.config import schema
 from pertadapt.eval import compute_metrics, top_variable_genes
 from pertadapt.go.annotations import SOURCES
-from pertadapt.go.similarity import MASK_KINDS
+from pertadapt.go.similarity import MASK_KINDS, PERT_VOCABULARIES
 from pertadapt.models.losses import LOSSES
 from pertadapt.train.embed_cache import CACHE_DTYPES
-from pertadapt.train.engine import ENGINES
+from pertadapt.train.engine import CLIPPERS, ENGINES
 
 
 @pytest.mark.parametrize(("names", "registry"), [
@@ -22,7 +22,9 @@ from pertadapt.train.engine import ENGINES
     (schema.MASKS, MASK_KINDS),
     (schema.GO_SOURCES, SOURCES),
     (schema.CACHE_DTYPES, CACHE_DTYPES),
-], ids=["baselines", "losses", "engines", "masks", "go_sources", "cache_dtypes"])
+    (schema.CLIP_MODES, CLIPPERS),
+    (schema.PERT_GRAPH_GENES, PERT_VOCABULARIES),
+], ids=["baselines", "losses", "engines", "masks", "go_sources", "cache_dtypes", "clip_modes", "pert_graph_genes"])
 def test_schema_names_equal_registry(names: tuple[str, ...], registry: object) -> None:
     assert set(names) == set(registry)
 

@@ -127,6 +127,53 @@ def _cache(n_genes: int = typer.Option(2000, help="Genes of the simulated screen
     _show(f"frozen-FM embedding cache vs recomputing ({result['config']})", result, json_path)
 
 
+@bench.command("quality")
+def _quality(overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides for every run."),
+             config: str = typer.Option("benchmark.yaml", "--config", help="Run config (default: the shipped one)."),
+             seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated run seeds."),
+             epochs: int = typer.Option(None, "--epochs", help="Override optim.epochs (a shorter run)."),
+             steps: int = typer.Option(None, "--steps", help="Override optim.max_steps_per_epoch."),
+             controls: int = typer.Option(None, "--controls", help="Override eval.controls_per_condition."),
+             out: Path = typer.Option(Path("runs/bench-quality"), "--out", help="Root of the run directories."),
+             json_path: Path = _JSON) -> None:
+    """Full model vs the four baselines on the benchmark preset, per seed and paired (target: beats no-change
+    and mean on test mse_de in every seed, all-gene mse <= 1.1 x no-change's)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pertadapt.config.schema import BASELINE_MODELS
+    from pertadapt.train.bench_quality import QUALITY_METRICS, run_quality_benchmark
+
+    ov = list(overrides or [])
+    for key, value in (("optim.epochs", epochs), ("optim.max_steps_per_epoch", steps),
+                       ("eval.controls_per_condition", controls)):
+        if value is not None:
+            ov.append(f"{key}={value}")
+    result = run_quality_benchmark(out, config=config, seeds=[int(s) for s in seeds.split(",")], overrides=ov)
+    console = Console()
+    for row in result["seeds"]:
+        table = Table(title=f"seed {row['seed']}: test metrics (no-change from the eval controls: mse "
+                            f"{row['nochange_eval_controls_mse']:.4g}, mse_de {row['nochange_eval_controls_mse_de']:.4g})")
+        table.add_column("model")
+        for m in QUALITY_METRICS:
+            table.add_column(m.removeprefix("test_"), justify="right")
+        for model in ("pertadapt", *BASELINE_MODELS):
+            table.add_row(model, *[f"{row[model][m]:.4g}" for m in QUALITY_METRICS])
+        console.print(table)
+    targets = result["targets"]
+    paired = Table(title="paired, per seed: full model - baseline (test mse_de), mse / no-change mse")
+    for col in targets["paired"][0]:
+        paired.add_column(col, justify="right")
+    for p in targets["paired"]:
+        paired.add_row(*[str(v) if isinstance(v, int) else f"{v:+.4g}" for v in p.values()])
+    console.print(paired)
+    _show("quality targets", {k: v for k, v in targets.items() if k != "paired"}, json_path)
+    if json_path is not None:
+        from pertadapt.files import atomic_write_json
+
+        atomic_write_json(json_path, result)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``bench`` to the root app."""
     app.add_typer(bench, name="bench")

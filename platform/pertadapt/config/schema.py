@@ -17,6 +17,7 @@ __all__ = [
     "BASELINE_MODELS",
     "CACHE_DTYPES",
     "EMBEDDING_CACHE_MODES",
+    "CLIP_MODES",
     "ENGINES",
     "FINETUNE_MODES",
     "GO_SOURCES",
@@ -25,6 +26,7 @@ __all__ = [
     "METRICS",
     "MODELS",
     "PA_OFF_MODES",
+    "PERT_GRAPH_GENES",
     "SPLIT_KINDS",
     "SUBGROUPS",
     "is_metric_name",
@@ -60,7 +62,11 @@ MASKS = ("go", "none", "random_degree_matched")
 PA_OFF_MODES = ("decoder", "sum")
 LOSSES = ("adaptive", "mse", "gears")
 ENGINES = ("torch", "deepspeed")
+#: Where gradient value clipping acts (see :class:`OptimConfig`).
+CLIP_MODES = ("accumulated", "per_micro_batch")
 GO_SOURCES = ("bundled", "debian", "obo")
+#: Genes of the perturbation encoder's GO graph (see :class:`GOConfig`).
+PERT_GRAPH_GENES = ("all", "targets")
 #: Per-perturbation metrics that ``eval.compute_metrics`` reports (a sync test checks the list).
 METRICS = (
     "mse", "pearson", "mae", "mse_de", "pearson_de", "pearson_delta", "pearson_delta_de",
@@ -139,9 +145,14 @@ class GOConfig:
     graph_threshold: float = 0.1
     graph_top_k: int = 20
     mask_threshold: float = 0.1
+    #: Nodes of the perturbation encoder's GO graph (its vocabulary P): ``all`` = every gene with GO
+    #: annotations in the source, the dataset's targets indexed into it (reference, so that an unseen
+    #: target borrows from GO neighbours that were never perturbed); ``targets`` = the dataset's targets only.
+    pert_graph_genes: str = "all"
 
     def __post_init__(self) -> None:
         _choice("go.source", self.source, GO_SOURCES)
+        _choice("go.pert_graph_genes", self.pert_graph_genes, PERT_GRAPH_GENES)
         for a in self.aspects:
             _choice("go.aspects", a, ("BP", "MF", "CC"))
         if self.source == "obo" and (self.obo is None or self.gaf is None):
@@ -323,6 +334,11 @@ class OptimConfig:
     micro_batch_size: int = 4
     #: Gradient value clipping (``None`` = off); paper: 1.0.
     clip_value: float | None = 1.0
+    #: ``accumulated`` (reference): clamp the accumulated gradient to ``[-clip_value, clip_value]`` after
+    #: every micro-step's backward, as ``clip_grad_value_`` after each backward does; ``per_micro_batch``:
+    #: clamp each micro-batch's own contribution, so the accumulated gradient may reach
+    #: ``accumulation_steps × clip_value``.
+    clip_mode: str = "accumulated"
     #: Cap on optimiser steps per epoch (``None`` = the whole training set).
     max_steps_per_epoch: int | None = None
 
@@ -336,6 +352,7 @@ class OptimConfig:
         _check("optim.step_gamma", 0.0 < self.step_gamma <= 1.0, "a factor in (0, 1]", self.step_gamma)
         _check("optim.clip_value", self.clip_value is None or self.clip_value > 0, "a positive float or null",
                self.clip_value)
+        _choice("optim.clip_mode", self.clip_mode, CLIP_MODES)
         _check("optim.max_steps_per_epoch", self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
                "an integer >= 1 or null", self.max_steps_per_epoch)
 
@@ -383,12 +400,16 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Model selection and evaluation batch size."""
+    """Model selection, evaluation batch size and the control cells behind each predicted condition mean."""
 
     select_metric: str = "val_mse_de"
     #: ``min`` for errors (``val_mse_de``), ``max`` for correlations (``val_pearson_delta``).
     select_mode: str = "min"
     batch_size: int = 64
+    #: Control cells each val/test condition's mean prediction averages over: ``k`` distinct control
+    #: cells of its cell type drawn at random (seeded), or ``null`` = the whole control pool (no pairing
+    #: noise; costs conditions × pool forwards per evaluation, in ``batch_size`` batches).
+    controls_per_condition: int | None = None
 
     def __post_init__(self) -> None:
         _check("eval.select_metric", is_metric_name(self.select_metric, "val"),
@@ -396,6 +417,9 @@ class EvalConfig:
                f"{', '.join(METRICS)}", self.select_metric)
         _choice("eval.select_mode", self.select_mode, ("min", "max"))
         _check("eval.batch_size", self.batch_size > 0, "a positive integer", self.batch_size)
+        _check("eval.controls_per_condition", self.controls_per_condition is None or (
+            isinstance(self.controls_per_condition, int) and self.controls_per_condition >= 1),
+               "an integer >= 1 or null (the whole control pool)", self.controls_per_condition)
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,45 @@ class PairedCells(torch.utils.data.Dataset):
                 self.cond_pert[ci, j] = vocab.get(g, -1)
                 self.cond_pos[ci, j] = gpos.get(g, -1)
 
+    @classmethod
+    def for_evaluation(cls, data: PerturbData, conditions: Sequence[str], pert_vocab: Sequence[str], *, seed: int,
+                       n_de: int = 20, controls_per_condition: int | None = None,
+                       pool: np.ndarray | None = None) -> PairedCells:
+        """Evaluation cells: each perturbed condition's control cells, so that its mean prediction averages
+        the model over ``controls_per_condition`` controls instead of one random control per perturbed cell.
+
+        Row ``r`` is a cell of the condition (its ``y``, DE genes and perturbation) with control cell
+        ``pair[r]`` as input. A condition gets, per cell type among its cells, ``controls_per_condition``
+        distinct control cells of that type drawn at random (seeded; all of them when ``None`` or when the
+        pool is smaller), so several cell types are weighted by the controls drawn for each. ``ctrl`` has no rows.
+
+        Parameters
+        ----------
+        data, conditions, pert_vocab, seed, n_de
+            As for the class.
+        controls_per_condition
+            Control cells per condition (``eval.controls_per_condition``); ``None`` = the whole pool.
+        pool
+            The control pool (:func:`draw_control_pool`) the controls are drawn from; ``None`` = every
+            control cell.
+        """
+        self = cls(data, conditions, pert_vocab, seed=seed, n_de=n_de, pool=pool)
+        rng = np.random.default_rng([seed, 1])
+        ctrl = self.pool
+        cells, pairs = [], []
+        for c in sorted(set(conditions) - {keys.CONTROL}):
+            own = data.cells_of([c])
+            for t in np.unique(data.cell_type[own]):
+                pool = ctrl[data.cell_type[ctrl] == t]
+                if controls_per_condition is not None and controls_per_condition < len(pool):
+                    pool = np.sort(rng.choice(pool, size=controls_per_condition, replace=False))
+                cells.append(np.full(len(pool), own[data.cell_type[own] == t][0]))
+                pairs.append(pool)
+        self.cells = np.concatenate(cells) if cells else np.zeros(0, dtype=np.int64)
+        self.pair = np.concatenate(pairs) if pairs else np.zeros(0, dtype=np.int64)
+        self.pair_pool_idx = np.searchsorted(self.pool, self.pair)  # rows of the embedding cache
+        return self
+
     @property
     def _ctrl_id(self) -> int:
         return self.data.conditions.index(keys.CONTROL)

@@ -24,6 +24,7 @@ from pertadapt.go.similarity import (
     check_build_options,
     has_go,
     jaccard_matrix,
+    perturbation_vocabulary,
 )
 from pertadapt.go.sources import export_bundled_table, fetch_debian
 from pertadapt.go.stats import coverage, read_gene_list, read_h5ad_genes
@@ -61,6 +62,7 @@ __all__ = [
     "load_annotations",
     "load_gene_graph",
     "load_go_mask",
+    "perturbation_vocabulary",
     "read_gene_list",
     "read_h5ad_genes",
     "resolve_symbols",

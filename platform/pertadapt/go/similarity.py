@@ -23,6 +23,7 @@ from pertadapt.go.errors import GeneListError, GOOptionError
 
 __all__ = [
     "MASK_KINDS",
+    "PERT_VOCABULARIES",
     "GOMask",
     "GeneGraph",
     "build_gene_graph",
@@ -31,6 +32,7 @@ __all__ = [
     "check_build_options",
     "has_go",
     "jaccard_matrix",
+    "perturbation_vocabulary",
     "term_matrix",
 ]
 
@@ -416,6 +418,45 @@ def has_go(ann: GOAnnotations, genes: Sequence[str]) -> np.ndarray:
     """
     res = resolve_symbols(ann, genes)
     return np.fromiter((s is not None and s in ann.gene2terms for s in res.symbols), dtype=bool, count=len(genes))
+
+
+def _targets_only(ann: GOAnnotations, targets: Sequence[str]) -> tuple[str, ...]:
+    return tuple(sorted(targets))
+
+
+def _all_annotated(ann: GOAnnotations, targets: Sequence[str]) -> tuple[str, ...]:
+    """The targets under their own names plus every other annotated symbol (none twice through an alias)."""
+    taken = {s for s in resolve_symbols(ann, targets).symbols if s is not None}
+    return tuple(sorted({*targets, *(g for g in ann.gene2terms if g not in taken)}))
+
+
+#: Closed registry: ``go.pert_graph_genes`` → ``(annotations, targets) -> perturbation vocabulary``.
+PERT_VOCABULARIES: dict[str, Callable[[GOAnnotations, Sequence[str]], tuple[str, ...]]] = {
+    "all": _all_annotated, "targets": _targets_only}
+
+
+def perturbation_vocabulary(ann: GOAnnotations, targets: Sequence[str], which: str = "all") -> tuple[str, ...]:
+    """The nodes of the perturbation encoder's GO graph (its embedding table), sorted.
+
+    Parameters
+    ----------
+    ann
+        Annotation table.
+    targets
+        The dataset's perturbation targets that have GO annotations (their names as in the data).
+    which
+        ``all`` (reference: every annotated gene of ``ann``, e.g. 20,728 for the bundled table, so that an
+        unseen target's GO neighbours are in the graph even when nobody perturbed them; a target that
+        reaches an annotated symbol through an alias stands for that symbol) or ``targets`` (the targets only).
+
+    Returns
+    -------
+    tuple of str
+        ``(P,)`` names; every target is among them.
+    """
+    if which not in PERT_VOCABULARIES:
+        raise GOOptionError(f"perturbation graph genes {which!r} is not one of {', '.join(PERT_VOCABULARIES)}")
+    return PERT_VOCABULARIES[which](ann, targets)
 
 
 def build_go_mask(ann: GOAnnotations, genes: Sequence[str], *, threshold: float = 0.1, kind: str = "go",

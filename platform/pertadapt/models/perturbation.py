@@ -58,9 +58,14 @@ class GraphPropagation(nn.Module):
         src, dst, w = self._with_self_loops(n_nodes, edge_src.long(), edge_dst.long(), edge_weight.float())
         deg = torch.zeros(n_nodes).index_add_(0, dst, w)
         norm = deg.pow(-0.5)[src] * w * deg.pow(-0.5)[dst]
-        self.register_buffer("src", src, persistent=False)
-        self.register_buffer("dst", dst, persistent=False)
-        self.register_buffer("norm", norm, persistent=False)
+        order = torch.sort(dst, stable=True).indices  # edges grouped by target, in their given order
+        self.register_buffer("src", src[order], persistent=False)
+        self.register_buffer("dst", dst[order], persistent=False)
+        self.register_buffer("norm", norm[order], persistent=False)
+        #: ``(n + 1,)`` offsets: node ``v``'s in-edges are ``indptr[v]:indptr[v + 1]``.
+        self.register_buffer("indptr", torch.cat([torch.zeros(1, dtype=torch.long),
+                                                  torch.bincount(dst, minlength=n_nodes).cumsum(0)]),
+                             persistent=False)
 
     @staticmethod
     def _with_self_loops(n: int, src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor):
@@ -74,6 +79,13 @@ class GraphPropagation(nn.Module):
         """``(n, d)`` node features → ``(n, d)`` propagated features."""
         msg = x[self.src] * self.norm[:, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, self.dst, msg)
+
+    def in_edges(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The in-edges of ``nodes`` (``(m,)`` long): ``(source node, position in nodes, norm)``, each ``(e,)``."""
+        start, count = self.indptr[nodes], self.indptr[nodes + 1] - self.indptr[nodes]
+        local = torch.repeat_interleave(torch.arange(len(nodes), device=nodes.device), count)
+        edge = start[local] + torch.arange(len(local), device=nodes.device) - (count.cumsum(0) - count)[local]
+        return self.src[edge], local, self.norm[edge]
 
 
 class PerturbationEncoder(nn.Module):
@@ -101,14 +113,26 @@ class PerturbationEncoder(nn.Module):
         self.graph = GraphPropagation(n_perts, edge_src, edge_dst, edge_weight)
 
     def propagated(self) -> torch.Tensor:
-        """``(n_perts, d)`` GO-propagated perturbation embeddings."""
+        """``(n_perts, d)`` GO-propagated perturbation embeddings of the whole vocabulary."""
         return self.lin(self.graph(max_norm_rows(self.emb.weight)))
+
+    def propagated_rows(self, nodes: torch.Tensor) -> torch.Tensor:
+        """``(m, d)`` rows ``nodes`` (``(m,)`` long) of :meth:`propagated`, from their in-neighbours only.
+
+        The same numbers as the whole table's SGConv step, at a cost that does not grow with ``P`` (the
+        vocabulary over every GO gene has ``P`` ≈ 20k; a batch needs a few dozen rows).
+        """
+        src, local, norm = self.graph.in_edges(nodes)
+        w = self.emb.weight
+        msg = max_norm_rows(w[src]) * norm[:, None].to(w.dtype)
+        return self.lin(torch.zeros(len(nodes), w.shape[1], dtype=w.dtype, device=w.device).index_add_(0, local, msg))
 
     def forward(self, pert_idx: torch.Tensor) -> torch.Tensor:
         """``(batch, 2)`` indices with ``-1`` padding → ``(batch, d)`` (zero rows for control cells)."""
-        g = self.propagated()
         valid = pert_idx >= 0
-        summed = (g[pert_idx.clamp(min=0)] * valid[..., None]).sum(1)
+        nodes, inverse = torch.unique(pert_idx.clamp(min=0), return_inverse=True)
+        g = self.propagated_rows(nodes)
+        summed = (g[inverse] * valid[..., None]).sum(1)
         out = torch.zeros_like(summed)
         perturbed = valid.any(1)
         if perturbed.any():

@@ -1,8 +1,8 @@
 """Training engines: one small protocol, a plain-torch implementation and a DeepSpeed one.
 
-The engine owns device, precision, distribution, gradient accumulation, value clipping, the
-optimiser and checkpoints; the training loop only calls the methods below. This is the only
-module that imports :mod:`deepspeed`.
+The engine owns device, precision, distribution, the loss scale, gradient accumulation, value
+clipping, the optimiser and checkpoints; the training loop only calls the methods below. This is the
+only module that imports :mod:`deepspeed`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from pertadapt.train.checkpoint import (
 )
 from pertadapt.types import Batch
 
-__all__ = ["ENGINES", "DeepSpeedEngine", "Engine", "TorchEngine", "build_engine", "consolidated_state_dict",
-           "deepspeed_config"]
+__all__ = ["CLIPPERS", "ENGINES", "DeepSpeedEngine", "Engine", "TorchEngine", "ValueClipper", "build_engine",
+           "consolidated_state_dict", "deepspeed_config"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Engine(Protocol):
         ...
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Back-propagate one micro-batch loss (scaled by 1/accumulation)."""
+        """Back-propagate one micro-batch loss, times ``loss.scale`` / accumulation (then value-clipped)."""
         ...
 
     def step(self) -> None:
@@ -89,12 +89,59 @@ def _frozen_backbone_eval(model: nn.Module) -> None:
         backbone.eval()
 
 
-def _clip_value_hooks(params: list[nn.Parameter], clip: float | None) -> None:
-    """Clamp each micro-batch gradient to ``[-clip, clip]`` (value clipping, as the paper, per micro-step)."""
-    if clip is None:
-        return
-    for p in params:
-        p.register_hook(lambda g, c=clip: g.clamp(-c, c))
+def _clip_accumulated(clipper: ValueClipper, i: int, g: torch.Tensor) -> torch.Tensor:
+    """The contribution that makes the accumulated gradient ``clamp(acc + g)``; records the new ``acc``."""
+    acc = clipper.accumulated.get(i)
+    new = (g if acc is None else acc + g).clamp(-clipper.clip, clipper.clip)
+    clipper.accumulated[i] = new
+    return new if acc is None else new - acc
+
+
+def _clip_per_micro_batch(clipper: ValueClipper, i: int, g: torch.Tensor) -> torch.Tensor:
+    """This micro-batch's own gradient, clamped (the accumulated sum is not)."""
+    return g.clamp(-clipper.clip, clipper.clip)
+
+
+#: Closed registry: ``optim.clip_mode`` → parameter-gradient hook ``(clipper, param index, grad) -> grad``.
+CLIPPERS: dict[str, Callable[[ValueClipper, int, torch.Tensor], torch.Tensor]] = {
+    "accumulated": _clip_accumulated, "per_micro_batch": _clip_per_micro_batch}
+
+
+class ValueClipper:
+    """Gradient value clipping at ``[-clip, clip]`` through hooks on the trainable parameters.
+
+    A hook sees each micro-batch's gradient ``g`` of a parameter before the engine accumulates it, so the
+    same code serves the torch engine (which sums into ``.grad``) and DeepSpeed (which sums into its own,
+    possibly partitioned, buffers). ``accumulated`` (the reference's ``clip_grad_value_`` after every
+    micro-step backward) keeps this rank's clipped running sum ``acc`` per parameter and returns
+    ``clamp(acc + g) - acc``, so that whatever the engine accumulates equals the clamped accumulated
+    gradient after every micro-step; ``per_micro_batch`` returns ``clamp(g)``. Under DeepSpeed with several
+    ranks each rank clips its own accumulated gradient before the ranks' gradients are averaged (the
+    reference's DDP clamps the averaged sum after the last micro-step).
+
+    Parameters
+    ----------
+    params
+        Trainable parameters (hooks are registered on them).
+    clip
+        Clip value (``optim.clip_value``); ``None`` = no clipping (no hooks).
+    mode
+        ``optim.clip_mode``: a key of :data:`CLIPPERS`.
+    """
+
+    def __init__(self, params: list[nn.Parameter], clip: float | None, mode: str) -> None:
+        self.clip = clip
+        #: Parameter index → this rank's clipped accumulated gradient since the last optimiser step.
+        self.accumulated: dict[int, torch.Tensor] = {}
+        if clip is None:
+            return
+        hook = CLIPPERS[mode]
+        for i, p in enumerate(params):
+            p.register_hook(lambda g, i=i: hook(self, i, g))
+
+    def reset(self) -> None:
+        """Forget the accumulated gradients (call after each optimiser step)."""
+        self.accumulated.clear()
 
 
 def _optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
@@ -128,7 +175,7 @@ class TorchEngine:
     model
         The model; its parameters with ``requires_grad`` are optimised.
     cfg
-        Run config (optimiser, accumulation, clipping).
+        Run config (optimiser, accumulation, loss scale, clipping).
     device
         Torch device.
     """
@@ -141,21 +188,23 @@ class TorchEngine:
         self.device = device
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = _optimizer(params, cfg)
-        _clip_value_hooks(params, cfg.optim.clip_value)
+        self.clipper = ValueClipper(params, cfg.optim.clip_value, cfg.optim.clip_mode)
         self.accumulation = cfg.accumulation_steps
+        self.loss_scale = cfg.loss.scale
         self._micro = 0
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.model(batch.to(self.device))
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accumulation).backward()
+        (loss * self.loss_scale / self.accumulation).backward()
 
     def step(self) -> None:
         self._micro += 1
         if self._micro % self.accumulation == 0:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.clipper.reset()
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -196,7 +245,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds = read_deepspeed_json(cfg.engine.deepspeed_config)
     accumulation = cfg.accumulation_steps
     # gradient_clipping=0: DeepSpeed would otherwise clip the global gradient norm at 1.0 by default; the
-    # paper clips gradient *values* (optim.clip_value, applied per micro-batch by the engine's hooks).
+    # paper clips gradient *values* (optim.clip_value / clip_mode, applied by the engine's ValueClipper hooks).
     ds.update(train_micro_batch_size_per_gpu=cfg.optim.micro_batch_size, gradient_accumulation_steps=accumulation,
               train_batch_size=cfg.optim.micro_batch_size * accumulation * world_size, gradient_clipping=0.0)
     return ds
@@ -277,7 +326,8 @@ class DeepSpeedEngine:
         ds_cfg = deepspeed_config(cfg, self.world_size)
         self.dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else None
         params = [p for p in model.parameters() if p.requires_grad]
-        _clip_value_hooks(params, cfg.optim.clip_value)
+        self.clipper = ValueClipper(params, cfg.optim.clip_value, cfg.optim.clip_mode)
+        self.loss_scale = cfg.loss.scale
         self.ds, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(params, cfg), config=ds_cfg)
         self.ds.checkpoint_engine = _safe_checkpoint_engine()
         self.model = self.ds.module
@@ -288,10 +338,13 @@ class DeepSpeedEngine:
         return self.ds(batch.to(self.device, self.dtype)).float()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss)
+        self.ds.backward(loss * self.loss_scale)  # DeepSpeed divides by the accumulation steps
 
     def step(self) -> None:
+        boundary = self.ds.is_gradient_accumulation_boundary()
         self.ds.step()
+        if boundary:
+            self.clipper.reset()
 
     def set_lr(self, lr: float) -> None:
         for g in self.ds.optimizer.param_groups:

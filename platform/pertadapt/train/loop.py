@@ -208,7 +208,7 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
                            f"(components: {rec})")
                 record_nonfinite(run_dir, message, epoch=epoch, micro_step=step)
                 raise FloatingPointError(message)
-            engine.backward(out.total * cfg.loss.scale)
+            engine.backward(out.total)
             engine.step()
             records.append(rec)
         val_metrics = evaluate(engine, val, "val", cfg.eval.batch_size)[0].flat("val")

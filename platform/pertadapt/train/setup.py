@@ -51,7 +51,8 @@ class RunData:
     split
         Condition split.
     pert_vocab
-        Perturbation genes (sorted) with GO annotations; conditions outside it were dropped.
+        The perturbation encoder's vocabulary P (sorted, ``go.pert_graph_genes``): the targets with GO
+        annotations (conditions of the others were dropped) and, with ``all``, every other annotated gene.
     inputs
         Arrays for the model builder (genes, GO graph, GO mask, control mean and, for the FM-baseline
         decoder, the co-expression graph).
@@ -93,7 +94,7 @@ def _mask_arrays(cfg: RunConfig, ann, genes: tuple[str, ...]) -> tuple[np.ndarra
 def prepare_run_data(cfg: RunConfig) -> RunData:
     """Load the data, split its conditions, build the GO graph and mask (and, for the FM-baseline decoder,
     the training cells' co-expression graph), and pair the cells."""
-    from pertadapt.go import cached_gene_graph, has_go, load_annotations
+    from pertadapt.go import cached_gene_graph, has_go, load_annotations, perturbation_vocabulary
 
     path = ensure_data_file(cfg)
     data = read_perturb_data(path, n_de=cfg.data.n_de, backed=cfg.data.backed)
@@ -110,7 +111,7 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     split = split_conditions(keep, cfg.data.split, seed=cfg.split_seed,
                              train_gene_frac=cfg.data.train_gene_frac,
                              combo_seen2_train_frac=cfg.data.combo_seen2_train_frac)
-    pert_vocab = tuple(g for g in targets if g not in set(missing))
+    pert_vocab = perturbation_vocabulary(ann, [g for g in targets if g not in set(missing)], cfg.go.pert_graph_genes)
     graph = cached_gene_graph(ann, pert_vocab, threshold=cfg.go.graph_threshold, top_k=cfg.go.graph_top_k)
     indptr, indices, mask_hash = _mask_arrays(cfg, ann, data.genes)
     data_hash = sha256_file(path)
@@ -124,10 +125,11 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     seed = cfg.seed
     pool = draw_control_pool(data, cfg.data.control_pool, cfg.data.control_pool_seed)  # one pool for all splits
     train = PairedCells(data, split.train, pert_vocab, seed=seed, n_de=cfg.data.n_de, pool=pool)
-    val = EvalSet(PairedCells(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de, pool=pool),
-                  split.val_subgroups, split.train)
-    test = EvalSet(PairedCells(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de, pool=pool),
-                   split.subgroups, split.train)
+    k = cfg.eval.controls_per_condition
+    val = EvalSet(PairedCells.for_evaluation(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de,
+                                             controls_per_condition=k, pool=pool), split.val_subgroups, split.train)
+    test = EvalSet(PairedCells.for_evaluation(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de,
+                                              controls_per_condition=k, pool=pool), split.subgroups, split.train)
     hashes = {"data_sha256": data_hash, "gene_order_sha256": _gene_hash(data.genes),
               "go_mask_sha256": mask_hash, "go_source": ann.source, "coexpress_sha256": coexpress_hash}
     return RunData(data, split, pert_vocab, inputs, train, val, test, hashes, path)
