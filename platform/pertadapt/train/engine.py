@@ -115,9 +115,11 @@ class ValueClipper:
     possibly partitioned, buffers). ``accumulated`` (the reference's ``clip_grad_value_`` after every
     micro-step backward) keeps this rank's clipped running sum ``acc`` per parameter and returns
     ``clamp(acc + g) - acc``, so that whatever the engine accumulates equals the clamped accumulated
-    gradient after every micro-step; ``per_micro_batch`` returns ``clamp(g)``. Under DeepSpeed with several
-    ranks each rank clips its own accumulated gradient before the ranks' gradients are averaged (the
-    reference's DDP clamps the averaged sum after the last micro-step).
+    gradient after every micro-step; ``per_micro_batch`` returns ``clamp(g)``. Under DeepSpeed with ``W``
+    ranks a rank's gradient is ``1/W`` of the averaged one, so the engine clips it at ``W × clip``:
+    ``per_micro_batch`` is then exactly world-size invariant, while ``accumulated`` clips each rank's own
+    running share before the ranks are averaged (like the reference's DDP ``no_sync`` micro-steps), which
+    depends on how the cells are split over ranks.
 
     Parameters
     ----------
@@ -326,7 +328,10 @@ class DeepSpeedEngine:
         ds_cfg = deepspeed_config(cfg, self.world_size)
         self.dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else None
         params = [p for p in model.parameters() if p.requires_grad]
-        self.clipper = ValueClipper(params, cfg.optim.clip_value, cfg.optim.clip_mode)
+        # a rank's gradient is 1/world of the averaged one: clip it at world × clip_value, so that the
+        # averaged gradient is clipped at clip_value (per micro-batch: exactly as on one process)
+        clip = None if cfg.optim.clip_value is None else cfg.optim.clip_value * self.world_size
+        self.clipper = ValueClipper(params, clip, cfg.optim.clip_mode)
         self.loss_scale = cfg.loss.scale
         self.ds, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(params, cfg), config=ds_cfg)
         self.ds.checkpoint_engine = _safe_checkpoint_engine()
