@@ -50,12 +50,19 @@ class Batch:
     ctrl_idx: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        """Move every tensor (``None`` fields stay ``None``); floating tensors optionally cast to ``dtype``."""
+        """Move every tensor (``None`` fields stay ``None``); floating tensors optionally cast to ``dtype``.
+
+        To a CUDA device the host tensors go through pinned (page-locked) memory with a non-blocking copy.
+        """
         out = {}
+        cuda = torch.device(device).type == "cuda"
         for f in fields(self):
             t = getattr(self, f.name)
             if t is not None:
-                t = t.to(device)
+                if cuda and t.device.type == "cpu":
+                    t = t.pin_memory().to(device, non_blocking=True)
+                else:
+                    t = t.to(device)
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
             out[f.name] = t

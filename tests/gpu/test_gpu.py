@@ -90,3 +90,16 @@ def test_two_gpu_workers_one_process_per_gpu(demo_h5ad: Path, tmp_path: Path) ->
     prov = _gpu_trial(demo_h5ad, tmp_path / "two", "engine.workers=2", "engine.deepspeed_config=zero2.json")
     assert sorted(r["local_rank"] for r in prov["ranks"]) == [0, 1]
     assert sorted(r["device"] for r in prov["ranks"]) == ["cuda:0", "cuda:1"]
+
+
+def test_batches_reach_the_gpu_through_pinned_memory() -> None:
+    from pertadapt.types import Batch
+
+    long = torch.zeros(2, 2, dtype=torch.long)
+    b = Batch(x_ctrl=torch.ones(2, 3), total_count=torch.ones(2), y=torch.ones(2, 3), pert_idx=long,
+              pert_gene_pos=long, cond_id=torch.zeros(2, dtype=torch.long), is_ctrl=torch.zeros(2, dtype=torch.bool),
+              de_idx=long, nz_mask=torch.ones(2, 3, dtype=torch.bool))
+    moved = b.to("cuda")
+    torch.cuda.synchronize()
+    assert moved.x_ctrl.device.type == "cuda"
+    assert torch.equal(moved.x_ctrl.cpu(), b.x_ctrl)
