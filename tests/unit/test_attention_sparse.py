@@ -172,3 +172,32 @@ def test_sparse_path_rejects_a_mask_of_another_size() -> None:
     q, k, v = _qkv(10)
     with pytest.raises(ValueError, match="covers 9 genes but the attention has 10"):
         sparse_attention(q, k, v, _mask(np.eye(9, dtype=bool)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_numba_kernels_leave_torch_thread_count_as_it_was(threads: int) -> None:
+    """Numba's OpenMP layer, launched by the first kernel call, must not change torch's thread count.
+
+    It set the process's OpenMP threads to all cores: after a worker's first sparse attention every torch op
+    ran on more threads than ``OMP_NUM_THREADS``, and a resumed run's first epoch rounded differently from an
+    uninterrupted one. A fresh process, so that the layer is launched here.
+    """
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, torch
+from pertadapt.models.attention import SparseMask, sparse_attention
+before = torch.get_num_threads()
+n = 64
+dense = np.random.default_rng(0).random((n, n)) < 0.2
+np.fill_diagonal(dense, True)
+mask = SparseMask(torch.from_numpy(np.concatenate([[0], np.cumsum(dense.sum(1))])), torch.from_numpy(np.nonzero(dense)[1]))
+q, k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for _ in range(3))
+sparse_attention(q, k, v, mask, backend="numba").sum().backward()
+print(before, torch.get_num_threads())
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": "4"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == [str(threads), str(threads)]

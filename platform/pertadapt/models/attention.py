@@ -381,8 +381,17 @@ class _SparseAttention(torch.autograd.Function):
 
 
 def _set_numba_threads() -> None:
-    """Give the numba kernels as many threads as torch has (``OMP_NUM_THREADS`` / ``torch.set_num_threads``)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """Give the numba kernels as many threads as torch has (``OMP_NUM_THREADS`` / ``torch.set_num_threads``).
+
+    Numba's OpenMP threading layer, launched by its first use, sets the process-wide OpenMP thread count
+    to ``NUMBA_NUM_THREADS`` (all cores), which torch shares: torch's count is put back, or every torch op
+    after the first sparse attention would run on another number of threads (oversubscribed workers, and
+    reductions split differently from a process where the kernels have not run yet).
+    """
+    n = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SparseMask, *,

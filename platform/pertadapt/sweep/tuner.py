@@ -78,10 +78,10 @@ def _trial_fn(config: dict[str, Any]) -> None:
         trial_id = tune.get_context().get_trial_id()
         run_dir, name = run_dir / trial_id, f"{name}-{trial_id}"
     finished = finished_metrics(run_dir, config_hash(cfg))
-    mark(run_dir, "trial_start")
     if finished is not None:  # a resumed sweep whose Tune state missed this trial's end: nothing to redo
         tune.report({**finished, FINISHED_KEY: 1})
         return
+    mark(run_dir, "trial_start")
     storage = Path(spec["storage"])
     # a retried or resumed trial continues from its last checkpoint; a first start begins afresh
     resume = has_resumable_checkpoint(cfg, run_dir, name=name, storage_path=storage)
