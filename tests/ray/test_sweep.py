@@ -36,7 +36,8 @@ def _pertadapt(*args: str, timeout: int = 1500, env: dict | None = None, ok: boo
     return res
 
 
-#: The demo grid cut to two of its rows (the full model and "none") for CI: 2 model arms + 4 baselines × 2 seeds.
+#: The demo grid cut to two of its rows (the full model and "none") for CI: 2 model arms + 4 baselines × 2 seeds;
+#: "none" runs on the in-process torch engine, so the grid mixes Ray Train (DeepSpeed) and plain Tune trials.
 DEMO_CI = """name: demo-ci
 base: demo.yaml
 seeds: [1, 2]
@@ -45,7 +46,8 @@ baselines: true
 max_concurrent_trials: 2
 arms:
   fm+pa+am+ladapt: {}
-  none: {backbone.name: learned, adapter.enabled: false, adapter.attention_mask: none, loss.name: gears}
+  none: {backbone.name: learned, adapter.enabled: false, adapter.attention_mask: none, loss.name: gears,
+         engine.name: torch, engine.workers: 1}
 """
 
 
@@ -99,9 +101,14 @@ def test_every_trial_has_one_finished_wandb_run_matching_the_csv(demo_sweep: Pat
     rows = _rows(demo_sweep)
     runs = find_offline_runs(demo_sweep / "runs")
     assert len(runs) == len(rows) == 12
+    tags = {"fm+pa+am+ladapt": [], "none": ["adapter.attention_mask=none", "adapter.enabled=False",
+                                            "backbone.name=learned", "engine.name=torch", "engine.workers=1",
+                                            "loss.name=gears"]}
     for r in rows:
         info = read_offline_run(Path(r["wandb_run"]))
         assert info["state"] == "finished"
+        # the toggles that set the arm apart from the reference arm
+        assert info["tags"] == tags.get(r["arm"], [f"model.name={r['arm']}"]), (r["arm"], info["tags"])
         for key in ("test_mse_de", "test_pearson_delta", "val_mse_de"):
             assert info["summary"][key] == pytest.approx(float(r[key]), rel=1e-6), (r["trial"], key)
 
@@ -131,10 +138,11 @@ def test_the_api_key_reaches_no_file(demo_sweep: Path) -> None:
     assert hits == []
 
 
-def test_training_trials_ran_on_two_deepspeed_workers(demo_sweep: Path) -> None:
+def test_deepspeed_trials_ran_on_two_workers_and_torch_engine_trials_on_one(demo_sweep: Path) -> None:
     for r in _rows(demo_sweep):
         prov = json.loads((Path(r["run_dir"]) / "provenance.json").read_text())
-        assert prov["world_size"] == (1 if r["is_baseline"] == "True" else 2)
+        assert prov["world_size"] == (2 if r["arm"] == "fm+pa+am+ladapt" else 1), r["trial"]
+        assert len(prov["ranks"]) == prov["world_size"]
 
 
 def test_report_command_rewrites_the_report(demo_sweep: Path) -> None:
@@ -313,9 +321,20 @@ def test_asha_stops_trials_early_and_says_so(tmp_path: Path, cache_dir: Path) ->
                      "grace_period: 1\nreduction_factor: 3\nparams:\n"
                      "  optim.lr: {type: loguniform, low: 1.0e-5, high: 5.0e-2}\n")
     out = tmp_path / "sweep"
-    _pertadapt("sweep", str(abl), "optim.epochs=3", "optim.max_steps_per_epoch=2", "--search-space", str(space),
-               "--out", str(out), "--no-report")
-    statuses = [r["status"] for r in _rows(out, "hpo_results.csv")]
+    _pertadapt("sweep", str(abl), "optim.epochs=3", "optim.max_steps_per_epoch=2", "logging.wandb=offline",
+               "--search-space", str(space), "--out", str(out), "--no-report")
+    rows = _rows(out, "hpo_results.csv")
+    statuses = [r["status"] for r in rows]
     assert len(statuses) == 6
     assert "stopped_early" in statuses
     assert set(statuses) <= {"ok", "stopped_early"}
+    # ASHA killed the stopped trials' processes; their W&B runs (kept by the driver) still end as finished,
+    # tagged stopped_early, with the epochs they trained; one run per sample
+    assert len(find_offline_runs(out / "hpo")) == 6
+    for r in rows:
+        info = read_offline_run(Path(r["wandb_run"]))
+        assert info["state"] == "finished", r
+        assert ("stopped_early" in info["tags"]) == (r["status"] == "stopped_early"), (r["status"], info["tags"])
+        assert "val_mse_de" in info["summary"]
+        if r["status"] == "ok":
+            assert info["summary"]["test_mse_de"] == pytest.approx(float(r["test_mse_de"]), rel=1e-6)

@@ -182,6 +182,21 @@ def test_demo_grid_is_the_paper_rows_with_the_full_model_as_reference() -> None:
                                                                              "logging.group=demo/fm+pa+am+ladapt"])
 
 
+def test_toggles_name_what_sets_an_arm_apart_from_the_reference_arm(tmp_path: Path) -> None:
+    """The W&B tags of a trial: factor levels for factorial arms, differing overrides otherwise."""
+    abl = load_ablation(REPO / "ablations" / "demo.yaml")
+    by_arm = _first_seed(abl)
+    assert abl.toggles(by_arm["fm+pa+am+ladapt"]) == []
+    assert abl.toggles(by_arm["fm+pa"]) == ["am=off", "ladapt=off"]
+    assert abl.toggles(by_arm["none"]) == ["fm=off", "pa=off", "am=off", "ladapt=off"]
+    assert abl.toggles(by_arm["baseline_mean"]) == ["model.name=baseline_mean"]
+    named = tmp_path / "named.yaml"
+    named.write_text(f"name: n\nbase: {REPO / 'configs' / 'demo.yaml'}\nseeds: [3]\nbaselines: false\n"
+                     "arms:\n  full: {}\n  pa_sum: {adapter.enabled: false, adapter.off_mode: sum}\n")
+    abl = load_ablation(named)
+    assert abl.toggles(_first_seed(abl)["pa_sum"]) == ["adapter.enabled=False", "adapter.off_mode=sum"]
+
+
 @pytest.fixture(scope="module")
 def paper_plan(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("paper") / "plan"

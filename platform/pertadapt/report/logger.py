@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 __all__ = ["NullLogger", "RunLogger"]
@@ -15,8 +15,8 @@ class RunLogger(Protocol):
         """Log one row of metrics."""
         ...
 
-    def finish(self, summary: Mapping[str, float]) -> None:
-        """Set the run summary and close the run."""
+    def finish(self, summary: Mapping[str, float], *, tags: Sequence[str] = (), exit_code: int = 0) -> None:
+        """Set the run summary, add ``tags``, and close the run (``exit_code`` ≠ 0: the run failed)."""
         ...
 
 
@@ -26,5 +26,5 @@ class NullLogger:
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Do nothing."""
 
-    def finish(self, summary: Mapping[str, float]) -> None:
+    def finish(self, summary: Mapping[str, float], *, tags: Sequence[str] = (), exit_code: int = 0) -> None:
         """Do nothing."""

@@ -11,7 +11,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +36,37 @@ class WandbLogger:
         The resolved run config (nested dict).
     mode
         ``offline`` or ``online``.
+    tags
+        Run tags (each cut to W&B's 64 characters).
+    job_type
+        ``model`` or ``baseline`` (W&B's job type), or None.
+    concurrent
+        Other runs of this process stay open (the sweep driver keeps one per running trial); otherwise a
+        new run finishes the previous one.
     """
 
     def __init__(self, *, project: str, group: str | None, name: str, directory: Path, config: Mapping[str, Any],
-                 mode: str) -> None:
+                 mode: str, tags: Sequence[str] = (), job_type: str | None = None, concurrent: bool = False) -> None:
         import wandb
 
         directory.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project=project, group=group, name=name, dir=str(directory), config=dict(config),
-                              mode=mode, reinit="finish_previous",
+                              mode=mode, tags=[t[:64] for t in tags] or None, job_type=job_type,
+                              reinit="create_new" if concurrent else "finish_previous",
                               settings=wandb.Settings(console="off", x_disable_stats=True))
 
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log one row (non-finite values are logged as-is; W&B shows them as NaN)."""
         self.run.log(dict(metrics), step=step)
 
-    def finish(self, summary: Mapping[str, float]) -> None:
-        """Write the summary and close the run."""
+    def finish(self, summary: Mapping[str, float], *, tags: Sequence[str] = (), exit_code: int = 0) -> None:
+        """Write the summary, add ``tags`` and close the run (``exit_code`` ≠ 0: W&B marks it failed)."""
         for k, v in summary.items():
             self.run.summary[k] = v
-        self.run.finish()
+        if tags:
+            self.run.tags = (*self.run.tags, *(t[:64] for t in tags))
+        self.run.finish(exit_code=exit_code)
 
 
 def resolve_wandb_mode(mode: str) -> str:

@@ -107,6 +107,22 @@ class Ablation:
     #: factor → its levels, in file order (empty without ``factors:``).
     factors: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
+    def toggles(self, trial: Trial) -> list[str]:
+        """What sets ``trial`` apart from the reference arm (same dataset, backbone, seed), as ``name=value``.
+
+        Factor levels when both are factorial arms (``pa=off``), otherwise the dotted overrides that
+        differ (``adapter.off_mode=sum``, ``model.name=baseline_mean``); empty for the reference arm itself.
+        """
+        ref = next((t for t in self.trials if t.arm == self.reference_arm and t.seed == trial.seed
+                    and t.dataset == trial.dataset and t.backbone == trial.backbone), None)
+        if ref is None or ref.key == trial.key:
+            return []
+        if trial.levels and ref.levels:
+            return [f"{f}={lvl}" for f, lvl in trial.levels.items() if ref.levels.get(f) != lvl]
+        keys = sorted((set(trial.overrides) | set(ref.overrides)) - {"logging.group", "name"})
+        return [f"{k}={trial.overrides.get(k, '(base)')}" for k in keys
+                if trial.overrides.get(k) != ref.overrides.get(k)]
+
 
 def arm_name(levels: Mapping[str, str]) -> str:
     """The name of a factorial arm: its factors' parts joined by ``+`` in the order of ``factors:``.

@@ -38,6 +38,7 @@ from pertadapt.config.schema import ConfigError
 from pertadapt.sweep.ablation import Ablation, Trial
 from pertadapt.sweep.results import TrialOutcome, collect_results, finished_metrics
 from pertadapt.sweep.search_space import SearchSpace
+from pertadapt.sweep.wandb_runs import REPLAYED_KEY, TrialRuns
 from pertadapt.train.run import FINISHED_KEY
 from pertadapt.train.timeline import mark
 from pertadapt.train.worker import has_resumable_checkpoint, launch
@@ -79,14 +80,15 @@ def _trial_fn(config: dict[str, Any]) -> None:
         run_dir, name = run_dir / trial_id, f"{name}-{trial_id}"
     finished = finished_metrics(run_dir, config_hash(cfg))
     if finished is not None:  # a resumed sweep whose Tune state missed this trial's end: nothing to redo
-        tune.report({**finished, FINISHED_KEY: 1})
+        tune.report({**finished, FINISHED_KEY: 1, REPLAYED_KEY: 1})
         return
     mark(run_dir, "trial_start")
     storage = Path(spec["storage"])
     # a retried or resumed trial continues from its last checkpoint; a first start begins afresh
     resume = has_resumable_checkpoint(cfg, run_dir, name=name, storage_path=storage)
+    # the driver keeps the trial's W&B run (TrialRuns): the workers open none
     launch(cfg, run_dir, name=name, storage_path=storage, report=tune.report, train_callbacks=[TuneReportCallback()],
-           resume=resume)
+           resume=resume, log_wandb=False)
     if cfg.uses_ray_train:
         time.sleep(3)  # let the last TuneReportCallback result reach Tune (Train V2 race)
     mark(run_dir, "trial_end")
@@ -100,10 +102,13 @@ def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory([{"CPU": 1, **gpu}])
 
 
-def _spec(trial: Trial, sweep_dir: Path, data_paths: Mapping[str, str], ray_storage: Path) -> dict[str, Any]:
+def _spec(trial: Trial, ablation: Ablation, sweep_dir: Path, data_paths: Mapping[str, str],
+          ray_storage: Path) -> dict[str, Any]:
     run_dict = config_to_dict(trial.run_config(data_paths[trial.key]))
+    wandb = {"name": trial.key.replace("/", "-"), "tags": ablation.toggles(trial),
+             "job_type": "baseline" if trial.is_baseline else "model"}
     return {"key": trial.key, "run": run_dict, "run_dir": str(sweep_dir / "runs" / trial.key),
-            "storage": str(ray_storage)}
+            "storage": str(ray_storage), "wandb": wandb}
 
 
 class _Progress(tune.Callback):
@@ -178,7 +183,7 @@ def _run_grid(specs: Sequence[dict[str, Any]], ray_storage: Path, name: str, max
         trainable, param_space={"trial": tune.grid_search(list(specs))},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(ray_storage), verbose=0,
-                                  callbacks=[_Progress(name, len(specs))],
+                                  callbacks=[_Progress(name, len(specs)), TrialRuns()],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     ), trainable, ray_storage / name, resume)
 
@@ -231,7 +236,7 @@ def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path
                                         num_samples=space.num_samples, max_concurrent_trials=max_concurrent,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(ray_storage), verbose=0,
-                                      callbacks=[_Progress(name, space.num_samples)],
+                                      callbacks=[_Progress(name, space.num_samples), TrialRuns()],
                                       failure_config=tune.FailureConfig(max_failures=0)))
 
     grid = _fit(make, trainable, ray_storage / name, resume)
@@ -380,7 +385,7 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
             log.info("%d trial(s) at a time: what the cluster holds%s", fit,
                      "" if max_concurrent is None else f" (max_concurrent_trials {max_concurrent} asks for more)")
         max_concurrent = min(fit, max_concurrent or fit)
-        specs = [_spec(t, sweep_dir, data_paths, ray_storage) for t in ablation.trials]
+        specs = [_spec(t, ablation, sweep_dir, data_paths, ray_storage) for t in ablation.trials]
         if search_space is None:
             outcomes += _outcomes(_run_grid(specs, ray_storage, "grid", max_concurrent, resume), "grid")
         else:

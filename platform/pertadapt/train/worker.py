@@ -31,6 +31,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pertadapt.config.load import config_from_dict, config_to_dict
 from pertadapt.config.schema import RunConfig
+from pertadapt.report.logger import NullLogger
 from pertadapt.train.checkpoint import (
     ATTEMPTS_FILE,
     NONFINITE_FILE,
@@ -109,7 +110,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     Parameters
     ----------
     loop_config
-        ``{"run": <config dict>, "run_dir": str, "wandb_name": str}``.
+        ``{"run": <config dict>, "run_dir": str, "wandb_name": str | None}`` (``None``: no W&B run in the
+        workers, e.g. when the sweep driver keeps the trial's run).
 
     Raises
     ------
@@ -124,7 +126,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         mark(run_dir, "worker_start")
     os.environ[NODE_ID_ENV] = ray.get_runtime_context().get_node_id()  # recorded in provenance.json "ranks"
     os.environ[NODE_IP_ENV] = ray.util.get_node_ip_address()
-    logger = open_run_logger(cfg, run_dir, rank=rank, name=loop_config["wandb_name"])
+    name = loop_config["wandb_name"]
+    logger = NullLogger() if name is None else open_run_logger(cfg, run_dir, rank=rank, name=name)
     store = RayCheckpoints(run_dir)
     run(cfg, run_dir, logger=logger, report=store.report, checkpoints=store)
 
@@ -139,7 +142,7 @@ def scaling_config(cfg: RunConfig) -> ray.train.ScalingConfig:
                                    placement_strategy=e.placement.upper(), accelerator_type=e.accelerator_type)
 
 
-def _fit_on_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path: Path, wandb_name: str,
+def _fit_on_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path: Path, wandb_name: str | None,
                       callbacks: Sequence[Any], max_failures: int) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -195,7 +198,7 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, ray_run: Path | None, resume
 
 def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_path: Path | None = None,
            report: Report | None = None, train_callbacks: Sequence[Any] = (), resume: bool = False,
-           max_failures: int | None = None) -> dict[str, Any]:
+           max_failures: int | None = None, log_wandb: bool = True) -> dict[str, Any]:
     """Run one config where it belongs and return its final metrics.
 
     Parameters
@@ -221,6 +224,8 @@ def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_pa
         removed and training starts at epoch 0.
     max_failures
         Ray Train worker-group restarts on failure (default ``engine.max_failures``).
+    log_wandb
+        Open the run's W&B run here (rank 0); ``False`` when the caller keeps it (the sweep driver).
 
     Returns
     -------
@@ -231,12 +236,14 @@ def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_pa
     name = name or cfg.name
     _prepare_run_dir(cfg, run_dir, ray_run, resume)
     if ray_run is None:
-        return run(cfg, run_dir, logger=open_run_logger(cfg, run_dir, name=name), report=report, resume=resume)
+        logger = open_run_logger(cfg, run_dir, name=name) if log_wandb else NullLogger()
+        return run(cfg, run_dir, logger=logger, report=report, resume=resume)
     started_here = not ray.is_initialized()
     if started_here:  # `pertadapt train --workers N`: a local Ray sized for this one run
         ray.init(num_cpus=math.ceil(cfg.engine.workers * cfg.engine.cpus_per_worker) + 1, log_to_driver=False)
     try:
-        return _fit_on_ray_train(cfg, run_dir, name=ray_run.name, storage_path=ray_run.parent, wandb_name=name,
+        return _fit_on_ray_train(cfg, run_dir, name=ray_run.name, storage_path=ray_run.parent,
+                                 wandb_name=name if log_wandb else None,
                                  callbacks=train_callbacks,
                                  max_failures=cfg.engine.max_failures if max_failures is None else max_failures)
     finally:
