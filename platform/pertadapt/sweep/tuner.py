@@ -34,8 +34,8 @@ from pertadapt.config.load import (
     dotted_to_nested,
     load_run_config,
 )
-from pertadapt.config.schema import ConfigError
 from pertadapt.sweep.ablation import Ablation, Trial
+from pertadapt.sweep.resources import NodeType, autoscaler_node_types, check_resources, cluster_concurrency
 from pertadapt.sweep.results import TrialOutcome, collect_results, finished_metrics
 from pertadapt.sweep.search_space import SearchSpace
 from pertadapt.sweep.wandb_runs import REPLAYED_KEY, TrialRuns
@@ -43,7 +43,7 @@ from pertadapt.train.run import FINISHED_KEY
 from pertadapt.train.timeline import mark
 from pertadapt.train.worker import has_resumable_checkpoint, launch
 
-__all__ = ["LOCAL_NODE_IP", "check_resources", "cluster_concurrency", "run_sweep"]
+__all__ = ["LOCAL_NODE_IP", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -261,61 +261,17 @@ def _init_ray(num_cpus: int) -> None:
              dashboard_host="127.0.0.1", include_dashboard=True)
 
 
-def _worker_bundle(trial: Trial) -> dict[str, float]:
-    """Resources one worker of a trial asks Ray for (the whole trial, for in-process trials)."""
-    e = trial.config.engine
-    if not trial.config.uses_ray_train:
-        return {"CPU": 1.0, **({"GPU": e.gpus} if e.on_gpu and not trial.is_baseline else {})}
-    bundle = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus} if e.on_gpu else {})}
-    if e.accelerator_type:
-        bundle[f"accelerator_type:{e.accelerator_type}"] = 0.001
-    return bundle
-
-
-def check_resources(ablation: Ablation) -> None:
-    """Fail before any trial is queued when a trial needs more than any node, or the cluster, offers.
-
-    Raises
-    ------
-    ConfigError
-        Naming the ``resources.*`` / ``engine.*`` key that asks too much and what the cluster has.
-    """
+def _cluster() -> tuple[list[dict[str, float]], list[NodeType], dict[str, float]]:
+    """The live nodes' resources, the autoscaler's node types (on a ``ray up`` head) and the capacity they add up to."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    total: dict[str, float] = {}
-    for res in nodes:
-        for k, v in res.items():
-            total[k] = total.get(k, 0.0) + v
-    keys = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}
-    for t in ablation.trials:
-        bundle = _worker_bundle(t)
-        workers = t.config.engine.workers if t.config.uses_ray_train else 1
-        for res, need in bundle.items():
-            key = keys.get(res, "accelerator_type")
-            have_node = max((n.get(res, 0.0) for n in nodes), default=0.0)
-            if need > have_node or need * workers > total.get(res, 0.0):
-                has = ", ".join(f"{k} {v:g}" for k, v in sorted(total.items()) if k in ("CPU", "GPU")
-                                or k.startswith("accelerator_type")) or "nothing"
-                raise ConfigError(f"resources.{key} (engine.{key}) of trial {t.key}: {workers} worker(s) × "
-                                  f"{need:g} {res} do not fit this cluster (largest node: {have_node:g} {res}; "
-                                  f"cluster: {has}); ask for less or add nodes")
-
-
-def _trial_need(trial: Trial) -> dict[str, float]:
-    """Everything one trial holds at once: its workers' bundles (and the Tune trial function's sliver)."""
-    workers = trial.config.engine.workers if trial.config.uses_ray_train else 1
-    need = {k: v * workers for k, v in _worker_bundle(trial).items() if k in ("CPU", "GPU")}
-    need["CPU"] = need.get("CPU", 0.0) + (0.01 if trial.config.uses_ray_train else 0.0)
-    return need
-
-
-def cluster_concurrency(ablation: Ablation) -> int:
-    """How many of the ablation's largest trials the live cluster's CPUs and GPUs hold at once (≥ 1)."""
-    total = ray.cluster_resources()
-    fits = []
-    for t in ablation.trials:
-        need = _trial_need(t)
-        fits.append(min(math.floor(total.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0))
-    return max(1, min(fits))
+    types = autoscaler_node_types()
+    total = dict(ray.cluster_resources())
+    for nt in types:  # an autoscaler may add up to max_workers nodes of each type
+        for k, v in nt.resources.items():
+            total[k] = total.get(k, 0.0) + v * nt.max_workers
+    if types:
+        log.info("autoscaler node types: %s", ", ".join(f"{nt.name} (up to {nt.max_workers})" for nt in types))
+    return nodes, types, total
 
 
 def _hashes(specs: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -379,8 +335,9 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     _init_ray(num_cpus)
     outcomes: list[TrialOutcome] = []
     try:
-        check_resources(ablation)
-        fit = cluster_concurrency(ablation)
+        nodes, node_types, total = _cluster()
+        check_resources(ablation, nodes, node_types)
+        fit = cluster_concurrency(ablation, total)
         if max_concurrent is None or max_concurrent > fit:
             log.info("%d trial(s) at a time: what the cluster holds%s", fit,
                      "" if max_concurrent is None else f" (max_concurrent_trials {max_concurrent} asks for more)")

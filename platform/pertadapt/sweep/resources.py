@@ -1,0 +1,170 @@
+"""What a sweep's trials ask of the cluster, checked before any trial is queued.
+
+A trial's workers each ask for one bundle (CPUs, GPUs, an ``accelerator_type:<name>`` resource). The
+check compares them with the live nodes and, on an autoscaling cluster, with the node types the
+autoscaler may launch (its config: ``available_node_types`` of a Ray cluster-launcher YAML, which
+``ray up`` leaves on the head as ``~/ray_bootstrap_config.yaml``): a trial that fits neither fails
+naming the key; one that only an autoscaled node type holds is reported with that type's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pertadapt.config.schema import ConfigError
+from pertadapt.sweep.ablation import Ablation, Trial
+
+__all__ = ["AUTOSCALER_CONFIG", "NodeType", "autoscaler_node_types", "check_resources", "cluster_concurrency",
+           "read_node_types", "worker_bundle"]
+
+log = logging.getLogger(__name__)
+
+#: Where ``ray up`` leaves the autoscaler's config on the head node (the sweep driver runs there).
+AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")
+_KEYS = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A node type the autoscaler may launch: its resources per node and how many nodes at most."""
+
+    name: str
+    resources: dict[str, float]
+    max_workers: int
+
+
+def read_node_types(path: Path) -> list[NodeType]:
+    """The worker node types of a Ray cluster-launcher YAML (``available_node_types``; the head excluded).
+
+    Raises
+    ------
+    ConfigError
+        When the file is not a mapping with ``available_node_types``.
+    """
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the autoscaler config ({e})") from None
+    types = doc.get("available_node_types") if isinstance(doc, dict) else None
+    if not isinstance(types, dict):
+        raise ConfigError(f"{path}: available_node_types: expected a mapping of node types")
+    head = doc.get("head_node_type")
+    out = []
+    for name, spec in types.items():
+        if name == head or not isinstance(spec, dict):
+            continue
+        res = {str(k): float(v) for k, v in (spec.get("resources") or {}).items()}
+        out.append(NodeType(str(name), res, int(spec.get("max_workers", doc.get("max_workers", 0)) or 0)))
+    return out
+
+
+def worker_bundle(trial: Trial) -> dict[str, float]:
+    """Resources one worker of a trial asks Ray for (the whole trial, for in-process trials)."""
+    e = trial.config.engine
+    if not trial.config.uses_ray_train:
+        return {"CPU": 1.0, **({"GPU": e.gpus} if e.on_gpu and not trial.is_baseline else {})}
+    bundle = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus} if e.on_gpu else {})}
+    if e.accelerator_type:
+        bundle[f"accelerator_type:{e.accelerator_type}"] = 0.001
+    return bundle
+
+
+def _workers(trial: Trial) -> int:
+    return trial.config.engine.workers if trial.config.uses_ray_train else 1
+
+
+def _fits(bundle: Mapping[str, float], workers: int, nodes: Sequence[Mapping[str, float]]) -> bool:
+    """Whether ``workers`` bundles fit ``nodes`` (each bundle on one node; first fit, largest nodes first)."""
+    free = sorted(({k: float(v) for k, v in n.items()} for n in nodes), key=lambda n: -n.get("CPU", 0.0))
+    for _ in range(workers):
+        node = next((n for n in free if all(n.get(k, 0.0) >= v - 1e-9 for k, v in bundle.items())), None)
+        if node is None:
+            return False
+        for k, v in bundle.items():
+            node[k] -= v
+    return True
+
+
+def _has(nodes: Sequence[Mapping[str, float]]) -> str:
+    total: dict[str, float] = {}
+    for res in nodes:
+        for k, v in res.items():
+            total[k] = total.get(k, 0.0) + v
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(total.items())
+                     if k in ("CPU", "GPU") or k.startswith("accelerator_type")) or "nothing"
+
+
+def check_resources(ablation: Ablation, nodes: Sequence[Mapping[str, float]],
+                    node_types: Sequence[NodeType] = ()) -> dict[str, str]:
+    """Check every trial's workers against the live ``nodes`` and the autoscaler's ``node_types``.
+
+    Parameters
+    ----------
+    ablation
+        The sweep's trials.
+    nodes
+        Resources of each live node (``ray.nodes()[i]["Resources"]``).
+    node_types
+        Node types an autoscaler may add (empty: the cluster is what it is).
+
+    Returns
+    -------
+    dict
+        trial key → the node type that will hold it, for trials the live nodes cannot hold (each also logged).
+
+    Raises
+    ------
+    ConfigError
+        Naming the ``resources.*`` / ``engine.*`` key that asks too much, what the cluster has and, with
+        an autoscaler, what its node types offer.
+    """
+    scaled: dict[str, str] = {}
+    capacity = [*nodes, *[nt.resources for nt in node_types for _ in range(nt.max_workers)]]
+    for t in ablation.trials:
+        bundle, workers = worker_bundle(t), _workers(t)
+        if _fits(bundle, workers, nodes):
+            continue
+        by_type = [nt for nt in node_types if _fits(bundle, workers, [*nodes, *[nt.resources] * nt.max_workers])]
+        if by_type:
+            scaled[t.key] = by_type[0].name
+            log.info("trial %s: %d worker(s) × %s wait for the autoscaler's node type %r (%s per node, up to %d)",
+                     t.key, workers, bundle, by_type[0].name, _has([by_type[0].resources]), by_type[0].max_workers)
+            continue
+        res, need = next(((k, v) for k, v in bundle.items() if not _fits({k: v}, workers, capacity)),
+                         next(iter(bundle.items())))
+        key = _KEYS.get(res, "accelerator_type")
+        largest = max((n.get(res, 0.0) for n in nodes), default=0.0)
+        types = ("; autoscaler node types: " + ", ".join(f"{nt.name} ({_has([nt.resources])}, up to {nt.max_workers})"
+                                                         for nt in node_types)) if node_types else ""
+        raise ConfigError(f"resources.{key} (engine.{key}) of trial {t.key}: {workers} worker(s) × {need:g} {res} "
+                          f"do not fit this cluster (largest node: {largest:g} {res}; cluster: {_has(nodes)}"
+                          f"{types}); ask for less or add nodes")
+    return scaled
+
+
+def _trial_need(trial: Trial) -> dict[str, float]:
+    """Everything one trial holds at once: its workers' bundles (and the Tune trial function's sliver)."""
+    need = {k: v * _workers(trial) for k, v in worker_bundle(trial).items() if k in ("CPU", "GPU")}
+    need["CPU"] = need.get("CPU", 0.0) + (0.01 if trial.config.uses_ray_train else 0.0)
+    return need
+
+
+def cluster_concurrency(ablation: Ablation, total: Mapping[str, float]) -> int:
+    """How many of the ablation's largest trials ``total`` (the cluster's CPUs and GPUs) holds at once (≥ 1)."""
+    fits = []
+    for t in ablation.trials:
+        need = _trial_need(t)
+        fits.append(min(math.floor(total.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0))
+    return max(1, min(fits))
+
+
+def autoscaler_node_types(path: Path = AUTOSCALER_CONFIG) -> list[NodeType]:
+    """The autoscaler's worker node types when its config is on this machine (a ``ray up`` head), else none."""
+    path = path.expanduser()
+    return read_node_types(path) if path.is_file() else []

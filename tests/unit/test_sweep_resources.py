@@ -1,0 +1,52 @@
+"""A sweep's resource check against live nodes and an autoscaler's node types (no Ray needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pertadapt.config import ConfigError
+from pertadapt.sweep.ablation import load_ablation
+from pertadapt.sweep.resources import check_resources, cluster_concurrency, read_node_types
+
+REPO = Path(__file__).resolve().parents[2]
+#: A head advertising no CPUs and two 2-CPU workers: the local multi-node recipe.
+CPU_NODES = [{"CPU": 0.0}, {"CPU": 2.0}, {"CPU": 2.0}]
+
+
+def _ablation(tmp_path: Path, resources: str):
+    path = tmp_path / "abl.yaml"
+    path.write_text(f"name: r\nbase: {REPO / 'configs' / 'demo.yaml'}\nseeds: [1]\nbaselines: true\n"
+                    f"resources: {resources}\narms:\n  full: {{}}\n")
+    return load_ablation(path)
+
+
+def test_trials_that_fit_the_live_nodes_need_no_autoscaler(tmp_path: Path) -> None:
+    abl = _ablation(tmp_path, "{workers: 2, cpus_per_worker: 2}")  # one worker per 2-CPU node
+    assert check_resources(abl, CPU_NODES) == {}
+    assert cluster_concurrency(abl, {"CPU": 4.0}) == 1
+
+
+def test_a_worker_no_node_holds_fails_naming_the_key_even_when_the_cluster_total_would(tmp_path: Path) -> None:
+    abl = _ablation(tmp_path, "{workers: 1, cpus_per_worker: 3}")
+    with pytest.raises(ConfigError, match=r"resources\.cpus_per_worker .*largest node: 2 CPU; cluster: CPU 4"):
+        check_resources(abl, CPU_NODES)
+
+
+def test_a_gpu_trial_on_an_autoscaling_cluster_names_the_node_type_that_holds_it(tmp_path: Path) -> None:
+    types = read_node_types(REPO / "cluster" / "ray" / "aws.yaml")
+    assert [(t.name, t.resources, t.max_workers) for t in types] == [("gpu_worker", {"CPU": 48.0, "GPU": 4.0}, 4)]
+    abl = _ablation(tmp_path, "{workers: 4, gpus_per_worker: 2}")  # two g5.12xlarge nodes
+    scaled = check_resources(abl, [{"CPU": 0.0}], types)
+    assert scaled == {t.key: "gpu_worker" for t in abl.trials}  # no CPU on the head: baselines wait for one too
+    with pytest.raises(ConfigError, match=r"resources\.gpus_per_worker .*autoscaler node types: gpu_worker "
+                                          r"\(CPU 48, GPU 4, up to 4\)"):
+        check_resources(_ablation(tmp_path, "{workers: 2, gpus_per_worker: 5}"), [{"CPU": 0.0}], types)
+
+
+def test_an_unreadable_autoscaler_config_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text("cluster_name: x\n")
+    with pytest.raises(ConfigError, match=r"cluster\.yaml: available_node_types"):
+        read_node_types(bad)
