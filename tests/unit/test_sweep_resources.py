@@ -8,7 +8,7 @@ import pytest
 
 from pertadapt.config import ConfigError
 from pertadapt.sweep.ablation import load_ablation
-from pertadapt.sweep.resources import check_resources, cluster_concurrency, read_node_types
+from pertadapt.sweep.resources import capacity, check_resources, cluster_concurrency, read_node_types, summed
 
 REPO = Path(__file__).resolve().parents[2]
 #: A head advertising no CPUs and two 2-CPU workers: the local multi-node recipe.
@@ -40,6 +40,8 @@ def test_a_gpu_trial_on_an_autoscaling_cluster_names_the_node_type_that_holds_it
     abl = _ablation(tmp_path, "{workers: 4, gpus_per_worker: 2}")  # two g5.12xlarge nodes
     scaled = check_resources(abl, [{"CPU": 0.0}], types)
     assert scaled == {t.key: "gpu_worker" for t in abl.trials}  # no CPU on the head: baselines wait for one too
+    # 4 autoscaled nodes × 4 GPUs hold two 8-GPU trials at once
+    assert cluster_concurrency(abl, summed(capacity([{"CPU": 0.0}], types))) == 2
     with pytest.raises(ConfigError, match=r"resources\.gpus_per_worker .*autoscaler node types: gpu_worker "
                                           r"\(CPU 48, GPU 4, up to 4\)"):
         check_resources(_ablation(tmp_path, "{workers: 2, gpus_per_worker: 5}"), [{"CPU": 0.0}], types)

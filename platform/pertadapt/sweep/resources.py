@@ -20,8 +20,8 @@ import yaml
 from pertadapt.config.schema import ConfigError
 from pertadapt.sweep.ablation import Ablation, Trial
 
-__all__ = ["AUTOSCALER_CONFIG", "NodeType", "autoscaler_node_types", "check_resources", "cluster_concurrency",
-           "read_node_types", "worker_bundle"]
+__all__ = ["AUTOSCALER_CONFIG", "NodeType", "autoscaler_node_types", "capacity", "check_resources",
+           "cluster_concurrency", "read_node_types", "summed", "worker_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,22 @@ def _fits(bundle: Mapping[str, float], workers: int, nodes: Sequence[Mapping[str
     return True
 
 
-def _has(nodes: Sequence[Mapping[str, float]]) -> str:
+def capacity(nodes: Sequence[Mapping[str, float]], node_types: Sequence[NodeType] = ()) -> list[Mapping[str, float]]:
+    """The live nodes and every node the autoscaler may add (``max_workers`` of each type)."""
+    return [*nodes, *[nt.resources for nt in node_types for _ in range(nt.max_workers)]]
+
+
+def summed(nodes: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """resource → its total over ``nodes``."""
     total: dict[str, float] = {}
     for res in nodes:
         for k, v in res.items():
             total[k] = total.get(k, 0.0) + v
-    return ", ".join(f"{k} {v:g}" for k, v in sorted(total.items())
+    return total
+
+
+def _has(nodes: Sequence[Mapping[str, float]]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(summed(nodes).items())
                      if k in ("CPU", "GPU") or k.startswith("accelerator_type")) or "nothing"
 
 
@@ -125,18 +135,18 @@ def check_resources(ablation: Ablation, nodes: Sequence[Mapping[str, float]],
         an autoscaler, what its node types offer.
     """
     scaled: dict[str, str] = {}
-    capacity = [*nodes, *[nt.resources for nt in node_types for _ in range(nt.max_workers)]]
+    everything = capacity(nodes, node_types)
     for t in ablation.trials:
         bundle, workers = worker_bundle(t), _workers(t)
         if _fits(bundle, workers, nodes):
             continue
-        by_type = [nt for nt in node_types if _fits(bundle, workers, [*nodes, *[nt.resources] * nt.max_workers])]
+        by_type = [nt for nt in node_types if _fits(bundle, workers, capacity(nodes, [nt]))]
         if by_type:
             scaled[t.key] = by_type[0].name
             log.info("trial %s: %d worker(s) × %s wait for the autoscaler's node type %r (%s per node, up to %d)",
                      t.key, workers, bundle, by_type[0].name, _has([by_type[0].resources]), by_type[0].max_workers)
             continue
-        res, need = next(((k, v) for k, v in bundle.items() if not _fits({k: v}, workers, capacity)),
+        res, need = next(((k, v) for k, v in bundle.items() if not _fits({k: v}, workers, everything)),
                          next(iter(bundle.items())))
         key = _KEYS.get(res, "accelerator_type")
         largest = max((n.get(res, 0.0) for n in nodes), default=0.0)

@@ -35,10 +35,17 @@ from pertadapt.config.load import (
     load_run_config,
 )
 from pertadapt.sweep.ablation import Ablation, Trial
-from pertadapt.sweep.resources import NodeType, autoscaler_node_types, check_resources, cluster_concurrency
+from pertadapt.sweep.resources import (
+    NodeType,
+    autoscaler_node_types,
+    capacity,
+    check_resources,
+    cluster_concurrency,
+    summed,
+)
 from pertadapt.sweep.results import TrialOutcome, collect_results, finished_metrics
 from pertadapt.sweep.search_space import SearchSpace
-from pertadapt.sweep.wandb_runs import REPLAYED_KEY, TrialRuns
+from pertadapt.sweep.wandb_runs import REPLAYED_KEY, TrialRuns, trial_place
 from pertadapt.train.run import FINISHED_KEY
 from pertadapt.train.timeline import mark
 from pertadapt.train.worker import has_resumable_checkpoint, launch
@@ -73,11 +80,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
     params = {k: v for k, v in config.items() if k != "trial"}
     run_dict = _apply_params(spec["run"], params) if params else spec["run"]
     cfg = config_from_dict(run_dict)
-    run_dir = Path(spec["run_dir"])
-    name = spec["key"].replace("/", "-")
-    if params:
-        trial_id = tune.get_context().get_trial_id()
-        run_dir, name = run_dir / trial_id, f"{name}-{trial_id}"
+    run_dir, name = trial_place(spec, params, tune.get_context().get_trial_id() if params else "")
     finished = finished_metrics(run_dir, config_hash(cfg))
     if finished is not None:  # a resumed sweep whose Tune state missed this trial's end: nothing to redo
         tune.report({**finished, FINISHED_KEY: 1, REPLAYED_KEY: 1})
@@ -105,8 +108,7 @@ def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
 def _spec(trial: Trial, ablation: Ablation, sweep_dir: Path, data_paths: Mapping[str, str],
           ray_storage: Path) -> dict[str, Any]:
     run_dict = config_to_dict(trial.run_config(data_paths[trial.key]))
-    wandb = {"name": trial.key.replace("/", "-"), "tags": ablation.toggles(trial),
-             "job_type": "baseline" if trial.is_baseline else "model"}
+    wandb = {"tags": ablation.toggles(trial), "job_type": "baseline" if trial.is_baseline else "model"}
     return {"key": trial.key, "run": run_dict, "run_dir": str(sweep_dir / "runs" / trial.key),
             "storage": str(ray_storage), "wandb": wandb}
 
@@ -261,17 +263,12 @@ def _init_ray(num_cpus: int) -> None:
              dashboard_host="127.0.0.1", include_dashboard=True)
 
 
-def _cluster() -> tuple[list[dict[str, float]], list[NodeType], dict[str, float]]:
-    """The live nodes' resources, the autoscaler's node types (on a ``ray up`` head) and the capacity they add up to."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+def _cluster() -> tuple[list[dict[str, float]], list[NodeType]]:
+    """The live nodes' resources and the autoscaler's node types (on a ``ray up`` head)."""
     types = autoscaler_node_types()
-    total = dict(ray.cluster_resources())
-    for nt in types:  # an autoscaler may add up to max_workers nodes of each type
-        for k, v in nt.resources.items():
-            total[k] = total.get(k, 0.0) + v * nt.max_workers
     if types:
         log.info("autoscaler node types: %s", ", ".join(f"{nt.name} (up to {nt.max_workers})" for nt in types))
-    return nodes, types, total
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")], types
 
 
 def _hashes(specs: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -335,9 +332,9 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     _init_ray(num_cpus)
     outcomes: list[TrialOutcome] = []
     try:
-        nodes, node_types, total = _cluster()
+        nodes, node_types = _cluster()
         check_resources(ablation, nodes, node_types)
-        fit = cluster_concurrency(ablation, total)
+        fit = cluster_concurrency(ablation, summed(capacity(nodes, node_types)))
         if max_concurrent is None or max_concurrent > fit:
             log.info("%d trial(s) at a time: what the cluster holds%s", fit,
                      "" if max_concurrent is None else f" (max_concurrent_trials {max_concurrent} asks for more)")

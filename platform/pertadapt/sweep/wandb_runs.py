@@ -1,7 +1,7 @@
 """One W&B run per sweep trial, kept by the sweep driver (a Tune callback), so that every trial's run ends cleanly.
 
 A trial's epoch rows and final metrics reach the driver as Tune results (from rank 0 of a Ray Train
-trial, or from an in-process trial). The driver opens the trial's run when Tune starts the trial, logs
+trial, or from an in-process trial). The driver opens the trial's run with its first result, logs
 each epoch row, and closes it when Tune is done with the trial: ``finished`` with the final metrics as
 summary; ``finished`` with the tag ``stopped_early`` when a scheduler (ASHA) stopped it, which kills the
 trial's processes and would leave a run opened in a worker unclosed; ``failed`` on an error. A Ray Train
@@ -22,7 +22,7 @@ from pertadapt.report.logger import RunLogger
 from pertadapt.report.wandb import open_logger
 from pertadapt.train.run import FINISHED_KEY
 
-__all__ = ["REPLAYED_KEY", "STOPPED_EARLY_TAG", "TrialRuns", "trial_metrics"]
+__all__ = ["REPLAYED_KEY", "STOPPED_EARLY_TAG", "TrialRuns", "trial_metrics", "trial_place"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,13 @@ STOPPED_EARLY_TAG = "stopped_early"
 REPLAYED_KEY = "replayed"
 _PREFIXES = ("train_", "loss_weight_", "val_", "test_")
 _KEYS = ("epoch", "lr", "best_epoch")
+
+
+def trial_place(spec: Mapping[str, Any], tuned: Mapping[str, Any], trial_id: str) -> tuple[Path, str]:
+    """A trial's run directory and run name (Ray Train run, W&B run): an HPO sample's (``tuned`` parameters
+    next to the spec) get its Tune trial id."""
+    run_dir, name = Path(spec["run_dir"]), spec["key"].replace("/", "-")
+    return (run_dir / trial_id, f"{name}-{trial_id}") if tuned else (run_dir, name)
 
 
 def trial_metrics(result: Mapping[str, Any]) -> dict[str, float]:
@@ -44,8 +51,8 @@ class TrialRuns(tune.Callback):
     """Opens, feeds and closes one W&B run per trial (see the module docstring).
 
     Each trial's ``config["trial"]`` carries ``run`` (the resolved run config as a dict, whose
-    ``logging`` section gives mode, project and group), ``wandb`` (``name``, ``tags``, ``job_type``) and
-    ``run_dir`` (where ``wandb/offline-run-*`` goes); an HPO sample's name and directory get its trial id.
+    ``logging`` section gives mode, project and group), ``wandb`` (``tags``, ``job_type``), ``key`` and
+    ``run_dir`` (:func:`trial_place`: where ``wandb/offline-run-*`` goes and the run's name).
     A run is opened with the trial's first result (or its error), so that a finished trial that a
     resumed sweep only replays (its result carries :data:`REPLAYED_KEY`) gets no second run.
     """
@@ -58,10 +65,8 @@ class TrialRuns(tune.Callback):
     def _run(self, trial: Any) -> RunLogger:
         if trial.trial_id not in self.runs:  # a Ray Train retry of a trial continues its run
             spec = trial.config["trial"]
-            run_dir, name = Path(spec["run_dir"]), spec["wandb"]["name"]
             params = {k: v for k, v in trial.config.items() if k != "trial"}
-            if params:  # an HPO sample: its own directory and name, its parameters in the config
-                run_dir, name = run_dir / trial.trial_id, f"{name}-{trial.trial_id}"
+            run_dir, name = trial_place(spec, params, trial.trial_id)
             lg = spec["run"]["logging"]
             self.runs[trial.trial_id] = open_logger(
                 mode=lg["wandb"], project=lg["project"], group=lg["group"], name=name, directory=run_dir,
