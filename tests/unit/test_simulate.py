@@ -102,6 +102,20 @@ def test_truth_is_the_large_sample_limit(demo):
     assert score_against_truth(dict.fromkeys(observed, st.mean_of(CONTROL)), st).overall["pearson_delta"] == 0.0
 
 
+def test_nb_expectation_equals_the_sum_over_scipys_pmf():
+    from scipy.stats import nbinom
+
+    from pertadapt.data.simulate import _nb_expected_log1p
+
+    mean = np.array([1e-4, 0.05, 0.7, 3.0, 12.0, 29.0, 29.0])
+    phi = np.array([0.5, 10.0, 0.1, 0.01, 0.3, 1e-3, 1.0])  # the model: phi 0.01-1, more at low means
+    scale = np.array([10.0, 0.3, 1.0, 2.5, 0.05, 0.7, 1.3])
+    r = 1.0 / phi
+    k = np.arange(20000.0)
+    want = [(nbinom.pmf(k, ri, ri / (ri + mi)) * np.log1p(si * k)).sum() for mi, ri, si in zip(mean, r, scale, strict=True)]
+    np.testing.assert_allclose(_nb_expected_log1p(mean, phi, scale), want, rtol=1e-9, atol=1e-14)
+
+
 def test_score_rejects_bad_predictions(demo):
     adata = demo[0]
     first = next(c for c in adata.uns[SIM_KEY]["conditions"] if c != CONTROL)

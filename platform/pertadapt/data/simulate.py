@@ -91,7 +91,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from numpy.polynomial.hermite_e import hermegauss
-from scipy.special import gammaln
 
 from pertadapt.data.io import read_h5ad
 from pertadapt.data.keys import CELL_TYPE, CONDITION, CONTROL, GENE_NAME, SEP
@@ -329,9 +328,10 @@ def _nb_expected_log1p(mean: np.ndarray, phi: np.ndarray, scale: np.ndarray) -> 
         k = np.arange(min(1024, int(np.ceil(m_hi + 12.0 * np.sqrt(m_hi + phi_hi * m_hi**2) + 8))), dtype=float)
         r = 1.0 / phi[idx, None]
         m = mean[idx, None]
-        logpmf = (gammaln(k + r) - gammaln(r) - gammaln(k + 1.0)
-                  + r * np.log(r / (r + m)) + k * np.log(m / (r + m)))
-        pmf = np.exp(logpmf)
+        # pmf(k) / pmf(0) by the recurrence pmf(k) = pmf(k - 1) (k - 1 + r) / k * m / (r + m): no gammaln
+        pmf = np.empty((idx.size, k.size))
+        pmf[:, 0] = 1.0
+        np.cumprod((k[1:] - 1.0 + r) / k[1:] * (m / (r + m)), axis=1, out=pmf[:, 1:])
         out[idx] = (pmf * np.log1p(scale[idx, None] * k)).sum(1) / pmf.sum(1)
     return out
 
