@@ -14,6 +14,9 @@ export RAY_AUTH_MODE ?= token
 export RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S ?= 60
 export RAY_CHDIR_TO_TRIAL_DIR ?= 0
 export OMP_NUM_THREADS ?= 1
+# Tests without Ray run this many at a time (pytest-xdist); the Ray tests start local clusters on fixed
+# loopback addresses and run one at a time after them.
+TEST_PROCESSES ?= 2
 
 .PHONY: install demo test lint clean
 
@@ -32,11 +35,13 @@ demo: install
 	$(BIN)/pertadapt demo
 
 # pytest exits 5 when no test ran; that must fail too (it does: make stops on any non-zero exit).
+# Two runs: the tests without Ray in parallel, then the Ray tests alone (they would compete for the cores).
 test: install
 	$(BIN)/ruff check platform tests
 	$(BIN)/lint-imports
 	bash scripts/ensure-chromium.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not ray" -n $(TEST_PROCESSES) --dist worksteal
+	$(BIN)/python -m pytest -m ray
 
 lint: install
 	$(BIN)/ruff check platform tests

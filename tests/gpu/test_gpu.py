@@ -78,6 +78,7 @@ def _gpu_trial(demo_h5ad: Path, run_dir: Path, *overrides: str) -> dict:
     return json.loads((run_dir / "provenance.json").read_text())
 
 
+@pytest.mark.ray  # starts a local Ray: with the Ray tests, one at a time
 @pytest.mark.parametrize("zero", ["zero2.json", "zero3.json", "zero3_autocast_bf16.json"])
 def test_one_gpu_deepspeed_trial(demo_h5ad: Path, tmp_path: Path, zero: str) -> None:
     prov = _gpu_trial(demo_h5ad, tmp_path / zero, "engine.workers=1", f"engine.deepspeed_config={zero}",
@@ -85,6 +86,7 @@ def test_one_gpu_deepspeed_trial(demo_h5ad: Path, tmp_path: Path, zero: str) -> 
     assert [r["device"] for r in prov["ranks"]] == ["cuda:0"]
 
 
+@pytest.mark.ray
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpu_workers_one_process_per_gpu(demo_h5ad: Path, tmp_path: Path) -> None:
     prov = _gpu_trial(demo_h5ad, tmp_path / "two", "engine.workers=2", "engine.deepspeed_config=zero2.json")

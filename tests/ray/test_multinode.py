@@ -91,6 +91,7 @@ def test_a_gpu_request_fails_before_any_trial_on_the_cluster(two_nodes: Path, tm
     assert res.returncode == 2, res.stderr[-2000:]
     assert "resources.gpus_per_worker" in res.stderr
     assert "cluster: CPU 4" in res.stderr
+    assert "Traceback" not in res.stderr
     assert not (tmp_path / "sweep" / "runs").exists()
 
 

@@ -299,18 +299,6 @@ def test_resume_of_a_directory_without_a_sweep_is_refused(tmp_path: Path) -> Non
 
 
 @pytest.mark.usefixtures("no_leftover_ray")
-def test_a_gpu_request_on_a_cpu_cluster_fails_before_any_trial(tmp_path: Path, cache_dir: Path) -> None:
-    abl = tmp_path / "gpu.yaml"
-    abl.write_text("name: gpu\nbase: demo.yaml\nseeds: [1]\nbaselines: false\nresources: {gpus_per_worker: 1}\n"
-                   "arms:\n  full: {}\n")
-    res = _pertadapt("sweep", str(abl), "--out", str(tmp_path / "sweep"), ok=False, timeout=600)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "resources.gpus_per_worker" in res.stderr
-    assert "Traceback" not in res.stderr
-    assert not (tmp_path / "sweep" / "runs").exists()
-
-
-@pytest.mark.usefixtures("no_leftover_ray")
 def test_asha_stops_trials_early_and_says_so(tmp_path: Path, cache_dir: Path) -> None:
     abl = tmp_path / "asha.yaml"
     abl.write_text("name: asha\nbase: smoke.yaml\nseeds: [1]\nbaselines: false\nmax_concurrent_trials: 1\n"
