@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pertadapt.config import load_run_config
+from pertadapt.config.schema import ConfigError
 from pertadapt.models import ModelInputs, build_loss, build_model
 from pertadapt.models.adapter import AdapterBlock
 from pertadapt.models.attention import SparseMask, masked_attention
@@ -201,6 +202,21 @@ def test_inject_perturbed_only_changes_output() -> None:
     p.load_state_dict(a.state_dict())
     with torch.no_grad():
         assert (a(b) - p(b)).abs().max() > 1e-5
+
+
+def test_zero_head_init_starts_as_no_change_and_still_learns() -> None:
+    b = _batch()
+    zero, xavier = _model("model.head_init=zero"), _model("model.head_init=xavier")
+    with torch.no_grad():
+        assert torch.equal(zero(b), b.x_ctrl)  # Δ̂ = 0 on every gene
+        assert (xavier(b) - b.x_ctrl).abs().mean() > 1e-2
+    zero.train()
+    loss = mse_loss(zero(b), b).total
+    loss.backward()
+    assert zero.head.w.grad.abs().sum() > 0
+    assert zero.head.b.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="model.head_init"):
+        _cfg("model.head_init=ones")
 
 
 @pytest.mark.parametrize("name", ["aido_cell", "scfoundation"])

@@ -64,6 +64,9 @@ LOSSES = ("adaptive", "mse", "gears")
 ENGINES = ("torch", "deepspeed")
 #: Where gradient value clipping acts (see :class:`OptimConfig`).
 CLIP_MODES = ("accumulated", "per_micro_batch")
+#: Start of the head's per-gene output layer: ``xavier`` (the reference, GEARS's ``indv_w1``/``indv_b1``) or
+#: ``zero`` (the model starts as no-change, Δ̂ = 0 on every gene; docs/quality.md).
+HEAD_INITS = ("xavier", "zero")
 GO_SOURCES = ("bundled", "debian", "obo")
 #: Genes of the perturbation encoder's GO graph (see :class:`GOConfig`).
 PERT_GRAPH_GENES = ("all", "targets")
@@ -281,6 +284,8 @@ class ModelConfig:
     hidden_size: int = 512
     #: Hidden width of the head's recovery MLP (paper: 2 x hidden), also in the FM-baseline decoder.
     head_hidden: int = 1024
+    #: Initialisation of the head's per-gene output weights and biases (``HEAD_INITS``).
+    head_init: str = "xavier"
     #: Co-expression graph of the FM-baseline decoder (PA off, ``adapter.off_mode: decoder``), built as
     #: GEARS does from the training cells: per gene its ``coexpress_top_k`` most co-expressed genes plus
     #: itself, kept where |Pearson r| > ``coexpress_threshold``.
@@ -294,6 +299,7 @@ class ModelConfig:
         _choice("model.name", self.name, MODELS)
         _check("model.hidden_size", self.hidden_size > 0, "a positive integer", self.hidden_size)
         _check("model.head_hidden", self.head_hidden > 0, "a positive integer", self.head_hidden)
+        _choice("model.head_init", self.head_init, HEAD_INITS)
         _check("model.coexpress_top_k", self.coexpress_top_k > 0, "a positive integer", self.coexpress_top_k)
         _check("model.coexpress_threshold", 0.0 <= self.coexpress_threshold < 1.0, "a value in [0, 1)",
                self.coexpress_threshold)

@@ -123,7 +123,7 @@ def build_model(cfg: RunConfig, inputs: ModelInputs, *, backbone: nn.Module | No
                 mask = SparseMask(torch.from_numpy(inputs.mask_indptr), torch.from_numpy(inputs.mask_indices))
             adapter = PerturbationAdapter(d, acfg.heads, acfg.ffn_dim, acfg.layers, mask, acfg.chunk_size,
                                           attention_impl=acfg.attention_impl)
-        head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden)
+        head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden, init=cfg.model.head_init)
         model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject)
     if bcfg.is_foundation_model and embeddings is None:  # cached: the model holds no FM to fine-tune
         apply_finetune(model.backbone, bcfg.finetune, last_k=bcfg.last_k, lora_rank=bcfg.lora_rank)

@@ -21,16 +21,24 @@ class GeneHead(nn.Module):
         Token width.
     hidden
         Width of the recovery MLP (paper: ``2 d``).
+    init
+        ``xavier``: per-gene weights ``w`` ``(N, d, 1)`` and biases ``b`` ``(N, 1)`` Xavier-normal (the
+        reference); ``zero``: both zero, so that the model starts as no-change (``Δ̂ = 0``).
     """
 
-    def __init__(self, n_genes: int, d: int, hidden: int) -> None:
+    def __init__(self, n_genes: int, d: int, hidden: int, init: str = "xavier") -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(d)
         self.recovery = mlp_bn([d, hidden, d])
         self.w = nn.Parameter(torch.empty(n_genes, d, 1))
         self.b = nn.Parameter(torch.empty(n_genes, 1))
-        nn.init.xavier_normal_(self.w)
-        nn.init.xavier_normal_(self.b)
+        for t in (self.w, self.b):
+            if init == "xavier":
+                nn.init.xavier_normal_(t)
+            elif init == "zero":
+                nn.init.zeros_(t)
+            else:
+                raise ValueError(f"init: {init!r} is not one of xavier, zero")
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         """``(batch, n_genes, d)`` tokens → ``(batch, n_genes)`` per-gene outputs before the residual.
