@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pertadapt.config.errors import ConfigError
-from pertadapt.sweep.bench import sweep_timings
+from pertadapt.sweep.bench import NAIVE_OVERRIDES, compare_sweeps, sweep_timings
 from pertadapt.train.timeline import TIMELINE_FILE, mark, read_timeline
 
 
@@ -77,3 +79,40 @@ def test_bad_marks_and_directories_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / TIMELINE_FILE).exists()
     with pytest.raises(ConfigError, match="holds no sweep"):
         sweep_timings(tmp_path)
+
+
+def test_naive_comparison_gives_the_ratios_of_two_runs_of_the_same_grid(tmp_path: Path) -> None:
+    fast = _sweep(tmp_path / "fast", {"full/seed1": (10.0, (5.0, 10.0, 2.0, 1.0)),
+                                      "baseline_mean/seed1": (28.0, (1.0, 1.0, 1.0, 1.0))}, started_at=0.0,
+                  concurrency=1)
+    slow = _sweep(tmp_path / "slow", {"full/seed1": (10.0, (5.0, 40.0, 8.0, 1.0)),
+                                      "baseline_mean/seed1": (64.0, (1.0, 1.0, 1.0, 1.0))}, started_at=0.0,
+                  concurrency=1)
+    out = compare_sweeps(sweep_timings(fast), sweep_timings(slow))
+    assert (out["wall_s"], out["naive_wall_s"]) == pytest.approx((32.0, 68.0))
+    assert out["speedup"] == pytest.approx(68.0 / 32.0)
+    assert out["training_speedup"] == pytest.approx((48.0 + 2.0) / (12.0 + 2.0))
+    assert out["model_training_speedup"] == pytest.approx(4.0)
+    # the CLI reads both finished sweeps and writes the ratios with both timings
+    res = subprocess.run([sys.executable, "-m", "pertadapt.cli", "bench", "sweep", "--from", str(fast), "--naive-from",
+                          str(slow), "--json", str(tmp_path / "cmp.json")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    written = json.loads((tmp_path / "cmp.json").read_text())
+    assert written["speedup"] == pytest.approx(68.0 / 32.0)
+    assert written["naive"]["n_trials"] == written["sweep"]["n_trials"] == 2
+    # runs of different grids are not compared
+    other = _sweep(tmp_path / "other", {"full/seed2": (0.0, (1.0, 1.0, 1.0, 1.0))}, started_at=0.0, concurrency=1)
+    with pytest.raises(ConfigError, match="different trials"):
+        compare_sweeps(sweep_timings(fast), sweep_timings(other))
+    alone = subprocess.run([sys.executable, "-m", "pertadapt.cli", "bench", "sweep", "--naive-from", str(slow)],
+                           capture_output=True, text=True)
+    assert alone.returncode == 2
+    assert "--naive-from" in alone.stderr
+
+
+def test_the_naive_path_overrides_are_valid_run_config_keys() -> None:
+    from pertadapt.config import load_run_config
+
+    cfg = load_run_config(None, list(NAIVE_OVERRIDES))
+    assert cfg.backbone.embedding_cache == "off"
+    assert cfg.adapter.attention_impl == "chunked"

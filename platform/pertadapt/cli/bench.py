@@ -86,28 +86,55 @@ def _sweep_bench(ablation: Path = typer.Argument(None, help="Ablation YAML (defa
                  overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides for every trial."),
                  out: Path = typer.Option(Path("runs/bench-sweep"), "--out", help="Sweep directory (started over)."),
                  existing: Path = typer.Option(None, "--from", help="Only analyse this finished sweep directory."),
+                 naive: bool = typer.Option(False, "--naive", help="Also run the grid on the naive path (no "
+                                            "embedding cache, chunked attention) into OUT-naive and compare."),
+                 naive_from: Path = typer.Option(None, "--naive-from", help="With --from: the finished naive-path "
+                                                 "sweep to compare against."),
                  json_path: Path = _JSON) -> None:
-    """Run a sweep (default: the demo grid) and print where each trial's time goes (target: overhead <= 35 %)."""
+    """Run a sweep (default: the demo grid) and print where each trial's time goes (target: overhead <= 35 %);
+    with --naive, the same grid on the naive path in the same command, and the ratios."""
+    from pertadapt.cli.runs import SWEEP_FILE, run_sweep_command
+    from pertadapt.config.errors import ConfigError
+    from pertadapt.config.load import resolve_config_path
+    from pertadapt.sweep.bench import NAIVE_OVERRIDES, compare_sweeps, sweep_timings
+
+    if naive_from is not None and existing is None:
+        raise ConfigError("--naive-from: only with --from (the sweep to compare)")
+    if existing is None:
+        ablation = ablation or resolve_config_path("demo.yaml", kind="ablations")
+        runs = [(out, [])] + ([(out.with_name(out.name + "-naive"), list(NAIVE_OVERRIDES))] if naive else [])
+        for sweep_dir, extra in runs:
+            run_sweep_command(ablation, [*(overrides or []), *extra], out=sweep_dir, report=False,
+                              overwrite=(sweep_dir / SWEEP_FILE).is_file())
+        existing, naive_from = out, (runs[1][0] if naive else None)
+    result = sweep_timings(existing.resolve())
+    _trial_table(result)
+    if naive_from is None:
+        _show("sweep overhead", result, json_path)
+        return
+    slow = sweep_timings(naive_from.resolve())
+    _trial_table(slow, "naive path")
+    ratios = compare_sweeps(result, slow)
+    _show("sweep: as configured vs the naive path", ratios)
+    if json_path is not None:
+        from pertadapt.files import atomic_write_json
+
+        atomic_write_json(json_path, {**ratios, "sweep": result, "naive": slow})
+
+
+def _trial_table(result: dict, label: str = "") -> None:
+    """Print the per-trial phase seconds of :func:`pertadapt.sweep.bench.sweep_timings`."""
     from rich.console import Console
     from rich.table import Table
 
-    from pertadapt.cli.runs import SWEEP_FILE, run_sweep_command
-    from pertadapt.config.load import resolve_config_path
-    from pertadapt.sweep.bench import PHASE_SPANS, sweep_timings
+    from pertadapt.sweep.bench import PHASE_SPANS
 
-    if existing is None:
-        ablation = ablation or resolve_config_path("demo.yaml", kind="ablations")
-        run_sweep_command(ablation, list(overrides or []), out=out, report=False,
-                          overwrite=(out / SWEEP_FILE).is_file())
-        existing = out
-    result = sweep_timings(existing.resolve())
-    table = Table(title=f"sweep {result['sweep']}: seconds per trial")
+    table = Table(title=f"sweep {result['sweep']}{f' ({label})' if label else ''}: seconds per trial")
     for col in ("trial", *PHASE_SPANS, "total"):
         table.add_column(col, justify="left" if col == "trial" else "right")
     for t in result["trials"]:
         table.add_row(t["trial"], *[f"{t[p]:.1f}" for p in (*PHASE_SPANS, "total")])
     Console().print(table)
-    _show("sweep overhead", result, json_path)
 
 
 @bench.command("cache")

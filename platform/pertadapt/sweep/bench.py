@@ -7,6 +7,10 @@ data, GO inputs, model, engine, W&B run), ``training`` = → last epoch done, ``
 ``1 − Σ(training + evaluation) / (wall × concurrent slots)``, with ``wall`` from the sweep's start (data
 ready, before Ray starts) to the last trial's end — so Ray start-up, gaps between trials and idle slots
 are overhead too.
+
+With ``--naive`` the same grid runs a second time on the naïve path (:data:`NAIVE_OVERRIDES`: the frozen FM
+recomputed on every step, every score of the GO-masked attention computed), and :func:`compare_sweeps`
+gives the ratios of the two runs.
 """
 
 from __future__ import annotations
@@ -19,11 +23,15 @@ from typing import Any
 from pertadapt.config.errors import ConfigError
 from pertadapt.train.timeline import read_timeline
 
-__all__ = ["PHASE_SPANS", "sweep_timings"]
+__all__ = ["NAIVE_OVERRIDES", "PHASE_SPANS", "compare_sweeps", "sweep_timings"]
 
 #: Reported phase → (from mark, to mark).
 PHASE_SPANS = {"startup": ("trial_start", "model_ready"), "training": ("model_ready", "train_end"),
                "evaluation": ("train_end", "eval_end"), "teardown": ("eval_end", "trial_end")}
+
+
+#: What the naïve path of a trial does: no frozen-FM embedding cache, the chunked (dense per chunk) attention.
+NAIVE_OVERRIDES = ("backbone.embedding_cache=off", "adapter.attention_impl=chunked")
 
 
 def _rows(sweep_dir: Path) -> list[dict[str, str]]:
@@ -92,4 +100,35 @@ def sweep_timings(sweep_dir: Path) -> dict[str, Any]:
             if group:
                 out[f"{kind}_{phase}_mean_s"] = sum(t[phase] for t in group) / len(group)
     out["trials"] = trials
+    return out
+
+
+def compare_sweeps(fast: dict[str, Any], naive: dict[str, Any]) -> dict[str, Any]:
+    """Ratios of the same grid run as configured (``fast``) and on the naïve path, from :func:`sweep_timings`.
+
+    Parameters
+    ----------
+    fast, naive
+        :func:`sweep_timings` of the two runs; they must hold the same trials.
+
+    Raises
+    ------
+    ConfigError
+        When the two runs did not complete the same trials.
+
+    Returns
+    -------
+    dict
+        ``speedup`` (naïve wall / wall), ``training_speedup`` (naïve Σ training + evaluation / this run's),
+        ``model_training_speedup`` (the mean model trial's training phase), both walls, both overhead shares.
+    """
+    a, b = sorted(t["trial"] for t in fast["trials"]), sorted(t["trial"] for t in naive["trials"])
+    if a != b:
+        raise ConfigError(f"the two sweeps completed different trials: {sorted(set(a) ^ set(b))}")
+    out = {"n_trials": len(a), "wall_s": fast["wall_s"], "naive_wall_s": naive["wall_s"],
+           "speedup": naive["wall_s"] / fast["wall_s"], "useful_s": fast["useful_s"],
+           "naive_useful_s": naive["useful_s"], "training_speedup": naive["useful_s"] / fast["useful_s"],
+           "overhead_share": fast["overhead_share"], "naive_overhead_share": naive["overhead_share"]}
+    if "model_training_mean_s" in fast:
+        out["model_training_speedup"] = naive["model_training_mean_s"] / fast["model_training_mean_s"]
     return out
