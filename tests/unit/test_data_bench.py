@@ -10,4 +10,9 @@ def test_small_benchmark(tmp_path):
     assert result["nnz"] > 0.08 * 1_500 * 2_500
     assert 0.05 < result["peak_rss_gb"] < result["target_gb"]
     assert result["within_target"]
+    # the in-place normalisation against scanpy's (the naive path), same file, same run: same numbers
+    assert result["normalize_max_abs_diff"] < 1e-5
+    assert result["normalize_s"] > 0
+    assert result["naive_normalize_s"] > 0
+    assert 0 < result["normalize_peak_mem_ratio"] < 2
     assert list(tmp_path.iterdir()) == []

@@ -39,7 +39,7 @@ def _go(n_genes: int = typer.Option(None, help="First N vocabulary genes (defaul
 @bench.command("data")
 def _data(n_cells: int = typer.Option(200_000), n_genes: int = typer.Option(5_000),
           density: float = typer.Option(0.1)) -> None:
-    """``data prepare`` on a large sparse matrix (target peak RSS ≤ 4 GB)."""
+    """``data prepare`` on a large sparse matrix (target peak RSS ≤ 4 GB); its normalisation against scanpy's."""
     from pertadapt.data.bench import run_data_benchmark
 
     _show("data prepare", run_data_benchmark(n_cells, n_genes, density))

@@ -56,7 +56,7 @@ from pertadapt.data.keys import (
 )
 from pertadapt.data.validate import gene_names, validate_adata
 
-__all__ = ["PREPARE_STEPS", "add_de_genes", "check_prepare_params", "prepare_adata"]
+__all__ = ["PREPARE_STEPS", "add_de_genes", "check_prepare_params", "normalize_log1p", "prepare_adata"]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _align(x: sp.csr_matrix, genes: pd.Index, vocabulary: pd.Index) -> sp.csr_ma
     return out
 
 
-def _normalize_log1p(x: sp.csr_matrix, target_sum: float | None, rows_per_chunk: int = 20_000) -> float:
+def normalize_log1p(x: sp.csr_matrix, target_sum: float | None, rows_per_chunk: int = 20_000) -> float:
     """In place, row chunk by row chunk: ``sc.pp.normalize_total`` then ``sc.pp.log1p`` on CSR ``x``.
 
     Same arithmetic as scanpy (each row divided by ``row_sum / target``, rows summing to 0 left at 0,
@@ -330,7 +330,7 @@ def prepare_adata(adata: ad.AnnData, *, vocabulary: Sequence[str] | None = None,
     out = _drop_small_groups(out)
 
     step("normalize")
-    used_target = _normalize_log1p(out.X, target_sum)
+    used_target = normalize_log1p(out.X, target_sum)
     out.uns["log1p"] = {"base": None}
 
     step("de")
