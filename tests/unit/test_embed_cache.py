@@ -312,6 +312,7 @@ def test_cache_benchmark_runs_small_and_agrees() -> None:
     from pertadapt.train.bench import run_cache_benchmark
 
     r = run_cache_benchmark(240, hidden_size=16, layers=1, heads=2, pool=32, steps=1, repeats=1)
+    assert "CPU" in r["config"]
     assert r["max_rel_diff"] <= 1e-5
     assert r["max_metric_rel_diff"] <= 1e-5
     assert r["cache_bytes"] == 32 * 240 * 16 * 4

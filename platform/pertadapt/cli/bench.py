@@ -145,12 +145,12 @@ def _cache(n_genes: int = typer.Option(2000, help="Genes of the simulated screen
            pool: int = typer.Option(32, help="Control cells (the cache's rows)."),
            steps: int = typer.Option(2, help="Optimiser steps per epoch."),
            repeats: int = typer.Option(2, help="Epochs timed per mode, alternating; the fastest counts."),
-           json_path: Path = _JSON) -> None:
+           device: str = _DEVICE, json_path: Path = _JSON) -> None:
     """Training epoch with the frozen-FM embedding cache vs recomputing the FM, same run (target >= 10x)."""
     from pertadapt.train.bench import run_cache_benchmark
 
     result = run_cache_benchmark(n_genes, hidden_size=hidden_size, layers=layers, heads=heads, pool=pool, steps=steps,
-                                 repeats=repeats)
+                                 repeats=repeats, device=device)
     _show(f"frozen-FM embedding cache vs recomputing ({result['config']})", result, json_path)
 
 

@@ -211,14 +211,15 @@ def _cache_bench_data(directory: Path, n_genes: int, n_control: int, seed: int) 
 
 def run_cache_benchmark(n_genes: int = 2000, *, hidden_size: int = 128, layers: int = 6, heads: int = 4,
                         pool: int = 32, steps: int = 2, batch_size: int = 8, micro_batch_size: int = 4,
-                        repeats: int = 2, seed: int = 0) -> dict[str, object]:
+                        repeats: int = 2, seed: int = 0, device: str = "cpu") -> dict[str, object]:
     """One training epoch with the frozen-FM embedding cache against recomputing the FM, same run, same data.
 
     Both runs go through :func:`~pertadapt.train.run.build_run_engine` and the one training loop
     (:func:`~pertadapt.train.loop.train`, one epoch of ``steps`` optimiser steps, then validation); only
     ``backbone.embedding_cache`` differs (``on`` / ``off``). The backbone is a random-init AIDO.Cell
     encoder (default: the 3M configuration, hidden 128, 6 layers, 4 heads, intermediate 320) over
-    ``n_genes`` genes, frozen; the adapter is small (d = 32, 4 heads, FFN 16). CPU, torch engine.
+    ``n_genes`` genes, frozen; the adapter is small (d = 32, 4 heads, FFN 16). Torch engine, on the CPU or
+    (``device='cuda'``, ``engine.use_gpu``) one GPU.
 
     Parameters
     ----------
@@ -235,6 +236,8 @@ def run_cache_benchmark(n_genes: int = 2000, *, hidden_size: int = 128, layers: 
         others hit it); the fastest of each mode is compared.
     seed
         Simulation and run seed.
+    device
+        ``cpu`` or ``cuda``.
 
     Returns
     -------
@@ -254,8 +257,8 @@ def run_cache_benchmark(n_genes: int = 2000, *, hidden_size: int = 128, layers: 
     from pertadapt.train.setup import prepare_run_data
 
     config = (f"AIDO.Cell random init {hidden_size}/{layers}/{heads} (hidden/layers/heads), frozen; {n_genes} genes; "
-              f"pool {pool} controls; adapter d=32, 4 heads, FFN 16; {steps} steps x {batch_size} cells; CPU, "
-              f"{torch.get_num_threads()} threads")
+              f"pool {pool} controls; adapter d=32, 4 heads, FFN 16; {steps} steps x {batch_size} cells; "
+              + ("CUDA" if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"))
     with tempfile.TemporaryDirectory(prefix="pertadapt-cache-bench-") as tmp:
         root = Path(tmp)
         overrides = [f"data.path={_cache_bench_data(root, n_genes, pool, seed)}", f"seed={seed}",
@@ -264,7 +267,7 @@ def run_cache_benchmark(n_genes: int = 2000, *, hidden_size: int = 128, layers: 
                      "model.hidden_size=32", "model.head_hidden=64", "adapter.heads=4", "adapter.ffn_dim=16",
                      "optim.epochs=1", f"optim.max_steps_per_epoch={steps}", f"optim.batch_size={batch_size}",
                      f"optim.micro_batch_size={micro_batch_size}", "eval.batch_size=8", "engine.name=torch",
-                     "logging.wandb=disabled"]
+                     "logging.wandb=disabled", f"engine.use_gpu={device == 'cuda'}"]
         out: dict[str, dict] = {"off": {"epoch_s": []}, "on": {"epoch_s": []}}
         for rep in range(repeats):  # alternating, so that load on a shared machine hits both alike
             for mode in ("off", "on"):
