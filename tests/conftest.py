@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,50 @@ def _assert_best_checkpoint_reproduces_test_predictions(cfg, run_dir: Path) -> N
 def assert_checkpoint_reproduces():
     """``f(cfg, run_dir)``: the best checkpoint reloads and reproduces the saved test predictions."""
     return _assert_best_checkpoint_reproduces_test_predictions
+
+
+@pytest.fixture(scope="session")
+def s3_store() -> Iterator[str]:
+    """An S3 endpoint on loopback (moto's S3 server, a process this fixture starts and stops by PID) with one
+    bucket; the AWS variables pyarrow and Ray read point at it. Yields ``s3://<bucket>``."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "pertadapt-test", "AWS_SECRET_ACCESS_KEY": "pertadapt-test-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None, "moto S3 server exited"
+                assert time.time() < deadline, "moto S3 server did not start"
+                time.sleep(0.2)
+        boto3.client("s3").create_bucket(Bucket="pertadapt-test")
+        yield "s3://pertadapt-test"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

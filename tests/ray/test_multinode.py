@@ -1,6 +1,8 @@
 """A two-node local Ray cluster (head with 0 CPUs on 127.0.0.2, workers on 127.0.0.3 and .4), started and
 stopped by PID through the shipped recipe ``cluster/local/ray-local-cluster.sh``: a sweep joins it with
-``--address``, a sweep is submitted as a Ray job through ``pertadapt cluster submit``."""
+``--address`` and keeps everything on an S3 store (the ``s3_store`` endpoint; every node has the credentials
+in its own environment, as on a real cluster), a sweep is submitted as a Ray job through
+``pertadapt cluster submit``, a node is lost mid-trial with the storage on a shared path."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +37,7 @@ def _pertadapt(*args: str, ok: bool = True, timeout: int = 900) -> subprocess.Co
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Path]:
+def two_nodes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, s3_store: str) -> Iterator[Path]:
     # a short path: Ray's unix socket paths under the temp dir must stay short
     state = Path(subprocess.run(["mktemp", "-d", "/tmp/pa2n.XXXX"], capture_output=True, text=True,
                                 check=True).stdout.strip())
@@ -59,25 +62,42 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_a_sweep_joins_the_cluster_and_spreads_ranks_over_two_nodes(two_nodes: Path, tmp_path: Path) -> None:
+def test_a_sweep_joins_the_cluster_spreads_ranks_over_two_nodes_and_keeps_its_storage_on_s3(
+        two_nodes: Path, tmp_path: Path, s3_store: str) -> None:
+    from pertadapt import remote
+
     abl = tmp_path / "two.yaml"
     abl.write_text("name: twonode\nbase: demo.yaml\nseeds: [1]\nbaselines: false\nresources: {placement: spread}\n"
-                   "arms:\n  full: {}\n")
-    out, shared = tmp_path / "sweep", tmp_path / "shared"
-    _pertadapt("sweep", str(abl), *FAST, "--out", str(out), "--address", GCS, "--storage", str(shared), "--no-report")
+                   "arms:\n  full: {}\n  mean: {model.name: baseline_mean}\n")
+    out, store = tmp_path / "sweep", remote.join(s3_store, f"two-{os.getpid()}")
+    _pertadapt("sweep", str(abl), *FAST, "--out", str(out), "--address", GCS, "--storage", store, "--no-report")
     rows = _rows(out / "results.csv")
-    assert [r["trial"] for r in rows] == ["full/seed1"]
-    assert all(r["status"] == "ok" for r in rows)
+    assert [(r["trial"], r["status"]) for r in rows] == [("full/seed1", "ok"), ("mean/seed1", "ok")]
+    assert remote.list_dir(store) == ["data", "ray", "runs"]
+    (dataset,) = remote.list_dir(remote.join(store, "data"))  # placed once by the driver, read by every trial
     node_sets = []
     for r in rows:
-        prov = json.loads((Path(r["run_dir"]) / "provenance.json").read_text())
-        # the driver placed the dataset on the shared storage; Ray's checkpoints live there too
-        assert Path(prov["data_path"]).parent == shared / "data"
-        assert list((shared / "ray").glob(f"train-{r['trial'].replace('/', '-')}/epoch_*"))
+        run_dir, home = Path(r["run_dir"]), remote.join(store, "runs", r["trial"])
+        assert run_dir.parent.parent == out / "runs"  # the driver copied the run directory home
+        config = (run_dir / "config.yaml").read_text()
+        assert remote.join(store, "data", dataset) in config  # the trial read the dataset from the store...
+        prov = json.loads((run_dir / "provenance.json").read_text())
+        assert "/remote/" in prov["data_path"]  # ...through its node's local copy
+        with tempfile.TemporaryDirectory() as tmp:
+            remote.download_file(remote.join(home, "final_metrics.json"), Path(tmp) / "f.json")
+            assert (Path(tmp) / "f.json").read_bytes() == (run_dir / "final_metrics.json").read_bytes()
+        assert {"data_ready", "trial_start", "trial_end"} <= {
+            json.loads(line)["phase"] for line in (run_dir / "timeline.jsonl").read_text().splitlines()}
         ranks = prov["ranks"]
-        assert [k["rank"] for k in ranks] == [0, 1]
-        # the head (which made the data, in the driver) offers no CPUs: no rank ran there
+        # the head (which made the data, in the driver) offers no CPUs: no trial ran there
         assert all(k["node_ip"] in ("127.0.0.3", "127.0.0.4") for k in ranks), ranks
+        if r["trial"] == "mean/seed1":
+            continue
+        # Ray Train's checkpoints are on the store; the best one stays there (not copied home)
+        assert [e for e in remote.list_dir(remote.join(store, "ray", "train-full-seed1")) if e.startswith("epoch_")]
+        assert "ckpt" in remote.list_dir(home)
+        assert not (run_dir / "ckpt").exists()
+        assert [k["rank"] for k in ranks] == [0, 1]
         assert all(k["device"] == "cpu" for k in ranks)
         node_sets.append({k["node_id"] for k in ranks})
     assert [len(s) for s in node_sets] == [2], node_sets  # placement: spread

@@ -14,31 +14,31 @@ from pertadapt.sweep.storage import shared_data_path, stage_data, storage_root
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_storage_root_defaults_to_the_sweep_dir_and_refuses_object_store_uris(tmp_path: Path) -> None:
-    assert storage_root(None, tmp_path) == tmp_path.resolve()
-    assert storage_root(str(tmp_path / "shared"), tmp_path / "out") == (tmp_path / "shared").resolve()
-    with pytest.raises(ConfigError, match=r"--storage: 's3://bucket/x': object-store URIs are not supported"):
-        storage_root("s3://bucket/x", tmp_path)
+def test_storage_root_defaults_to_the_sweep_dir_and_keeps_object_store_uris(tmp_path: Path) -> None:
+    assert storage_root(None, tmp_path) == str(tmp_path.resolve())
+    assert storage_root(str(tmp_path / "shared"), tmp_path / "out") == str((tmp_path / "shared").resolve())
+    assert storage_root(f"file://{tmp_path / 'shared'}", tmp_path / "out") == str((tmp_path / "shared").resolve())
+    assert storage_root("s3://bucket/x/", tmp_path) == "s3://bucket/x"
 
 
 def test_a_dataset_is_placed_once_and_replaced_when_it_changes(tmp_path: Path) -> None:
     src = tmp_path / "cache" / "demo.h5ad"
     src.parent.mkdir()
     src.write_bytes(b"first")
-    target = shared_data_path(src, tmp_path / "storage")
+    target = Path(shared_data_path(src, str(tmp_path / "storage")))
     assert target.parent == tmp_path / "storage" / "data"
     assert target.name.startswith("demo-")
     assert target.suffix == ".h5ad"
-    assert shared_data_path(tmp_path / "other" / "demo.h5ad", tmp_path / "storage") != target  # same name, other file
-    stage_data(src, target)
+    assert Path(shared_data_path(tmp_path / "other" / "demo.h5ad", str(tmp_path / "storage"))) != target  # same name, other file
+    stage_data(src, str(target))
     assert target.read_bytes() == b"first"
     assert os.stat(target).st_ino == os.stat(src).st_ino  # same filesystem: a hard link, no copy
     ino = os.stat(target).st_ino
-    stage_data(src, target)
+    stage_data(src, str(target))
     assert os.stat(target).st_ino == ino
     src.unlink()
     src.write_bytes(b"second, longer")
-    stage_data(src, target)
+    stage_data(src, str(target))
     assert target.read_bytes() == b"second, longer"
     assert not list(target.parent.glob(".*.tmp"))
 

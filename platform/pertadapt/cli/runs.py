@@ -69,8 +69,10 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML ((factorial)
            overwrite: bool = typer.Option(False, "--overwrite", help="Delete the sweep in OUT and start over."),
            address: str = typer.Option(None, "--address", help="Join the Ray cluster at ADDR (also $RAY_ADDRESS) "
                                        "instead of starting a local one."),
-           storage: str = typer.Option(None, "--storage", help="Shared path every node mounts (NFS, EFS, ...) for "
-                                       "Ray storage, the datasets and the caches (default: OUT).")) -> None:
+           storage: str = typer.Option(None, "--storage", help="Where every node reads and writes: a shared path "
+                                       "(NFS, EFS, ...) for Ray storage, the datasets and the caches, or an "
+                                       "object-store URI (s3://bucket/prefix, gs://...) for Ray storage, the "
+                                       "datasets and the run directories (default: OUT).")) -> None:
     """Run an ablation grid through Ray Tune (trials = Ray Train + DeepSpeed runs), then report."""
     run_sweep_command(ablation, list(overrides or []), search_space=search_space, out=out, report=report,
                       dry_run=dry_run, resume=resume, overwrite=overwrite, address=address, storage=storage)
@@ -81,10 +83,11 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
                       overwrite: bool = False, address: str | None = None, storage: str | None = None) -> None:
     """``pertadapt sweep``: validate, plan, run through Ray Tune, write results and (``report``) the report."""
     from pertadapt.data.presets import data_file_for
+    from pertadapt.remote import is_uri, under
     from pertadapt.sweep.ablation import load_ablation
     from pertadapt.sweep.plan import build_plan, check_search_space, local_cpus, write_plan
     from pertadapt.sweep.search_space import load_search_space
-    from pertadapt.sweep.storage import shared_data_path, stage_data
+    from pertadapt.sweep.storage import check_storage, clear_storage, shared_data_path, stage_data
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite: choose one")
@@ -109,11 +112,12 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise ConfigError(f"--out: {sweep_dir} exists and is not a directory")
     root = _storage_of(sweep_dir, storage, resume)
-    if storage is not None:  # simulated data and GO masks where every node finds them too
-        os.environ.setdefault("PERTADAPT_CACHE", str(root / "cache"))
+    check_storage(root)
+    if storage is not None and not is_uri(root):  # simulated data and GO masks where every node finds them too
+        os.environ.setdefault("PERTADAPT_CACHE", under(root, "cache"))
     files = {t.key: data_file_for(t.config) for t in abl.trials}
     # every trial reads its dataset from the storage root, where the driver places it (nodes need not share caches)
-    plan = build_plan(abl, space, {k: str(shared_data_path(p, root)) for k, (p, _) in files.items()},
+    plan = build_plan(abl, space, {k: shared_data_path(p, root) for k, (p, _) in files.items()},
                       abl.max_concurrent_trials or 2)
     _check_sweep_dir(sweep_dir, plan, resume=resume, overwrite=overwrite, dry_run=dry_run)
     _print_plan(plan, local_cpus(plan))
@@ -126,6 +130,7 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
     from pertadapt.train.setup import ensure_data_file
 
     if overwrite and sweep_dir.exists():
+        clear_storage(root, sweep_dir)
         shutil.rmtree(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for t in abl.trials:
@@ -135,7 +140,7 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
         stage_data(source, shared_data_path(source, root))
     write_plan(sweep_dir, plan)
     atomic_write_json(sweep_dir / SWEEP_FILE, {"name": abl.name, "reference_arm": abl.reference_arm,
-                                               "ablation": str(abl.path), "storage": str(root),
+                                               "ablation": str(abl.path), "storage": root,
                                                "started_at": time.time()})
     log.info("sweep %s: %d trials (%d arms × %d seeds) → %s; W&B: %s", abl.name, len(abl.trials), len(abl.arms),
              len(abl.seeds), sweep_dir, describe_wandb_mode(abl.trials[0].config.logging.wandb))
@@ -145,7 +150,7 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     results = run_sweep(abl, sweep_dir, search_space=space, data_paths=plan_paths(plan), num_cpus=local_cpus(plan),
                         max_concurrent=abl.max_concurrent_trials if on_cluster else plan["max_concurrent_trials"],
-                        resume=resume, ray_storage=root / "ray")
+                        resume=resume, storage=root)
     if stopped:
         log.error("sweep interrupted after %.0f s; finish it with: pertadapt sweep %s --out %s --resume",
                   time.time() - t0, ablation, sweep_dir)
@@ -190,16 +195,16 @@ def plan_paths(plan: dict) -> dict[str, str]:
     return {t["key"]: t["data_path"] for t in plan["trials"]}
 
 
-def _storage_of(sweep_dir: Path, storage: str | None, resume: bool) -> Path:
-    """The sweep's storage root; a resumed sweep keeps the one it started with."""
+def _storage_of(sweep_dir: Path, storage: str | None, resume: bool) -> str:
+    """The sweep's storage root (path or URI); a resumed sweep keeps the one it started with."""
     from pertadapt.sweep.storage import storage_root
 
     root = storage_root(storage, sweep_dir)
     recorded = (sweep_dir / SWEEP_FILE).is_file() and json.loads((sweep_dir / SWEEP_FILE).read_text()).get("storage")
-    if resume and recorded and Path(recorded) != root:
+    if resume and recorded and recorded != root:
         if storage is not None:
             raise ConfigError(f"--storage: the sweep in {sweep_dir} keeps its storage at {recorded}, not {root}")
-        return Path(recorded)
+        return recorded
     return root
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.files import cache_dir, sha256_bytes
+from pertadapt.remote import StorageError, is_uri, localize
 
 __all__ = ["GI_TYPES", "MODALITIES", "PRESETS", "SimParams", "data_file_for"]
 
@@ -132,9 +133,15 @@ PRESETS: dict[str, SimParams] = {
 def data_file_for(cfg: RunConfig) -> tuple[Path, bool]:
     """Where the run's ``.h5ad`` is, and whether it still has to be simulated (no data is read or made).
 
-    ``data.path`` must exist; without one, the simulator preset's cache file is named by the preset's
-    parameters, seed and the package version, so a changed simulator never reuses a stale file.
+    ``data.path`` must exist (a URI on an object store is read from a node-local copy, fetched here); without
+    one, the simulator preset's cache file is named by the preset's parameters, seed and the package version,
+    so a changed simulator never reuses a stale file.
     """
+    if cfg.data.path is not None and is_uri(cfg.data.path):
+        try:
+            return localize(cfg.data.path), False
+        except (FileNotFoundError, StorageError) as e:
+            raise ConfigError(f"data.path: {e}") from e
     if cfg.data.path is not None:
         p = Path(cfg.data.path)
         if not p.is_file():

@@ -34,6 +34,7 @@ from pertadapt.config.load import (
     dotted_to_nested,
     load_run_config,
 )
+from pertadapt.remote import RunMirror, is_uri, pull_tree, under
 from pertadapt.sweep.ablation import Ablation, Trial
 from pertadapt.sweep.resources import (
     NodeType,
@@ -45,8 +46,9 @@ from pertadapt.sweep.resources import (
 )
 from pertadapt.sweep.results import TrialOutcome, collect_results, finished_metrics
 from pertadapt.sweep.search_space import SearchSpace
-from pertadapt.sweep.wandb_runs import REPLAYED_KEY, TrialRuns, trial_place
-from pertadapt.train.run import FINISHED_KEY
+from pertadapt.sweep.storage import RUN_TREES
+from pertadapt.sweep.wandb_runs import REPLAYED_KEY, TrialRuns, trial_place, trial_remote
+from pertadapt.train.run import FINISHED_KEY, NODE_ID_ENV, NODE_IP_ENV
 from pertadapt.train.timeline import mark
 from pertadapt.train.worker import has_resumable_checkpoint, launch
 
@@ -57,10 +59,14 @@ log = logging.getLogger(__name__)
 #: Node address of a local Ray started by a sweep: loopback, and not 127.0.0.1 (Ray rewrites that one to
 #: the host's interface address, platform-notes.md §4).
 LOCAL_NODE_IP = "127.0.0.2"
-#: Environment forwarded to every Ray worker (cache, W&B mode, DeepSpeed accelerator, threads).
-_FORWARD_PREFIXES = ("PERTADAPT_", "WANDB_", "DS_", "OMP_", "RAY_TRAIN_")
+#: Environment forwarded to every Ray worker (cache, W&B mode, DeepSpeed accelerator, threads, object-store
+#: endpoint and region).
+_FORWARD_PREFIXES = ("PERTADAPT_", "WANDB_", "DS_", "OMP_", "RAY_TRAIN_", "AWS_ENDPOINT_URL", "AWS_REGION",
+                     "AWS_DEFAULT_REGION")
 #: Never forwarded, never written: secrets stay in the environment of the process that has them.
 _SECRETS = ("WANDB_API_KEY",)
+#: Left on the object store when the driver copies run directories home (checkpoints: ``ckpt/best``).
+_CHECKPOINT_DIRS = ("ckpt",)
 
 
 def _apply_params(run_dict: dict[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -80,21 +86,33 @@ def _trial_fn(config: dict[str, Any]) -> None:
     params = {k: v for k, v in config.items() if k != "trial"}
     run_dict = _apply_params(spec["run"], params) if params else spec["run"]
     cfg = config_from_dict(run_dict)
-    run_dir, name = trial_place(spec, params, tune.get_context().get_trial_id() if params else "")
+    # an in-process trial (baseline, torch engine) records the node it ran on, as Ray Train workers do
+    os.environ[NODE_ID_ENV] = ray.get_runtime_context().get_node_id()
+    os.environ[NODE_IP_ENV] = ray.util.get_node_ip_address()
+    trial_id = tune.get_context().get_trial_id() if params else ""
+    run_dir, name = trial_place(spec, params, trial_id)
+    home = trial_remote(spec, params, trial_id)
+    mirror = RunMirror(home) if home else None  # run dir on an object store: work on this node's copy
+    if mirror is not None:
+        run_dir = mirror.pull()
     finished = finished_metrics(run_dir, config_hash(cfg))
     if finished is not None:  # a resumed sweep whose Tune state missed this trial's end: nothing to redo
         tune.report({**finished, FINISHED_KEY: 1, REPLAYED_KEY: 1})
         return
     mark(run_dir, "trial_start")
-    storage = Path(spec["storage"])
+    if mirror is not None:  # on the store before a worker, perhaps on this node, pulls the run directory
+        mirror.push()
+    storage = spec["storage"]
     # a retried or resumed trial continues from its last checkpoint; a first start begins afresh
     resume = has_resumable_checkpoint(cfg, run_dir, name=name, storage_path=storage)
     # the driver keeps the trial's W&B run (TrialRuns): the workers open none
     launch(cfg, run_dir, name=name, storage_path=storage, report=tune.report, train_callbacks=[TuneReportCallback()],
-           resume=resume, log_wandb=False)
+           resume=resume, log_wandb=False, mirror=mirror)
     if cfg.uses_ray_train:
         time.sleep(3)  # let the last TuneReportCallback result reach Tune (Train V2 race)
     mark(run_dir, "trial_end")
+    if mirror is not None:
+        mirror.push()
 
 
 def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
@@ -106,11 +124,12 @@ def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
 
 
 def _spec(trial: Trial, ablation: Ablation, sweep_dir: Path, data_paths: Mapping[str, str],
-          ray_storage: Path) -> dict[str, Any]:
+          storage: str) -> dict[str, Any]:
     run_dict = config_to_dict(trial.run_config(data_paths[trial.key]))
     wandb = {"tags": ablation.toggles(trial), "job_type": "baseline" if trial.is_baseline else "model"}
     return {"key": trial.key, "run": run_dict, "run_dir": str(sweep_dir / "runs" / trial.key),
-            "storage": str(ray_storage), "wandb": wandb}
+            "remote_run_dir": under(storage, "runs", trial.key) if is_uri(storage) else None,
+            "storage": under(storage, "ray"), "wandb": wandb}
 
 
 class _Progress(tune.Callback):
@@ -170,24 +189,24 @@ class _Progress(tune.Callback):
             self.live.stop()
 
 
-def _fit(make: Any, trainable: Any, path: Path, resume: bool) -> tune.ResultGrid:
+def _fit(make: Any, trainable: Any, path: str, resume: bool) -> tune.ResultGrid:
     """Fit a fresh Tuner, or restore the experiment at ``path`` when resuming and it can be restored."""
-    if resume and tune.Tuner.can_restore(str(path)):
+    if resume and tune.Tuner.can_restore(path):
         log.info("resuming Tune experiment %s", path)
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit()
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
     return make().fit()
 
 
-def _run_grid(specs: Sequence[dict[str, Any]], ray_storage: Path, name: str, max_concurrent: int,
+def _run_grid(specs: Sequence[dict[str, Any]], ray_storage: str, name: str, max_concurrent: int,
               resume: bool) -> tune.ResultGrid:
     trainable = tune.with_resources(_trial_fn, _resources)
     return _fit(lambda: tune.Tuner(
         trainable, param_space={"trial": tune.grid_search(list(specs))},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=str(ray_storage), verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=ray_storage, verbose=0,
                                   callbacks=[_Progress(name, len(specs)), TrialRuns()],
                                   failure_config=tune.FailureConfig(max_failures=0)),
-    ), trainable, ray_storage / name, resume)
+    ), trainable, under(ray_storage, name), resume)
 
 
 def _optuna_space(space: SearchSpace) -> dict[str, Any]:
@@ -222,7 +241,7 @@ def _scheduler(space: SearchSpace, epochs: int) -> ASHAScheduler | None:
                          grace_period=min(space.grace_period, max_t), reduction_factor=space.reduction_factor)
 
 
-def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path, ray_storage: Path,
+def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path, ray_storage: str,
              ablation_name: str, max_concurrent: int, resume: bool) -> tuple[dict[str, Any], tune.ResultGrid]:
     trainable = tune.with_resources(_trial_fn, _resources)
     name = f"hpo-{arm}"
@@ -237,11 +256,11 @@ def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path
                                         scheduler=_scheduler(space, spec["run"]["optim"]["epochs"]),
                                         num_samples=space.num_samples, max_concurrent_trials=max_concurrent,
                                         reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=str(ray_storage), verbose=0,
+            run_config=tune.RunConfig(name=name, storage_path=ray_storage, verbose=0,
                                       callbacks=[_Progress(name, space.num_samples), TrialRuns()],
                                       failure_config=tune.FailureConfig(max_failures=0)))
 
-    grid = _fit(make, trainable, ray_storage / name, resume)
+    grid = _fit(make, trainable, under(ray_storage, name), resume)
     best = grid.get_best_result(metric=space.metric, mode=space.mode, scope="all")
     return {k: v for k, v in best.config.items() if k != "trial"}, grid
 
@@ -298,7 +317,7 @@ def _outcomes(grid: tune.ResultGrid, stage: str) -> list[TrialOutcome]:
 
 def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace | None = None,
               data_paths: Mapping[str, str], num_cpus: int, max_concurrent: int | None, resume: bool = False,
-              ray_storage: Path | None = None) -> Path:
+              storage: str | None = None) -> Path:
     """Run every trial of ``ablation`` on Ray (a local cluster this function starts and stops, or
     the one at ``RAY_ADDRESS``), then write the results.
 
@@ -318,9 +337,10 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
         Trials at once; ``None``: as many as the cluster's CPUs and GPUs hold (:func:`cluster_concurrency`).
     resume
         Restore the sweep's Tune experiments instead of starting them afresh.
-    ray_storage
-        Ray Tune / Ray Train storage (experiment state, checkpoints) on a path every node sees
-        (default ``sweep_dir/ray``).
+    storage
+        The storage root (:mod:`pertadapt.sweep.storage`): a path every node sees or an object-store URI,
+        holding ``ray/`` (Tune experiment state, Ray Train checkpoints) and, on an object store, the run
+        directories, copied into ``sweep_dir`` (checkpoints aside) when the trials end (default: ``sweep_dir``).
 
     Returns
     -------
@@ -328,7 +348,8 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
         ``results.csv``.
     """
     sweep_dir = sweep_dir.resolve()
-    ray_storage = (ray_storage or sweep_dir / "ray").resolve()
+    storage = storage or str(sweep_dir)
+    ray_storage = under(storage, "ray")
     _init_ray(num_cpus)
     outcomes: list[TrialOutcome] = []
     try:
@@ -339,7 +360,7 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
             log.info("%d trial(s) at a time: what the cluster holds%s", fit,
                      "" if max_concurrent is None else f" (max_concurrent_trials {max_concurrent} asks for more)")
         max_concurrent = min(fit, max_concurrent or fit)
-        specs = [_spec(t, ablation, sweep_dir, data_paths, ray_storage) for t in ablation.trials]
+        specs = [_spec(t, ablation, sweep_dir, data_paths, storage) for t in ablation.trials]
         if search_space is None:
             outcomes += _outcomes(_run_grid(specs, ray_storage, "grid", max_concurrent, resume), "grid")
         else:
@@ -347,12 +368,14 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
             for t, spec in zip(ablation.trials, specs, strict=True):
                 if t.seed != first or t.is_baseline:
                     continue
-                hpo_spec = {**spec, "run_dir": str(sweep_dir / "hpo" / t.key.rsplit("/", 1)[0])}
+                hpo_dir = t.key.rsplit("/", 1)[0]
+                hpo_spec = {**spec, "run_dir": str(sweep_dir / "hpo" / hpo_dir),
+                            "remote_run_dir": under(storage, "hpo", hpo_dir) if is_uri(storage) else None}
                 best, grid = _run_hpo(hpo_spec, t.arm, search_space, sweep_dir, ray_storage, ablation.name,
                                       max_concurrent, resume)
                 outcomes += _outcomes(grid, "hpo")
                 if any(o.status == "pending" for o in outcomes):  # interrupted: --resume continues here
-                    return collect_results(ablation, sweep_dir, outcomes, _hashes(specs))
+                    return _collect(ablation, sweep_dir, storage, outcomes, specs)
                 log.info("arm %s: best %s", t.arm, best)
                 for t2, s2 in zip(ablation.trials, specs, strict=True):
                     if t2.arm == t.arm and t2.dataset == t.dataset and t2.backbone == t.backbone:
@@ -360,4 +383,14 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
             outcomes += _outcomes(_run_grid(specs, ray_storage, "final", max_concurrent, resume), "final")
     finally:
         ray.shutdown()
+    return _collect(ablation, sweep_dir, storage, outcomes, specs)
+
+
+def _collect(ablation: Ablation, sweep_dir: Path, storage: str, outcomes: Sequence[TrialOutcome],
+             specs: Sequence[dict[str, Any]]) -> Path:
+    """The results table, from the run directories (on an object store: first copied into ``sweep_dir``)."""
+    if is_uri(storage):
+        for tree in RUN_TREES:
+            n = pull_tree(under(storage, tree), sweep_dir / tree, skip=_CHECKPOINT_DIRS)
+            log.info("%d file(s) of %s/ copied from %s", n, tree, storage)
     return collect_results(ablation, sweep_dir, outcomes, _hashes(specs))

@@ -18,11 +18,12 @@ from typing import Any
 
 from ray import tune
 
+from pertadapt.remote import join
 from pertadapt.report.logger import RunLogger
 from pertadapt.report.wandb import open_logger
 from pertadapt.train.run import FINISHED_KEY
 
-__all__ = ["REPLAYED_KEY", "STOPPED_EARLY_TAG", "TrialRuns", "trial_metrics", "trial_place"]
+__all__ = ["REPLAYED_KEY", "STOPPED_EARLY_TAG", "TrialRuns", "trial_metrics", "trial_place", "trial_remote"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ def trial_place(spec: Mapping[str, Any], tuned: Mapping[str, Any], trial_id: str
     next to the spec) get its Tune trial id."""
     run_dir, name = Path(spec["run_dir"]), spec["key"].replace("/", "-")
     return (run_dir / trial_id, f"{name}-{trial_id}") if tuned else (run_dir, name)
+
+
+def trial_remote(spec: Mapping[str, Any], tuned: Mapping[str, Any], trial_id: str) -> str | None:
+    """Where the trial's run directory lives on an object store (``None``: on a path, :func:`trial_place`)."""
+    home = spec.get("remote_run_dir")
+    return None if home is None else (join(home, trial_id) if tuned else home)
 
 
 def trial_metrics(result: Mapping[str, Any]) -> dict[str, float]:

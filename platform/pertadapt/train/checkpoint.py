@@ -45,7 +45,7 @@ from torch import nn
 from pertadapt.config.schema import ConfigError
 from pertadapt.files import atomic_write, atomic_write_json
 
-__all__ = ["ATTEMPTS_FILE", "FORMAT", "NONFINITE_FILE", "CheckpointError", "Checkpoints", "Codec",
+__all__ = ["ATTEMPTS_FILE", "FORMAT", "NONFINITE_FILE", "STATE_FILE", "CheckpointError", "Checkpoints", "Codec",
            "DirCheckpoints", "Loaded", "check_not_nonfinite", "consolidated_state_dict", "get_rng_state",
            "has_checkpoint", "load_tree", "read_checkpoint", "read_json", "record_attempt", "record_nonfinite",
            "replace_dir", "require_checkpoint", "restore_model", "save_tree", "set_rng_state", "trained_state", "write_checkpoint"]
@@ -400,7 +400,7 @@ def has_checkpoint(directory: Path) -> bool:
     return (directory / STATE_FILE).is_file()
 
 
-def require_checkpoint(directory: Path | None, where: Path) -> Path:
+def require_checkpoint(directory: Path | None, where: Path | str) -> Path:
     """``directory`` when it holds a checkpoint; else the ``--resume`` refusal (a :class:`ConfigError`, exit 2).
 
     Parameters

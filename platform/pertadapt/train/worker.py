@@ -31,10 +31,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pertadapt.config.load import config_from_dict, config_to_dict
 from pertadapt.config.schema import RunConfig
+from pertadapt.remote import RunMirror, delete, exists, is_uri, join, list_dir, pull_tree, under
 from pertadapt.report.logger import NullLogger
 from pertadapt.train.checkpoint import (
     ATTEMPTS_FILE,
     NONFINITE_FILE,
+    STATE_FILE,
     CheckpointEngine,
     CheckpointError,
     check_not_nonfinite,
@@ -59,10 +61,13 @@ class RayCheckpoints:
     ----------
     run_dir
         The run directory (the selected epoch's checkpoint is copied to ``ckpt/best``).
+    mirror
+        Rank 0 of a run whose directory lives on an object store: pushed before every report, so that the
+        store holds the epoch's files (``metrics.jsonl``, ``attempts.json``) by the time Ray counts the epoch.
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, mirror: RunMirror | None = None) -> None:
+        self.run_dir, self.mirror = run_dir, mirror
         self._pending: tuple[Path, int] | None = None
 
     def restore(self, engine: CheckpointEngine) -> dict[str, Any] | None:
@@ -79,6 +84,8 @@ class RayCheckpoints:
 
     def report(self, metrics: dict[str, Any]) -> None:
         """``ray.train.report`` of an epoch's row with that epoch's checkpoint (or of the final metrics)."""
+        if self.mirror is not None:
+            self.mirror.push()
         if self._pending is None:
             ray.train.report(metrics)
             return
@@ -110,8 +117,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     Parameters
     ----------
     loop_config
-        ``{"run": <config dict>, "run_dir": str, "wandb_name": str | None}`` (``None``: no W&B run in the
-        workers, e.g. when the sweep driver keeps the trial's run).
+        ``{"run": <config dict>, "run_dir": str, "remote_run_dir": str | None, "wandb_name": str | None}``
+        (``remote_run_dir``: the run directory's home on an object store, worked on in this node's copy;
+        ``wandb_name`` ``None``: no W&B run in the workers, e.g. when the sweep driver keeps the trial's run).
 
     Raises
     ------
@@ -119,17 +127,27 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         At once, when an earlier attempt recorded a non-finite loss (a retry would fail again).
     """
     cfg = config_from_dict(loop_config["run"])
-    run_dir = Path(loop_config["run_dir"])
-    check_not_nonfinite(run_dir)
     rank = ray.train.get_context().get_world_rank()
+    home = loop_config.get("remote_run_dir")
+    mirror = RunMirror(home) if home else None
+    run_dir = Path(loop_config["run_dir"]) if mirror is None else (mirror.pull() if rank == 0 else mirror.local)
+    if mirror is None or rank == 0:  # other ranks' node-local copies are not pulled
+        check_not_nonfinite(run_dir)
     if rank == 0:
         mark(run_dir, "worker_start")
     os.environ[NODE_ID_ENV] = ray.get_runtime_context().get_node_id()  # recorded in provenance.json "ranks"
     os.environ[NODE_IP_ENV] = ray.util.get_node_ip_address()
     name = loop_config["wandb_name"]
     logger = NullLogger() if name is None else open_run_logger(cfg, run_dir, rank=rank, name=name)
-    store = RayCheckpoints(run_dir)
-    run(cfg, run_dir, logger=logger, report=store.report, checkpoints=store)
+    store = RayCheckpoints(run_dir, mirror if rank == 0 else None)
+    try:
+        run(cfg, run_dir, logger=logger, report=store.report, checkpoints=store)
+    except FloatingPointError:
+        if mirror is not None:  # whichever rank saw it: a retry on any node must find it
+            mirror.push(only=NONFINITE_FILE)
+        raise
+    if mirror is not None and rank == 0:
+        mirror.push()
 
 
 def scaling_config(cfg: RunConfig) -> ray.train.ScalingConfig:
@@ -142,15 +160,16 @@ def scaling_config(cfg: RunConfig) -> ray.train.ScalingConfig:
                                    placement_strategy=e.placement.upper(), accelerator_type=e.accelerator_type)
 
 
-def _fit_on_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path: Path, wandb_name: str | None,
-                      callbacks: Sequence[Any], max_failures: int) -> dict[str, Any]:
+def _fit_on_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path: str, wandb_name: str | None,
+                      callbacks: Sequence[Any], max_failures: int, mirror: RunMirror | None) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"run": config_to_dict(cfg), "run_dir": str(run_dir), "wandb_name": wandb_name},
+        train_loop_config={"run": config_to_dict(cfg), "run_dir": str(run_dir), "wandb_name": wandb_name,
+                           "remote_run_dir": None if mirror is None else mirror.uri},
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.engine.on_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage_path), callbacks=list(callbacks),
+            name=name, storage_path=storage_path, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=2),
             # num_to_keep=1 with a score: the best epoch's checkpoint, and Ray always keeps the latest
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.eval.select_metric,
@@ -159,46 +178,64 @@ def _fit_on_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if mirror is not None:  # rank 0 pushed the run directory, perhaps from another node
+        mirror.pull()
     # rank 0 wrote them before its last report (Result.metrics holds the latest checkpoint's epoch row)
     return json.loads((run_dir / "final_metrics.json").read_text())
 
 
-def _resume_point(cfg: RunConfig, run_dir: Path, ray_run: Path | None) -> tuple[Path | None, Path]:
-    """The checkpoint a resumed run continues from (``None``: none) and where it was looked for."""
+def _resume_point(cfg: RunConfig, run_dir: Path, ray_run: str | None) -> tuple[str | None, str]:
+    """The checkpoint a resumed run continues from (``None``: none; a path or a URI) and where it was looked for."""
     if ray_run is None:
         last = run_dir / "ckpt" / "last"
-        return (last if has_checkpoint(last) else None), last
-    epochs = sorted(d for d in ray_run.glob("epoch_*") if has_checkpoint(d)) if ray_run.is_dir() else []
-    return (epochs[-1] if epochs else None), ray_run
+        return (str(last) if has_checkpoint(last) else None), str(last)
+    if is_uri(ray_run):
+        epochs = [e for e in list_dir(ray_run) if e.startswith("epoch_") and exists(join(ray_run, e, STATE_FILE))]
+        return (join(ray_run, epochs[-1]) if epochs else None), ray_run
+    d = Path(ray_run)
+    epochs = sorted(e for e in d.glob("epoch_*") if has_checkpoint(e)) if d.is_dir() else []
+    return (str(epochs[-1]) if epochs else None), ray_run
 
 
-def _ray_run(cfg: RunConfig, run_dir: Path, name: str | None, storage_path: Path | None) -> Path | None:
-    """The Ray Train run's storage directory (``None`` for in-process runs)."""
-    return (storage_path or run_dir / "ray") / f"train-{name or cfg.name}" if cfg.uses_ray_train else None
+def _ray_run(cfg: RunConfig, run_dir: Path, name: str | None, storage_path: str | Path | None) -> str | None:
+    """The Ray Train run's storage directory, a path or a URI (``None`` for in-process runs)."""
+    root = str(storage_path or run_dir / "ray")
+    return under(root, f"train-{name or cfg.name}") if cfg.uses_ray_train else None
 
 
 def has_resumable_checkpoint(cfg: RunConfig, run_dir: Path, *, name: str | None = None,
-                             storage_path: Path | None = None) -> bool:
+                             storage_path: str | Path | None = None) -> bool:
     """Whether :func:`launch` with ``resume=True`` (same ``name``/``storage_path``) has a checkpoint to continue from."""
     return _resume_point(cfg, run_dir, _ray_run(cfg, run_dir, name, storage_path))[0] is not None
 
 
-def _prepare_run_dir(cfg: RunConfig, run_dir: Path, ray_run: Path | None, resume: bool) -> None:
+def _prepare_run_dir(cfg: RunConfig, run_dir: Path, ray_run: str | None, resume: bool,
+                     mirror: RunMirror | None) -> None:
     """Resume: check the checkpoint to continue from before anything is written. Fresh: clear the last run's state."""
     if resume:
-        ckpt = require_checkpoint(*_resume_point(cfg, run_dir, ray_run))
-        read_checkpoint(ckpt, engine=cfg.engine.name, world_size=cfg.engine.workers, rank=0, shapes=None)
+        found, where = _resume_point(cfg, run_dir, ray_run)
+        with tempfile.TemporaryDirectory(prefix="pertadapt-resume-") as tmp:
+            if found is not None and is_uri(found):  # validated on a local copy
+                pull_tree(found, Path(tmp))
+                found = tmp
+            ckpt = require_checkpoint(None if found is None else Path(found), where)
+            read_checkpoint(ckpt, engine=cfg.engine.name, world_size=cfg.engine.workers, rank=0, shapes=None)
         return
+    if mirror is not None:
+        mirror.remove(ATTEMPTS_FILE, NONFINITE_FILE, "ckpt")
     for name in (ATTEMPTS_FILE, NONFINITE_FILE):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
-    if ray_run is not None:
+    if ray_run is not None and is_uri(ray_run):
+        delete(ray_run)
+    elif ray_run is not None:
         shutil.rmtree(ray_run, ignore_errors=True)
 
 
 def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_path: Path | None = None,
            report: Report | None = None, train_callbacks: Sequence[Any] = (), resume: bool = False,
-           max_failures: int | None = None, log_wandb: bool = True) -> dict[str, Any]:
+           max_failures: int | None = None, log_wandb: bool = True,
+           mirror: RunMirror | None = None) -> dict[str, Any]:
     """Run one config where it belongs and return its final metrics.
 
     Parameters
@@ -211,7 +248,7 @@ def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_pa
         Stable run name: the Ray Train run name (a retried run resumes under it) and the W&B run name
         (default ``cfg.name``).
     storage_path
-        Ray storage root (default ``run_dir/ray``).
+        Ray storage root, a path or an object-store URI (default ``run_dir/ray``).
     report
         In-process runs: called with each epoch's row and the final metrics (e.g. ``ray.tune.report``).
     train_callbacks
@@ -226,6 +263,9 @@ def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_pa
         Ray Train worker-group restarts on failure (default ``engine.max_failures``).
     log_wandb
         Open the run's W&B run here (rank 0); ``False`` when the caller keeps it (the sweep driver).
+    mirror
+        The run directory's home on an object store, ``run_dir`` being its node-local copy (pulled by the
+        caller): cleared there on a fresh start, pushed after an in-process run, handed to the Ray Train workers.
 
     Returns
     -------
@@ -234,17 +274,21 @@ def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_pa
     """
     ray_run = _ray_run(cfg, run_dir, name, storage_path)
     name = name or cfg.name
-    _prepare_run_dir(cfg, run_dir, ray_run, resume)
+    _prepare_run_dir(cfg, run_dir, ray_run, resume, mirror)
     if ray_run is None:
         logger = open_run_logger(cfg, run_dir, name=name) if log_wandb else NullLogger()
-        return run(cfg, run_dir, logger=logger, report=report, resume=resume)
+        try:
+            return run(cfg, run_dir, logger=logger, report=report, resume=resume)
+        finally:
+            if mirror is not None:
+                mirror.push()
     started_here = not ray.is_initialized()
     if started_here:  # `pertadapt train --workers N`: a local Ray sized for this one run
         ray.init(num_cpus=math.ceil(cfg.engine.workers * cfg.engine.cpus_per_worker) + 1, log_to_driver=False)
     try:
-        return _fit_on_ray_train(cfg, run_dir, name=ray_run.name, storage_path=ray_run.parent,
+        return _fit_on_ray_train(cfg, run_dir, name=f"train-{name}", storage_path=str(storage_path or run_dir / "ray"),
                                  wandb_name=name if log_wandb else None,
-                                 callbacks=train_callbacks,
+                                 callbacks=train_callbacks, mirror=mirror,
                                  max_failures=cfg.engine.max_failures if max_failures is None else max_failures)
     finally:
         if started_here:

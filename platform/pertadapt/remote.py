@@ -1,0 +1,283 @@
+"""Sweep storage on an object store (``s3://``, ``gs://``, ``abfs://``, ``hdfs://``): files in and out through
+:mod:`pyarrow.fs`, the filesystem layer Ray's own storage uses.
+
+An object store is not a filesystem the workers can write into, so a run directory whose home is a URI is
+worked on in a node-local copy (:class:`RunMirror`): pulled before a process writes into it, pushed after
+(rank 0, after every epoch and at the end); a dataset on a URI is read from a node-local copy
+(:func:`localize`). Credentials and endpoints come from each process's environment, as pyarrow reads them
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``,
+...); nothing here writes them anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pertadapt.files import atomic_write, cache_dir, sha256_bytes
+
+__all__ = ["RunMirror", "StorageError", "delete", "download_file", "exists", "is_uri", "join", "list_dir",
+           "localize", "pull_tree", "push_tree", "size", "under", "upload_file", "write_bytes"]
+
+log = logging.getLogger(__name__)
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class StorageError(OSError):
+    """An object-store operation failed (names the URI and what pyarrow said)."""
+
+
+def is_uri(location: str | os.PathLike[str] | None) -> bool:
+    """Whether ``location`` names an object store (``scheme://...``; ``file://`` is a plain path)."""
+    return isinstance(location, str) and bool(_SCHEME.match(location)) and not location.startswith("file://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri`` with ``parts`` appended, ``/``-separated (any ``?query`` stays at the end)."""
+    base, sep, query = uri.partition("?")
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)]) + (sep + query)
+
+
+def under(root: str, *parts: str) -> str:
+    """``parts`` below ``root``, a URI (:func:`join`) or a filesystem path."""
+    return join(root, *parts) if is_uri(root) else str(Path(root, *parts))
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as e:  # unknown scheme, no credentials, unreachable endpoint
+        raise StorageError(f"{uri}: {e}") from e
+
+
+def _call(uri: str, what: str, fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise StorageError(f"{uri}: {what} failed: {str(e).splitlines()[0]}") from e
+
+
+def exists(uri: str) -> bool:
+    """Whether ``uri`` names a file or a directory (prefix) on its store."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    return _call(uri, "stat", fs.get_file_info, path).type != pafs.FileType.NotFound
+
+
+def _files(uri: str) -> dict[str, Any]:
+    """relative path → FileInfo of every file under the directory ``uri`` (empty when there is none)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    infos = _call(uri, "listing", fs.get_file_info, pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(path):].lstrip("/"): i for i in infos if i.type == pafs.FileType.File}
+
+
+def list_dir(uri: str) -> list[str]:
+    """Names of the entries (files and directories) directly under ``uri``, sorted; ``[]`` when there is none."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    infos = _call(uri, "listing", fs.get_file_info, pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos)
+
+
+def upload_file(local: Path, uri: str) -> None:
+    """Copy the file ``local`` to ``uri`` (an object appears only once it is complete)."""
+    fs, path = _fs(uri)
+
+    def put() -> None:
+        with local.open("rb") as src, fs.open_output_stream(path) as dst:
+            while block := src.read(1 << 22):
+                dst.write(block)
+
+    _call(uri, "upload", put)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` as the object ``uri``."""
+    fs, path = _fs(uri)
+
+    def put() -> None:
+        with fs.open_output_stream(path) as dst:
+            dst.write(data)
+
+    _call(uri, "write", put)
+
+
+def download_file(uri: str, local: Path) -> None:
+    """Copy ``uri`` to the file ``local`` (temporary file, then rename: never half-written)."""
+    fs, path = _fs(uri)
+
+    def get(tmp: Path) -> None:
+        with fs.open_input_stream(path) as src, tmp.open("wb") as dst:
+            while block := src.read(1 << 22):
+                dst.write(block)
+
+    _call(uri, "download", atomic_write, local, get)
+
+
+def delete(uri: str) -> None:
+    """Remove the file or directory ``uri`` (nothing when it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    kind = _call(uri, "stat", fs.get_file_info, path).type
+    if kind == pafs.FileType.File:
+        _call(uri, "delete", fs.delete_file, path)
+    elif kind == pafs.FileType.Directory:
+        _call(uri, "delete", fs.delete_dir, path)
+
+
+def push_tree(local: Path, uri: str, *, since: dict[str, tuple[int, int]] | None = None) -> int:
+    """Upload every file under ``local`` to the same relative path under ``uri``.
+
+    Parameters
+    ----------
+    local, uri
+        Source directory and destination prefix.
+    since
+        relative path → (size, mtime_ns) of what was pushed last; files unchanged since are skipped, and the
+        dict is updated.
+
+    Returns
+    -------
+    int
+        Files uploaded.
+    """
+    n = 0
+    for p in sorted(q for q in local.rglob("*") if q.is_file() and not q.name.endswith(".tmp")):
+        rel = p.relative_to(local).as_posix()
+        st = p.stat()
+        if since is not None and since.get(rel) == (st.st_size, st.st_mtime_ns):
+            continue
+        upload_file(p, join(uri, rel))
+        if since is not None:
+            since[rel] = (st.st_size, st.st_mtime_ns)
+        n += 1
+    return n
+
+
+def pull_tree(uri: str, local: Path, *, skip: Iterable[str] = ()) -> int:
+    """Download every file under ``uri`` into ``local`` (same relative paths; local files not on the store stay).
+
+    Parameters
+    ----------
+    skip
+        Folder names whose files are not downloaded, at any depth (e.g. ``ckpt``).
+
+    Returns
+    -------
+    int
+        Files downloaded.
+    """
+    skip = set(skip)
+    n = 0
+    for rel in sorted(_files(uri)):
+        if skip & set(rel.split("/")[:-1]):
+            continue
+        download_file(join(uri, rel), local / rel)
+        n += 1
+    return n
+
+
+def localize(uri: str) -> Path:
+    """A node-local copy of the file ``uri`` under ``$PERTADAPT_CACHE/remote/``, downloaded when missing or
+    when the store's size differs.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``uri`` is no file on its store.
+    """
+    info = _stat_file(uri)
+    local = cache_dir() / "remote" / sha256_bytes(uri)[:16] / Path(info.path).name
+    if not local.is_file() or local.stat().st_size != info.size:
+        log.info("fetching %s → %s", uri, local)
+        download_file(uri, local)
+    return local
+
+
+def size(uri: str) -> int | None:
+    """The size in bytes of the file ``uri``; ``None`` when it is no file on its store."""
+    try:
+        return int(_stat_file(uri).size)
+    except FileNotFoundError:
+        return None
+
+
+def _stat_file(uri: str) -> Any:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    info = _call(uri, "stat", fs.get_file_info, path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{uri}: no such file on its store")
+    return info
+
+
+class RunMirror:
+    """A run directory whose home is the URI ``uri``, worked on in a node-local copy.
+
+    Every process that writes into the run directory pulls it first and (rank 0) pushes what it wrote; the
+    processes of one run take turns (the trial, then its workers, then the trial again), so the store always
+    holds the last writer's complete files.
+
+    Parameters
+    ----------
+    uri
+        The run directory on the object store.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        #: The node-local working copy (the same place for every process of the run on this node).
+        self.local = cache_dir() / "runs" / sha256_bytes(uri)[:16]
+        self._pushed: dict[str, tuple[int, int]] = {}
+
+    def pull(self) -> Path:
+        """Make :attr:`local` a copy of the store's files (local files the store lacks are removed) and return it."""
+        self.local.mkdir(parents=True, exist_ok=True)
+        on_store = set(_files(self.uri))
+        for p in sorted(self.local.rglob("*"), reverse=True):
+            rel = p.relative_to(self.local).as_posix()
+            if p.is_file() and rel not in on_store:
+                p.unlink()
+            elif p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        pull_tree(self.uri, self.local)
+        self._pushed = {p.relative_to(self.local).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in self.local.rglob("*") if p.is_file()}
+        return self.local
+
+    def push(self, only: str | None = None) -> int:
+        """Upload what changed in :attr:`local` since the last pull or push (``only``: that one file, when it
+        exists); returns the number of files."""
+        if only is not None:
+            path = self.local / only
+            if not path.is_file():
+                return 0
+            upload_file(path, join(self.uri, only))
+            return 1
+        return push_tree(self.local, self.uri, since=self._pushed) if self.local.is_dir() else 0
+
+    def remove(self, *relative: str) -> None:
+        """Delete files or directories of the run (store and local copy)."""
+        import shutil
+
+        for rel in relative:
+            delete(join(self.uri, rel))
+            target = self.local / rel
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+            self._pushed = {k: v for k, v in self._pushed.items() if k != rel and not k.startswith(f"{rel}/")}
