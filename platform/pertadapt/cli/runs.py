@@ -145,12 +145,15 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
     log.info("sweep %s: %d trials (%d arms × %d seeds) → %s; W&B: %s", abl.name, len(abl.trials), len(abl.arms),
              len(abl.seeds), sweep_dir, describe_wandb_mode(abl.trials[0].config.logging.wandb))
     t0 = time.time()
-    stopped = _stop_gracefully_on_sigterm()
+    stopped: list[int] = []
+    _stop_gracefully_on_sigterm(stopped)
     # a local Ray is sized for the plan's concurrency; on a cluster it follows the cluster (capped by the YAML)
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     results = run_sweep(abl, sweep_dir, search_space=space, data_paths=plan_paths(plan), num_cpus=local_cpus(plan),
                         max_concurrent=abl.max_concurrent_trials if on_cluster else plan["max_concurrent_trials"],
-                        resume=resume, storage=root)
+                        resume=resume, storage=root,
+                        # ray.init's core worker installs its own SIGTERM handler (it aborts): ours goes back on top
+                        after_ray_init=lambda: _stop_gracefully_on_sigterm(stopped))
     if stopped:
         log.error("sweep interrupted after %.0f s; finish it with: pertadapt sweep %s --out %s --resume",
                   time.time() - t0, ablation, sweep_dir)
@@ -173,17 +176,15 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
                  sweep_dir)
 
 
-def _stop_gracefully_on_sigterm() -> list[int]:
+def _stop_gracefully_on_sigterm(got: list[int]) -> None:
     """Turn SIGTERM (a scheduler's or a user's ``kill``) into Tune's graceful stop (SIGINT: state saved, Ray
-    shut down); the returned list gets the signal number once one arrived."""
-    got: list[int] = []
+    shut down); ``got`` gets the signal number once one arrived."""
 
     def handler(signum: int, frame: object) -> None:
         got.append(signum)
         os.kill(os.getpid(), signal.SIGINT)
 
     signal.signal(signal.SIGTERM, handler)
-    return got
 
 
 #: Written when a sweep starts (name, reference arm): a directory holding it holds a sweep.

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -317,7 +317,7 @@ def _outcomes(grid: tune.ResultGrid, stage: str) -> list[TrialOutcome]:
 
 def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace | None = None,
               data_paths: Mapping[str, str], num_cpus: int, max_concurrent: int | None, resume: bool = False,
-              storage: str | None = None) -> Path:
+              storage: str | None = None, after_ray_init: Callable[[], None] | None = None) -> Path:
     """Run every trial of ``ablation`` on Ray (a local cluster this function starts and stops, or
     the one at ``RAY_ADDRESS``), then write the results.
 
@@ -341,6 +341,8 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
         The storage root (:mod:`pertadapt.sweep.storage`): a path every node sees or an object-store URI,
         holding ``ray/`` (Tune experiment state, Ray Train checkpoints) and, on an object store, the run
         directories, copied into ``sweep_dir`` (checkpoints aside) when the trials end (default: ``sweep_dir``).
+    after_ray_init
+        Called once Ray is up (e.g. to install signal handlers: the driver's core worker replaces earlier ones).
 
     Returns
     -------
@@ -351,6 +353,8 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     storage = storage or str(sweep_dir)
     ray_storage = under(storage, "ray")
     _init_ray(num_cpus)
+    if after_ray_init is not None:
+        after_ray_init()
     outcomes: list[TrialOutcome] = []
     try:
         nodes, node_types = _cluster()
