@@ -126,8 +126,18 @@ def test_one_summary_run_per_sweep_logs_the_results_table(demo_sweep: Path) -> N
 
 
 def test_the_api_key_reaches_no_file(demo_sweep: Path) -> None:
-    """The driver had WANDB_API_KEY set: no file under the sweep dir or Ray's session dirs holds it."""
-    roots = [demo_sweep, Path("/tmp/ray")]
+    """The driver had WANDB_API_KEY set: no file under the sweep dir or the Ray session it started holds it."""
+    import datetime
+
+    started = json.loads((demo_sweep / "sweep.json").read_text())["started_at"]
+    ended = (demo_sweep / "results.csv").stat().st_mtime
+
+    def session_start(d: Path) -> float:  # session_<local date>_<local time>_<µs>_<pid>
+        return datetime.datetime.strptime("_".join(d.name.split("_")[1:3]), "%Y-%m-%d_%H-%M-%S").timestamp()
+
+    sessions = [d for d in Path("/tmp/ray").glob("session_2*") if started - 1 <= session_start(d) <= ended]
+    assert sessions  # the sweep's own local Ray
+    roots = [demo_sweep, *sessions]
     hits = []
     for root in roots:
         for path in root.rglob("*") if root.exists() else []:

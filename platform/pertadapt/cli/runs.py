@@ -31,6 +31,9 @@ def _train(config: Path = typer.Argument(..., help="Run config YAML (may use bas
     run_dir = (out or Path(cfg.logging.out_dir) / cfg.name).resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out: {run_dir} exists and is not a directory")
+    from pertadapt.data.presets import data_file_for
+
+    data_file_for(cfg)  # a data.path that is not there fails now, before torch and the data stack are imported
     from pertadapt.train.setup import ensure_data_file
     from pertadapt.train.worker import launch
 
