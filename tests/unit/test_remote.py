@@ -148,3 +148,28 @@ def test_sweep_refuses_an_unwritable_store_before_anything_starts(tmp_path: Path
     assert "--storage: cannot write to s3://no-such-bucket-pa/sweep" in res.stderr
     assert "Traceback" not in res.stderr
     assert not out.exists()
+
+
+def test_an_in_process_run_on_the_store_pushes_every_epoch_before_reporting_it(tmp_path: Path, prefix: str,
+                                                                               demo_h5ad: Path) -> None:
+    import json
+
+    from pertadapt.train.worker import launch
+
+    home = remote.join(prefix, "runs", "smoke")
+    mirror = remote.RunMirror(home)
+    cfg = load_run_config(REPO / "configs" / "smoke.yaml", [f"data.path={demo_h5ad}"])
+    seen: list[tuple[int | None, list[str]]] = []
+
+    def report(metrics: dict) -> None:  # what the store holds when the epoch (or the end) is reported
+        with_rows = tmp_path / "seen.jsonl"
+        remote.download_file(remote.join(home, "metrics.jsonl"), with_rows)
+        epochs = [json.loads(line)["epoch"] for line in with_rows.read_text().splitlines()]
+        seen.append((metrics.get("epoch"), [str(e) for e in epochs]))
+
+    launch(cfg, mirror.pull(), report=report, log_wandb=False, mirror=mirror)
+    assert seen[:2] == [(0, ["0"]), (1, ["0", "1"])]  # each epoch's row was on the store before its report
+    assert seen[2][0] is None  # the final report
+    on_store = remote.list_dir(home)
+    assert {"final_metrics.json", "test_predictions.h5ad", "provenance.json", "ckpt"} <= set(on_store)
+    assert "last" in remote.list_dir(remote.join(home, "ckpt"))

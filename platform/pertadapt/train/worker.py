@@ -265,7 +265,8 @@ def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_pa
         Open the run's W&B run here (rank 0); ``False`` when the caller keeps it (the sweep driver).
     mirror
         The run directory's home on an object store, ``run_dir`` being its node-local copy (pulled by the
-        caller): cleared there on a fresh start, pushed after an in-process run, handed to the Ray Train workers.
+        caller): cleared there on a fresh start, pushed after every epoch and at the end of an in-process run,
+        handed to the Ray Train workers.
 
     Returns
     -------
@@ -277,8 +278,16 @@ def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_pa
     _prepare_run_dir(cfg, run_dir, ray_run, resume, mirror)
     if ray_run is None:
         logger = open_run_logger(cfg, run_dir, name=name) if log_wandb else NullLogger()
+        hook = report
+        if mirror is not None:  # every epoch's files (and ckpt/last) on the store before the epoch is reported
+
+            def hook(metrics: dict[str, float]) -> None:
+                mirror.push()
+                if report is not None:
+                    report(metrics)
+
         try:
-            return run(cfg, run_dir, logger=logger, report=report, resume=resume)
+            return run(cfg, run_dir, logger=logger, report=hook, resume=resume)
         finally:
             if mirror is not None:
                 mirror.push()
