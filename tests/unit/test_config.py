@@ -248,6 +248,8 @@ def test_ablation_base_relative_to_the_ablation(tmp_path: Path) -> None:
     ("params:\n  optim.lr: {type: normal, low: 0.001, high: 0.1}\n", "type"),
     ("params:\n  optim.lr: {type: loguniform, low: 0, high: 0.1}\n", "loguniform needs low > 0"),
     ("params: {}\n", "params"),
+    ("storage: postgres\nparams:\n  optim.lr: {type: uniform, low: 0.001, high: 0.1}\n",
+     "storage: 'postgres' is not sqlite, journal or a database URL"),
 ])
 def test_malformed_search_spaces(tmp_path: Path, body: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=rf"space\.yaml.*{needle}"):

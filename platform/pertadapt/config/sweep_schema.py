@@ -286,7 +286,9 @@ class SearchSpaceFile:
     scheduler
         ``none`` or ``asha`` (``grace_period``, ``reduction_factor``, ``max_t`` in epochs).
     storage
-        ``sqlite`` or ``journal`` (both persist in the sweep directory).
+        ``sqlite`` or ``journal`` (both persist in the sweep directory), or an SQLAlchemy database URL
+        (``postgresql://user@host/db``, ``mysql+pymysql://...``, ``sqlite:////shared/optuna.db``) for a study
+        kept outside it.
     """
 
     params: dict[str, DimensionSpec] = MISSING
@@ -307,10 +309,12 @@ class SearchSpaceFile:
         if not is_metric_name(self.metric, "val"):
             raise ConfigError(f"metric: {self.metric!r} is not a validation metric (val_<metric> or "
                               "val_<subgroup>_<metric>, e.g. val_mse_de)")
-        for key, choices in (("mode", ("min", "max")), ("scheduler", ("none", "asha")),
-                             ("storage", ("sqlite", "journal"))):
+        for key, choices in (("mode", ("min", "max")), ("scheduler", ("none", "asha"))):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
+        if self.storage not in ("sqlite", "journal") and not re.match(r"^[a-z][a-z0-9+]*://", self.storage):
+            raise ConfigError(f"storage: {self.storage!r} is not sqlite, journal or a database URL "
+                              "(e.g. postgresql://user@host/optuna)")
         if self.num_samples < 1:
             raise ConfigError(f"num_samples: expected an integer >= 1, got {self.num_samples}")
         if self.grace_period < 1 or self.reduction_factor <= 1 or (self.max_t is not None and self.max_t < 1):

@@ -7,7 +7,7 @@ A search-space file::
     num_samples: 8                # Optuna samples per arm
     sampler_seed: 0
     scheduler: asha               # or none
-    storage: sqlite               # or journal (both persist in the sweep dir)
+    storage: sqlite               # or journal (both persist in the sweep dir), or a database URL
     params:
       optim.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-1}
       adapter.heads: {type: choice, values: [2, 4, 8]}

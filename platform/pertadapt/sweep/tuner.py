@@ -34,6 +34,7 @@ from pertadapt.config.load import (
     dotted_to_nested,
     load_run_config,
 )
+from pertadapt.files import sha256_bytes
 from pertadapt.remote import RunMirror, is_uri, pull_tree, under
 from pertadapt.sweep.ablation import Ablation, Trial
 from pertadapt.sweep.resources import (
@@ -52,7 +53,7 @@ from pertadapt.train.run import FINISHED_KEY, NODE_ID_ENV, NODE_IP_ENV
 from pertadapt.train.timeline import mark
 from pertadapt.train.worker import has_resumable_checkpoint, launch
 
-__all__ = ["LOCAL_NODE_IP", "run_sweep"]
+__all__ = ["LOCAL_NODE_IP", "fresh_study", "run_sweep", "study_name"]
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,10 @@ def _optuna_space(space: SearchSpace) -> dict[str, Any]:
 
 
 def _storage(space: SearchSpace, sweep_dir: Path) -> optuna.storages.BaseStorage:
+    """The Optuna storage: ``sqlite`` / ``journal`` in ``sweep_dir/optuna``, or the database URL given."""
+    if "://" in space.storage:
+        kwargs = {"connect_args": {"timeout": 30}} if space.storage.startswith("sqlite") else {}
+        return optuna.storages.RDBStorage(space.storage, engine_kwargs=kwargs)
     root = sweep_dir / "optuna"
     root.mkdir(parents=True, exist_ok=True)
     if space.storage == "journal":
@@ -241,14 +246,33 @@ def _scheduler(space: SearchSpace, epochs: int) -> ASHAScheduler | None:
                          grace_period=min(space.grace_period, max_t), reduction_factor=space.reduction_factor)
 
 
+def study_name(space: SearchSpace, ablation_name: str, arm: str, sweep_dir: Path) -> str:
+    """The arm's Optuna study: ``<ablation>-<arm>``; in a database shared by many sweeps, also the sweep
+    directory's hash (a sweep resumes its own study and never touches another's)."""
+    own = "" if "://" not in space.storage else f"-{sha256_bytes(str(sweep_dir.resolve()))[:8]}"
+    return f"{ablation_name}-{arm}{own}"
+
+
+def fresh_study(storage: optuna.storages.BaseStorage, name: str) -> None:
+    """Delete the study ``name`` (a sweep started afresh over an old one, ``--overwrite``, samples anew)."""
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+        log.info("Optuna study %s deleted: the sweep starts afresh", name)
+    except KeyError:
+        pass
+
+
 def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path, ray_storage: str,
              ablation_name: str, max_concurrent: int, resume: bool) -> tuple[dict[str, Any], tune.ResultGrid]:
     trainable = tune.with_resources(_trial_fn, _resources)
     name = f"hpo-{arm}"
+    study, storage = study_name(space, ablation_name, arm, sweep_dir), _storage(space, sweep_dir)
+    if not resume:
+        fresh_study(storage, study)
 
     def make() -> tune.Tuner:
         search = OptunaSearch(_optuna_space(space), metric=space.metric, mode=space.mode,
-                              study_name=f"{ablation_name}-{arm}", storage=_storage(space, sweep_dir),
+                              study_name=study, storage=storage,
                               sampler=optuna.samplers.TPESampler(seed=space.sampler_seed))
         return tune.Tuner(
             trainable, param_space={"trial": spec},
