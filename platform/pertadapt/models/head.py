@@ -28,17 +28,15 @@ class GeneHead(nn.Module):
 
     def __init__(self, n_genes: int, d: int, hidden: int, init: str = "xavier") -> None:
         super().__init__()
+        inits = {"xavier": nn.init.xavier_normal_, "zero": nn.init.zeros_}
+        if init not in inits:
+            raise ValueError(f"init: {init!r} is not one of {', '.join(inits)}")
         self.bn = nn.BatchNorm1d(d)
         self.recovery = mlp_bn([d, hidden, d])
         self.w = nn.Parameter(torch.empty(n_genes, d, 1))
         self.b = nn.Parameter(torch.empty(n_genes, 1))
         for t in (self.w, self.b):
-            if init == "xavier":
-                nn.init.xavier_normal_(t)
-            elif init == "zero":
-                nn.init.zeros_(t)
-            else:
-                raise ValueError(f"init: {init!r} is not one of xavier, zero")
+            inits[init](t)
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         """``(batch, n_genes, d)`` tokens → ``(batch, n_genes)`` per-gene outputs before the residual.
