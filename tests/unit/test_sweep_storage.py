@@ -53,3 +53,17 @@ def test_a_run_that_cannot_read_its_data_names_the_path_and_the_node(tmp_path: P
     assert str(missing) in str(err.value)
     assert socket.gethostname() in str(err.value)
     assert not (tmp_path / "run" / "final_metrics.json").exists()
+
+
+def test_overwrite_clears_ray_state_on_a_separate_shared_path_only(tmp_path: Path) -> None:
+    from pertadapt.sweep.storage import clear_storage
+
+    shared, out = tmp_path / "shared", tmp_path / "out"
+    for rel in ("ray/grid/state.json", "data/d.h5ad"):
+        (shared / rel).parent.mkdir(parents=True, exist_ok=True)
+        (shared / rel).write_text("x")
+    (out / "ray").mkdir(parents=True)
+    clear_storage(str(shared), out)
+    assert sorted(p.name for p in shared.iterdir()) == ["data"]  # the datasets stay
+    clear_storage(str(out), out)  # the default storage is the sweep dir itself, removed whole by --overwrite
+    assert (out / "ray").is_dir()

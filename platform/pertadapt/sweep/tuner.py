@@ -49,9 +49,9 @@ from pertadapt.sweep.results import TrialOutcome, collect_results, finished_metr
 from pertadapt.sweep.search_space import SearchSpace
 from pertadapt.sweep.storage import RUN_TREES
 from pertadapt.sweep.wandb_runs import REPLAYED_KEY, TrialRuns, trial_place, trial_remote
-from pertadapt.train.run import FINISHED_KEY, NODE_ID_ENV, NODE_IP_ENV
+from pertadapt.train.run import FINISHED_KEY
 from pertadapt.train.timeline import mark
-from pertadapt.train.worker import has_resumable_checkpoint, launch
+from pertadapt.train.worker import has_resumable_checkpoint, launch, record_ray_node
 
 __all__ = ["LOCAL_NODE_IP", "fresh_study", "run_sweep", "study_name"]
 
@@ -87,9 +87,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
     params = {k: v for k, v in config.items() if k != "trial"}
     run_dict = _apply_params(spec["run"], params) if params else spec["run"]
     cfg = config_from_dict(run_dict)
-    # an in-process trial (baseline, torch engine) records the node it ran on, as Ray Train workers do
-    os.environ[NODE_ID_ENV] = ray.get_runtime_context().get_node_id()
-    os.environ[NODE_IP_ENV] = ray.util.get_node_ip_address()
+    record_ray_node()  # an in-process trial (baseline, torch engine) records its node, as Ray Train workers do
     trial_id = tune.get_context().get_trial_id() if params else ""
     run_dir, name = trial_place(spec, params, trial_id)
     home = trial_remote(spec, params, trial_id)

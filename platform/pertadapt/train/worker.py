@@ -48,7 +48,8 @@ from pertadapt.train.checkpoint import (
 from pertadapt.train.run import NODE_ID_ENV, NODE_IP_ENV, open_run_logger, run
 from pertadapt.train.timeline import mark
 
-__all__ = ["RayCheckpoints", "has_resumable_checkpoint", "launch", "scaling_config", "train_fn_per_worker"]
+__all__ = ["RayCheckpoints", "has_resumable_checkpoint", "launch", "record_ray_node", "scaling_config",
+           "train_fn_per_worker"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
@@ -111,6 +112,12 @@ class RayCheckpoints:
         return state
 
 
+def record_ray_node() -> None:
+    """Tell :func:`~pertadapt.train.run.run` the Ray node this process runs on (``provenance.json`` ``ranks``)."""
+    os.environ[NODE_ID_ENV] = ray.get_runtime_context().get_node_id()
+    os.environ[NODE_IP_ENV] = ray.util.get_node_ip_address()
+
+
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Body of each Ray Train worker: rebuild the config, restore the latest checkpoint, run, report.
 
@@ -135,8 +142,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         check_not_nonfinite(run_dir)
     if rank == 0:
         mark(run_dir, "worker_start")
-    os.environ[NODE_ID_ENV] = ray.get_runtime_context().get_node_id()  # recorded in provenance.json "ranks"
-    os.environ[NODE_IP_ENV] = ray.util.get_node_ip_address()
+    record_ray_node()
     name = loop_config["wandb_name"]
     logger = NullLogger() if name is None else open_run_logger(cfg, run_dir, rank=rank, name=name)
     store = RayCheckpoints(run_dir, mirror if rank == 0 else None)
