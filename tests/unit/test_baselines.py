@@ -7,8 +7,8 @@ import pytest
 from sklearn.decomposition import PCA
 
 from pertadapt.baselines import BASELINES, fit_baseline
-from pertadapt.baselines.bench import run_baseline_benchmark
 from pertadapt.baselines.models import _pca_scores
+from pertadapt.bench.baselines import run_baseline_benchmark
 from pertadapt.config.schema import MODELS
 
 CTRL = np.array([1.0, 2.0, 3.0])

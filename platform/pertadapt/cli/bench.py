@@ -1,4 +1,5 @@
-"""``pertadapt bench``: speed and memory targets, measured in one run each and printed as tables."""
+"""``pertadapt bench``: speed and memory targets, measured in one run each (:mod:`pertadapt.bench`) and printed as
+tables."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _show(title: str, result: dict, json_path: Path | None = None) -> None:
 @bench.command("go")
 def _go(n_genes: int = typer.Option(None, help="First N vocabulary genes (default: all 19,264).")) -> None:
     """GO graph + attention mask over the FM vocabulary (target ≤ 15 s, ≤ 1.5 GB on 2 cores)."""
-    from pertadapt.go.bench import run_go_benchmark
+    from pertadapt.bench.go import run_go_benchmark
 
     _show("GO graph + mask", run_go_benchmark(n_genes))
 
@@ -40,7 +41,7 @@ def _go(n_genes: int = typer.Option(None, help="First N vocabulary genes (defaul
 def _data(n_cells: int = typer.Option(200_000), n_genes: int = typer.Option(5_000),
           density: float = typer.Option(0.1)) -> None:
     """``data prepare`` on a large sparse matrix (target peak RSS ≤ 4 GB); its normalisation against scanpy's."""
-    from pertadapt.data.bench import run_data_benchmark
+    from pertadapt.bench.data import run_data_benchmark
 
     _show("data prepare", run_data_benchmark(n_cells, n_genes, density))
 
@@ -48,7 +49,7 @@ def _data(n_cells: int = typer.Option(200_000), n_genes: int = typer.Option(5_00
 @bench.command("baselines")
 def _baselines(n_genes: int = typer.Option(2000), n_conditions: int = typer.Option(250)) -> None:
     """Fit + predict of the four baselines (target < 60 s on 2 cores)."""
-    from pertadapt.baselines.bench import run_baseline_benchmark
+    from pertadapt.bench.baselines import run_baseline_benchmark
 
     _show("baselines", run_baseline_benchmark(n_genes, n_conditions))
 
@@ -63,7 +64,7 @@ def _adapter(n_genes: int = typer.Option(None, help="First N vocabulary genes (d
              attention_impl: str = typer.Option("auto", help="chunked, sparse or auto (adapter.attention_impl)."),
              json_path: Path = _JSON) -> None:
     """Paper-size PA forward + backward over the FM vocabulary with the real GO mask, batch 1."""
-    from pertadapt.train.bench import run_adapter_benchmark
+    from pertadapt.bench.attention import run_adapter_benchmark
 
     result = run_adapter_benchmark(n_genes, chunk_size=chunk_size, device=device, attention_impl=attention_impl)
     _show(f"perturbation adapter ({device})", result, json_path)
@@ -75,7 +76,7 @@ def _attention(n_genes: int = typer.Option(None, help="First N vocabulary genes 
                chunk_size: int = typer.Option(2048, help="Queries per chunk of the chunked path."),
                device: str = _DEVICE, json_path: Path = _JSON) -> None:
     """Sparse vs chunked GO-masked attention, forward + backward, batch 1 (target: >= 3x faster, <= 1/2 memory)."""
-    from pertadapt.train.bench import run_attention_benchmark
+    from pertadapt.bench.attention import run_attention_benchmark
 
     result = run_attention_benchmark(n_genes, heads=heads, d=d, chunk_size=chunk_size, device=device)
     _show(f"GO-masked attention, sparse vs chunked ({device})", result, json_path)
@@ -93,10 +94,10 @@ def _sweep_bench(ablation: Path = typer.Argument(None, help="Ablation YAML (defa
                  json_path: Path = _JSON) -> None:
     """Run a sweep (default: the demo grid) and print where each trial's time goes (target: overhead <= 35 %);
     with --naive, the same grid on the naive path in the same command, and the ratios."""
+    from pertadapt.bench.sweep import NAIVE_OVERRIDES, compare_sweeps, sweep_timings
     from pertadapt.cli.runs import SWEEP_FILE, run_sweep_command
     from pertadapt.config.errors import ConfigError
     from pertadapt.config.load import resolve_config_path
-    from pertadapt.sweep.bench import NAIVE_OVERRIDES, compare_sweeps, sweep_timings
 
     if naive_from is not None and existing is None:
         raise ConfigError("--naive-from: only with --from (the sweep to compare)")
@@ -123,11 +124,11 @@ def _sweep_bench(ablation: Path = typer.Argument(None, help="Ablation YAML (defa
 
 
 def _trial_table(result: dict, label: str = "") -> None:
-    """Print the per-trial phase seconds of :func:`pertadapt.sweep.bench.sweep_timings`."""
+    """Print the per-trial phase seconds of :func:`pertadapt.bench.sweep.sweep_timings`."""
     from rich.console import Console
     from rich.table import Table
 
-    from pertadapt.sweep.bench import PHASE_SPANS
+    from pertadapt.bench.sweep import PHASE_SPANS
 
     table = Table(title=f"sweep {result['sweep']}{f' ({label})' if label else ''}: seconds per trial")
     for col in ("trial", *PHASE_SPANS, "total"):
@@ -147,7 +148,7 @@ def _cache(n_genes: int = typer.Option(2000, help="Genes of the simulated screen
            repeats: int = typer.Option(2, help="Epochs timed per mode, alternating; the fastest counts."),
            device: str = _DEVICE, json_path: Path = _JSON) -> None:
     """Training epoch with the frozen-FM embedding cache vs recomputing the FM, same run (target >= 10x)."""
-    from pertadapt.train.bench import run_cache_benchmark
+    from pertadapt.bench.cache import run_cache_benchmark
 
     result = run_cache_benchmark(n_genes, hidden_size=hidden_size, layers=layers, heads=heads, pool=pool, steps=steps,
                                  repeats=repeats, device=device)
@@ -168,8 +169,8 @@ def _quality(overrides: list[str] = typer.Argument(None, help="Dotted key=value 
     from rich.console import Console
     from rich.table import Table
 
+    from pertadapt.bench.quality import QUALITY_METRICS, run_quality_benchmark
     from pertadapt.config.schema import BASELINE_MODELS
-    from pertadapt.train.bench_quality import QUALITY_METRICS, run_quality_benchmark
 
     ov = list(overrides or [])
     for key, value in (("optim.epochs", epochs), ("optim.max_steps_per_epoch", steps),

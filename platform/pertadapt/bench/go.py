@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import difflib
 import logging
-import resource
-import sys
 import time
 
+from pertadapt.bench.measure import cpu_seconds, peak_rss_mib
 from pertadapt.files import package_data
 from pertadapt.go.annotations import load_annotations, resolve_symbols, suggest
 from pertadapt.go.similarity import build_graph_and_mask
 
-__all__ = ["VOCAB_FILE", "run_go_benchmark"]
+__all__ = ["VOCAB_FILE", "fm_genes", "run_go_benchmark"]
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +19,9 @@ log = logging.getLogger(__name__)
 VOCAB_FILE = package_data("fm_gene_vocab_19264.txt")
 
 
-def _peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0
-
-
-def _cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+def fm_genes(n_genes: int | None = None) -> list[str]:
+    """The first ``n_genes`` symbols of :data:`VOCAB_FILE` in model order (default, or 0: all 19,264)."""
+    return VOCAB_FILE.read_text().split()[:n_genes or None]
 
 
 def run_go_benchmark(n_genes: int | None = None, *, threshold: float = 0.1, top_k: int = 20) -> dict:
@@ -59,8 +53,8 @@ def run_go_benchmark(n_genes: int | None = None, *, threshold: float = 0.1, top_
         ``mask_mean_degree``, ``mask_min_degree``, ``mask_max_degree``, ``graph_edges``,
         ``graph_mean_in_degree``, ``go_release``; targets: total <= 15 s and <= 1.5 GB on 2 cores.
     """
-    genes = VOCAB_FILE.read_text().split()[:n_genes]
-    c0, t0 = _cpu_s(), time.perf_counter()
+    genes = fm_genes(n_genes)
+    c0, t0 = cpu_seconds(), time.perf_counter()
     ann = load_annotations("bundled")
     res = resolve_symbols(ann, genes)
     t1 = time.perf_counter()
@@ -69,7 +63,7 @@ def run_go_benchmark(n_genes: int | None = None, *, threshold: float = 0.1, top_
     t2 = time.perf_counter()
     graph, mask = build_graph_and_mask(ann, genes, graph_threshold=threshold, top_k=top_k, mask_threshold=threshold)
     t3 = time.perf_counter()
-    cpu = _cpu_s() - c0
+    cpu = cpu_seconds() - c0
     # Spelling suggestions against the naive path, same names, same run: the unknown names plus
     # misspellings of every 400th vocabulary name (last letter replaced), all needing the fuzzy step.
     probes = [*res.unknown, *(g[:-1] + "Q" for g in genes[::400])]
@@ -95,7 +89,7 @@ def run_go_benchmark(n_genes: int | None = None, *, threshold: float = 0.1, top_
         "build_s": round(t3 - t2, 3),
         "total_s": round(t3 - t0, 3),
         "cpu_s": round(cpu, 3),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mib(), 1),
         "mask_density": mask.density,
         "mask_mean_degree": mask.mean_degree,
         "mask_min_degree": int(deg.min()),

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import resource
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pertadapt.bench.measure import peak_rss_bytes
 from pertadapt.data.io import write_h5ad_atomic
 from pertadapt.data.keys import CONDITION, CONTROL, GENE_NAME, SEP
 from pertadapt.data.prepare import normalize_log1p, prepare_adata
@@ -37,12 +36,6 @@ log = logging.getLogger(__name__)
 #: The issue's bound on the peak RSS of ``prepare`` at 200,000 cells x 5,000 genes.
 RSS_TARGET_GB = 4.0
 _ROWS_PER_CHUNK = 5_000
-
-
-def _peak_rss_bytes() -> int:
-    """Peak RSS of this process (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _synthetic(path: str, n_cells: int, n_genes: int, density: float, n_conditions: int, seed: int) -> int:
@@ -83,7 +76,7 @@ def _prepare_file(src: str, dst: str) -> dict[str, float]:
     t0 = time.perf_counter()
     write_h5ad_atomic(out, dst)
     times["write_s"] = time.perf_counter() - t0
-    return {**times, "peak_rss_gb": _peak_rss_bytes() / 1e9}
+    return {**times, "peak_rss_gb": peak_rss_bytes() / 1e9}
 
 
 #: Non-zeros of the normalised matrix compared between the two normalisation paths (evenly spaced).
@@ -105,7 +98,7 @@ def _normalize_file(src: str, naive: bool) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     data = adata.X.data
     sample = data[np.linspace(0, data.size - 1, min(_SAMPLE, data.size)).astype(np.int64)].astype(np.float64)
-    return {"s": seconds, "peak_rss_gb": _peak_rss_bytes() / 1e9, "sample": sample}
+    return {"s": seconds, "peak_rss_gb": peak_rss_bytes() / 1e9, "sample": sample}
 
 
 def run_data_benchmark(n_cells: int = 200_000, n_genes: int = 5_000, density: float = 0.1,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pertadapt.data.bench import run_data_benchmark
+from pertadapt.bench.data import run_data_benchmark
 
 
 def test_small_benchmark(tmp_path):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pertadapt.bench.sweep import NAIVE_OVERRIDES, compare_sweeps, sweep_timings
 from pertadapt.config.errors import ConfigError
-from pertadapt.sweep.bench import NAIVE_OVERRIDES, compare_sweeps, sweep_timings
 from pertadapt.train.timeline import TIMELINE_FILE, mark, read_timeline
 
 
