@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from fixtures.synthetic_sweep import write_synthetic_sweep
 from pertadapt.report.html import write_sweep_report
-from pertadapt.report.synthetic import write_synthetic_sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed and scripts/ensure-chromium.sh "

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from rich.console import Console
 from scipy import stats
 
+from fixtures.synthetic_sweep import synthetic_conditions, write_synthetic_sweep
 from pertadapt.config import ConfigError
 from pertadapt.data.io import DataError
 from pertadapt.data.summaries import write_predictions
@@ -21,7 +22,6 @@ from pertadapt.files import sha256_file
 from pertadapt.report.bootstrap import hierarchical_bootstrap
 from pertadapt.report.console import print_summary
 from pertadapt.report.html import write_sweep_report
-from pertadapt.report.synthetic import synthetic_conditions, write_synthetic_sweep
 from pertadapt.report.tables import SUBGROUPS
 
 ARMS = {"full": 0.0, "worse": 0.15, "same": None}

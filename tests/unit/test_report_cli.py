@@ -10,10 +10,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from fixtures.synthetic_sweep import write_synthetic_sweep
 from pertadapt.cli import report as report_cli
 from pertadapt.config import ConfigError
 from pertadapt.data.io import DataError
-from pertadapt.report.synthetic import write_synthetic_sweep
 
 
 @pytest.fixture(scope="module")

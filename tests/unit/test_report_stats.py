@@ -10,9 +10,9 @@ import pytest
 from scipy.stats import wilcoxon
 from statsmodels.stats.multitest import multipletests
 
+from fixtures.synthetic_sweep import write_synthetic_sweep
 from pertadapt.report.bootstrap import hierarchical_bootstrap
 from pertadapt.report.stats import paired_tests, sentence
-from pertadapt.report.synthetic import write_synthetic_sweep
 from pertadapt.report.tables import load_sweep, lower_is_better
 
 ARMS = {"full": 0.0, "worse": 0.10, "better": -0.10, "same": None, "noisy": 0.0}

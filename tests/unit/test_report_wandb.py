@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.synthetic_sweep import write_synthetic_sweep
 from pertadapt.report.html import write_sweep_report
-from pertadapt.report.synthetic import write_synthetic_sweep
 from pertadapt.report.wandb import (
     build_wandb_report_spec,
     log_report_to_wandb,
