@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from fixtures.wandb_offline import find_offline_runs, read_offline_run
 from pertadapt.config import load_run_config
-from pertadapt.report.wandb import find_offline_runs, read_offline_run
 from pertadapt.train.run import run
 from pertadapt.train.worker import launch
 

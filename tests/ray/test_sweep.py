@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from pertadapt.report.wandb import find_offline_runs, read_offline_run
+from fixtures.wandb_offline import find_offline_runs, read_offline_run
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]

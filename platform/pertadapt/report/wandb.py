@@ -1,4 +1,4 @@
-"""Weights & Biases: one run per trial (rank 0 only), offline by default; reading offline runs back.
+"""Weights & Biases: one run per trial (rank 0 only), offline by default.
 
 The only module that imports :mod:`wandb`. Secrets (``WANDB_API_KEY``) come from the environment,
 never from configs.
@@ -9,16 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pertadapt.report.logger import NullLogger, RunLogger
 
-__all__ = ["WandbLogger", "describe_wandb_mode", "find_offline_runs", "open_logger", "read_offline_run",
-           "resolve_wandb_mode"]
+__all__ = ["WandbLogger", "describe_wandb_mode", "open_logger", "resolve_wandb_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -106,28 +103,6 @@ def open_logger(*, mode: str, rank: int = 0, **kwargs: Any) -> RunLogger:
     if mode == "disabled" or rank != 0:
         return NullLogger()
     return WandbLogger(mode=mode, **kwargs)
-
-
-def find_offline_runs(root: Path) -> list[Path]:
-    """All ``offline-run-*`` directories under ``root``."""
-    return sorted(p for p in Path(root).rglob("offline-run-*") if p.is_dir())
-
-
-def read_offline_run(run_dir: Path) -> dict[str, Any]:
-    """Read an offline run back with wandb's own tool (``wandb leet inspect --summary --json``).
-
-    Returns
-    -------
-    dict
-        ``run_id``, ``project``, ``state``, ``config`` and ``summary`` of the run.
-    """
-    exe = Path(sys.executable).with_name("wandb")
-    out = subprocess.run([str(exe), "leet", "inspect", "--summary", "--json", str(run_dir)], capture_output=True,
-                         text=True, stdin=subprocess.DEVNULL, check=True)
-    data = json.loads(out.stdout)
-    summary = data.get("summary", {})
-    data["summary"] = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in summary.items()}
-    return data
 
 
 import dataclasses  # noqa: E402  (the report functions below were added after the logger code)
