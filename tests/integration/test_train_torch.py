@@ -136,7 +136,7 @@ def test_coexpression_options_change_the_graph_handed_to_the_decoder(demo_h5ad: 
     off = ["adapter.enabled=false"]
     base = prepare_run_data(_cfg(demo_h5ad, *off))
     n_genes = len(base.inputs.genes)
-    # demo control cells carry no co-expression (method.md §13): at 0.4 only the self-loops survive
+    # the simulator's control cells carry no co-expression: at |r| > 0.4 only the self-loops survive
     assert len(base.inputs.coexpress_src) == n_genes
     assert (base.inputs.coexpress_src == base.inputs.coexpress_dst).all()
     loose = prepare_run_data(_cfg(demo_h5ad, *off, "model.coexpress_threshold=0.0"))

@@ -23,7 +23,7 @@ factors:
   pa: {on: {}, off: {adapter.enabled: false}}
   am: {on: {}, off: {adapter.attention_mask: none}}
 """
-#: The paper's rows (seed-slides 'Ablation study'): arm → FM, PA, AM, L_adapt checkmarks.
+#: The rows of the PertAdapt paper's 'Ablation study' table: arm → FM, PA, AM, L_adapt checkmarks.
 PAPER_ROWS = {"none": (0, 0, 0, 0), "fm": (1, 0, 0, 0), "fm+pa": (1, 1, 0, 0), "fm+pa+am": (1, 1, 1, 0),
               "fm+ladapt": (1, 0, 0, 1), "fm+pa+am+ladapt": (1, 1, 1, 1)}
 #: The config key each paper toggle flips (PA off: adapter.enabled; AM off: the mask).
@@ -177,7 +177,7 @@ def test_demo_grid_is_the_paper_rows_with_the_full_model_as_reference() -> None:
     assert abl.seeds == (1, 2)
     assert len(abl.trials) == 20
     by_arm = _first_seed(abl)
-    assert by_arm["fm"].config.loss.name == "gears"  # L_adapt off = the GEARS loss (method.md §3)
+    assert by_arm["fm"].config.loss.name == "gears"  # L_adapt off = the GEARS loss (the reference's loss_fct)
     assert by_arm["fm+pa+am+ladapt"].config == load_run_config("demo.yaml", ["name=fm+pa+am+ladapt-seed1",
                                                                              "logging.group=demo/fm+pa+am+ladapt"])
 

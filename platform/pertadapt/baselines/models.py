@@ -277,7 +277,8 @@ def fit_baseline(
 
     Notes
     -----
-    ``baseline_linear`` (method.md §12): X = the genes × conditions matrix of all training means
+    ``baseline_linear`` (Ahlmann-Eltze, Huber & Anders 2025: the authors' ``run_linear_pretrained_model.R``
+    with its default options): X = the genes × conditions matrix of all training means
     including ``ctrl`` (``ctrl_mean`` when ``train_means`` has no ``ctrl``) and doubles; G = its top-K
     PC scores (genes as observations, columns centred). Fit columns = ``ctrl`` (change 0, embedding 0)
     plus every training single ``A+ctrl`` whose gene A is measured, with change Y_p = ȳ_p − b and

@@ -15,7 +15,8 @@ The same parameters are computed once from the predicted means and once from the
 the metrics are ``gi_magnitude_mse`` = mean over test doubles of (mag_pred − mag_true)² ("Magnitude
 MSE" in the PertAdapt paper) and ``gi_dcor_mse`` = mean of (dcor_pred − dcor_true)² ("Dcorr MSE",
 plotted as "Model fit MSE"); the paper's own code for these two is not shipped, so their exact
-form is inferred (method.md §6).
+form is inferred: the MSE over test doubles of the parameters GEARS's ``get_coeffs`` gives, computed in
+the same way from predicted and observed deltas.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ __all__ = ["AdapterBlock", "PerturbationAdapter"]
 
 
 class AdapterBlock(nn.Module):
-    """One post-norm block as in the paper (method.md §1.5).
+    """One post-norm block as in the paper's reference code (``PertAdapterNew``, heads 8, no dropout).
 
     ``x = LN0(E + p)``; ``h = LN1(MHA(x) + x)``; ``out = LN2(h + W2 ReLU(W1 h))``.
     With ``d = 512, heads = 8, ffn_dim = 256`` it has 1,316,608 parameters.

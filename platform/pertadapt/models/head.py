@@ -11,7 +11,9 @@ __all__ = ["GeneHead"]
 
 
 class GeneHead(nn.Module):
-    """Map adapter tokens to predicted post-perturbation expression (method.md §1.7).
+    """Map adapter tokens to predicted post-perturbation expression, as the paper's reference code does.
+
+    BatchNorm → ReLU → recovery MLP ``d → hidden → d`` → a per-gene linear map to ``Δ̂`` → ``+ x_ctrl``.
 
     Parameters
     ----------

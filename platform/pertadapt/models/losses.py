@@ -20,7 +20,7 @@ def _groups(batch: Batch) -> list[torch.Tensor]:
 
 
 def adaptive_loss(pred: torch.Tensor, batch: Batch, *, variant: str = "code") -> LossOutput:
-    """L_adapt (method.md §2): DE-gene and all-gene MSE re-weighted by their detached ratio.
+    """L_adapt (paper code: ``loss_adapt``): DE-gene and all-gene MSE re-weighted by their detached ratio.
 
     With ``K`` conditions in the micro-batch (ctrl included),
     ``L_DE = (1/K) Σ_{p≠ctrl} MSE(ŷ[I_p, DE_p], y[I_p, DE_p])`` and
@@ -64,7 +64,7 @@ def adaptive_loss(pred: torch.Tensor, batch: Batch, *, variant: str = "code") ->
 
 def gears_loss(pred: torch.Tensor, batch: Batch, *, ctrl_mean: torch.Tensor, gamma: float = 2.0,
                direction_lambda: float = 0.1) -> LossOutput:
-    """GEARS autofocus + direction loss (method.md §2.3) over each condition's non-zero genes.
+    """GEARS autofocus + direction loss (GEARS ``utils.py::loss_fct``) over each condition's non-zero genes.
 
     ``(1/K) Σ_p [Σ |ŷ−y|^(2+γ) / (n_p g_p) + λ Σ (sign(y−c) − sign(ŷ−c))² / (n_p g_p)]``, with ``c``
     the ``(N,)`` mean control expression and all genes for ctrl.

@@ -20,7 +20,10 @@ __all__ = ["PertAdaptModel"]
 
 
 class PertAdaptModel(nn.Module):
-    """The full network of method.md §1.1, composed from parts the builder made.
+    """The full network of the paper's code (``GEARS_Model_Pert_Adapter_New``), from parts the builder made.
+
+    ``ŷ = head(PA(BatchNorm(proj(FM(x_ctrl))) + p), x_ctrl)``, the head adding ``x_ctrl`` back; ``p`` is the
+    perturbation encoder's vector per cell.
 
     Parameters
     ----------

@@ -58,7 +58,7 @@ __all__ = ["LOCAL_NODE_IP", "fresh_study", "run_sweep", "study_name"]
 log = logging.getLogger(__name__)
 
 #: Node address of a local Ray started by a sweep: loopback, and not 127.0.0.1 (Ray rewrites that one to
-#: the host's interface address, platform-notes.md §4).
+#: the host's interface address in ``services.resolve_ip_for_localhost``).
 LOCAL_NODE_IP = "127.0.0.2"
 #: Environment forwarded to every Ray worker (cache, W&B mode, DeepSpeed accelerator, threads, object-store
 #: endpoint and region).

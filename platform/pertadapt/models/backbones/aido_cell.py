@@ -1,7 +1,7 @@
 """AIDO.Cell (GenBio AI ``cellfoundation``) as a PertAdapt backbone, loadable from the published HF layout.
 
-Architecture (method.md §1.3, §12; ``genbio-ai/AIDO.Cell-{3M,10M,100M}``)
--------------------------------------------------------------------------
+Architecture (modelgenerator 0.1.3 ``cellfoundation``; ``genbio-ai/AIDO.Cell-{3M,10M,100M}``)
+---------------------------------------------------------------------------------------------
 * Input: the ``N`` gene values followed by two read-depth tokens, each ``max(log10 Σx, 5)``; every
   value is clipped at 20.
 * Value embedding ``gene_embedding``: ``Linear(1→bin_num)`` → LeakyReLU(0.1) → residual
@@ -23,7 +23,8 @@ Differences from the shipped code, on purpose
 Input modes
 -----------
 PertAdapt's reference feeds the **log1p-normalised** control cell to this backbone as if it were counts
-(method.md §9.3), so AIDO.Cell normalises a second time and its depth tokens come from ``Σ log1p``:
+(its ``bf_model`` drops ``total_count`` and passes the rest, cast to bf16, to ``GenBioCellFoundation``),
+so AIDO.Cell normalises a second time and its depth tokens come from ``Σ log1p``:
 ``input_mode="code"`` (default, reproduces published numbers). ``input_mode="intended"`` undoes the
 data's log1p (``expm1``), applies AIDO.Cell's own ``log1p(x / Σx · 1e4)`` and takes the depth tokens
 from the raw ``total_count`` — exactly AIDO.Cell's preprocessing of counts.

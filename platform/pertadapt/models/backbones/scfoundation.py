@@ -1,7 +1,7 @@
 """scFoundation (xTrimoGene ``mae_autobin``) as a PertAdapt backbone, loadable from the published ``models.ckpt``.
 
-Architecture (method.md §1.3, §12; biomap-research/scFoundation ``model/pretrainmodels``)
------------------------------------------------------------------------------------------
+Architecture (modelgenerator 0.1.3 ``scfoundation``; biomap-research/scFoundation ``model/pretrainmodels``)
+-----------------------------------------------------------------------------------------------------------
 * Input sequence: the ``N`` log1p-normalised gene values followed by two depth tokens
   ``T = S = log10(total_count)`` (``bin_set=autobin_resolution_append``, ``highres=0``), length
   ``seq_len = N + 2``.
