@@ -108,7 +108,7 @@ def test_batches_reach_the_gpu_through_pinned_memory() -> None:
 
 
 def test_cache_benchmark_runs_on_gpu_and_agrees() -> None:
-    from pertadapt.bench.cache import run_cache_benchmark
+    from pertadapt.bench.train import run_cache_benchmark
 
     result = run_cache_benchmark(300, hidden_size=32, layers=1, heads=2, pool=8, steps=1, repeats=1, device="cuda")
     assert "CUDA" in result["config"]

@@ -309,7 +309,7 @@ def test_training_with_the_cache_equals_training_without(demo_h5ad: Path, tmp_pa
 
 
 def test_cache_benchmark_runs_small_and_agrees() -> None:
-    from pertadapt.bench.cache import run_cache_benchmark
+    from pertadapt.bench.train import run_cache_benchmark
 
     r = run_cache_benchmark(240, hidden_size=16, layers=1, heads=2, pool=32, steps=1, repeats=1)
     assert "CPU" in r["config"]

@@ -1,4 +1,4 @@
-"""Timing of the four baselines on synthetic condition means (``benchmark``-preset scale)."""
+"""``pertadapt bench baselines``: fit + predict time of the four baselines on synthetic condition means."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def _adapter(n_genes: int = typer.Option(None, help="First N vocabulary genes (d
              attention_impl: str = typer.Option("auto", help="chunked, sparse or auto (adapter.attention_impl)."),
              json_path: Path = _JSON) -> None:
     """Paper-size PA forward + backward over the FM vocabulary with the real GO mask, batch 1."""
-    from pertadapt.bench.attention import run_adapter_benchmark
+    from pertadapt.bench.train import run_adapter_benchmark
 
     result = run_adapter_benchmark(n_genes, chunk_size=chunk_size, device=device, attention_impl=attention_impl)
     _show(f"perturbation adapter ({device})", result, json_path)
@@ -76,7 +76,7 @@ def _attention(n_genes: int = typer.Option(None, help="First N vocabulary genes 
                chunk_size: int = typer.Option(2048, help="Queries per chunk of the chunked path."),
                device: str = _DEVICE, json_path: Path = _JSON) -> None:
     """Sparse vs chunked GO-masked attention, forward + backward, batch 1 (target: >= 3x faster, <= 1/2 memory)."""
-    from pertadapt.bench.attention import run_attention_benchmark
+    from pertadapt.bench.train import run_attention_benchmark
 
     result = run_attention_benchmark(n_genes, heads=heads, d=d, chunk_size=chunk_size, device=device)
     _show(f"GO-masked attention, sparse vs chunked ({device})", result, json_path)
@@ -148,7 +148,7 @@ def _cache(n_genes: int = typer.Option(2000, help="Genes of the simulated screen
            repeats: int = typer.Option(2, help="Epochs timed per mode, alternating; the fastest counts."),
            device: str = _DEVICE, json_path: Path = _JSON) -> None:
     """Training epoch with the frozen-FM embedding cache vs recomputing the FM, same run (target >= 10x)."""
-    from pertadapt.bench.cache import run_cache_benchmark
+    from pertadapt.bench.train import run_cache_benchmark
 
     result = run_cache_benchmark(n_genes, hidden_size=hidden_size, layers=layers, heads=heads, pool=pool, steps=steps,
                                  repeats=repeats, device=device)
