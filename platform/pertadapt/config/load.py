@@ -254,7 +254,8 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
     path
         Run config YAML (may contain ``base: other.yaml``); ``None`` starts from the schema defaults.
     overrides
-        Dotted ``key=value`` strings applied last, e.g. ``["optim.lr=0.001", "adapter.enabled=false"]``.
+        Dotted ``key=value`` strings applied last and in order, e.g. ``["optim.lr=0.001", "loss.name=gears",
+        "loss.gamma=3"]`` (a component's options after its ``name``).
     extra
         A nested mapping applied between the file and the overrides (an ablation arm, a search sample).
 
@@ -274,7 +275,9 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
         layers.append(OmegaConf.create(dict(extra)))
     overrides = list(overrides)
     if overrides:
-        layers.append(_overrides_to_conf(overrides))
+        _overrides_to_conf(overrides)  # every item is key=value
+        # one layer per override, in order: `backbone.name=learned` after `backbone.heads=2` switches afresh
+        layers.extend(_overrides_to_conf([item]) for item in overrides)
         source += f" + overrides {overrides}"
     return load_typed(RunConfig, source, *layers)
 
@@ -302,12 +305,12 @@ def merge_dotted(*layers: Mapping[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for layer in layers:
-        for key, value in layer.items():
-            section, _, rest = str(key).partition(".")
-            if section in COMPONENTS and rest == "name" and out.get(key) != value:
-                keep = {f"{section}.{k}" for k in COMPONENTS[section].shared_keys()}
+        for section, registry in COMPONENTS.items():
+            key = f"{section}.name"
+            if key in layer and out.get(key) != layer[key]:
+                keep = {f"{section}.{k}" for k in registry.shared_keys()}
                 out = {k: v for k, v in out.items() if not str(k).startswith(f"{section}.") or k in keep}
-            out[key] = value
+        out.update(layer)
     return out
 
 
