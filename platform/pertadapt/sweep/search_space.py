@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pertadapt.config.components import COMPONENTS
 from pertadapt.config.load import (
     dotted_to_nested,
     load_run_config,
@@ -30,7 +31,6 @@ from pertadapt.config.load import (
     read_yaml,
     resolve_config_path,
 )
-from pertadapt.config.components import COMPONENTS
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.config.sweep_schema import SearchSpaceFile
 
