@@ -137,6 +137,17 @@ def test_search_space_ships_optimiser_and_schedule_choices() -> None:
     assert set(dims["optim.schedule"].values) <= set(SCHEDULES)
 
 
+def test_search_space_may_sample_a_components_option(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text("metric: val_mse_de\nmode: min\nnum_samples: 1\nparams:\n"
+                                     "  loss.gamma: {type: uniform, low: 0.5, high: 3.0}\n")
+    assert [d.key for d in load_search_space(tmp_path / "s.yaml").dims] == ["loss.gamma"]
+    (tmp_path / "bad.yaml").write_text("metric: val_mse_de\nmode: min\nnum_samples: 1\nparams:\n"
+                                       "  loss.gamma: {type: uniform, low: -1.0, high: 3.0}\n")
+    with pytest.raises(ConfigError, match=r"params\.loss\.gamma: value -1\.0 is not valid: .*loss\.gamma: expected a "
+                                          r"non-negative float"):
+        load_search_space(tmp_path / "bad.yaml")
+
+
 def _step(name: str, weight_decay: float, **kw) -> torch.Tensor:
     p = torch.nn.Parameter(torch.ones(3))
     opt = OPTIMIZERS[name]([p], OptimConfig(name=name, lr=0.1, weight_decay=weight_decay, **kw))
