@@ -61,6 +61,8 @@ def test_each_block_takes_its_components_options() -> None:
     (["model.name=baseline_linear", "model.linear_ridge=1"], r"model\.linear_ridge: .*use model\.ridge"),
     (["backbone.name=learned", "backbone.lora_rank=4"],
      r"backbone\.lora_rank: not an option of backbone 'learned' \(valid keys: name\); it is an option of tiny"),
+    (["backbone.name=learned", "backbone.hidden_size=32"],
+     r"backbone\.hidden_size: not an option .*; for backbone 'learned' this is set by model\.hidden_size"),
     (["loss.name=mse", "loss.variant=code"], r"loss\.variant: not an option of loss 'mse' \(valid keys: name, scale\)"),
     (["backbone.input_mode=intended"], r"backbone\.input_mode: not an option of backbone 'tiny'.*aido_cell"),
     (["loss.name=huber"], r"loss\.name: unknown loss 'huber'; valid: adaptive, gears, mse"),

@@ -71,6 +71,9 @@ def _check(path: str, ok: bool, expected: str, value: object) -> None:
 class ComponentOptions:
     """Base of every component's option block: ``name`` is the registry key that picks the component."""
 
+    #: Keys this component does not have but a user may look for here → the key that sets that value.
+    elsewhere: ClassVar[Mapping[str, str]] = {}
+
     name: str = ""
 
 
@@ -153,6 +156,8 @@ class ComponentRegistry(Generic[C]):
                                   f"{{name: {owner}, {new}: ...}})")
             others = [n for n in self._options if key in self.keys(n)]
             hint = f"; it is an option of {', '.join(others)}" if others else ""
+            if key in self._options[name].elsewhere:
+                hint += f"; for {self.section} {name!r} this is set by {self._options[name].elsewhere[key]}"
             raise ConfigError(f"{where}: not an option of {self.section} {name!r} (valid keys: "
                               f"{', '.join(valid)}){hint}")
 
@@ -241,6 +246,8 @@ BACKBONE_OPTIONS: ComponentRegistry[BackboneOptions] = ComponentRegistry("backbo
 @dataclass(frozen=True)
 class LearnedBackbone(BackboneOptions):
     """FM off: a trained ``N × model.hidden_size`` gene embedding (its width is ``model.hidden_size``)."""
+
+    elsewhere: ClassVar[Mapping[str, str]] = {"hidden_size": "model.hidden_size"}
 
     name: str = "learned"
 

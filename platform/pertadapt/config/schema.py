@@ -15,7 +15,6 @@ from pertadapt.config.components import (
     CACHE_DTYPES,
     EMBEDDING_CACHE_MODES,
     FINETUNE_MODES,
-    HEAD_INITS,
     LOSS_OPTIONS,
     MODEL_OPTIONS,
     AdaptiveLoss,
@@ -23,7 +22,6 @@ from pertadapt.config.components import (
     LossOptions,
     ModelOptions,
     PertAdaptNetwork,
-    PretrainedBackbone,
     TinyBackbone,
 )
 from pertadapt.config.errors import ConfigError
@@ -36,7 +34,6 @@ __all__ = [
     "CLIP_MODES",
     "ENGINES",
     "FINETUNE_MODES",
-    "HEAD_INITS",
     "GO_SOURCES",
     "LOSSES",
     "MASKS",
@@ -70,8 +67,6 @@ __all__ = [
 MODELS = MODEL_OPTIONS.names()
 BASELINE_MODELS = tuple(n for n in MODELS if MODEL_OPTIONS.options(n).is_baseline)
 BACKBONES = BACKBONE_OPTIONS.names()
-#: Backbones with published pretrained weights (a checkpoint is expected).
-PRETRAINED_BACKBONES = tuple(n for n in BACKBONES if issubclass(BACKBONE_OPTIONS.options(n), PretrainedBackbone))
 LOSSES = LOSS_OPTIONS.names()
 MASKS = ("go", "none", "random_degree_matched")
 #: What the model is with ``adapter.enabled: false`` (see :class:`AdapterConfig`).
