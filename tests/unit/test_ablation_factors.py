@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from pertadapt.config import ConfigError, load_run_config
+from pertadapt.config.components import LearnedBackbone, PretrainedBackbone
 from pertadapt.config.load import config_to_dict, dotted_to_nested
 from pertadapt.sweep.ablation import Ablation, arm_name, load_ablation
 from pertadapt.sweep.results import flatten
@@ -43,9 +44,12 @@ def _first_seed(abl: Ablation, **coords: str) -> dict[str, Any]:
 
 
 def _diff(a: Any, b: Any) -> set[str]:
-    """Flattened config keys whose values differ (the trial's own name and W&B group left out)."""
+    """Flattened config keys whose values differ (the trial's own name and W&B group left out); two different
+    components of a section (``backbone.name``) differ in that name only, not in each of their own options."""
     fa, fb = flatten(config_to_dict(a.config)), flatten(config_to_dict(b.config))
-    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)} - {"name", "logging.group"}
+    keys = {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)} - {"name", "logging.group"}
+    switched = {k.partition(".")[0] for k in keys if k.endswith(".name") and k.count(".") == 1}
+    return {k for k in keys if k.partition(".")[0] not in switched or k.endswith(".name")}
 
 
 def test_arm_name_rule() -> None:
@@ -153,10 +157,11 @@ def test_command_line_overrides_can_address_one_dataset_or_backbone_set(tmp_path
         assert t.config.optim.lr == 0.5
         assert t.config.data.path == (str(data) if t.dataset == "b" else None)
         assert t.config.data.n_de == (10 if t.dataset == "b" else base.data.n_de)
-        assert t.config.backbone.layers == (3 if t.backbone == "wide" else base.backbone.layers)
-    # the set's override sits below the arm's: the FM-off arm keeps its learned backbone
+        if t.config.backbone.is_foundation_model:
+            assert t.config.backbone.layers == (3 if t.backbone == "wide" else base.backbone.layers)
+    # the set's override sits below the arm's: the FM-off arm keeps its learned backbone (which has no sizes)
     fm_off = _first_seed(abl, dataset="a", backbone="wide")["pa+am"].config.backbone
-    assert (fm_off.name, fm_off.hidden_size, fm_off.layers) == ("learned", 64, 3)
+    assert fm_off == LearnedBackbone()
 
 
 @pytest.mark.parametrize(("key", "needle"), [
@@ -271,15 +276,16 @@ def test_paper_rows_differ_exactly_in_the_papers_checkmarks(paper_table: Ablatio
             # GEARS: the 'none' row (learned embedding, PA off, GEARS loss) at GEARS's sizes and learning rate
             assert _diff(rows["gears"], rows["none"]) == {"model.hidden_size", "model.head_hidden", "optim.lr"}
             g = rows["gears"].config
-            assert (g.model.hidden_size, g.model.head_hidden, g.backbone.hidden_size, g.optim.lr) == (64, 128, 64,
-                                                                                                      1e-3)
+            assert (g.model.hidden_size, g.model.head_hidden, g.backbone, g.optim.lr) == (64, 128, LearnedBackbone(),
+                                                                                          1e-3)
 
 
 def test_paper_table_takes_real_data_and_checkpoints_per_dataset_and_backbone(paper_table: Ablation) -> None:
     for t in paper_table.trials:
         cfg = t.config
         assert cfg.data.path == ("/data/norman.h5ad" if t.dataset == "norman" else None)
-        assert cfg.backbone.checkpoint == ("/ckpt/aido" if t.backbone == "aido_cell" else None)
+        if isinstance(cfg.backbone, PretrainedBackbone):  # the FM-off rows' learned backbone has no checkpoint
+            assert cfg.backbone.checkpoint == ("/ckpt/aido" if t.backbone == "aido_cell" else None)
         if cfg.backbone.is_foundation_model and not cfg.is_baseline:
             # without a checkpoint the FM rows are random FMs (backbone.random_init: true in the file)
             assert cfg.backbone.weights_are_random is (t.backbone == "scfoundation")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pertadapt.config.components import BACKBONE_OPTIONS, LearnedBackbone, TinyBackbone
 from pertadapt.config.schema import BACKBONES as SCHEMA_BACKBONES
 from pertadapt.models.backbones.aido_cell import AIDOCell
 from pertadapt.models.backbones.base import Backbone
@@ -14,6 +15,14 @@ from pertadapt.models.backbones.tiny import LearnedGeneEmbedding, TinyTransforme
 
 GENES = tuple(f"G{i}" for i in range(12))
 SIZES = {"hidden_size": 16, "layers": 2, "heads": 2}
+
+
+def _options(name: str, **kw: object):
+    """The backbone's options at test sizes (``learned`` has none: its width is the model's)."""
+    cls = BACKBONE_OPTIONS.options(name)
+    if cls is LearnedBackbone:
+        return cls()
+    return cls(**SIZES, **({"random_init": True} if "random_init" in BACKBONE_OPTIONS.keys(name) else {}), **kw)
 CLASSES = {"tiny": TinyTransformer, "learned": LearnedGeneEmbedding, "aido_cell": AIDOCell,
            "scfoundation": SCFoundation}
 
@@ -26,7 +35,7 @@ def test_names_are_the_schema_names() -> None:
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_each_name_builds_its_backbone(name: str) -> None:
     torch.manual_seed(0)
-    b = build_backbone(name, checkpoint=None, genes=GENES, **SIZES)
+    b = build_backbone(_options(name), genes=GENES, width=16)
     assert type(b) is CLASSES[name]
     assert isinstance(b, Backbone)
     assert b.hidden_size == 16
@@ -38,16 +47,20 @@ def test_each_name_builds_its_backbone(name: str) -> None:
 
 def test_unknown_name_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown backbone 'bert'; valid: aido_cell, learned, scfoundation, tiny"):
-        build_backbone("bert", checkpoint=None, genes=GENES, **SIZES)
+        build_backbone(TinyBackbone(name="bert"), genes=GENES, width=16)
 
 
-def test_tiny_takes_no_checkpoint_and_learned_ignores_one() -> None:
-    with pytest.raises(ValueError, match="takes no checkpoint"):
-        build_backbone("tiny", checkpoint="ckpt", genes=GENES, **SIZES)
-    # the FM-off arm of an ablation shares a base config that may name a checkpoint
-    assert isinstance(build_backbone("learned", checkpoint="ckpt", genes=GENES, **SIZES), LearnedGeneEmbedding)
+def test_tiny_takes_no_checkpoint_and_learned_has_no_options() -> None:
+    from pertadapt.config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match=r"backbone\.checkpoint: not an option of backbone 'tiny'"):
+        load_run_config(None, ["backbone.checkpoint=ckpt"])
+    # the FM-off arm of an ablation switches the block: the base's checkpoint is not carried over
+    cfg = load_run_config(None, ["backbone.name=aido_cell", "backbone.checkpoint=ckpt", "backbone.name=learned"])
+    assert cfg.backbone == LearnedBackbone()
+    assert isinstance(build_backbone(cfg.backbone, genes=GENES, width=16), LearnedGeneEmbedding)
 
 
 def test_aido_cell_input_mode_is_passed_through() -> None:
-    b = build_backbone("aido_cell", checkpoint=None, genes=GENES, input_mode="intended", **SIZES)
+    b = build_backbone(_options("aido_cell", input_mode="intended"), genes=GENES, width=16)
     assert b.input_mode == "intended"

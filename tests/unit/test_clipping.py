@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from pertadapt.config.schema import ConfigError, LossConfig, OptimConfig, RunConfig
+from pertadapt.config.components import AdaptiveLoss
+from pertadapt.config.schema import ConfigError, OptimConfig, RunConfig
 from pertadapt.train.engine import TorchEngine
 
 LR, EPS = 0.1, 1e-8
@@ -33,7 +34,7 @@ class _Linear(nn.Module):
 def _run(mode: str, scale: float, clip: float | None = 1.0) -> tuple[list[list[float]], list[float]]:
     """The gradient after each micro-step's backward and the weights after the optimiser step."""
     cfg = RunConfig(optim=OptimConfig(lr=LR, weight_decay=0.0, batch_size=2, micro_batch_size=1, clip_value=clip,
-                                      clip_mode=mode), loss=LossConfig(scale=scale))
+                                      clip_mode=mode), loss=AdaptiveLoss(scale=scale))
     model = _Linear()
     engine = TorchEngine(model, cfg, torch.device("cpu"))
     grads = []
@@ -110,7 +111,8 @@ import json, os, sys
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 import deepspeed, torch
 from torch import nn
-from pertadapt.config.schema import EngineConfig, LossConfig, OptimConfig, RunConfig
+from pertadapt.config.components import AdaptiveLoss
+from pertadapt.config.schema import EngineConfig, OptimConfig, RunConfig
 from pertadapt.train.engine import DeepSpeedEngine
 
 class Linear(nn.Module):
@@ -125,7 +127,7 @@ out = {}
 for stage in (0, 2, 3):
     for mode in ("accumulated", "per_micro_batch"):
         cfg = RunConfig(optim=OptimConfig(lr=0.1, weight_decay=0.0, batch_size=2, micro_batch_size=1, clip_value=1.0,
-                                          clip_mode=mode), loss=LossConfig(scale=5.0),
+                                          clip_mode=mode), loss=AdaptiveLoss(scale=5.0),
                         engine=EngineConfig(name="deepspeed", workers=1, deepspeed_config=f"zero{stage}.json"))
         e = DeepSpeedEngine(Linear(), cfg)
         for x, t in [((2.0, 1.0), 0.0), ((2.0, -0.5), 2.125)]:

@@ -170,7 +170,7 @@ def _write(path: Path, text: str | bytes) -> Path:
     (["optim.max_steps_per_epoch=0"], "optim.max_steps_per_epoch"),
     (["go.graph_threshold=1.5"], "go.graph_threshold"),
     (["eval.select_metric=val_nonsense"], "eval.select_metric"),
-    (["model.linear_k=0"], "model.linear_k"),
+    (["model.name=baseline_linear", "model.k=0"], "model.k"),
     (["name=../escape"], "name"),
     (["engine.workers=2"], "engine.workers: the 'torch' engine runs one process"),
 ])

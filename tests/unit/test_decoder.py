@@ -200,8 +200,10 @@ def test_decoder_without_a_coexpression_graph_is_refused() -> None:
 
 
 def test_learned_backbone_is_a_full_width_max_norm_table() -> None:
-    """FM off: an N × model.hidden_size embedding whatever backbone.hidden_size says, rows of norm ≤ 1."""
-    m = _model("backbone.hidden_size=8", "adapter.enabled=true", "adapter.heads=2", "adapter.ffn_dim=8")
+    """FM off: an N × model.hidden_size embedding (``learned`` has no width of its own), rows of norm ≤ 1."""
+    with pytest.raises(ConfigError, match=r"backbone\.hidden_size: not an option of backbone 'learned'"):
+        _cfg("backbone.hidden_size=8")
+    m = _model("adapter.enabled=true", "adapter.heads=2", "adapter.ffn_dim=8")
     assert tuple(m.backbone.gene.weight.shape) == (N, D)
     assert isinstance(m.proj, torch.nn.Identity)
     e = m.backbone.encode(torch.rand(2, N), torch.full((2,), 100.0))

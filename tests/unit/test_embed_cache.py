@@ -270,11 +270,13 @@ def test_prepare_records_what_was_used(demo_h5ad: Path, rd: RunData, tmp_path: P
     assert prepare_embedding_cache(tuned, rd.data, rd.hashes, rd.train.pool, _backbone(tuned, rd))[0] is None
 
 
-@pytest.mark.parametrize("overrides", [["backbone.finetune=full"], ["backbone.finetune=lora"],
-                                       ["backbone.name=learned"]])
-def test_cache_on_needs_a_frozen_fm(overrides: list[str]) -> None:
-    with pytest.raises(ConfigError, match=r"backbone\.embedding_cache: 'on' needs a frozen"):
-        load_run_config(None, ["backbone.embedding_cache=on", *overrides])
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["backbone.finetune=full"], r"backbone\.embedding_cache: 'on' needs a frozen"),
+    (["backbone.finetune=lora"], r"backbone\.embedding_cache: 'on' needs a frozen"),
+    (["backbone.name=learned"], r"backbone\.embedding_cache: not an option of backbone 'learned'")])
+def test_cache_on_needs_a_frozen_fm(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_run_config(None, [*overrides, "backbone.embedding_cache=on"])
     assert not load_run_config(None, overrides).backbone.wants_embedding_cache  # auto: off
 
 

@@ -131,7 +131,7 @@ def test_fm_toggle_learned_embedding_ignores_the_control_cell() -> None:
 def test_fm_frozen_backbone_gets_no_gradient_but_learned_embedding_does() -> None:
     frozen = _model("backbone.name=tiny", "backbone.finetune=frozen")
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
-    learned = _model("backbone.name=learned", "backbone.finetune=frozen")
+    learned = _model("backbone.name=learned")
     assert all(p.requires_grad for p in learned.backbone.parameters())
 
 

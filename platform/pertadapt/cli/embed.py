@@ -11,21 +11,27 @@ import typer
 if TYPE_CHECKING:
     from torch import nn
 
+from pertadapt.config.components import BACKBONE_OPTIONS, PretrainedBackbone
+
 log = logging.getLogger("pertadapt")
 
-#: Backbones with a checkpoint loader; ``tiny``/``learned`` are random-init and have nothing to embed with.
-PRETRAINED = ("aido_cell", "scfoundation")
+#: Backbones with a checkpoint loader (the registry's pretrained ones); ``tiny``/``learned`` are random-init
+#: and have nothing to embed with.
+PRETRAINED = tuple(n for n in BACKBONE_OPTIONS.names() if issubclass(BACKBONE_OPTIONS.options(n), PretrainedBackbone))
 
 
 def _load_backbone(name: str, checkpoint: Path, input_mode: str) -> nn.Module:
-    from pertadapt.models.backbones.aido_cell import AIDOCell
-    from pertadapt.models.backbones.scfoundation import SCFoundation
+    """The backbone ``name`` from ``checkpoint`` through the run configs' backbone registry."""
+    from pertadapt.config import ConfigError
+    from pertadapt.models.backbones import build_backbone
 
-    if name == "aido_cell":
-        return AIDOCell.from_pretrained_dir(checkpoint, input_mode=input_mode)
-    if input_mode != "code":
-        raise typer.BadParameter("--input-mode applies to aido_cell only", param_hint="--input-mode")
-    return SCFoundation.from_pretrained_dir(checkpoint)
+    block = {"checkpoint": str(checkpoint), **({"input_mode": input_mode} if input_mode != "code" else {})}
+    try:
+        BACKBONE_OPTIONS.check_keys(name, block)
+        options = BACKBONE_OPTIONS.options(name)(**block)
+    except ConfigError as e:
+        raise typer.BadParameter(f"{e} (--input-mode applies to aido_cell only)", param_hint="--input-mode") from e
+    return build_backbone(options, genes=None, width=options.hidden_size)
 
 
 def embed(

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, flag_override
 from omegaconf.errors import OmegaConfBaseException
 
+from pertadapt.config.components import COMPONENTS
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.files import package_data
 
@@ -36,6 +37,7 @@ __all__ = [
     "dotted_to_nested",
     "load_run_config",
     "load_typed",
+    "merge_dotted",
     "read_yaml",
     "resolve_config_path",
 ]
@@ -142,22 +144,53 @@ def resolve_config_path(ref: str | Path, relative_to: Path | None = None, *, kin
     raise ConfigError(f"{ref}: file not found (looked at {first} and among the shipped {kind})")
 
 
-def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[DictConfig, tuple[Path, ...]]:
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[list[dict[str, Any]], tuple[Path, ...]]:
+    """The files of a ``base:`` chain as layers, the deepest base first (merged by :func:`load_typed`)."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'base:' chain ({' -> '.join(str(s) for s in (*seen, path))})")
     raw = read_yaml(path)
     base = raw.pop(BASE_KEY, None)
-    merged, chain = OmegaConf.create(), (path,)
+    layers: list[dict[str, Any]] = []
+    chain: tuple[Path, ...] = (path,)
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: key '{BASE_KEY}': expected one file name, got {base!r}")
-        merged, chain = _load_with_bases(resolve_config_path(base, path), (*seen, path))
+        layers, chain = _load_with_bases(resolve_config_path(base, path), (*seen, path))
         chain = (*chain, path)
-    try:
-        return OmegaConf.merge(merged, OmegaConf.create(raw)), chain
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from e
+    return [*layers, raw], chain
+
+
+def _plain(layer: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    if isinstance(layer, DictConfig):
+        out = OmegaConf.to_container(layer)
+        assert isinstance(out, dict)
+        return {str(k): v for k, v in out.items()}
+    return dict(layer)
+
+
+def _component_blocks(schema: type, layers: list[dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Each component section's name and merged block; a layer that switches ``name`` starts the block afresh.
+
+    Only the keys every component of the section has (``loss.scale``) are carried over a switch.
+    The section is taken out of ``layers`` (it is merged here, key by key). A block that is not a mapping
+    is left in place for OmegaConf to reject with its key path.
+    """
+    defaults = schema()
+    out = {}
+    for section in COMPONENTS:
+        name, block = getattr(defaults, section).name, {}
+        for layer in layers:
+            part = layer.get(section)
+            if not isinstance(part, Mapping):
+                continue
+            del layer[section]
+            if "name" in part and part["name"] != name:  # another component: its defaults, the section's own keys
+                shared = COMPONENTS[section].shared_keys()
+                name, block = part["name"], {k: v for k, v in block.items() if k in shared}
+            block.update(part)
+        out[section] = (name, block)
+    return out
 
 
 def load_typed(schema: type[T], source: str, *layers: Mapping[str, Any] | DictConfig) -> T:
@@ -178,7 +211,18 @@ def load_typed(schema: type[T], source: str, *layers: Mapping[str, Any] | DictCo
         The validated instance.
     """
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
+        structured = OmegaConf.structured(schema)
+        if schema is RunConfig:
+            # components: the block's name picks its options dataclass, whose keys and types then apply
+            plain = [_plain(layer) for layer in layers]
+            blocks = _component_blocks(schema, plain)
+            with flag_override(structured, "readonly", False):
+                for section, (name, block) in blocks.items():
+                    registry = COMPONENTS[section]
+                    registry.check_keys(name, block)
+                    structured[section] = OmegaConf.structured(registry.options(name))
+            layers = (*plain, {section: block for section, (_, block) in blocks.items()})
+        merged = OmegaConf.merge(structured, *layers)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
@@ -210,7 +254,8 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
     path
         Run config YAML (may contain ``base: other.yaml``); ``None`` starts from the schema defaults.
     overrides
-        Dotted ``key=value`` strings applied last, e.g. ``["optim.lr=0.001", "adapter.enabled=false"]``.
+        Dotted ``key=value`` strings applied last and in order, e.g. ``["optim.lr=0.001", "loss.name=gears",
+        "loss.gamma=3"]`` (a component's options after its ``name``).
     extra
         A nested mapping applied between the file and the overrides (an ablation arm, a search sample).
 
@@ -223,14 +268,16 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
     source = "<defaults>"
     if path is not None:
         p = resolve_config_path(path) if not Path(path).is_file() else Path(path)
-        conf, chain = _load_with_bases(p)
+        files, chain = _load_with_bases(p)
         source = str(p) if len(chain) == 1 else f"{p} (base chain: {' <- '.join(c.name for c in chain)})"
-        layers.append(conf)
+        layers.extend(files)
     if extra:
         layers.append(OmegaConf.create(dict(extra)))
     overrides = list(overrides)
     if overrides:
-        layers.append(_overrides_to_conf(overrides))
+        _overrides_to_conf(overrides)  # every item is key=value
+        # one layer per override, in order: `backbone.name=learned` after `backbone.heads=2` switches afresh
+        layers.extend(_overrides_to_conf([item]) for item in overrides)
         source += f" + overrides {overrides}"
     return load_typed(RunConfig, source, *layers)
 
@@ -246,6 +293,24 @@ def dotted_to_nested(flat: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"key '{key}': '{part}' is both a value and a section")
         node[leaf] = value
+    return out
+
+
+def merge_dotted(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge flat dotted override sets in order, as :func:`load_typed` merges a component's block.
+
+    A set that names a component (``backbone.name: learned``) other than the one named so far drops the
+    earlier sets' keys of that section (but those every component of it has, ``loss.scale``): the new
+    component starts from its own defaults.
+    """
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for section, registry in COMPONENTS.items():
+            key = f"{section}.name"
+            if key in layer and out.get(key) != layer[key]:
+                keep = {f"{section}.{k}" for k in registry.shared_keys()}
+                out = {k: v for k, v in out.items() if not str(k).startswith(f"{section}.") or k in keep}
+        out.update(layer)
     return out
 
 

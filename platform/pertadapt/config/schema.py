@@ -10,6 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pertadapt.config.components import (
+    BACKBONE_OPTIONS,
+    CACHE_DTYPES,
+    EMBEDDING_CACHE_MODES,
+    FINETUNE_MODES,
+    LOSS_OPTIONS,
+    MODEL_OPTIONS,
+    AdaptiveLoss,
+    BackboneOptions,
+    LossOptions,
+    ModelOptions,
+    PertAdaptNetwork,
+    TinyBackbone,
+)
 from pertadapt.config.errors import ConfigError
 
 __all__ = [
@@ -25,48 +39,45 @@ __all__ = [
     "MASKS",
     "METRICS",
     "MODELS",
+    "OPTIMIZERS",
     "PA_OFF_MODES",
     "PERT_GRAPH_GENES",
+    "SCHEDULES",
     "SPLIT_KINDS",
     "SUBGROUPS",
     "is_metric_name",
     "AdapterConfig",
-    "BackboneConfig",
+    "BackboneOptions",
     "ConfigError",
     "DataConfig",
     "EngineConfig",
     "EvalConfig",
     "GOConfig",
     "LoggingConfig",
-    "LossConfig",
-    "ModelConfig",
+    "LossOptions",
+    "ModelOptions",
     "OptimConfig",
     "RunConfig",
 ]
 
 #: Closed vocabularies of names. The registries in ``models``/``baselines``/``go``/``train`` are dicts
 #: keyed by exactly these names (one sync test per registry checks it), so the schema rejects an
-#: unknown name before anything is built.
-BASELINE_MODELS = ("baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear")
-MODELS = ("pertadapt", *BASELINE_MODELS)
-BACKBONES = ("tiny", "learned", "aido_cell", "scfoundation")
-#: Backbones with published pretrained weights (a checkpoint is expected).
-PRETRAINED_BACKBONES = ("aido_cell", "scfoundation")
-FINETUNE_MODES = ("frozen", "last_k", "full", "lora")
-#: ``backbone.embedding_cache``: ``auto`` = on for a frozen FM backbone, off otherwise.
-EMBEDDING_CACHE_MODES = ("auto", "on", "off")
-#: Storage dtypes of the frozen-FM embedding cache (``train.embed_cache.CACHE_DTYPES``).
-CACHE_DTYPES = ("float32", "float16", "bfloat16")
+#: unknown name before anything is built. The components (model, backbone, loss) are named by their
+#: registries in :mod:`pertadapt.config.components`; these tuples are their built-in names.
+MODELS = MODEL_OPTIONS.names()
+BASELINE_MODELS = tuple(n for n in MODELS if MODEL_OPTIONS.options(n).is_baseline)
+BACKBONES = BACKBONE_OPTIONS.names()
+LOSSES = LOSS_OPTIONS.names()
 MASKS = ("go", "none", "random_degree_matched")
 #: What the model is with ``adapter.enabled: false`` (see :class:`AdapterConfig`).
 PA_OFF_MODES = ("decoder", "sum")
-LOSSES = ("adaptive", "mse", "gears")
 ENGINES = ("torch", "deepspeed")
+#: ``optim.name``: the optimiser (``train.engine.OPTIMIZERS``).
+OPTIMIZERS = ("adam", "adamw", "sgd")
+#: ``optim.schedule``: the learning-rate schedule (``train.schedule.SCHEDULES``).
+SCHEDULES = ("step", "cosine", "constant")
 #: Where gradient value clipping acts (see :class:`OptimConfig`).
 CLIP_MODES = ("accumulated", "per_micro_batch")
-#: Start of the head's per-gene output layer: ``xavier`` (the reference, GEARS's ``indv_w1``/``indv_b1``) or
-#: ``zero`` (the model starts as no-change, Δ̂ = 0 on every gene; docs/quality.md).
-HEAD_INITS = ("xavier", "zero")
 GO_SOURCES = ("bundled", "debian", "obo")
 #: Genes of the perturbation encoder's GO graph (see :class:`GOConfig`).
 PERT_GRAPH_GENES = ("all", "targets")
@@ -166,80 +177,6 @@ class GOConfig:
 
 
 @dataclass(frozen=True)
-class BackboneConfig:
-    """The foundation model that embeds the control cell gene by gene (``learned`` = FM off)."""
-
-    name: str = "tiny"
-    checkpoint: str | None = None
-    #: Width of the FM's embeddings; ``learned`` ignores it (its table has ``model.hidden_size`` columns).
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 4
-    #: ``frozen`` (paper), ``last_k``, ``full`` or ``lora``.
-    finetune: str = "frozen"
-    last_k: int = 1
-    #: LoRA rank for ``finetune: lora``.
-    lora_rank: int = 8
-    #: AIDO.Cell input: ``code`` (log1p data re-normalised as counts, as the reference) or ``intended``.
-    input_mode: str = "code"
-    #: Build a named FM (``aido_cell``, ``scfoundation``) with random weights when no checkpoint is given.
-    #: Without it, a named FM without ``checkpoint`` is an error (a random "FM" must never pass for a real one).
-    random_init: bool = False
-    #: Compute the frozen FM's per-gene embeddings of the control pool once and reuse them (every epoch,
-    #: every trial with the same key): ``auto`` (on for a frozen FM), ``on`` or ``off``.
-    embedding_cache: str = "auto"
-    #: Storage dtype of that cache: ``float32`` (outputs equal to recomputing), ``float16`` or ``bfloat16``.
-    cache_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        _choice("backbone.name", self.name, BACKBONES)
-        _choice("backbone.finetune", self.finetune, FINETUNE_MODES)
-        if self.embedding_cache in ("True", "False"):  # YAML 1.1 reads a bare on/off as a boolean
-            object.__setattr__(self, "embedding_cache", "on" if self.embedding_cache == "True" else "off")
-        _choice("backbone.embedding_cache", self.embedding_cache, EMBEDDING_CACHE_MODES)
-        _choice("backbone.cache_dtype", self.cache_dtype, CACHE_DTYPES)
-        if self.embedding_cache == "on" and not self.is_frozen_foundation_model:
-            raise ConfigError(f"backbone.embedding_cache: 'on' needs a frozen foundation-model backbone "
-                              f"(backbone.finetune=frozen and backbone.name other than 'learned'), got "
-                              f"backbone.name={self.name!r}, backbone.finetune={self.finetune!r}; use 'auto' or 'off'")
-        _choice("backbone.input_mode", self.input_mode, ("code", "intended"))
-        if self.input_mode != "code" and self.name != "aido_cell":
-            raise ConfigError("backbone.input_mode: only the aido_cell backbone has input modes")
-        _check("backbone.hidden_size", self.hidden_size > 0, "a positive integer", self.hidden_size)
-        _check("backbone.heads", self.heads > 0 and self.hidden_size % self.heads == 0,
-               "a positive divisor of backbone.hidden_size", self.heads)
-        _check("backbone.layers", self.layers > 0, "a positive integer", self.layers)
-        _check("backbone.last_k", self.last_k > 0, "a positive integer", self.last_k)
-        _check("backbone.lora_rank", self.lora_rank > 0, "a positive integer", self.lora_rank)
-        if self.name in PRETRAINED_BACKBONES and self.checkpoint is None and not self.random_init:
-            raise ConfigError(f"backbone.checkpoint: the {self.name} backbone needs its pretrained weights "
-                              "(a checkpoint directory); set backbone.random_init=true to run it with random "
-                              "weights on purpose (results are then labelled 'random FM')")
-        if self.random_init and self.checkpoint is not None:
-            raise ConfigError("backbone.random_init: true, but backbone.checkpoint is set; choose one")
-
-    @property
-    def weights_are_random(self) -> bool:
-        """Whether the FM's weights are random (``tiny``, or a named FM with ``random_init``)."""
-        return self.is_foundation_model and self.checkpoint is None
-
-    @property
-    def is_foundation_model(self) -> bool:
-        """Whether the backbone is an FM (``learned`` = FM off: a trained per-gene embedding instead)."""
-        return self.name != "learned"
-
-    @property
-    def is_frozen_foundation_model(self) -> bool:
-        """Whether the backbone is an FM that does not train (its embeddings depend on the cell only)."""
-        return self.is_foundation_model and self.finetune == "frozen"
-
-    @property
-    def wants_embedding_cache(self) -> bool:
-        """Whether ``embedding_cache`` asks for the cache (``on``, or ``auto`` with a frozen FM)."""
-        return self.embedding_cache == "on" or (self.embedding_cache == "auto" and self.is_frozen_foundation_model)
-
-
-@dataclass(frozen=True)
 class AdapterConfig:
     """The perturbation adapter (PA) with its GO attention mask (AM).
 
@@ -276,65 +213,23 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Which model: the PertAdapt network or one of the simple baselines."""
-
-    name: str = "pertadapt"
-    #: Width D of gene tokens inside the adapter and head (paper: 512).
-    hidden_size: int = 512
-    #: Hidden width of the head's recovery MLP (paper: 2 x hidden), also in the FM-baseline decoder.
-    head_hidden: int = 1024
-    #: Initialisation of the head's per-gene output weights and biases (``HEAD_INITS``).
-    head_init: str = "xavier"
-    #: Co-expression graph of the FM-baseline decoder (PA off, ``adapter.off_mode: decoder``), built as
-    #: GEARS does from the training cells: per gene its ``coexpress_top_k`` most co-expressed genes plus
-    #: itself, kept where |Pearson r| > ``coexpress_threshold``.
-    coexpress_top_k: int = 20
-    coexpress_threshold: float = 0.4
-    #: Principal components and ridge penalty of ``baseline_linear``.
-    linear_k: int = 10
-    linear_ridge: float = 0.1
-
-    def __post_init__(self) -> None:
-        _choice("model.name", self.name, MODELS)
-        _check("model.hidden_size", self.hidden_size > 0, "a positive integer", self.hidden_size)
-        _check("model.head_hidden", self.head_hidden > 0, "a positive integer", self.head_hidden)
-        _choice("model.head_init", self.head_init, HEAD_INITS)
-        _check("model.coexpress_top_k", self.coexpress_top_k > 0, "a positive integer", self.coexpress_top_k)
-        _check("model.coexpress_threshold", 0.0 <= self.coexpress_threshold < 1.0, "a value in [0, 1)",
-               self.coexpress_threshold)
-        _check("model.linear_k", self.linear_k > 0, "a positive integer", self.linear_k)
-        _check("model.linear_ridge", self.linear_ridge >= 0, "a non-negative float", self.linear_ridge)
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Training loss: ``adaptive`` (L_adapt), ``mse`` or ``gears`` (autofocus + direction)."""
-
-    name: str = "adaptive"
-    #: ``code`` (w_all = 2, as shipped) or ``intended`` (w_all = sg((L_DE + L_all) / L_all)).
-    variant: str = "code"
-    gears_gamma: float = 2.0
-    gears_direction_lambda: float = 0.1
-    #: Multiplier before backward (the reference uses 5.0).
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _choice("loss.name", self.name, LOSSES)
-        _choice("loss.variant", self.variant, ("code", "intended"))
-        _check("loss.scale", self.scale > 0, "a positive float", self.scale)
-        _check("loss.gears_gamma", self.gears_gamma >= 0, "a non-negative float", self.gears_gamma)
-        _check("loss.gears_direction_lambda", self.gears_direction_lambda >= 0, "a non-negative float",
-               self.gears_direction_lambda)
-
-
-@dataclass(frozen=True)
 class OptimConfig:
-    """Adam + StepLR as in the paper; ``batch_size`` cells per optimiser step."""
+    """Optimiser and learning-rate schedule (paper: Adam + StepLR 0.5/epoch); ``batch_size`` cells per step."""
 
+    #: ``adam`` (paper; L2 weight decay added to the gradient), ``adamw`` (decoupled weight decay) or ``sgd``.
+    name: str = "adam"
     lr: float = 0.01
     weight_decay: float = 5e-4
+    #: SGD momentum (``optim.name: sgd`` only).
+    momentum: float = 0.0
+    #: ``step`` (× ``step_gamma`` every epoch, paper), ``cosine`` (from ``lr`` to 0 over every optimiser step
+    #: after the warmup) or ``constant``.
+    schedule: str = "step"
     step_gamma: float = 0.5
+    #: Linear warmup from ``lr / warmup`` to ``lr`` over the first optimiser steps: ``warmup_steps`` steps,
+    #: or ``warmup_epochs`` whole epochs (at most one of them non-zero); the schedule starts after it.
+    warmup_epochs: int = 0
+    warmup_steps: int = 0
     epochs: int = 20
     batch_size: int = 32
     micro_batch_size: int = 4
@@ -356,6 +251,16 @@ class OptimConfig:
                "an integer >= optim.micro_batch_size", self.batch_size)
         _check("optim.weight_decay", self.weight_decay >= 0, "a non-negative float", self.weight_decay)
         _check("optim.step_gamma", 0.0 < self.step_gamma <= 1.0, "a factor in (0, 1]", self.step_gamma)
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+        _check("optim.momentum", 0.0 <= self.momentum < 1.0, "a value in [0, 1)", self.momentum)
+        if self.momentum and self.name != "sgd":
+            raise ConfigError(f"optim.momentum: only the sgd optimiser has a momentum option (optim.name is "
+                              f"{self.name!r}); remove it or set optim.name=sgd")
+        _check("optim.warmup_epochs", self.warmup_epochs >= 0, "an integer >= 0", self.warmup_epochs)
+        _check("optim.warmup_steps", self.warmup_steps >= 0, "an integer >= 0", self.warmup_steps)
+        if self.warmup_epochs and self.warmup_steps:
+            raise ConfigError("optim.warmup_epochs / optim.warmup_steps: give one of them, not both")
         _check("optim.clip_value", self.clip_value is None or self.clip_value > 0, "a positive float or null",
                self.clip_value)
         _choice("optim.clip_mode", self.clip_mode, CLIP_MODES)
@@ -451,10 +356,11 @@ class RunConfig:
     seed: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     go: GOConfig = field(default_factory=GOConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    #: Components (:mod:`pertadapt.config.components`): each block's ``name`` picks its option dataclass.
+    model: ModelOptions = field(default_factory=PertAdaptNetwork)
+    backbone: BackboneOptions = field(default_factory=TinyBackbone)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossOptions = field(default_factory=AdaptiveLoss)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -496,7 +402,7 @@ class RunConfig:
     @property
     def is_baseline(self) -> bool:
         """Whether the model is one of the simple baselines (fit on condition means; no engine, no Ray)."""
-        return self.model.name in BASELINE_MODELS
+        return self.model.is_baseline
 
     @property
     def uses_fm_decoder(self) -> bool:

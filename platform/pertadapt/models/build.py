@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from pertadapt.config.components import FoundationModelBackbone
 from pertadapt.config.schema import RunConfig
 from pertadapt.models.adapter import PerturbationAdapter
 from pertadapt.models.attention import SparseMask
@@ -18,10 +17,9 @@ from pertadapt.models.backbones.registry import build_backbone
 from pertadapt.models.decoder import GearsDecoder
 from pertadapt.models.finetune import apply_finetune
 from pertadapt.models.head import GeneHead
-from pertadapt.models.losses import LOSSES
+from pertadapt.models.losses import LOSSES, LossFn
 from pertadapt.models.pertadapt_model import PertAdaptModel
 from pertadapt.models.perturbation import PerturbationEncoder
-from pertadapt.types import Batch, LossOutput
 
 __all__ = ["ModelInputs", "build_backbone_for", "build_loss", "build_model"]
 
@@ -65,11 +63,7 @@ def build_backbone_for(cfg: RunConfig, inputs: ModelInputs) -> nn.Module:
     FM off (``backbone.name: learned``) is a full-width ``N × model.hidden_size`` gene embedding (no
     rank-limiting projection).
     """
-    bcfg = cfg.backbone
-    extra = {"input_mode": bcfg.input_mode} if bcfg.name == "aido_cell" else {}
-    width = bcfg.hidden_size if bcfg.is_foundation_model else cfg.model.hidden_size
-    return build_backbone(bcfg.name, checkpoint=bcfg.checkpoint, genes=inputs.genes, hidden_size=width,
-                          layers=bcfg.layers, heads=bcfg.heads, **extra)
+    return build_backbone(cfg.backbone, genes=inputs.genes, width=cfg.model.hidden_size)
 
 
 def build_model(cfg: RunConfig, inputs: ModelInputs, *, backbone: nn.Module | None = None,
@@ -125,27 +119,15 @@ def build_model(cfg: RunConfig, inputs: ModelInputs, *, backbone: nn.Module | No
                                           attention_impl=acfg.attention_impl)
         head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden, init=cfg.model.head_init)
         model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject)
-    if bcfg.is_foundation_model and embeddings is None:  # cached: the model holds no FM to fine-tune
+    if isinstance(bcfg, FoundationModelBackbone) and embeddings is None:  # cached: no FM to fine-tune
         apply_finetune(model.backbone, bcfg.finetune, last_k=bcfg.last_k, lora_rank=bcfg.lora_rank)
     return model
 
 
-def build_loss(cfg: RunConfig, inputs: ModelInputs) -> Callable[[torch.Tensor, Batch], LossOutput]:
+def build_loss(cfg: RunConfig, inputs: ModelInputs) -> LossFn:
     """Bind the configured loss to its options: ``(pred, batch) -> LossOutput``."""
-    lcfg = cfg.loss
-    fn = LOSSES[lcfg.name]
-    if lcfg.name == "adaptive":
-        return functools.partial(fn, variant=lcfg.variant)
-    if lcfg.name == "gears":
-        return _GearsLoss(torch.from_numpy(inputs.ctrl_mean.astype(np.float32)), lcfg.gears_gamma,
-                          lcfg.gears_direction_lambda)
-    return fn
-
-
-class _GearsLoss:
-    def __init__(self, ctrl_mean: torch.Tensor, gamma: float, direction_lambda: float) -> None:
-        self.ctrl_mean, self.gamma, self.direction_lambda = ctrl_mean, gamma, direction_lambda
-
-    def __call__(self, pred: torch.Tensor, batch: Batch) -> LossOutput:
-        return LOSSES["gears"](pred, batch, ctrl_mean=self.ctrl_mean.to(pred.device), gamma=self.gamma,
-                               direction_lambda=self.direction_lambda)
+    try:
+        builder = LOSSES[cfg.loss.name]
+    except KeyError:
+        raise ValueError(f"loss.name: unknown loss {cfg.loss.name!r}; valid: {', '.join(sorted(LOSSES))}") from None
+    return builder(cfg.loss, inputs)

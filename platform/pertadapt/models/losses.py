@@ -7,12 +7,21 @@ in the batch); none reads AnnData.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from pertadapt.config.components import LOSS_OPTIONS, AdaptiveLoss, GearsLoss, LossOptions, MseLoss
 from pertadapt.types import Batch, LossOutput
 
-__all__ = ["LOSSES", "adaptive_loss", "gears_loss", "mse_loss"]
+if TYPE_CHECKING:
+    from pertadapt.models.build import ModelInputs
+
+__all__ = ["LOSSES", "LossFn", "adaptive_loss", "gears_loss", "mse_loss", "register_loss"]
+
+#: A bound loss: ``(pred (B, N), batch) -> LossOutput``.
+LossFn = Callable[[torch.Tensor, Batch], LossOutput]
 
 
 def _groups(batch: Batch) -> list[torch.Tensor]:
@@ -92,5 +101,33 @@ def mse_loss(pred: torch.Tensor, batch: Batch) -> LossOutput:
     return LossOutput(loss, {"loss_mse": loss.detach()}, {})
 
 
-#: Closed registry: loss name → function ``(pred, batch, **options) -> LossOutput``.
-LOSSES: dict[str, Callable[..., LossOutput]] = {"adaptive": adaptive_loss, "gears": gears_loss, "mse": mse_loss}
+def _adaptive(options: AdaptiveLoss, inputs: ModelInputs) -> LossFn:
+    return lambda pred, batch: adaptive_loss(pred, batch, variant=options.variant)
+
+
+def _mse(options: MseLoss, inputs: ModelInputs) -> LossFn:
+    return mse_loss
+
+
+def _gears(options: GearsLoss, inputs: ModelInputs) -> LossFn:
+    ctrl_mean = torch.from_numpy(inputs.ctrl_mean.astype(np.float32))
+    return lambda pred, batch: gears_loss(pred, batch, ctrl_mean=ctrl_mean.to(pred.device), gamma=options.gamma,
+                                          direction_lambda=options.direction_lambda)
+
+
+#: Registry: loss name → builder ``(options, inputs) -> LossFn``, ``options`` being the loss's block (the
+#: dataclass registered under the same name in ``config.components.LOSS_OPTIONS``).
+LOSSES: dict[str, Callable[..., LossFn]] = {"adaptive": _adaptive, "gears": _gears, "mse": _mse}
+
+
+def register_loss(options: type[LossOptions], builder: Callable[..., LossFn]) -> None:
+    """Add a loss: its option dataclass (``name`` default = the loss's name) and its builder.
+
+    Parameters
+    ----------
+    options
+        A frozen dataclass deriving from :class:`~pertadapt.config.components.LossOptions`.
+    builder
+        ``(options, inputs: ModelInputs) -> LossFn``.
+    """
+    LOSSES[LOSS_OPTIONS.register(options).name] = builder

@@ -24,7 +24,8 @@ overrides are the union of its levels' (two levels setting one key to different 
 Every arm × seed × dataset × backbone is turned into a :class:`RunConfig` here, so a bad key fails
 before any cluster starts. Overrides from the command line apply to every trial (after the arm's), or,
 spelled ``datasets.<name>.<key>=value`` / ``backbones.<name>.<key>=value``, to one named set as if
-written there (so an arm still overrides them: an FM-off arm ignores a backbone set's checkpoint).
+written there (so an arm still overrides them: an FM-off arm, ``backbone.name: learned``, drops a
+backbone set's other ``backbone.*`` keys, as a component switch does; :func:`pertadapt.config.load.merge_dotted`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pertadapt.config.load import (
     dotted_to_nested,
     load_run_config,
     load_typed,
+    merge_dotted,
     read_yaml,
     resolve_config_path,
 )
@@ -223,7 +225,7 @@ def load_ablation(path: str | Path, *, extra_overrides: Mapping[str, Any] | None
     for (ds, ds_o), (bb, bb_o), (arm, arm_o) in itertools.product(
             sets["datasets"].items(), sets["backbones"].items(), arms.items()):
         engine = spec.engine_overrides() if arm not in BASELINE_ARMS else {}
-        shared = {**ds_o, **bb_o, **engine, **arm_o, **extra, "logging.group": f"{spec.name}/{arm}"}
+        shared = {**merge_dotted(ds_o, bb_o, engine, arm_o, extra), "logging.group": f"{spec.name}/{arm}"}
         first = spec.seeds[0]
         try:
             cfg = load_run_config(base, extra=dotted_to_nested(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pertadapt.config.components import COMPONENTS
 from pertadapt.config.load import (
     dotted_to_nested,
     load_run_config,
@@ -30,7 +31,7 @@ from pertadapt.config.load import (
     read_yaml,
     resolve_config_path,
 )
-from pertadapt.config.schema import ConfigError
+from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.config.sweep_schema import SearchSpaceFile
 
 __all__ = ["Dimension", "SearchSpace", "load_search_space"]
@@ -70,9 +71,15 @@ def _dimension(path: Path, key: str, spec: Any) -> Dimension:
         dim, samples = Dimension(key, spec.type, values=tuple(spec.values)), list(spec.values)
     else:
         dim, samples = Dimension(key, spec.type, float(spec.low), float(spec.high)), [spec.low, spec.high]
+    section, _, option = key.partition(".")
+    owners = [n for n in COMPONENTS[section].names() if option in COMPONENTS[section].keys(n)] if (
+        section in COMPONENTS and option != "name") else []
+    # a component's option (loss.gamma) is checked on a component that has it (the arm decides which one runs)
+    context = {f"{section}.name": owners[0]} if owners and option not in COMPONENTS[section].keys(
+        getattr(RunConfig(), section).name) else {}
     for v in samples:
         try:
-            load_run_config(None, extra=dotted_to_nested({key: v}))
+            load_run_config(None, extra=dotted_to_nested({**context, key: v}))
         except ConfigError as e:
             raise ConfigError(f"{where}: value {v!r} is not valid: {e}") from e
     return dim

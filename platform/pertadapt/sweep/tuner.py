@@ -32,8 +32,9 @@ from pertadapt.config.load import (
     config_hash,
     config_to_dict,
     dotted_to_nested,
-    load_run_config,
+    load_typed,
 )
+from pertadapt.config.schema import RunConfig
 from pertadapt.files import sha256_bytes
 from pertadapt.remote import RunMirror, is_uri, pull_tree, under
 from pertadapt.sweep.ablation import Ablation, Trial
@@ -71,14 +72,8 @@ _CHECKPOINT_DIRS = ("ckpt",)
 
 
 def _apply_params(run_dict: dict[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
-    return config_to_dict(load_run_config(None, extra=_merge(run_dict, dotted_to_nested(params))))
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-    return out
+    # two layers, so that a sampled component name (loss.name) switches the block as an override does
+    return config_to_dict(load_typed(RunConfig, "<trial + search sample>", run_dict, dotted_to_nested(params)))
 
 
 def _trial_fn(config: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pertadapt.config.components import AidoCellBackbone, FoundationModelBackbone
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.dataset import PerturbData
 from pertadapt.files import atomic_write, atomic_write_json, cache_dir, sha256_bytes, sha256_file
@@ -98,11 +99,14 @@ def cache_key_parts(cfg: RunConfig, data_hashes: dict[str, str], pool: np.ndarra
         The backbone as built for this run (its weights are hashed).
     """
     b = cfg.backbone
+    if not isinstance(b, FoundationModelBackbone):
+        raise ValueError(f"backbone.name={b.name!r}: only a foundation model's embeddings are cached")
     return {
         "format": _FORMAT,
         "weights_sha256": weights_sha256(backbone),
         "backbone": {"name": b.name, "class": type(backbone).__qualname__, "code_sha256": _code_sha256(backbone),
-                     "hidden_size": b.hidden_size, "layers": b.layers, "heads": b.heads, "input_mode": b.input_mode},
+                     "hidden_size": b.hidden_size, "layers": b.layers, "heads": b.heads,
+                     "input_mode": b.input_mode if isinstance(b, AidoCellBackbone) else "code"},
         "torch": torch.__version__,
         "data_sha256": data_hashes["data_sha256"],
         "gene_order_sha256": data_hashes["gene_order_sha256"],
@@ -285,6 +289,8 @@ def prepare_embedding_cache(cfg: RunConfig, data: PerturbData, data_hashes: dict
         With ``embedding_cache: on``, when the table does not fit on disk (``auto`` logs it and recomputes).
     """
     b = cfg.backbone
+    if not isinstance(b, FoundationModelBackbone):
+        return None, {"used": False, "reason": f"backbone.name={b.name} is not a foundation model"}
     if not b.wants_embedding_cache:
         return None, {"used": False, "reason": f"backbone.embedding_cache={b.embedding_cache}"
                       + ("" if b.embedding_cache == "off" else " and the backbone is not a frozen FM")}

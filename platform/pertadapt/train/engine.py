@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pertadapt.config.deepspeed import read_deepspeed_json
-from pertadapt.config.schema import ConfigError, RunConfig
+from pertadapt.config.schema import ConfigError, OptimConfig, RunConfig
 from pertadapt.train.checkpoint import (
     CheckpointError,
     Codec,
@@ -33,7 +33,7 @@ from pertadapt.train.checkpoint import (
 )
 from pertadapt.types import Batch
 
-__all__ = ["CLIPPERS", "ENGINES", "DeepSpeedEngine", "Engine", "TorchEngine", "ValueClipper", "build_engine",
+__all__ = ["CLIPPERS", "ENGINES", "OPTIMIZERS", "DeepSpeedEngine", "Engine", "TorchEngine", "ValueClipper", "build_engine",
            "consolidated_state_dict", "deepspeed_config"]
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,18 @@ class ValueClipper:
         self.accumulated.clear()
 
 
+#: Registry: ``optim.name`` → builder ``(params, optim config) -> torch optimiser`` (the DeepSpeed engine
+#: takes the same one as its client optimiser). ``adam`` adds ``weight_decay × θ`` to the gradient (L2, the
+#: paper); ``adamw`` decays the weights directly (decoupled); ``sgd`` with ``momentum``.
+OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], OptimConfig], torch.optim.Optimizer]] = {
+    "adam": lambda params, o: torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay),
+    "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay),
+    "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum),
+}
+
+
 def _optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    return OPTIMIZERS[cfg.optim.name](params, cfg.optim)
 
 
 #: Torch engine: the optimiser's ``state_dict()`` as a :func:`~pertadapt.train.checkpoint.save_tree` file.
@@ -305,7 +315,7 @@ def _safe_checkpoint_engine() -> Any:
 
 
 class DeepSpeedEngine:
-    """DeepSpeed ZeRO 0–3 engine (gloo on CPU, NCCL on GPU), client torch Adam optimiser.
+    """DeepSpeed ZeRO 0–3 engine (gloo on CPU, NCCL on GPU), client torch optimiser (``optim.name``).
 
     Parameters
     ----------

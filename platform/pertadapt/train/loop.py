@@ -24,6 +24,7 @@ from pertadapt.eval import Metrics, score_predictions
 from pertadapt.files import atomic_write_text
 from pertadapt.train.checkpoint import Checkpoints, record_attempt, record_nonfinite
 from pertadapt.train.engine import Engine
+from pertadapt.train.schedule import LRSchedule
 from pertadapt.train.timeline import mark
 from pertadapt.types import Batch, LossOutput
 
@@ -166,7 +167,7 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
         ``nonfinite.json`` go.
     report
         Called on every rank with each epoch's row, after the epoch's checkpoint was saved: ``epoch``,
-        ``lr``, ``train_loss`` and the loss components (``train_<component>``) and weights
+        ``lr`` (of the epoch's first optimiser step, ``optim.schedule``), ``train_loss`` and the loss components (``train_<component>``) and weights
         (``loss_weight_<name>``), and the validation metrics.
     checkpoints
         Where each epoch's checkpoint goes and the selected one is read back from.
@@ -190,16 +191,18 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
         record_attempt(run_dir, start if resumed is not None else None)
         _keep_history(history, start)
     select, sign = cfg.eval.select_metric, (1.0 if cfg.eval.select_mode == "min" else -1.0)
+    per_step = max(1, o.batch_size // (o.micro_batch_size * engine.world_size))
+    steps = len(train_cells) // o.batch_size
+    schedule = LRSchedule(o, steps if o.max_steps_per_epoch is None else min(steps, o.max_steps_per_epoch))
     for epoch in range(start, o.epochs):
         engine.train(True)
-        engine.set_lr(o.lr * o.step_gamma ** epoch)
         order = _epoch_order(len(train_cells), o.batch_size, cfg.seed, epoch, engine.rank, engine.world_size)
         batches = _micro_batches(order, o.micro_batch_size)
         if o.max_steps_per_epoch is not None:
-            per_step = max(1, o.batch_size // (o.micro_batch_size * engine.world_size))
             batches = batches[: o.max_steps_per_epoch * per_step]
         records = []
         for step, items in enumerate(batches):
+            engine.set_lr(schedule.lr(epoch, step // per_step))
             batch = train_cells.batch(items)
             out = loss_fn(engine.forward(batch), batch)
             rec = _loss_record(out)
@@ -212,7 +215,7 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
             engine.step()
             records.append(rec)
         val_metrics = evaluate(engine, val, "val", cfg.eval.batch_size)[0].flat("val")
-        row = {"epoch": epoch, "lr": o.lr * o.step_gamma ** epoch,
+        row = {"epoch": epoch, "lr": schedule.lr(epoch, 0),
                **_epoch_loss_row(engine.gather(records)), **val_metrics}
         if select not in val_metrics:
             raise KeyError(f"eval.select_metric: {select!r} is not a validation metric "

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from pertadapt.baselines import fit_baseline
+from pertadapt.config.components import LinearBaseline, PretrainedBackbone
 from pertadapt.config.load import config_hash, config_to_dict
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.keys import CONTROL
@@ -65,7 +66,7 @@ def backbone_weights(cfg: RunConfig) -> str:
     b = cfg.backbone
     if cfg.is_baseline or not b.is_foundation_model:
         return "none (FM off)" if not cfg.is_baseline else "none (baseline)"
-    if b.weights_are_random:
+    if not isinstance(b, PretrainedBackbone) or b.checkpoint is None:
         return "random"
     path = Path(b.checkpoint)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -127,8 +128,9 @@ def _write_run_files(cfg: RunConfig, run_dir: Path, rd: RunData, ranks: list[dic
 def _run_baseline(cfg: RunConfig, rd: RunData) -> tuple[int, Metrics, Metrics, dict[str, np.ndarray]]:
     d = rd.data
     means = d.condition_means
-    model = fit_baseline(cfg.model.name, {c: means[c] for c in rd.split.train}, d.ctrl_mean,
-                         linear_k=cfg.model.linear_k, linear_ridge=cfg.model.linear_ridge, gene_names=d.genes)
+    knobs = {"linear_k": cfg.model.k, "linear_ridge": cfg.model.ridge} if isinstance(cfg.model, LinearBaseline) else {}
+    model = fit_baseline(cfg.model.name, {c: means[c] for c in rd.split.train}, d.ctrl_mean, gene_names=d.genes,
+                         **knobs)
     scored = []
     for conds, groups in ((rd.split.val, rd.split.val_subgroups), (rd.split.test, rd.split.subgroups)):
         pred = model.predict([c for c in conds if c != CONTROL])

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pertadapt.config.components import AidoCellBackbone
 from pertadapt.files import atomic_write_json
 from pertadapt.models.backbones.checkpoint import (
     CheckpointError,
@@ -75,7 +76,7 @@ from pertadapt.models.backbones.layers import (
     SoftBinNames,
 )
 
-__all__ = ["AIDOCell", "AIDOCellConfig", "AIDOCellLayer", "build_aido_cell"]
+__all__ = ["AIDOCell", "AIDOCellConfig", "AIDOCellLayer", "aido_cell_from_options", "build_aido_cell"]
 
 log = logging.getLogger(__name__)
 
@@ -448,3 +449,9 @@ def build_aido_cell(*, checkpoint: str | None, genes: Sequence[str] | None, hidd
 
     return build_or_load(checkpoint, genes, random_init=random_init, what="aido_cell",
                          load=lambda path: AIDOCell.from_pretrained_dir(path, input_mode=input_mode))
+
+
+def aido_cell_from_options(options: AidoCellBackbone, *, genes: Sequence[str] | None, width: int) -> AIDOCell:
+    """Registry builder for ``backbone: {name: aido_cell, ...}`` (see :func:`build_aido_cell`; ``width`` unused)."""
+    return build_aido_cell(checkpoint=options.checkpoint, genes=genes, hidden_size=options.hidden_size,
+                           layers=options.layers, heads=options.heads, input_mode=options.input_mode)

@@ -1,37 +1,41 @@
-"""Closed registry of backbones by name (the names of ``pertadapt.config.schema.BACKBONES``)."""
+"""Registry of backbones by name: name → builder from the backbone's options (``config.components``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from pertadapt.models.backbones.aido_cell import build_aido_cell
-from pertadapt.models.backbones.scfoundation import build_scfoundation
-from pertadapt.models.backbones.tiny import build_learned, build_tiny
+from pertadapt.config.components import BACKBONE_OPTIONS, BackboneOptions
+from pertadapt.models.backbones.aido_cell import aido_cell_from_options
+from pertadapt.models.backbones.scfoundation import scfoundation_from_options
+from pertadapt.models.backbones.tiny import learned_from_options, tiny_from_options
 
 __all__ = ["BACKBONES", "build_backbone"]
 
-#: name → builder taking ``(*, checkpoint, genes, hidden_size, layers, heads)`` (``aido_cell`` also
-#: ``input_mode``) and returning a :class:`~pertadapt.models.backbones.base.Backbone` module.
+#: name → builder ``(options, *, genes, width) -> Backbone``: ``options`` is the backbone's block (the
+#: dataclass registered under the same name in ``config.components.BACKBONE_OPTIONS``), ``genes`` the
+#: data's gene order (``None``: a checkpoint's own vocabulary, or the bundled one for a random init) and
+#: ``width`` the model's token width (the width of ``learned``).
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "tiny": build_tiny,
-    "learned": build_learned,
-    "aido_cell": build_aido_cell,
-    "scfoundation": build_scfoundation,
+    "tiny": tiny_from_options,
+    "learned": learned_from_options,
+    "aido_cell": aido_cell_from_options,
+    "scfoundation": scfoundation_from_options,
 }
 
 
-def build_backbone(name: str, **kwargs: object) -> nn.Module:
-    """Build a backbone by registry name.
+def build_backbone(options: BackboneOptions, *, genes: Sequence[str] | None, width: int) -> nn.Module:
+    """Build the backbone that ``options`` names.
 
     Parameters
     ----------
-    name
-        A key of :data:`BACKBONES`.
-    **kwargs
-        The builder's keyword arguments (``checkpoint``, ``genes``, ``hidden_size``, ``layers``, ``heads``,
-        and ``input_mode`` for ``aido_cell``).
+    options
+        The backbone's block; ``options.name`` is a key of :data:`BACKBONES`.
+    genes
+        The data's gene order ``(N,)``, or ``None`` (see :data:`BACKBONES`).
+    width
+        The model's token width ``D`` (``model.hidden_size``).
 
     Raises
     ------
@@ -39,7 +43,10 @@ def build_backbone(name: str, **kwargs: object) -> nn.Module:
         For an unknown name, listing the valid ones.
     """
     try:
-        builder = BACKBONES[name]
+        builder = BACKBONES[options.name]
     except KeyError:
-        raise ValueError(f"backbone.name: unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}") from None
-    return builder(**kwargs)
+        raise ValueError(f"backbone.name: unknown backbone {options.name!r}; valid: "
+                         f"{', '.join(sorted(BACKBONES))}") from None
+    if not isinstance(options, BACKBONE_OPTIONS.options(options.name)):
+        raise ValueError(f"backbone.name: {options.name!r} needs its own options, got {type(options).__name__}")
+    return builder(options, genes=genes, width=width)

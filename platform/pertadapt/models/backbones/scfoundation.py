@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pertadapt.config.components import ScFoundationBackbone
 from pertadapt.files import atomic_write
 from pertadapt.models.backbones.checkpoint import (
     CheckpointError,
@@ -65,7 +66,7 @@ from pertadapt.models.backbones.layers import (
     SoftBinNames,
 )
 
-__all__ = ["SCFoundation", "SCFoundationConfig", "build_scfoundation"]
+__all__ = ["SCFoundation", "SCFoundationConfig", "build_scfoundation", "scfoundation_from_options"]
 
 log = logging.getLogger(__name__)
 
@@ -513,3 +514,10 @@ def build_scfoundation(*, checkpoint: str | None, genes: Sequence[str] | None, h
 
     return build_or_load(checkpoint, genes, random_init=random_init, load=SCFoundation.from_pretrained_dir,
                          what="scfoundation")
+
+
+def scfoundation_from_options(options: ScFoundationBackbone, *, genes: Sequence[str] | None,
+                              width: int) -> SCFoundation:
+    """Registry builder for ``backbone: {name: scfoundation, ...}`` (see :func:`build_scfoundation`)."""
+    return build_scfoundation(checkpoint=options.checkpoint, genes=genes, hidden_size=options.hidden_size,
+                              layers=options.layers, heads=options.heads)

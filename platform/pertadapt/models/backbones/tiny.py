@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pertadapt.config.components import LearnedBackbone, TinyBackbone
 from pertadapt.models.perturbation import max_norm_rows
 
-__all__ = ["LearnedGeneEmbedding", "TinyTransformer", "build_learned", "build_tiny"]
+__all__ = ["LearnedGeneEmbedding", "TinyTransformer", "build_tiny", "learned_from_options", "tiny_from_options"]
 
 
 class TinyTransformer(nn.Module):
@@ -97,12 +98,12 @@ def build_tiny(*, checkpoint: str | None, genes: Sequence[str], hidden_size: int
     return TinyTransformer(len(genes), hidden_size, layers, heads)
 
 
-def build_learned(*, checkpoint: str | None, genes: Sequence[str], hidden_size: int, layers: int,
-                  heads: int) -> LearnedGeneEmbedding:
-    """Registry builder for ``backbone.name: learned`` (FM off): an ``(N, hidden_size)`` embedding.
+def tiny_from_options(options: TinyBackbone, *, genes: Sequence[str], width: int) -> TinyTransformer:
+    """Registry builder for ``backbone: {name: tiny, hidden_size, layers, heads}`` (``width`` unused)."""
+    return build_tiny(checkpoint=None, genes=genes, hidden_size=options.hidden_size, layers=options.layers,
+                      heads=options.heads)
 
-    ``models.build`` passes ``model.hidden_size`` as ``hidden_size`` (not ``backbone.hidden_size``), so
-    the table has the model's full width. ``checkpoint``, ``layers`` and ``heads`` are ignored, so an
-    ablation's FM-off arm may share a base config that names a pretrained checkpoint.
-    """
-    return LearnedGeneEmbedding(len(genes), hidden_size)
+
+def learned_from_options(options: LearnedBackbone, *, genes: Sequence[str], width: int) -> LearnedGeneEmbedding:
+    """Registry builder for ``backbone: {name: learned}``: an ``(N, width)`` embedding, ``width = model.hidden_size``."""
+    return LearnedGeneEmbedding(len(genes), width)
