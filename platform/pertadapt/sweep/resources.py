@@ -2,9 +2,12 @@
 
 A trial's workers each ask for one bundle (CPUs, GPUs, an ``accelerator_type:<name>`` resource). The
 check compares them with the live nodes and, on an autoscaling cluster, with the node types the
-autoscaler may launch (its config: ``available_node_types`` of a Ray cluster-launcher YAML, which
-``ray up`` leaves on the head as ``~/ray_bootstrap_config.yaml``): a trial that fits neither fails
-naming the key; one that only an autoscaled node type holds is reported with that type's name.
+autoscaler may launch: ``available_node_types`` of a Ray cluster-launcher YAML, which ``ray up`` leaves
+on the head as ``~/ray_bootstrap_config.yaml``, or, without that file (KubeRay), the worker groups the
+autoscaler reported to the cluster's GCS (Ray's autoscaler v2, ``autoscalerOptions.version: v2``). A
+trial that fits neither fails naming the key; one that only an autoscaled node type holds is reported
+with that type's name, and the autoscaler is asked for one such trial's bundles at once
+(``ray.autoscaler.sdk.request_resources``) instead of waiting for Tune's queue to show the demand.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -21,13 +25,16 @@ from pertadapt.config.schema import ConfigError
 from pertadapt.sweep.ablation import Ablation, Trial
 
 __all__ = ["AUTOSCALER_CONFIG", "NodeType", "autoscaler_node_types", "capacity", "check_resources",
-           "cluster_concurrency", "read_node_types", "summed", "worker_bundle"]
+           "cluster_concurrency", "node_types_from_cluster_config", "prepare_cluster", "read_node_types",
+           "release_cluster", "scale_up_bundles", "summed", "worker_bundle"]
 
 log = logging.getLogger(__name__)
 
 #: Where ``ray up`` leaves the autoscaler's config on the head node (the sweep driver runs there).
 AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")
 _KEYS = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}
+#: Nodes counted for a node group the autoscaler may grow without a bound (``max_count`` -1).
+UNBOUNDED = 1024
 
 
 @dataclass(frozen=True)
@@ -174,7 +181,83 @@ def cluster_concurrency(ablation: Ablation, total: Mapping[str, float]) -> int:
     return max(1, min(fits))
 
 
+def node_types_from_cluster_config(config: Any) -> list[NodeType]:
+    """The node groups of the cluster config an autoscaler reports to the GCS (``autoscaler_pb2.ClusterConfig``).
+
+    Groups that can hold no node (``max_count`` 0) or offer no resource are left out; an unbounded group
+    (``max_count`` -1) counts as :data:`UNBOUNDED` nodes.
+    """
+    if config is None:
+        return []
+    out = []
+    for group in config.node_group_configs:
+        if group.max_count == 0 or not group.resources:
+            continue
+        count = UNBOUNDED if group.max_count < 0 else int(group.max_count)
+        out.append(NodeType(group.name, {str(k): float(v) for k, v in group.resources.items()}, count))
+    return out
+
+
 def autoscaler_node_types(path: Path = AUTOSCALER_CONFIG) -> list[NodeType]:
-    """The autoscaler's worker node types when its config is on this machine (a ``ray up`` head), else none."""
+    """The autoscaler's worker node types: its config on this machine (a ``ray up`` head), else the node
+    groups it reported to the GCS of the cluster this process joined (KubeRay with autoscaler v2), else none."""
     path = path.expanduser()
-    return read_node_types(path) if path.is_file() else []
+    if path.is_file():
+        return read_node_types(path)
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    from ray._private.state import state
+
+    return node_types_from_cluster_config(state.get_cluster_config())
+
+
+def scale_up_bundles(ablation: Ablation, scaled: Mapping[str, str]) -> list[dict[str, float]]:
+    """The worker bundles of the largest trial that waits for the autoscaler (empty when none waits)."""
+    waiting = [t for t in ablation.trials if t.key in scaled]
+    if not waiting:
+        return []
+    largest = max(waiting, key=lambda t: tuple(sorted(_trial_need(t).items())))
+    return [dict(worker_bundle(largest)) for _ in range(_workers(largest))]
+
+
+def prepare_cluster(ablation: Ablation) -> tuple[list[dict[str, float]], list[NodeType]]:
+    """The pre-check of a sweep on the Ray cluster this process joined, before any trial is queued.
+
+    Reads the live nodes and the autoscaler's node types (:func:`autoscaler_node_types`), checks every trial
+    (:func:`check_resources`) and, when some trial waits for the autoscaler, asks it for that trial's
+    bundles (``ray.autoscaler.sdk.request_resources``) so the nodes start now; :func:`release_cluster`
+    withdraws the request when the sweep ends.
+
+    Returns
+    -------
+    tuple
+        The live nodes' resources and the autoscaler's node types.
+
+    Raises
+    ------
+    ConfigError
+        From :func:`check_resources`: a trial that neither the live nodes nor any node type can hold.
+    """
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    types = autoscaler_node_types()
+    if types:
+        log.info("autoscaler node types: %s", ", ".join(f"{nt.name} (up to {nt.max_workers})" for nt in types))
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    bundles = scale_up_bundles(ablation, check_resources(ablation, nodes, types))
+    if bundles:
+        log.info("asking the autoscaler for %d bundle(s) %s", len(bundles), bundles[0])
+        request_resources(bundles=bundles)
+    return nodes, types
+
+
+def release_cluster() -> None:
+    """Withdraw the sweep's standing request to the autoscaler (idle nodes may then scale down)."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    if ray.is_initialized():
+        request_resources(bundles=[])
