@@ -302,7 +302,8 @@ def test_placeholders_are_notes_until_ready(path: Path, tmp_path: Path, caplog: 
     with caplog.at_level(logging.WARNING, logger="pertadapt.cli.cluster"):
         assert runner.invoke(_app(), ["cluster", "validate", str(path)]).exit_code == 0
     notes = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert notes and all("to edit before launching" in m for m in notes)
+    assert notes
+    assert all("to edit before launching" in m for m in notes)
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="pertadapt.cli.cluster"):
         assert runner.invoke(_app(), ["cluster", "validate", "--ready", str(path)]).exit_code == 2
@@ -329,7 +330,8 @@ def test_each_placeholder_kind_is_named_at_its_field() -> None:
                          ids=lambda p: p.name)
 def test_shell_scripts_are_checked_as_shell(script: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (report,) = validate_file(script)
-    assert report.ok and report.kind is ClusterKind.SHELL
+    assert report.ok
+    assert report.kind is ClusterKind.SHELL
     broken = tmp_path / script.name
     lines = script.read_text().splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith(("stop_ray() {", "up() {")))
@@ -339,7 +341,8 @@ def test_shell_scripts_are_checked_as_shell(script: Path, tmp_path: Path, caplog
         res = CliRunner().invoke(_app(), ["cluster", "validate", str(broken)])
     assert res.exit_code == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors and all("(shell script): line " in m for m in errors), errors
+    assert errors
+    assert all("(shell script): line " in m for m in errors), errors
     assert not any("YAML" in m for m in errors)
 
 
