@@ -36,14 +36,15 @@ def test_a_worker_no_node_holds_fails_naming_the_key_even_when_the_cluster_total
 
 def test_a_gpu_trial_on_an_autoscaling_cluster_names_the_node_type_that_holds_it(tmp_path: Path) -> None:
     types = read_node_types(REPO / "cluster" / "ray" / "aws.yaml")
-    assert [(t.name, t.resources, t.max_workers) for t in types] == [("gpu_worker", {"CPU": 48.0, "GPU": 4.0}, 4)]
+    assert [(t.name, t.resources, t.max_workers) for t in types] == [
+        ("gpu_worker", {"CPU": 48.0, "GPU": 4.0, "accelerator_type:A10G": 1.0}, 4)]
     abl = _ablation(tmp_path, "{workers: 4, gpus_per_worker: 2}")  # two g5.12xlarge nodes
     scaled = check_resources(abl, [{"CPU": 0.0}], types)
     assert scaled == {t.key: "gpu_worker" for t in abl.trials}  # no CPU on the head: baselines wait for one too
     # 4 autoscaled nodes × 4 GPUs hold two 8-GPU trials at once
     assert cluster_concurrency(abl, summed(capacity([{"CPU": 0.0}], types))) == 2
     with pytest.raises(ConfigError, match=r"resources\.gpus_per_worker .*autoscaler node types: gpu_worker "
-                                          r"\(CPU 48, GPU 4, up to 4\)"):
+                                          r"\(CPU 48, GPU 4, accelerator_type:A10G 1, up to 4\)"):
         check_resources(_ablation(tmp_path, "{workers: 2, gpus_per_worker: 5}"), [{"CPU": 0.0}], types)
 
 
