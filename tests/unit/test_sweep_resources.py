@@ -53,3 +53,15 @@ def test_an_unreadable_autoscaler_config_names_the_file(tmp_path: Path) -> None:
     bad.write_text("cluster_name: x\n")
     with pytest.raises(ConfigError, match=r"cluster\.yaml: available_node_types"):
         read_node_types(bad)
+
+
+def test_the_gpu_ablation_example_is_the_demo_with_gpu_resources() -> None:
+    demo, gpu = load_ablation(REPO / "ablations" / "demo.yaml"), load_ablation(REPO / "ablations" / "demo_gpu.yaml")
+    assert [t.key for t in gpu.trials] == [t.key for t in demo.trials]
+    model = next(t for t in gpu.trials if t.config.uses_ray_train)
+    assert (model.config.engine.workers, model.config.engine.gpus_per_worker) == (2, 1.0)
+    for recipe in ("aws.yaml", "gcp.yaml"):  # both autoscaled GPU worker types hold every trial
+        types = read_node_types(REPO / "cluster" / "ray" / recipe)
+        assert set(check_resources(gpu, [{"CPU": 0.0}], types).values()) == {"gpu_worker"}
+    with pytest.raises(ConfigError, match=r"resources\.gpus_per_worker"):
+        check_resources(gpu, CPU_NODES)
