@@ -63,5 +63,5 @@ def test_the_gpu_ablation_example_is_the_demo_with_gpu_resources() -> None:
     for recipe in ("aws.yaml", "gcp.yaml"):  # both autoscaled GPU worker types hold every trial
         types = read_node_types(REPO / "cluster" / "ray" / recipe)
         assert set(check_resources(gpu, [{"CPU": 0.0}], types).values()) == {"gpu_worker"}
-    with pytest.raises(ConfigError, match=r"resources\.gpus_per_worker"):
-        check_resources(gpu, CPU_NODES)
+    with pytest.raises(ConfigError, match=r"resources\.gpus_per_worker .*cluster: CPU 16\)"):
+        check_resources(gpu, [{"CPU": 0.0}, {"CPU": 8.0}, {"CPU": 8.0}])  # CPUs enough, no GPU
