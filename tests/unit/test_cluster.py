@@ -368,3 +368,54 @@ def test_a_token_auth_cluster_without_ray_version_is_refused() -> None:
     doc["spec"]["rayVersion"] = "2.53.0"
     doc["spec"]["authOptions"]["enableK8sTokenAuth"] = True  # needs >= 2.55.0
     assert _paths(validate_document(doc).problems) == ["spec.rayVersion"]
+
+
+# --- what the recipes promise: shared storage, worker credentials, W&B not pinned, the GCP driver wait ---
+
+ALL_RECIPES = RAY_FILES + KUBERAY_FILES + [SBATCH, REPO / "cluster" / "local" / "ray-local-cluster.sh"]
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
+def test_no_recipe_pins_the_wandb_mode(path: Path) -> None:
+    assert "WANDB_MODE" not in path.read_text()  # a pinned mode beats the user's key; `auto` is offline without one
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cloud_nodes_mount_shared_storage_for_the_image_user_and_workers_have_credentials(name: str) -> None:
+    cfg = _load(REPO / "cluster" / "ray" / name)
+    worker = cfg["available_node_types"]["gpu_worker"]
+    # node-type initialization_commands replace the top-level ones: both lists must mount /shared
+    for commands in (cfg["initialization_commands"], worker.get("initialization_commands",
+                                                                cfg["initialization_commands"])):
+        mount = next(c for c in commands if "mount -t nfs" in c)
+        assert "/shared" in mount
+        assert "chown 1000:100 /shared" in mount  # the rayproject image's user: ray (uid 1000, gid 100)
+    assert "-v /shared:/shared" in cfg["docker"]["run_options"]
+    node = worker["node_config"]
+    assert ("IamInstanceProfile" in node) if name == "aws.yaml" else ("serviceAccounts" in node)
+    assert any(k.startswith("accelerator_type:") for k in worker["resources"])
+
+
+def test_gcp_gpu_workers_wait_for_the_nvidia_driver_before_docker() -> None:
+    cfg = _load(REPO / "cluster" / "ray" / "gcp.yaml")
+    first = cfg["available_node_types"]["gpu_worker"]["initialization_commands"][0]
+    assert "until" in first
+    assert "nvidia-smi" in first
+    assert first.startswith("timeout ")
+
+
+def test_slurm_gives_srun_overlap_shells_the_token_through_a_private_file() -> None:
+    text = SBATCH.read_text()
+    assert "(umask 077 && printf '%s' \"$RAY_AUTH_TOKEN\" >\"$TOKEN_FILE\")" in text
+    assert 'rm -f "$TOKEN_FILE"' in text.split("stop_ray() {", 1)[1]
+    readme = (REPO / "cluster" / "slurm" / "README.md").read_text()
+    assert "RAY_AUTH_TOKEN_PATH=$HOME/.ray/pertadapt-<jobid>.token" in readme
+
+
+def test_cluster_up_refuses_a_recipe_with_placeholders_before_ray_up(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="pertadapt.cli.cluster"):
+        res = CliRunner().invoke(_app(), ["cluster", "up", str(REPO / "cluster" / "ray" / "aws.yaml")])
+    assert res.exit_code == 2
+    errors = [r.getMessage() for r in caplog.records]
+    assert any("ImageId: placeholder 'REPLACE-ME'" in m for m in errors), errors
+    assert not any("$ ray up" in r.getMessage() for r in caplog.records)

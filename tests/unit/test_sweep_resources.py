@@ -65,3 +65,19 @@ def test_the_gpu_ablation_example_is_the_demo_with_gpu_resources() -> None:
         assert set(check_resources(gpu, [{"CPU": 0.0}], types).values()) == {"gpu_worker"}
     with pytest.raises(ConfigError, match=r"resources\.gpus_per_worker .*cluster: CPU 16\)"):
         check_resources(gpu, [{"CPU": 0.0}, {"CPU": 8.0}, {"CPU": 8.0}])  # CPUs enough, no GPU
+
+
+def test_node_groups_reported_to_the_gcs_become_node_types() -> None:
+    from ray.core.generated import autoscaler_pb2
+
+    from pertadapt.sweep.resources import UNBOUNDED, node_types_from_cluster_config
+
+    config = autoscaler_pb2.ClusterConfig()
+    config.node_group_configs.add(name="headgroup", max_count=0)  # no resources, no nodes: left out
+    gpu = config.node_group_configs.add(name="gpu", min_count=0, max_count=4)
+    gpu.resources.update({"CPU": 8, "GPU": 1})
+    cpu = config.node_group_configs.add(name="cpu", min_count=0, max_count=-1)
+    cpu.resources.update({"CPU": 2})
+    types = node_types_from_cluster_config(config)
+    assert [(t.name, t.resources, t.max_workers) for t in types] == [
+        ("gpu", {"CPU": 8.0, "GPU": 1.0}, 4), ("cpu", {"CPU": 2.0}, UNBOUNDED)]
