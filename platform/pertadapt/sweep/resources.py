@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,12 +220,13 @@ def autoscaler_node_types(path: Path = AUTOSCALER_CONFIG) -> list[NodeType]:
     return node_types_from_cluster_config(state.get_cluster_config())
 
 
-def scale_up_bundles(ablation: Ablation, scaled: Mapping[str, str]) -> list[dict[str, float]]:
-    """The worker bundles of the largest trial that waits for the autoscaler (empty when none waits)."""
-    waiting = [t for t in ablation.trials if t.key in scaled]
-    if not waiting:
+def scale_up_bundles(ablation: Ablation, waiting: Collection[str]) -> list[dict[str, float]]:
+    """The worker bundles (one per worker) of the largest of the trials ``waiting`` (keys) for the autoscaler;
+    empty when none waits."""
+    trials = [t for t in ablation.trials if t.key in waiting]
+    if not trials:
         return []
-    largest = max(waiting, key=lambda t: tuple(sorted(_trial_need(t).items())))
+    largest = max(trials, key=lambda t: tuple(sorted(_trial_need(t).items())))
     return [dict(worker_bundle(largest)) for _ in range(_workers(largest))]
 
 
@@ -272,8 +274,6 @@ def prepare_cluster(ablation: Ablation, *, scale_timeout_s: float = SCALE_TIMEOU
         From :func:`check_resources`: a trial that neither the live nodes nor any node type can hold; or a
         trial no node held after ``scale_timeout_s`` of waiting for an autoscaler.
     """
-    import time
-
     from ray.autoscaler.sdk import request_resources
 
     types = autoscaler_node_types()
@@ -285,10 +285,10 @@ def prepare_cluster(ablation: Ablation, *, scale_timeout_s: float = SCALE_TIMEOU
     except ConfigError as e:
         if types or not autoscaler_v2_runs():
             raise
-        unfit = {t.key: "?" for t in ablation.trials if not _fits(worker_bundle(t), _workers(t), nodes)}
+        unfit = {t.key for t in ablation.trials if not _fits(worker_bundle(t), _workers(t), nodes)}
         bundles = scale_up_bundles(ablation, unfit)
-        log.info("no trial fits the live nodes yet; asking the autoscaler for %s and waiting up to %.0f s",
-                 bundles, scale_timeout_s)
+        log.info("%d trial(s) fit no live node yet; asking the autoscaler for %s and waiting up to %.0f s",
+                 len(unfit), bundles, scale_timeout_s)
         request_resources(bundles=bundles)
         deadline = time.monotonic() + scale_timeout_s
         while True:
