@@ -39,6 +39,13 @@ def storage_root(storage: str | None, sweep_dir: Path) -> str:
     return str(Path(storage.removeprefix("file://")).expanduser().resolve())
 
 
+def _write_probe(root: str) -> None:
+    """Write and delete a probe object under ``root`` (raises :class:`pertadapt.remote.StorageError`)."""
+    target = remote.join(root, f".pertadapt-probe-{os.getpid()}")
+    remote.write_bytes(target, b"pertadapt storage check\n")
+    remote.delete(target)
+
+
 def check_storage(root: str) -> None:
     """Refuse an object store this process cannot write (before anything expensive starts).
 
@@ -49,23 +56,19 @@ def check_storage(root: str) -> None:
     """
     if not remote.is_uri(root):
         return
-    target = remote.join(root, f".pertadapt-probe-{os.getpid()}")
     try:
-        remote.write_bytes(target, b"pertadapt storage check\n")
-        remote.delete(target)
+        _write_probe(root)
     except remote.StorageError as e:
         raise ConfigError(f"--storage: cannot write to {root}: {e} (credentials and endpoint come from this "
                           "shell's environment, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL "
                           "or GOOGLE_APPLICATION_CREDENTIALS)") from e
 
 
-def _probe(root: str) -> str:
-    """Write and delete a probe object under ``root``; this node's IP address (raises :class:`StorageError`)."""
+def _probe_on_node(root: str) -> str:
+    """The Ray task of :func:`check_storage_on_worker`: :func:`_write_probe` there; that node's IP address."""
     import ray
 
-    target = remote.join(root, f".pertadapt-probe-{os.getpid()}")
-    remote.write_bytes(target, b"pertadapt storage check\n")
-    remote.delete(target)
+    _write_probe(root)
     return ray.util.get_node_ip_address()
 
 
@@ -97,7 +100,7 @@ def check_storage_on_worker(root: str) -> str | None:
         log.info("--storage: no node besides the driver's; the driver's check stands for the workers")
         return None
     node = max(others, key=lambda n: n["Resources"].get("GPU", 0.0) + n["Resources"].get("CPU", 0.0))
-    task = ray.remote(num_cpus=0, max_retries=0)(_probe).options(
+    task = ray.remote(num_cpus=0, max_retries=0)(_probe_on_node).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
     try:
         return ray.get(task.remote(root))
