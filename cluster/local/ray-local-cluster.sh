@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # When to use: try the multi-node path on ONE machine (a laptop, a CI box) before a real cluster. It starts a Ray
 # head that offers no CPUs (like a cloud head node) on 127.0.0.2 and N worker "nodes" on 127.0.0.3, 127.0.0.4, ...,
-# each a `ray start --block` process whose PID is kept, all on loopback with token auth (platform-notes §4):
+# each a `ray start --block` process whose PID is kept, all on loopback with token auth (RAY_AUTH_MODE=token):
 #
 #   cluster/local/ray-local-cluster.sh up   DIR [N_WORKERS=2] [CPUS_PER_WORKER=2]
 #   RAY_ADDRESS=127.0.0.2:6390 pertadapt sweep ablations/demo.yaml --out runs/demo      # joins it

@@ -1,8 +1,8 @@
 """A two-node local Ray cluster (head with 0 CPUs on 127.0.0.2, workers on 127.0.0.3 and .4), started and
 stopped by PID through the shipped recipe ``cluster/local/ray-local-cluster.sh``: a sweep joins it with
 ``--address`` and keeps everything on an S3 store (the ``s3_store`` endpoint; every node has the credentials
-in its own environment, as on a real cluster), a sweep is submitted as a Ray job through
-``pertadapt cluster submit``, a node is lost mid-trial with the storage on a shared path."""
+in its own environment, as on a real cluster), the storage probe runs on a worker node, a sweep is submitted as
+a Ray job through ``pertadapt cluster submit``, a node is lost mid-trial with the storage on a shared path."""
 
 from __future__ import annotations
 
@@ -125,6 +125,26 @@ def test_cluster_submit_runs_a_sweep_as_a_ray_job(two_nodes: Path, tmp_path: Pat
     assert "succeeded" in res.stdout + res.stderr
     rows = _rows(out / "results.csv")
     assert [(r["trial"], r["status"]) for r in rows] == [("mean/seed1", "ok")]
+
+
+def test_the_storage_probe_runs_on_a_worker_node(two_nodes: Path, s3_store: str) -> None:
+    """``check_storage_on_worker`` writes the store from a node other than the driver's, with that node's own
+    credentials; a store the workers cannot write fails naming the node."""
+    import ray
+
+    from pertadapt import remote
+    from pertadapt.config import ConfigError
+    from pertadapt.sweep.storage import check_storage_on_worker
+
+    ray.init(address=GCS, log_to_driver=False)
+    try:
+        assert check_storage_on_worker(str(two_nodes)) is None  # a path: nothing to probe
+        assert check_storage_on_worker(remote.join(s3_store, "probe")) in ("127.0.0.3", "127.0.0.4")
+        with pytest.raises(ConfigError, match=r"--storage: worker node 127\.0\.0\.[34] cannot write to "
+                                              r"s3://pertadapt-no-such-bucket/x"):
+            check_storage_on_worker("s3://pertadapt-no-such-bucket/x")
+    finally:
+        ray.shutdown()
 
 
 def _raylet_of(node_ip: str) -> list[int]:

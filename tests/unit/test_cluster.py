@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -82,11 +83,14 @@ def test_rayjob_runs_the_demo_sweep_with_token_auth() -> None:
     assert "pertadapt sweep ablations/demo.yaml --out /shared/runs/demo" in job["spec"]["entrypoint"]
     assert (REPO / "ablations" / "demo.yaml").is_file()
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
-    assert env["WANDB_MODE"] == "offline"
+    assert "WANDB_MODE" not in env  # a pinned mode would beat the user's API key: W&B stays online with a key
     assert env["RAY_AUTH_MODE"] == "token"
     spec = job["spec"]["rayClusterSpec"]
     assert spec["authOptions"] == {"mode": "token"}
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (key,) = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert key == {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key",
+                                                                            "optional": True}}}
 
 
 def test_bogus_key_is_reported_with_its_path() -> None:
@@ -221,3 +225,197 @@ def test_slurm_script_parses_and_uses_token_auth() -> None:
     assert "ray start --block" in text
     assert "trap stop_ray EXIT" in text
     assert 'SWEEP=(pertadapt sweep "$ABLATION" --out "$OUT")' in text
+
+
+# --- the mistakes that pass the schemas: each one in a broken copy of a shipped recipe, exit 2 naming the field ---
+
+def _job() -> dict[str, Any]:
+    return _load(REPO / "cluster" / "kuberay" / "rayjob.yaml")
+
+
+def _raycluster() -> dict[str, Any]:
+    return _load(REPO / "cluster" / "kuberay" / "raycluster.yaml")
+
+
+def _gpu_group(doc: dict[str, Any]) -> dict[str, Any]:
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    return spec["workerGroupSpecs"][0]
+
+
+def _break_gpus_resource(recipe: str) -> tuple[dict[str, Any], str]:
+    cfg = _load(REPO / "cluster" / "ray" / recipe)
+    res = cfg["available_node_types"]["gpu_worker"]["resources"]
+    res["GPUs"] = res.pop("GPU")
+    return cfg, "available_node_types.gpu_worker.resources.GPUs"
+
+
+def _break_nvidia_gpus(doc: dict[str, Any], prefix: str) -> tuple[dict[str, Any], str]:
+    limits = _gpu_group(doc)["template"]["spec"]["containers"][0]["resources"]["limits"]
+    limits["nvidia.com/gpus"] = limits.pop("nvidia.com/gpu")
+    return doc, f"{prefix}workerGroupSpecs[0].template.spec.containers[0].resources.limits.nvidia.com/gpus"
+
+
+def _break_replicas(doc: dict[str, Any], prefix: str) -> tuple[dict[str, Any], str]:
+    _gpu_group(doc).update(minReplicas=5, maxReplicas=4)
+    return doc, f"{prefix}workerGroupSpecs[0].minReplicas"
+
+
+def _break_image(doc: dict[str, Any], prefix: str) -> tuple[dict[str, Any], str]:
+    del _gpu_group(doc)["template"]["spec"]["containers"][0]["image"]
+    return doc, f"{prefix}workerGroupSpecs[0].template.spec.containers[0].image"
+
+
+def _break_ray_version(doc: dict[str, Any], prefix: str) -> tuple[dict[str, Any], str]:
+    doc["spec"].get("rayClusterSpec", doc["spec"])["rayVersion"] = "2.46.0"  # authOptions needs >= 2.52.0
+    return doc, f"{prefix}rayVersion"
+
+
+def _break_entrypoint(doc: dict[str, Any], prefix: str) -> tuple[dict[str, Any], str]:
+    doc["spec"]["entrypoint"] = "cd $HOME/pertadapt && pertadapt sweep ablations/demo.yaml --out /shared/runs/demo"
+    return doc, "spec.entrypoint"
+
+
+_KUBERAY_BREAKS = [_break_nvidia_gpus, _break_replicas, _break_image, _break_ray_version]
+BROKEN = (
+    [pytest.param(*_break_gpus_resource(r), id=f"{r}-GPUs") for r in ("aws.yaml", "gcp.yaml")]
+    + [pytest.param(*b(_job(), "spec.rayClusterSpec."), id=f"rayjob-{b.__name__[7:]}") for b in _KUBERAY_BREAKS]
+    + [pytest.param(*b(_raycluster(), "spec."), id=f"raycluster-{b.__name__[7:]}") for b in _KUBERAY_BREAKS]
+    + [pytest.param(*_break_entrypoint(_job(), ""), id="rayjob-entrypoint")]
+)
+
+
+@pytest.mark.parametrize(("doc", "field"), BROKEN)
+def test_cli_validate_names_the_field_of_each_mistake(doc: dict[str, Any], field: str, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    with caplog.at_level(logging.ERROR, logger="pertadapt.cli.cluster"):
+        res = CliRunner().invoke(_app(), ["cluster", "validate", str(bad)])
+    assert res.exit_code == 2, res.output
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(f"): {field}: " in m for m in errors), errors
+
+
+@pytest.mark.parametrize("path", RAY_FILES + KUBERAY_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_placeholders_are_notes_until_ready(path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    runner = CliRunner()
+    with caplog.at_level(logging.WARNING, logger="pertadapt.cli.cluster"):
+        assert runner.invoke(_app(), ["cluster", "validate", str(path)]).exit_code == 0
+    notes = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert notes
+    assert all("to edit before launching" in m for m in notes)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="pertadapt.cli.cluster"):
+        assert runner.invoke(_app(), ["cluster", "validate", "--ready", str(path)]).exit_code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == len(notes)
+    # an edited copy (every placeholder replaced) is ready
+    edited = tmp_path / path.name
+    text = path.read_text().replace("registry.example.com", "ghcr.io/lab").replace("REPLACE-ME", "edited")
+    edited.write_text(re.sub(r"192\.0\.2\.(\d+)", r"10.0.0.\1", text))
+    res = runner.invoke(_app(), ["cluster", "validate", "--ready", str(edited)])
+    assert res.exit_code == 0, res.output
+
+
+def test_each_placeholder_kind_is_named_at_its_field() -> None:
+    cfg = _load(REPO / "cluster" / "ray" / "aws.yaml")
+    marks = {p.path: p.message for p in validate_document(cfg).placeholders}
+    assert "'ami-REPLACE-ME'" in marks["available_node_types.gpu_worker.node_config.ImageId"]
+    job = validate_document(_job()).placeholders
+    assert "spec.rayClusterSpec.headGroupSpec.template.spec.containers[0].image" in _paths(job)
+    assert all("registry.example.com" in p.message for p in job)
+
+
+@pytest.mark.parametrize("script", [SBATCH, REPO / "cluster" / "local" / "ray-local-cluster.sh"],
+                         ids=lambda p: p.name)
+def test_shell_scripts_are_checked_as_shell(script: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (report,) = validate_file(script)
+    assert report.ok
+    assert report.kind is ClusterKind.SHELL
+    broken = tmp_path / script.name
+    lines = script.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(("stop_ray() {", "up() {")))
+    lines.insert(at + 1, "    if true; then")  # never closed
+    broken.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.ERROR, logger="pertadapt.cli.cluster"):
+        res = CliRunner().invoke(_app(), ["cluster", "validate", str(broken)])
+    assert res.exit_code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors
+    assert all("(shell script): line " in m for m in errors), errors
+    assert not any("YAML" in m for m in errors)
+
+
+@pytest.mark.parametrize(("entrypoint", "bad"), [
+    ("bash -c 'cd \"$HOME/pertadapt\" && exec pertadapt sweep a.yaml --out /shared/x'", False),
+    ("pertadapt sweep a.yaml --out /shared/x", False),
+    ("cd $HOME/pertadapt && pertadapt sweep a.yaml", True),
+    ("pertadapt sweep a.yaml; echo done", True),
+    ("pertadapt sweep a.yaml > log.txt", True),
+    ("pertadapt sweep a.yaml | tee log", True),
+    ("bash -c 'unbalanced", True),
+])
+def test_entrypoint_shell_operators(entrypoint: str, bad: bool) -> None:
+    from pertadapt.cluster import entrypoint_problems
+
+    assert bool(entrypoint_problems(entrypoint)) is bad
+
+
+def test_a_token_auth_cluster_without_ray_version_is_refused() -> None:
+    doc = _raycluster()
+    del doc["spec"]["rayVersion"]
+    assert _paths(validate_document(doc).problems) == ["spec.rayVersion"]
+    doc["spec"]["rayVersion"] = "2.53.0"
+    doc["spec"]["authOptions"]["enableK8sTokenAuth"] = True  # needs >= 2.55.0
+    assert _paths(validate_document(doc).problems) == ["spec.rayVersion"]
+
+
+# --- what the recipes promise: shared storage, worker credentials, W&B not pinned, the GCP driver wait ---
+
+ALL_RECIPES = RAY_FILES + KUBERAY_FILES + [SBATCH, REPO / "cluster" / "local" / "ray-local-cluster.sh"]
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
+def test_no_recipe_pins_the_wandb_mode(path: Path) -> None:
+    assert "WANDB_MODE" not in path.read_text()  # a pinned mode beats the user's key; `auto` is offline without one
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cloud_nodes_mount_shared_storage_for_the_image_user_and_workers_have_credentials(name: str) -> None:
+    cfg = _load(REPO / "cluster" / "ray" / name)
+    worker = cfg["available_node_types"]["gpu_worker"]
+    # node-type initialization_commands replace the top-level ones: both lists must mount /shared
+    for commands in (cfg["initialization_commands"], worker.get("initialization_commands",
+                                                                cfg["initialization_commands"])):
+        mount = next(c for c in commands if "mount -t nfs" in c)
+        assert "/shared" in mount
+        assert "chown 1000:100 /shared" in mount  # the rayproject image's user: ray (uid 1000, gid 100)
+    assert "-v /shared:/shared" in cfg["docker"]["run_options"]
+    node = worker["node_config"]
+    assert ("IamInstanceProfile" in node) if name == "aws.yaml" else ("serviceAccounts" in node)
+    assert any(k.startswith("accelerator_type:") for k in worker["resources"])
+
+
+def test_gcp_gpu_workers_wait_for_the_nvidia_driver_before_docker() -> None:
+    cfg = _load(REPO / "cluster" / "ray" / "gcp.yaml")
+    first = cfg["available_node_types"]["gpu_worker"]["initialization_commands"][0]
+    assert "until" in first
+    assert "nvidia-smi" in first
+    assert first.startswith("timeout ")
+
+
+def test_slurm_gives_srun_overlap_shells_the_token_through_a_private_file() -> None:
+    text = SBATCH.read_text()
+    assert "(umask 077 && printf '%s' \"$RAY_AUTH_TOKEN\" >\"$TOKEN_FILE\")" in text
+    assert 'rm -f "$TOKEN_FILE"' in text.split("stop_ray() {", 1)[1]
+    readme = (REPO / "cluster" / "slurm" / "README.md").read_text()
+    assert "RAY_AUTH_TOKEN_PATH=$HOME/.ray/pertadapt-<jobid>.token" in readme
+
+
+def test_cluster_up_refuses_a_recipe_with_placeholders_before_ray_up(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="pertadapt.cli.cluster"):
+        res = CliRunner().invoke(_app(), ["cluster", "up", str(REPO / "cluster" / "ray" / "aws.yaml")])
+    assert res.exit_code == 2
+    errors = [r.getMessage() for r in caplog.records]
+    assert any("ImageId: placeholder 'REPLACE-ME'" in m for m in errors), errors
+    assert not any("$ ray up" in r.getMessage() for r in caplog.records)

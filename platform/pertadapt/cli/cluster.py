@@ -1,4 +1,4 @@
-"""`pertadapt cluster validate FILE...`: offline check of Ray launcher YAMLs and KubeRay manifests."""
+"""`pertadapt cluster validate FILE...`: offline check of Ray launcher YAMLs, KubeRay manifests and shell scripts."""
 
 from __future__ import annotations
 
@@ -26,21 +26,28 @@ def register(app: typer.Typer) -> None:
 @cluster_app.command("validate")
 def validate(
     files: list[Path] = typer.Argument(..., exists=True, dir_okay=False, readable=True,
-                                       help="Ray cluster launcher YAMLs (provider:) or KubeRay manifests "
-                                            "(apiVersion: ray.io/v1, kind RayJob or RayCluster)."),
+                                       help="Ray cluster launcher YAMLs (provider:), KubeRay manifests "
+                                            "(apiVersion: ray.io/v1, kind RayJob or RayCluster) or shell scripts "
+                                            "(*.sh, *.sbatch: checked with bash -n)."),
     schema_dir: Path | None = typer.Option(None, "--schema-dir", file_okay=False,
                                            help="KubeRay CRD schema directory (default: cluster/kuberay/schema "
                                                 "or $PERTADAPT_KUBERAY_SCHEMA_DIR)."),
+    ready: bool = typer.Option(False, "--ready",
+                               help="Check that the file is ready to launch: an unedited placeholder (REPLACE-ME, "
+                                    "registry.example.com, a documentation IP address) is an error, not a note."),
 ) -> None:
     """Validate cluster definitions offline (no SSH, no cloud or Kubernetes API); exit 2 on any error."""
     from pertadapt.cluster import validate_file
 
     failed = 0
     for path in files:
-        for report in validate_file(path, schema_dir):
+        for report in validate_file(path, schema_dir, ready=ready):
             kind = report.kind.value if report.kind else "unknown kind"
             if report.ok:
-                log.info("%s: valid %s", path, kind)
+                for mark in report.placeholders:
+                    log.warning("%s (%s): to edit before launching: %s", path, kind, mark)
+                log.info("%s: valid %s%s", path, kind, f" ({len(report.placeholders)} placeholder(s) to edit; "
+                         "--ready checks they are gone)" if report.placeholders else "")
                 continue
             failed += 1
             for problem in report.problems:
@@ -62,13 +69,17 @@ def _ray(*args: str) -> int:
 
 
 def _launcher_file(config: Path, verb: str) -> None:
-    """Check ``config`` offline; a KubeRay or SLURM file gets the command to run instead (exit 0)."""
+    """Check ``config`` offline (``up``: placeholders left are errors); a KubeRay, SLURM or shell file gets the
+    command to run instead (exit 0)."""
     from pertadapt.cluster import ClusterKind, validate_file
 
     if config.suffix == ".sbatch":
         typer.echo(f"SLURM recipe: run `sbatch {config}` (and `scancel <jobid>` to stop it)")
         raise typer.Exit(0)
-    reports = validate_file(config)
+    if config.suffix == ".sh":
+        typer.echo(f"Shell recipe: run `bash {config} {'down' if verb == 'down' else 'up'} DIR`")
+        raise typer.Exit(0)
+    reports = validate_file(config, ready=verb == "up")
     bad = [p for r in reports for p in r.problems]
     if bad:
         for problem in bad:
@@ -127,7 +138,9 @@ def submit(ctx: typer.Context,
     """Submit ``pertadapt sweep ARGS...`` as a Ray job; its logs are streamed and the job id printed.
 
     Everything after the options is passed to ``pertadapt sweep`` on the cluster, e.g.
-    ``pertadapt cluster submit --address http://HEAD:8265 ablations/demo.yaml --out /shared/runs/demo``.
+    ``pertadapt cluster submit --address http://127.0.0.1:8265 ablations/demo.yaml --out /shared/runs/demo``
+    through ``ray dashboard CLUSTER.yaml`` (the head's Jobs API listens on its own 127.0.0.1 only) or
+    ``kubectl port-forward svc/<cluster>-head-svc 8265:8265``.
     """
     if not ctx.args:
         log.error("submit: give the sweep's arguments (ablation YAML, overrides, --out on shared storage)")

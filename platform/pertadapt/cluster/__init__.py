@@ -11,12 +11,15 @@ from pertadapt.cluster.validate import (
     UnknownKindError,
     default_schema_dir,
     detect_kind,
+    entrypoint_problems,
     format_path,
+    placeholders,
     validate_document,
     validate_file,
     validate_kuberay,
     validate_ray_launcher,
 )
 
-__all__ = ["ClusterKind", "Problem", "Report", "UnknownKindError", "default_schema_dir", "detect_kind", "format_path",
-           "validate_document", "validate_file", "validate_kuberay", "validate_ray_launcher"]
+__all__ = ["ClusterKind", "Problem", "Report", "UnknownKindError", "default_schema_dir", "detect_kind",
+           "entrypoint_problems", "format_path", "placeholders", "validate_document", "validate_file", "validate_kuberay",
+           "validate_ray_launcher"]

@@ -7,8 +7,17 @@ crashes on wrong types instead of reporting them), then filled out with the prov
 vendored, stripped CRD OpenAPI schema of its kind (``cluster/kuberay/schema/``), where every object
 that lists ``properties`` rejects unknown keys, so a typo such as ``replicaz`` is reported.
 
+On top of the schemas, the mistakes that pass them but break a launch are checked: a resource named
+``GPUs``/``cpu`` instead of Ray's ``GPU``/``CPU``, ``nvidia.com/gpus``, KubeRay ``minReplicas >
+maxReplicas``, a container without an image, an ``authOptions`` newer than the ``rayVersion``, and shell
+operators outside quotes in a RayJob ``entrypoint`` (KubeRay's submitter pastes it into a ``bash -c`` line,
+so whatever follows ``&&`` or ``;`` runs in the submitter pod, not in the Ray job). Unedited template
+values (``REPLACE-ME``, ``registry.example.com``, documentation IP addresses) are listed as placeholders:
+what to edit before launching; ``ready=True`` makes them errors. A shell script (the SLURM batch script,
+the local-cluster script) is checked with ``bash -n``.
+
 Every problem carries the key path it refers to, written ``a.b[0].c`` (``<root>`` for the whole
-document).
+document; ``line N`` in a shell script).
 """
 
 from __future__ import annotations
@@ -18,7 +27,10 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
@@ -42,6 +54,21 @@ KUBERAY_API_VERSION = "ray.io/v1"
 ROOT = "<root>"
 """Key path used for problems that concern the whole document."""
 
+PLACEHOLDER = re.compile(r"REPLACE-ME|registry\.example\.com|\b(?:192\.0\.2|198\.51\.100|203\.0\.113)\.\d+\b")
+"""Template values to edit before launching: ``REPLACE-ME`` (also ``ami-REPLACE-ME``), the example registry,
+and the documentation IP ranges of RFC 5737."""
+
+KUBERAY_TOKEN_AUTH_MIN_RAY = (2, 52, 0)
+"""The oldest ``rayVersion`` KubeRay accepts with ``authOptions.mode: token``."""
+
+KUBERAY_K8S_TOKEN_AUTH_MIN_RAY = (2, 55, 0)
+"""The oldest ``rayVersion`` KubeRay accepts with ``authOptions.enableK8sTokenAuth``."""
+
+_RAY_RESOURCE_NAMES = {"cpu": "CPU", "cpus": "CPU", "num_cpus": "CPU", "gpu": "GPU", "gpus": "GPU",
+                       "num_gpus": "GPU"}
+_SHELL_OPERATORS = set("();<>|&")
+_SHELL_SUFFIXES = (".sh", ".sbatch", ".bash")
+
 
 class ClusterKind(StrEnum):
     """What a cluster definition file describes."""
@@ -49,6 +76,7 @@ class ClusterKind(StrEnum):
     RAY_LAUNCHER = "ray-launcher"
     RAY_JOB = "RayJob"
     RAY_CLUSTER = "RayCluster"
+    SHELL = "shell script"
 
 
 class UnknownKindError(ValueError):
@@ -100,10 +128,13 @@ class Report:
         The detected kind, or ``None`` when it could not be told.
     problems
         Every problem found, in document order; empty when the document is valid.
+    placeholders
+        Template values still to edit before launching (errors only when validated as ready to launch).
     """
 
     kind: ClusterKind | None
     problems: tuple[Problem, ...] = field(default=())
+    placeholders: tuple[Problem, ...] = field(default=())
 
     @property
     def ok(self) -> bool:
@@ -229,6 +260,40 @@ def _local_provider_problems(doc: Mapping[str, Any]) -> list[Problem]:
             for key in ("head_ip", "worker_ips") if key not in provider]
 
 
+def _walk(node: Any, parts: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], Any]]:
+    """Every (key path, value) of a parsed document, depth first, in document order."""
+    yield parts, node
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            yield from _walk(v, (*parts, str(k)))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, (*parts, i))
+
+
+def placeholders(doc: Any) -> list[Problem]:
+    """The unedited template values of a parsed document (:data:`PLACEHOLDER`), each at its key path."""
+    return [Problem(format_path(parts), f"placeholder {m.group(0)!r} in {_short(value)!r}: edit it before launching")
+            for parts, value in _walk(doc) if isinstance(value, str) and (m := PLACEHOLDER.search(value))]
+
+
+def _short(text: str, width: int = 72) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _ray_resource_problems(doc: Mapping[str, Any]) -> list[Problem]:
+    """Node-type resources spelled unlike Ray's ``CPU``/``GPU`` (``GPUs``, ``gpu``...): a custom resource no trial asks for."""
+    problems = []
+    for name, spec in (doc.get("available_node_types") or {}).items():
+        for key in (spec or {}).get("resources") or {}:
+            right = _RAY_RESOURCE_NAMES.get(str(key).lower())
+            if right is not None and key != right:
+                problems.append(Problem(format_path(["available_node_types", name, "resources", key]),
+                                        f"Ray's resource is named {right!r}, not {key!r} (as written it is a custom "
+                                        f"resource that no trial asks for)"))
+    return problems
+
+
 def validate_ray_launcher(doc: Mapping[str, Any]) -> list[Problem]:
     """Validate a Ray cluster launcher config offline.
 
@@ -248,7 +313,7 @@ def validate_ray_launcher(doc: Mapping[str, Any]) -> list[Problem]:
     problems = _schema_problems(doc, _ray_launcher_schema())
     if problems:
         return problems
-    problems = _local_provider_problems(doc)
+    problems = _ray_resource_problems(doc) + _local_provider_problems(doc)
     if problems:
         return problems
     try:
@@ -259,6 +324,110 @@ def validate_ray_launcher(doc: Mapping[str, Any]) -> list[Problem]:
         message = e.format_message() if isinstance(e, click.ClickException) else str(e)
         return [Problem(ROOT, f"{type(e).__name__}: {message}")]
     return []
+
+
+def _version(text: str) -> tuple[int, ...] | None:
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?.*", text.strip())
+    return tuple(int(g or 0) for g in m.groups()) if m else None
+
+
+def _pod_templates(spec: Mapping[str, Any], at: list[str | int]) -> Iterator[tuple[list[str | int], Any]]:
+    """(key path, pod template) of the head and of every worker group of a RayCluster spec."""
+    head = spec.get("headGroupSpec") or {}
+    yield [*at, "headGroupSpec", "template"], head.get("template")
+    for i, group in enumerate(spec.get("workerGroupSpecs") or []):
+        yield [*at, "workerGroupSpecs", i, "template"], (group or {}).get("template")
+
+
+def _container_problems(template: Any, at: list[str | int]) -> list[Problem]:
+    """A container without an image; a GPU resource spelled unlike ``nvidia.com/gpu``."""
+    problems = []
+    pod = (template or {}).get("spec") or {}
+    for field_ in ("initContainers", "containers"):
+        for i, c in enumerate(pod.get(field_) or []):
+            here = [*at, "spec", field_, i]
+            if not isinstance(c, Mapping):
+                continue
+            if not str(c.get("image") or "").strip():
+                problems.append(Problem(format_path([*here, "image"]), "the container has no image"))
+            for part in ("requests", "limits"):
+                for key in (c.get("resources") or {}).get(part) or {}:
+                    low = str(key).lower()
+                    if low != "nvidia.com/gpu" and ("gpu" in low and ("nvidia" in low or "/" not in low)):
+                        problems.append(Problem(format_path([*here, "resources", part, key]),
+                                                f"the NVIDIA GPU resource is 'nvidia.com/gpu', not {key!r}"))
+    return problems
+
+
+def _cluster_spec_problems(spec: Any, at: list[str | int]) -> list[Problem]:
+    """Replica bounds, images, GPU resource names and the Ray version that token auth needs."""
+    if not isinstance(spec, Mapping):
+        return []
+    problems = []
+    for i, group in enumerate(spec.get("workerGroupSpecs") or []):
+        lo, hi, n = (group.get(k) for k in ("minReplicas", "maxReplicas", "replicas"))
+        here = [*at, "workerGroupSpecs", i]
+        if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+            problems.append(Problem(format_path([*here, "minReplicas"]),
+                                    f"minReplicas {lo} is greater than maxReplicas {hi} (KubeRay refuses the group)"))
+        elif isinstance(n, int) and isinstance(lo, int) and isinstance(hi, int) and not lo <= n <= hi:
+            problems.append(Problem(format_path([*here, "replicas"]),
+                                    f"replicas {n} is outside minReplicas {lo} .. maxReplicas {hi}"))
+    for path, template in _pod_templates(spec, at):
+        problems += _container_problems(template, path)
+    auth = spec.get("authOptions") or {}
+    needs = []
+    if auth.get("mode") == "token":
+        needs.append(("authOptions.mode: token", KUBERAY_TOKEN_AUTH_MIN_RAY))
+    if auth.get("enableK8sTokenAuth"):
+        needs.append(("authOptions.enableK8sTokenAuth", KUBERAY_K8S_TOKEN_AUTH_MIN_RAY))
+    if needs:
+        what, least = max(needs, key=lambda n: n[1])
+        least_s = ".".join(map(str, least))
+        raw = spec.get("rayVersion")
+        version = _version(str(raw)) if raw is not None else None
+        if raw is None:
+            problems.append(Problem(format_path([*at, "rayVersion"]), f"{what} needs rayVersion >= {least_s}; "
+                                                                      "none is given"))
+        elif version is None or version < least:
+            problems.append(Problem(format_path([*at, "rayVersion"]), f"{what} needs rayVersion >= {least_s}, "
+                                                                      f"got {raw!r} (KubeRay refuses the cluster)"))
+    return problems
+
+
+def entrypoint_problems(entrypoint: str, path: str = "spec.entrypoint") -> list[Problem]:
+    """Shell operators outside quotes in a RayJob entrypoint.
+
+    KubeRay's submitter runs ``/bin/bash -ce -- "... ray job submit --address ... -- <entrypoint> ; ..."``
+    with the entrypoint pasted in as it is: an unquoted ``&&``, ``;``, ``|`` or redirection ends the
+    ``ray job submit`` command, and the rest runs in the submitter pod.
+    """
+    lexer = shlex.shlex(entrypoint, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        ops = [tok for tok in lexer if tok and set(tok) <= _SHELL_OPERATORS]
+    except ValueError as e:
+        return [Problem(path, f"{e}: unbalanced quotes")]
+    if not ops:
+        return []
+    return [Problem(path, f"shell operator {ops[0]!r} outside quotes: KubeRay's submitter pastes the entrypoint "
+                          "into `bash -c \"ray job submit ... -- <entrypoint>\"`, so what follows it runs in the "
+                          "submitter pod, not in the Ray job; make it one quoted command, e.g. "
+                          "bash -c 'cd \"$HOME/pertadapt\" && pertadapt sweep ...'")]
+
+
+def kuberay_problems(doc: Mapping[str, Any], kind: ClusterKind) -> list[Problem]:
+    """The mistakes a KubeRay manifest can make that its CRD schema lets through."""
+    spec = doc.get("spec") or {}
+    if kind is ClusterKind.RAY_CLUSTER:
+        return _cluster_spec_problems(spec, ["spec"])
+    problems = _cluster_spec_problems(spec.get("rayClusterSpec"), ["spec", "rayClusterSpec"])
+    submitter = spec.get("submitterPodTemplate")
+    if submitter is not None:
+        problems += _container_problems(submitter, ["spec", "submitterPodTemplate"])
+    if isinstance(spec.get("entrypoint"), str):
+        problems += entrypoint_problems(spec["entrypoint"])
+    return problems
 
 
 def validate_kuberay(doc: Mapping[str, Any], kind: ClusterKind, schema_dir: Path | None = None) -> list[Problem]:
@@ -277,7 +446,7 @@ def validate_kuberay(doc: Mapping[str, Any], kind: ClusterKind, schema_dir: Path
     Returns
     -------
     list[Problem]
-        One problem per schema violation.
+        One problem per schema violation; if there are none, the problems of :func:`kuberay_problems`.
 
     Raises
     ------
@@ -287,7 +456,7 @@ def validate_kuberay(doc: Mapping[str, Any], kind: ClusterKind, schema_dir: Path
     schema_file = (schema_dir or default_schema_dir()) / _KUBERAY_SCHEMA_FILES[kind]
     if not schema_file.is_file():
         raise FileNotFoundError(f"KubeRay CRD schema not found: {schema_file} (set {SCHEMA_DIR_ENV})")
-    return _schema_problems(doc, _kuberay_schema(schema_file.resolve()))
+    return _schema_problems(doc, _kuberay_schema(schema_file.resolve())) or kuberay_problems(doc, kind)
 
 
 def validate_document(doc: Any, schema_dir: Path | None = None) -> Report:
@@ -303,7 +472,7 @@ def validate_document(doc: Any, schema_dir: Path | None = None) -> Report:
     Returns
     -------
     Report
-        The detected kind and every problem found.
+        The detected kind, every problem found and the placeholders left to edit.
     """
     try:
         kind = detect_kind(doc)
@@ -313,18 +482,49 @@ def validate_document(doc: Any, schema_dir: Path | None = None) -> Report:
         problems = validate_ray_launcher(doc)
     else:
         problems = validate_kuberay(doc, kind, schema_dir)
-    return Report(kind, tuple(problems))
+    return Report(kind, tuple(problems), tuple(placeholders(doc)))
 
 
-def validate_file(path: str | os.PathLike[str], schema_dir: Path | None = None) -> list[Report]:
-    """Validate every YAML document of a cluster definition file.
+def is_shell_script(path: Path) -> bool:
+    """A file named ``*.sh``/``*.sbatch``/``*.bash`` or starting with a ``#!`` line that names a shell."""
+    if path.suffix in _SHELL_SUFFIXES:
+        return True
+    with path.open("rb") as fh:
+        first = fh.readline(200)
+    return first.startswith(b"#!") and any(sh in first for sh in (b"bash", b"/sh"))
+
+
+def validate_shell(path: Path) -> Report:
+    """Check a shell script's syntax with ``bash -n`` (nothing is run); problems at ``line N``."""
+    bash = shutil.which("bash")
+    if bash is None:
+        return Report(ClusterKind.SHELL, (Problem(ROOT, "bash is not installed: cannot check the script"),))
+    res = subprocess.run([bash, "-n", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    problems = []
+    for line in res.stderr.splitlines():
+        m = re.match(rf"{re.escape(str(path))}: line (\d+): (.*)", line)
+        problems.append(Problem(f"line {m.group(1)}", m.group(2)) if m else Problem(ROOT, line))
+    if res.returncode and not problems:
+        problems.append(Problem(ROOT, f"bash -n exited with {res.returncode}"))
+    text = path.read_text(errors="replace")
+    marks = [Problem(f"line {text.count(chr(10), 0, m.start()) + 1}",
+                     f"placeholder {m.group(0)!r}: edit it before launching") for m in PLACEHOLDER.finditer(text)]
+    return Report(ClusterKind.SHELL, tuple(problems), tuple(marks))
+
+
+def validate_file(path: str | os.PathLike[str], schema_dir: Path | None = None, *,
+                  ready: bool = False) -> list[Report]:
+    """Validate every YAML document of a cluster definition file, or a shell script.
 
     Parameters
     ----------
     path
-        A Ray cluster launcher YAML or a KubeRay manifest (several ``---`` documents allowed).
+        A Ray cluster launcher YAML or a KubeRay manifest (several ``---`` documents allowed), or a shell
+        script (:func:`is_shell_script`: the SLURM batch script, the local-cluster script).
     schema_dir
         Directory of the KubeRay CRD schemas; defaults to :func:`default_schema_dir`.
+    ready
+        Validate as ready to launch: unedited placeholders are problems too.
 
     Returns
     -------
@@ -332,6 +532,15 @@ def validate_file(path: str | os.PathLike[str], schema_dir: Path | None = None) 
         One report per non-empty document, in file order. A YAML syntax error or an empty file
         gives a single report with no kind.
     """
+    reports = _validate_file(Path(path), schema_dir)
+    if not ready:
+        return reports
+    return [Report(r.kind, r.problems + r.placeholders, r.placeholders) for r in reports]
+
+
+def _validate_file(path: Path, schema_dir: Path | None) -> list[Report]:
+    if is_shell_script(path):
+        return [validate_shell(path)]
     try:
         docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
     except yaml.YAMLError as e:
@@ -341,6 +550,7 @@ def validate_file(path: str | os.PathLike[str], schema_dir: Path | None = None) 
     reports = [validate_document(d, schema_dir) for d in docs]
     if len(reports) == 1:
         return reports
-    return [Report(r.kind, tuple(Problem(f"[{i}].{p.path}" if p.path != ROOT else f"[{i}]", p.message)
-                                 for p in r.problems))
-            for i, r in enumerate(reports)]
+    def at(i: int, probs: tuple[Problem, ...]) -> tuple[Problem, ...]:
+        return tuple(Problem(f"[{i}].{p.path}" if p.path != ROOT else f"[{i}]", p.message) for p in probs)
+
+    return [Report(r.kind, at(i, r.problems), at(i, r.placeholders)) for i, r in enumerate(reports)]

@@ -21,7 +21,8 @@ from pertadapt import remote
 from pertadapt.config.errors import ConfigError
 from pertadapt.files import sha256_bytes
 
-__all__ = ["RUN_TREES", "check_storage", "clear_storage", "shared_data_path", "stage_data", "storage_root"]
+__all__ = ["RUN_TREES", "check_storage", "check_storage_on_worker", "clear_storage", "shared_data_path", "stage_data",
+           "storage_root"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,13 @@ def storage_root(storage: str | None, sweep_dir: Path) -> str:
     return str(Path(storage.removeprefix("file://")).expanduser().resolve())
 
 
+def _write_probe(root: str) -> None:
+    """Write and delete a probe object under ``root`` (raises :class:`pertadapt.remote.StorageError`)."""
+    target = remote.join(root, f".pertadapt-probe-{os.getpid()}")
+    remote.write_bytes(target, b"pertadapt storage check\n")
+    remote.delete(target)
+
+
 def check_storage(root: str) -> None:
     """Refuse an object store this process cannot write (before anything expensive starts).
 
@@ -48,14 +56,59 @@ def check_storage(root: str) -> None:
     """
     if not remote.is_uri(root):
         return
-    target = remote.join(root, f".pertadapt-probe-{os.getpid()}")
     try:
-        remote.write_bytes(target, b"pertadapt storage check\n")
-        remote.delete(target)
+        _write_probe(root)
     except remote.StorageError as e:
         raise ConfigError(f"--storage: cannot write to {root}: {e} (credentials and endpoint come from this "
                           "shell's environment, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL "
                           "or GOOGLE_APPLICATION_CREDENTIALS)") from e
+
+
+def _probe_on_node(root: str) -> str:
+    """The Ray task of :func:`check_storage_on_worker`: :func:`_write_probe` there; that node's IP address."""
+    import ray
+
+    _write_probe(root)
+    return ray.util.get_node_ip_address()
+
+
+def check_storage_on_worker(root: str) -> str | None:
+    """Refuse an object store that a worker node cannot write (Ray must be up: call after ``ray.init``).
+
+    The probe of :func:`check_storage` runs again as a Ray task on an alive node other than the driver's
+    (the head, on a cluster), with that node's own credentials (instance profile, service account,
+    environment), since trials write their run directories and checkpoints from there.
+
+    Returns
+    -------
+    str or None
+        The IP address of the node that was checked; ``None`` when ``root`` is a path or there is no other node.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``--storage``, the URI, the node and what the store answered.
+    """
+    if not remote.is_uri(root):
+        return None
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not others:
+        log.info("--storage: no node besides the driver's; the driver's check stands for the workers")
+        return None
+    node = max(others, key=lambda n: n["Resources"].get("GPU", 0.0) + n["Resources"].get("CPU", 0.0))
+    task = ray.remote(num_cpus=0, max_retries=0)(_probe_on_node).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+    try:
+        return ray.get(task.remote(root))
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(e.cause, remote.StorageError) else e
+        raise ConfigError(f"--storage: worker node {node['NodeManagerAddress']} cannot write to {root}: {cause} "
+                          "(every node needs its own credentials: the workers' IAM instance profile on AWS, their "
+                          "service account on GCP, or the keys in each node's environment)") from None
 
 
 def clear_storage(root: str, sweep_dir: Path) -> None:
