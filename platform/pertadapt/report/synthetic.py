@@ -8,16 +8,17 @@ of the error metrics, the negative of it on the correlations) plus independent n
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from pertadapt.files import atomic_write_json, atomic_write_text
+from pertadapt.report.results import RESULTS_FILE, ResultRow, result_columns
 from pertadapt.report.tables import SUBGROUPS, lower_is_better
+from pertadapt.rundir import RunDir
 
 __all__ = ["SYNTHETIC_METRICS", "synthetic_conditions", "write_synthetic_sweep"]
 
@@ -40,7 +41,7 @@ def write_synthetic_sweep(root: Path, *, arms: Mapping[str, float | None], seeds
                           failed: Mapping[str, str] | None = None, dataset: str = "sim",
                           baselines: Sequence[str] = ("baseline_mean",), epochs: int = 5, seed: int = 0,
                           data_path: Path | None = None) -> Path:
-    """Write ``results.csv``, ``sweep.json`` and ``runs/<trial>/{per_condition.csv, metrics.jsonl, config.yaml}``.
+    """Write ``results.csv``, ``sweep.json`` and each run directory's per-condition table, history and config.
 
     Parameters
     ----------
@@ -64,11 +65,11 @@ def write_synthetic_sweep(root: Path, *, arms: Mapping[str, float | None], seeds
     baselines
         Extra arms marked ``is_baseline`` with a 30% worse error and no learning curve.
     epochs
-        Rows of each model arm's ``metrics.jsonl``.
+        Rows of each model arm's epoch history.
     seed
         Generator seed.
     data_path
-        Written as ``data.path`` of every run's ``config.yaml`` (the dataset behind the DE figure).
+        Written as ``data.path`` of every run's config (the dataset behind the DE figure).
 
     Returns
     -------
@@ -85,12 +86,13 @@ def write_synthetic_sweep(root: Path, *, arms: Mapping[str, float | None], seeds
         ref = _reference_values(rng, n_conditions)
         for arm, effect in all_arms.items():
             key = f"{dataset}/{arm}/seed{s}"
-            run = root / "runs" / key
-            row: dict[str, object] = {"trial": key, "dataset": dataset, "backbone_set": "", "arm": arm, "seed": s,
-                                      "status": "ok", "error": "", "is_baseline": arm in baselines,
-                                      "cfg.adapter.enabled": arm != "no_pa", "run_dir": str(run), "wandb_run": ""}
+            run = RunDir(root / "runs" / key)
+            row = ResultRow(trial=key, dataset=dataset, backbone="", arm=arm, seed=s, stage="grid", status="ok",
+                            attempts=1, error="", wall_s=1.0, best_epoch=epochs - 1, config_hash="",
+                            is_baseline=arm in baselines, backbone_weights="", run_dir=str(run.path), wandb_run="",
+                            config={"adapter.enabled": arm != "no_pa"})
             if key in failed:
-                rows.append({**row, "status": "failed", "error": failed[key]})
+                rows.append(replace(row, status="failed", error=failed[key], best_epoch=None))
                 continue
             per = pd.DataFrame({"condition": conds, "subgroup": groups})
             for m, v in ref.items():
@@ -99,20 +101,21 @@ def write_synthetic_sweep(root: Path, *, arms: Mapping[str, float | None], seeds
                     continue
                 sign = 1.0 if lower_is_better(m) else -1.0
                 per[m] = v * (1.0 + sign * effect) + rng.normal(0.0, noise * float(np.mean(v)), n_conditions)
-            run.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run / "per_condition.csv", per.to_csv(index=False))
-            atomic_write_text(run / "config.yaml", yaml.safe_dump({"name": key, "seed": s, "data": {"path": str(data_path) if data_path else None}}))
+            run.write_per_condition(per.to_csv(index=False))
+            run.write_config({"name": key, "seed": s, "data": {"path": str(data_path) if data_path else None}})
+            metrics: dict[str, float] = {}
             for m in SYNTHETIC_METRICS:
-                row[f"test_{m}"] = float(per[m].mean())
+                metrics[f"test_{m}"] = float(per[m].mean())
                 for g, sub in per.groupby("subgroup"):
-                    row[f"test_{g}_{m}"] = float(sub[m].mean())
+                    metrics[f"test_{g}_{m}"] = float(sub[m].mean())
             if arm not in baselines:
-                final = row["test_mse_de"]
-                lines = [json.dumps({"epoch": e, "lr": 1e-3, "train_loss": 1.0 / (e + 1) + 0.1 * float(final),
-                                     "val_mse_de": float(final) * (1 + 1.0 / (e + 1))}) for e in range(epochs)]
-                atomic_write_text(run / "metrics.jsonl", "\n".join(lines) + "\n")
-            rows.append(row)
+                final = metrics["test_mse_de"]
+                for e in range(epochs):
+                    run.append_history({"epoch": e, "lr": 1e-3, "train_loss": 1.0 / (e + 1) + 0.1 * final,
+                                        "val_mse_de": final * (1 + 1.0 / (e + 1))})
+            rows.append(replace(row, metrics=metrics))
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "results.csv", pd.DataFrame(rows).to_csv(index=False))
+    table = pd.DataFrame([r.record() for r in rows], columns=result_columns(rows))
+    atomic_write_text(root / RESULTS_FILE, table.to_csv(index=False))
     atomic_write_json(root / "sweep.json", {"name": root.name, "reference_arm": reference})
     return root
