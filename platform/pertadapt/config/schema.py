@@ -8,7 +8,7 @@ cross-field checks in each ``__post_init__`` run before anything expensive start
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pertadapt.config.errors import ConfigError
 from pertadapt.config.metrics import SUBGROUPS, is_metric_name, metric_names, select_mode
@@ -412,9 +412,8 @@ class EvalConfig:
         _check("eval.select_metric", is_metric_name(self.select_metric, "val"),
                "a validation metric: val_<metric> or val_<subgroup>_<metric> with metric one of "
                f"{', '.join(metric_names())}", self.select_metric)
-        if self.select_mode is None:
-            object.__setattr__(self, "select_mode", select_mode(self.select_metric))
-        _choice("eval.select_mode", self.select_mode, ("min", "max"))
+        if self.select_mode is not None:  # None: set from the metric's direction by RunConfig
+            _choice("eval.select_mode", self.select_mode, ("min", "max"))
         _check("eval.batch_size", self.batch_size > 0, "a positive integer", self.batch_size)
         _check("eval.controls_per_condition", self.controls_per_condition is None or (
             isinstance(self.controls_per_condition, int) and self.controls_per_condition >= 1),
@@ -455,6 +454,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Cross-section checks: everything a run would find out later is found out here."""
+        if self.eval.select_mode is None:  # here, not in EvalConfig: its default instance never sees the metric
+            object.__setattr__(self, "eval", replace(self.eval, select_mode=select_mode(self.eval.select_metric)))
         _check("name", bool(self.name) and "/" not in self.name and ".." not in self.name,
                "a non-empty name without '/' or '..'", self.name)
         if self.is_baseline:
