@@ -46,7 +46,7 @@ class MetricSpec:
     Attributes
     ----------
     name
-        Per-condition name (``mse_de``): the ``per_condition.csv`` column, the suffix of the flat names.
+        Per-condition name (``mse_de``): the column of a run's per-condition table, the suffix of the flat names.
     direction
         ``lower`` or ``higher`` is better.
     display
