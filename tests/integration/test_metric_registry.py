@@ -68,6 +68,16 @@ def test_select_mode_defaults_from_the_metrics_direction(demo_h5ad: Path) -> Non
     assert explicit.eval.select_mode == "min"  # an explicit mode is kept
 
 
+def test_a_search_space_mode_defaults_from_the_metrics_direction(tmp_path: Path) -> None:
+    from pertadapt.sweep.search_space import load_search_space
+
+    space = tmp_path / "space.yaml"
+    for metric, extra, mode in (("val_pearson_delta", "", "max"), ("val_mse_de", "", "min"),
+                                ("val_pearson_delta", "mode: min\n", "min")):
+        space.write_text(f"metric: {metric}\n{extra}params:\n  optim.lr: {{type: loguniform, low: 1.0e-4, high: 1.0e-2}}\n")
+        assert load_search_space(space).mode == mode
+
+
 def test_a_toy_metric_is_computed_selected_on_and_reported_with_its_direction(
         toy_metric: str, demo_h5ad: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
