@@ -2,9 +2,8 @@
 :mod:`pyarrow.fs`, the filesystem layer Ray's own storage uses.
 
 An object store is not a filesystem the workers can write into, so a run directory whose home is a URI is
-worked on in a node-local copy (:class:`RunMirror`): pulled before a process writes into it, pushed after
-(rank 0, after every epoch and at the end); a dataset on a URI is read from a node-local copy
-(:func:`localize`). Credentials and endpoints come from each process's environment, as pyarrow reads them
+worked on in a node-local copy (:class:`pertadapt.rundir.RunDir`: pulled before a process writes into it,
+committed after); a dataset on a URI is read from a node-local copy (:func:`localize`). Credentials and endpoints come from each process's environment, as pyarrow reads them
 (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``,
 ...); nothing here writes them anywhere.
 """
@@ -20,7 +19,7 @@ from typing import Any
 
 from pertadapt.files import atomic_write, cache_dir, sha256_bytes
 
-__all__ = ["RunMirror", "StorageError", "delete", "download_file", "exists", "is_uri", "join", "list_dir",
+__all__ = ["StorageError", "delete", "download_file", "exists", "is_uri", "join", "list_dir", "list_files",
            "localize", "pull_tree", "push_tree", "size", "under", "upload_file", "write_bytes"]
 
 log = logging.getLogger(__name__)
@@ -72,13 +71,13 @@ def exists(uri: str) -> bool:
     return _call(uri, "stat", fs.get_file_info, path).type != pafs.FileType.NotFound
 
 
-def _files(uri: str) -> dict[str, Any]:
-    """relative path → FileInfo of every file under the directory ``uri`` (empty when there is none)."""
+def list_files(uri: str) -> list[str]:
+    """Relative paths of every file under the directory ``uri``, sorted (``[]`` when there is none)."""
     import pyarrow.fs as pafs
 
     fs, path = _fs(uri)
     infos = _call(uri, "listing", fs.get_file_info, pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return {i.path[len(path):].lstrip("/"): i for i in infos if i.type == pafs.FileType.File}
+    return sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
 
 
 def list_dir(uri: str) -> list[str]:
@@ -181,7 +180,7 @@ def pull_tree(uri: str, local: Path, *, skip: Iterable[str] = ()) -> int:
     """
     skip = set(skip)
     n = 0
-    for rel in sorted(_files(uri)):
+    for rel in list_files(uri):
         if skip & set(rel.split("/")[:-1]):
             continue
         download_file(join(uri, rel), local / rel)
@@ -222,62 +221,3 @@ def _stat_file(uri: str) -> Any:
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{uri}: no such file on its store")
     return info
-
-
-class RunMirror:
-    """A run directory whose home is the URI ``uri``, worked on in a node-local copy.
-
-    Every process that writes into the run directory pulls it first and (rank 0) pushes what it wrote; the
-    processes of one run take turns (the trial, then its workers, then the trial again), so the store always
-    holds the last writer's complete files.
-
-    Parameters
-    ----------
-    uri
-        The run directory on the object store.
-    """
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        #: The node-local working copy (the same place for every process of the run on this node).
-        self.local = cache_dir() / "runs" / sha256_bytes(uri)[:16]
-        self._pushed: dict[str, tuple[int, int]] = {}
-
-    def pull(self) -> Path:
-        """Make :attr:`local` a copy of the store's files (local files the store lacks are removed) and return it."""
-        self.local.mkdir(parents=True, exist_ok=True)
-        on_store = set(_files(self.uri))
-        for p in sorted(self.local.rglob("*"), reverse=True):
-            rel = p.relative_to(self.local).as_posix()
-            if p.is_file() and rel not in on_store:
-                p.unlink()
-            elif p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
-        pull_tree(self.uri, self.local)
-        self._pushed = {p.relative_to(self.local).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-                        for p in self.local.rglob("*") if p.is_file()}
-        return self.local
-
-    def push(self, only: str | None = None) -> int:
-        """Upload what changed in :attr:`local` since the last pull or push (``only``: that one file, when it
-        exists); returns the number of files."""
-        if only is not None:
-            path = self.local / only
-            if not path.is_file():
-                return 0
-            upload_file(path, join(self.uri, only))
-            return 1
-        return push_tree(self.local, self.uri, since=self._pushed) if self.local.is_dir() else 0
-
-    def remove(self, *relative: str) -> None:
-        """Delete files or directories of the run (store and local copy)."""
-        import shutil
-
-        for rel in relative:
-            delete(join(self.uri, rel))
-            target = self.local / rel
-            if target.is_dir():
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                target.unlink(missing_ok=True)
-            self._pushed = {k: v for k, v in self._pushed.items() if k != rel and not k.startswith(f"{rel}/")}

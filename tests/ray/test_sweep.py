@@ -289,7 +289,7 @@ def test_optuna_search_then_resume_keeps_num_samples(tmp_path: Path, cache_dir: 
     assert len(_rows(out, "hpo_results.csv")) == 2
     best = min(study.trials, key=lambda t: t.value)
     final_cfg = yaml.safe_load((Path(rows[0]["run_dir"]) / "config.yaml").read_text())
-    assert final_cfg["optim"]["lr"] == pytest.approx(best.params["optim.lr"])
+    assert final_cfg["optim"]["lr"] == pytest.approx(best.params["tuned/optim.lr"])  # searched under "tuned"
 
 
 def test_dry_run_plans_without_starting_anything(tmp_path: Path, ray_pids) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from pertadapt.bench.sweep import NAIVE_OVERRIDES, compare_sweeps, sweep_timings
 from pertadapt.config.errors import ConfigError
-from pertadapt.train.timeline import TIMELINE_FILE, mark, read_timeline
+from pertadapt.rundir import RunDir
+from pertadapt.train.timeline import mark, read_timeline
 
 
 def _write_trial(run_dir: Path, t0: float, spans: tuple[float, float, float, float]) -> None:
@@ -76,7 +77,7 @@ def test_a_retried_trial_counts_its_last_attempt_and_unfinished_trials_are_liste
 def test_bad_marks_and_directories_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown phase 'lunch'"):
         mark(tmp_path, "lunch")
-    assert not (tmp_path / TIMELINE_FILE).exists()
+    assert not RunDir(tmp_path).timeline_file.exists()
     with pytest.raises(ConfigError, match="holds no sweep"):
         sweep_timings(tmp_path)
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pertadapt.config import ConfigError, load_run_config
+from pertadapt.rundir import RunDir
 from pertadapt.train.checkpoint import (
     CheckpointError,
-    check_not_nonfinite,
     load_tree,
     restore_model,
     save_tree,
@@ -199,4 +199,4 @@ def test_a_nonfinite_loss_is_recorded_and_not_retried(demo_h5ad: Path, tmp_path:
     assert record["epoch"] == 0
     assert record["micro_step"] >= 1
     with pytest.raises(FloatingPointError, match="not retried"):  # what a restarted Ray Train attempt does first
-        check_not_nonfinite(tmp_path / "nan")
+        RunDir(tmp_path / "nan").check_not_nonfinite()

@@ -1,5 +1,5 @@
 """Object-store storage through pyarrow against a real S3 endpoint on loopback (the ``s3_store`` fixture):
-trees pushed and pulled, run-directory mirrors, node-local dataset copies, bad stores refused by name."""
+trees pushed and pulled, run directories on the store, node-local dataset copies, bad stores refused by name."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from pertadapt import remote
 from pertadapt.config import ConfigError, load_run_config
+from pertadapt.rundir import RunDir
 from pertadapt.sweep.storage import check_storage, clear_storage, shared_data_path, stage_data, storage_root
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,33 +67,41 @@ def test_a_tree_goes_to_the_store_and_back_byte_for_byte(tmp_path: Path, prefix:
     assert remote.pull_tree(remote.join(prefix, "absent"), tmp_path / "none") == 0
 
 
-def test_a_run_mirror_is_the_stores_copy_and_pushes_only_what_changed(tmp_path: Path, prefix: str,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_dir_on_the_store_is_worked_on_in_a_node_copy_and_commits_only_what_changed(
+        tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     home = remote.join(prefix, "runs", "full", "seed1")
     monkeypatch.setenv("PERTADAPT_CACHE", str(tmp_path / "node-a"))
-    a = remote.RunMirror(home)
-    local = a.pull()
+    a = RunDir.at(home).pull()
+    local = a.path
+    assert a.is_remote
+    assert a.location == home
     assert local == tmp_path / "node-a" / "runs" / local.name
     assert _read(local) == {}
-    _tree(local, {"timeline.jsonl": b"start\n", "attempts.json": b"[1]", "ckpt/last/state.json": b"{}"})
-    assert a.push() == 3
-    assert a.push() == 0  # nothing changed since
+    _tree(local, {"timeline.jsonl": b"start\n", "ckpt/last/state.json": b"{}"})
+    a.record_attempt(None)
+    assert a.commit() == 3
+    assert a.commit() == 0  # nothing changed since
     (local / "timeline.jsonl").write_bytes(b"start\nepoch\n")
-    assert a.push() == 1
+    assert a.commit() == 1
     # another node: its stale copy of an older run with the same home loses what the store does not hold
     monkeypatch.setenv("PERTADAPT_CACHE", str(tmp_path / "node-b"))
-    b = remote.RunMirror(home)
-    _tree(b.local, {"final_metrics.json": b"stale", "timeline.jsonl": b"old"})
-    assert _read(b.pull()) == {"timeline.jsonl": b"start\nepoch\n", "attempts.json": b"[1]",
-                               "ckpt/last/state.json": b"{}"}
-    assert b.push() == 0  # what was pulled is not pushed back
-    _tree(b.local, {"nonfinite.json": b"{}", "metrics.jsonl": b"row\n"})
-    assert b.push(only="nonfinite.json") == 1
-    assert b.push(only="missing.json") == 0
+    b = RunDir.at(home)
+    _tree(b.path, {"final_metrics.json": b"stale", "timeline.jsonl": b"old"})
+    assert b.pull() is b
+    assert sorted(_read(b.path)) == ["attempts.json", "ckpt/last/state.json", "timeline.jsonl"]
+    assert _read(b.path)["timeline.jsonl"] == b"start\nepoch\n"
+    assert b.final_metrics() is None
+    assert b.commit() == 0  # what was pulled is not pushed back
+    b.append_history({"epoch": 0})
+    b.record_nonfinite("loss nan", epoch=0, micro_step=1)  # on the store at once: a retry anywhere finds it
+    assert "nonfinite.json" in remote.list_dir(home)
     assert "metrics.jsonl" not in remote.list_dir(home)
-    b.remove("attempts.json", "ckpt")
-    assert remote.list_dir(home) == ["nonfinite.json", "timeline.jsonl"]
-    assert sorted(_read(b.local)) == ["metrics.jsonl", "nonfinite.json", "timeline.jsonl"]
+    b.clear_retry_state()
+    assert remote.list_dir(home) == ["timeline.jsonl"]
+    assert sorted(_read(b.path)) == ["metrics.jsonl", "timeline.jsonl"]
+    b.record_nonfinite("loss nan", epoch=0, micro_step=1)
+    with pytest.raises(FloatingPointError, match="not retried"):
+        a.pull().check_not_nonfinite()
 
 
 def test_a_dataset_on_the_store_is_read_from_a_node_local_copy_fetched_once(tmp_path: Path, prefix: str,
@@ -157,7 +166,6 @@ def test_an_in_process_run_on_the_store_pushes_every_epoch_before_reporting_it(t
     from pertadapt.train.worker import launch
 
     home = remote.join(prefix, "runs", "smoke")
-    mirror = remote.RunMirror(home)
     cfg = load_run_config(REPO / "configs" / "smoke.yaml", [f"data.path={demo_h5ad}"])
     seen: list[tuple[int | None, list[str]]] = []
 
@@ -167,7 +175,7 @@ def test_an_in_process_run_on_the_store_pushes_every_epoch_before_reporting_it(t
         epochs = [json.loads(line)["epoch"] for line in with_rows.read_text().splitlines()]
         seen.append((metrics.get("epoch"), [str(e) for e in epochs]))
 
-    launch(cfg, mirror.pull(), report=report, log_wandb=False, mirror=mirror)
+    launch(cfg, RunDir.at(home).pull(), report=report, log_wandb=False)
     assert seen[:2] == [(0, ["0"]), (1, ["0", "1"])]  # each epoch's row was on the store before its report
     assert seen[2][0] is None  # the final report
     on_store = remote.list_dir(home)

@@ -16,12 +16,14 @@ from scipy import stats
 
 from fixtures.synthetic_sweep import synthetic_conditions, write_synthetic_sweep
 from pertadapt.config import ConfigError
+from pertadapt.config import metrics as metric_registry
 from pertadapt.data.io import DataError
 from pertadapt.data.summaries import write_predictions
 from pertadapt.files import sha256_file
 from pertadapt.report.bootstrap import hierarchical_bootstrap
 from pertadapt.report.console import print_summary
 from pertadapt.report.html import write_sweep_report
+from pertadapt.report.results import REQUIRED, ResultRow
 from pertadapt.report.tables import SUBGROUPS
 
 ARMS = {"full": 0.0, "worse": 0.15, "same": None}
@@ -119,10 +121,11 @@ def test_sentences_one_per_arm_in_markdown_and_html(written) -> None:
 def test_every_trial_failed_still_gets_a_report(tmp_path: Path) -> None:
     root = tmp_path / "broken"
     root.mkdir()
-    pd.DataFrame({"trial": ["a/seed1", "b/seed1"], "dataset": ["", ""], "backbone_set": ["", ""],
-                  "arm": ["full", "no_fm"], "seed": [1, 1], "status": ["failed", "failed"],
-                  "error": ["ValueError: bad gene 'XYZ'", ""], "run_dir": ["", ""]}).to_csv(root / "results.csv",
-                                                                                          index=False)
+    rows = [ResultRow(trial=trial, dataset="", backbone="", arm=arm, seed=1, stage="grid", status="failed",
+                      attempts=1, error=error, wall_s=1.0, best_epoch=None, config_hash="", is_baseline=False,
+                      backbone_weights="", run_dir="", wandb_run="")
+            for trial, arm, error in (("a/seed1", "full", "ValueError: bad gene 'XYZ'"), ("b/seed1", "no_fm", ""))]
+    pd.DataFrame([r.record() for r in rows]).to_csv(root / "results.csv", index=False)
     paths = write_sweep_report(root)
     html = paths.html.read_text()
     assert "Every one of the 2 trials failed" in html
@@ -138,7 +141,7 @@ def test_every_trial_failed_still_gets_a_report(tmp_path: Path) -> None:
 
 
 def test_header_only_results_csv_gets_a_report(tmp_path: Path) -> None:
-    (tmp_path / "results.csv").write_text("trial,dataset,backbone_set,arm,seed,status,run_dir,wandb_run\n")
+    (tmp_path / "results.csv").write_text(",".join(REQUIRED) + "\n")
     paths = write_sweep_report(tmp_path)
     assert "0 trials" in paths.html.read_text()
     console = Console(record=True, width=120)
@@ -150,7 +153,12 @@ def test_not_a_sweep_dir_is_a_data_error_naming_the_file(tmp_path: Path) -> None
     with pytest.raises(DataError, match=r"results\.csv: not found"):
         write_sweep_report(tmp_path)
     (tmp_path / "results.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(DataError, match=r"results\.csv: column\(s\) trial, arm, seed, status missing"):
+    with pytest.raises(DataError, match=r"results\.csv: column\(s\) trial, dataset, backbone, arm, seed, .* missing"):
+        write_sweep_report(tmp_path)
+    # a sweep written by an older version (no backbone, stage, ... columns) is refused, naming what is missing
+    (tmp_path / "results.csv").write_text("trial,dataset,backbone_set,arm,seed,status,run_dir,wandb_run\n")
+    with pytest.raises(DataError, match=r"column\(s\) backbone, stage, attempts, error, wall_s, best_epoch, "
+                                        r"config_hash, is_baseline, backbone_weights missing: .*older version"):
         write_sweep_report(tmp_path)
     assert not (tmp_path / "report").exists()
 
@@ -305,13 +313,18 @@ def test_per_condition_files_that_disagree_with_results_csv_are_noted(tmp_path: 
     assert "sim/x/seed2 test_combo_seen0_mse_de" in notes[0]
 
 
-def test_metric_only_in_per_condition_files_is_tested_not_tabulated(tmp_path: Path) -> None:
+def test_metric_only_in_per_condition_files_is_tested_not_tabulated(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     root = write_synthetic_sweep(tmp_path / "s", arms={"full": 0.0, "x": 0.1}, seeds=(1, 2), n_conditions=8,
                                  baselines=())
     for f in (root / "runs").rglob("per_condition.csv"):
         per = pd.read_csv(f)
         per["extra_score"] = per["mse_de"] * 2
         per.to_csv(f, index=False)
+    with pytest.raises(ConfigError, match=r"unknown metric 'extra_score'; known: mse_de, mse, "):
+        write_sweep_report(root, metrics=["extra_score"])  # a direction is never guessed from a name
+    monkeypatch.setattr(metric_registry, "_REGISTRY", dict(metric_registry._REGISTRY))  # undone after the test
+    metric_registry.register_metric(metric_registry.MetricSpec("extra_score", "higher", "Extra", "custom"))
     paths = write_sweep_report(root, metrics=["extra_score"])
     assert paths.report.tests["verdict"].tolist() == ["better"]  # not an error name: higher is better
     assert not paths.report.tables
@@ -319,9 +332,11 @@ def test_metric_only_in_per_condition_files_is_tested_not_tabulated(tmp_path: Pa
 
 
 def test_stopped_and_pending_trials_say_why_they_have_no_metrics(tmp_path: Path) -> None:
-    pd.DataFrame({"trial": ["full/seed1", "full/seed2", "full/seed3"], "arm": ["full"] * 3, "seed": [1, 2, 3],
-                  "stage": ["grid"] * 3, "status": ["stopped_early", "pending", "failed"],
-                  "error": ["", "", ""]}).to_csv(tmp_path / "results.csv", index=False)
+    rows = [ResultRow(trial=f"full/seed{seed}", dataset="", backbone="", arm="full", seed=seed, stage="grid",
+                      status=status, attempts=1, error="", wall_s=1.0, best_epoch=None, config_hash="",
+                      is_baseline=False, backbone_weights="", run_dir="", wandb_run="")
+            for seed, status in ((1, "stopped_early"), (2, "pending"), (3, "failed"))]
+    pd.DataFrame([r.record() for r in rows]).to_csv(tmp_path / "results.csv", index=False)
     errors = write_sweep_report(tmp_path).report.sweep.trials["error"].tolist()
     assert errors == ["stopped early by the scheduler (ASHA)", "not run (sweep interrupted?)",
                       "no final metrics (no error recorded)"]

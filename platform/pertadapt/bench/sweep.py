@@ -1,4 +1,4 @@
-"""``pertadapt bench sweep``: where a sweep's wall time goes, from its trials' ``timeline.jsonl`` marks.
+"""``pertadapt bench sweep``: where a sweep's wall time goes, from its trials' timeline marks.
 
 Per trial (see :mod:`pertadapt.train.timeline`): ``startup`` = trial start → model built (worker group,
 data, GO inputs, model, engine, W&B run), ``training`` = → last epoch done, ``evaluation`` = → test metrics,
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pertadapt.config.errors import ConfigError
+from pertadapt.rundir import RunDir
 from pertadapt.train.timeline import read_timeline
 
 __all__ = ["NAIVE_OVERRIDES", "PHASE_SPANS", "compare_sweeps", "sweep_timings"]
@@ -73,7 +74,7 @@ def sweep_timings(sweep_dir: Path) -> dict[str, Any]:
     plan = json.loads((sweep_dir / "plan.json").read_text())
     trials, incomplete, first, last = [], [], float("inf"), 0.0
     for row in _rows(sweep_dir):
-        marks = read_timeline(Path(row["run_dir"]))
+        marks = read_timeline(RunDir(row["run_dir"]))
         if not {m for span in PHASE_SPANS.values() for m in span} <= set(marks):
             incomplete.append(row["trial"])  # failed, stopped early or pending: no complete timeline
             continue
@@ -84,7 +85,7 @@ def sweep_timings(sweep_dir: Path) -> dict[str, Any]:
         first, last = min(first, marks["trial_start"]), max(last, marks["trial_end"])
         trials.append(rec)
     if not trials:
-        raise ConfigError(f"{sweep_dir}: no trial has a complete timeline.jsonl (incomplete: {incomplete})")
+        raise ConfigError(f"{sweep_dir}: no trial has a complete timeline (incomplete: {incomplete})")
     start = float(sweep.get("started_at", first))
     wall = last - start
     concurrency = int(plan["max_concurrent_trials"])

@@ -211,6 +211,7 @@ def run_cache_benchmark(n_genes: int = 2000, *, hidden_size: int = 128, layers: 
     """
     from pertadapt.config import load_run_config
     from pertadapt.models.build import build_loss
+    from pertadapt.rundir import RunDir
     from pertadapt.train.checkpoint import DirCheckpoints
     from pertadapt.train.loop import train
     from pertadapt.train.run import build_run_engine
@@ -234,7 +235,7 @@ def run_cache_benchmark(n_genes: int = 2000, *, hidden_size: int = 128, layers: 
                 cfg = load_run_config(None, [*overrides, f"backbone.embedding_cache={mode}"])
                 rd = prepare_run_data(cfg)
                 engine, info = build_run_engine(cfg, rd, cache_root=root / "cache")  # rep 0 builds, then hits
-                run_dir = root / f"run-{mode}-{rep}"
+                run_dir = RunDir(root / f"run-{mode}-{rep}")
                 ticks: list[float] = []
                 t0 = time.perf_counter()
                 result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), run_dir,

@@ -43,12 +43,12 @@ def _train(config: Path = typer.Argument(..., help="Run config YAML (may use bas
 
 
 def _print_metrics(run_dir: Path) -> None:
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
-    metrics = json.loads((run_dir / "final_metrics.json").read_text())
+    from pertadapt.rundir import RunDir
+
+    metrics = RunDir(run_dir).final_metrics() or {}
     table = Table(title=f"final metrics ({run_dir})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -120,7 +120,7 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
         os.environ.setdefault("PERTADAPT_CACHE", under(root, "cache"))
     files = {t.key: data_file_for(t.config) for t in abl.trials}
     # every trial reads its dataset from the storage root, where the driver places it (nodes need not share caches)
-    plan = build_plan(abl, space, {k: shared_data_path(p, root) for k, (p, _) in files.items()},
+    plan = build_plan(abl, space, {k: shared_data_path(f.path, root) for k, f in files.items()},
                       abl.max_concurrent_trials or 2)
     _check_sweep_dir(sweep_dir, plan, resume=resume, overwrite=overwrite, dry_run=dry_run)
     _print_plan(plan, local_cpus(plan))
@@ -137,9 +137,9 @@ def run_sweep_command(ablation: Path, overrides: list[str], *, search_space: Pat
         shutil.rmtree(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for t in abl.trials:
-        if files[t.key][1]:
+        if files[t.key].to_simulate:
             ensure_data_file(t.config)
-    for source in sorted({p for p, _ in files.values()}):
+    for source in sorted({f.path for f in files.values()}):
         stage_data(source, shared_data_path(source, root))
     write_plan(sweep_dir, plan)
     atomic_write_json(sweep_dir / SWEEP_FILE, {"name": abl.name, "reference_arm": abl.reference_arm,

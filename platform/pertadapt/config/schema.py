@@ -8,7 +8,7 @@ cross-field checks in each ``__post_init__`` run before anything expensive start
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pertadapt.config.components import (
     BACKBONE_OPTIONS,
@@ -25,6 +25,7 @@ from pertadapt.config.components import (
     TinyBackbone,
 )
 from pertadapt.config.errors import ConfigError
+from pertadapt.config.metrics import SUBGROUPS, is_metric_name, metric_names, select_mode
 
 __all__ = [
     "BACKBONES",
@@ -37,7 +38,6 @@ __all__ = [
     "GO_SOURCES",
     "LOSSES",
     "MASKS",
-    "METRICS",
     "MODELS",
     "OPTIMIZERS",
     "PA_OFF_MODES",
@@ -81,18 +81,8 @@ CLIP_MODES = ("accumulated", "per_micro_batch")
 GO_SOURCES = ("bundled", "debian", "obo")
 #: Genes of the perturbation encoder's GO graph (see :class:`GOConfig`).
 PERT_GRAPH_GENES = ("all", "targets")
-#: Per-perturbation metrics that ``eval.compute_metrics`` reports (a sync test checks the list).
-METRICS = (
-    "mse", "pearson", "mae", "mse_de", "pearson_de", "pearson_delta", "pearson_delta_de",
-    "frac_correct_direction_all", "frac_correct_direction_20", "frac_correct_direction_50",
-    "frac_correct_direction_100", "frac_correct_direction_200", "mse_top20_de_non_dropout",
-    "pearson_delta_top20_de_non_dropout", "pearson_top200_hvg", "pearson_delta_top200_hvg", "mse_top200_hvg",
-    "de_overlap_20", "pds_l1", "centroid_accuracy", "systema_pearson_delta", "systema_pearson_delta_de",
-)
 #: Condition split kinds (GEARS).
 SPLIT_KINDS = ("simulation", "single")
-#: GEARS test subgroups (``data.splits``); metrics are also reported as ``<split>_<subgroup>_<metric>``.
-SUBGROUPS = ("combo_seen0", "combo_seen1", "combo_seen2", "unseen_single")
 
 
 def _choice(path: str, value: object, options: tuple[str, ...]) -> None:
@@ -314,8 +304,9 @@ class EvalConfig:
     """Model selection, evaluation batch size and the control cells behind each predicted condition mean."""
 
     select_metric: str = "val_mse_de"
-    #: ``min`` for errors (``val_mse_de``), ``max`` for correlations (``val_pearson_delta``).
-    select_mode: str = "min"
+    #: ``min`` or ``max``; ``null``: from the metric's direction (:mod:`pertadapt.config.metrics`): ``min`` for
+    #: errors (``val_mse_de``), ``max`` for correlations (``val_pearson_delta``).
+    select_mode: str | None = None
     batch_size: int = 64
     #: Control cells each val/test condition's mean prediction averages over: ``k`` distinct control
     #: cells of its cell type drawn at random (seeded), or ``null`` = the whole control pool (no pairing
@@ -325,8 +316,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check("eval.select_metric", is_metric_name(self.select_metric, "val"),
                "a validation metric: val_<metric> or val_<subgroup>_<metric> with metric one of "
-               f"{', '.join(METRICS)}", self.select_metric)
-        _choice("eval.select_mode", self.select_mode, ("min", "max"))
+               f"{', '.join(metric_names())}", self.select_metric)
+        if self.select_mode is not None:  # None: set from the metric's direction by RunConfig
+            _choice("eval.select_mode", self.select_mode, ("min", "max"))
         _check("eval.batch_size", self.batch_size > 0, "a positive integer", self.batch_size)
         _check("eval.controls_per_condition", self.controls_per_condition is None or (
             isinstance(self.controls_per_condition, int) and self.controls_per_condition >= 1),
@@ -368,6 +360,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Cross-section checks: everything a run would find out later is found out here."""
+        if self.eval.select_mode is None:  # here, not in EvalConfig: its default instance never sees the metric
+            object.__setattr__(self, "eval", replace(self.eval, select_mode=select_mode(self.eval.select_metric)))
         _check("name", bool(self.name) and "/" not in self.name and ".." not in self.name,
                "a non-empty name without '/' or '..'", self.name)
         if self.is_baseline:
@@ -413,15 +407,3 @@ class RunConfig:
     def uses_ray_train(self) -> bool:
         """Whether the run trains on Ray Train workers (DeepSpeed engine) rather than in-process."""
         return not self.is_baseline and self.engine.name == "deepspeed"
-
-
-def is_metric_name(name: str, split: str) -> bool:
-    """Whether ``name`` is ``<split>_<metric>`` or ``<split>_<subgroup>_<metric>`` for a known metric."""
-    if not name.startswith(f"{split}_"):
-        return False
-    rest = name[len(split) + 1:]
-    for group in SUBGROUPS:
-        if rest.startswith(f"{group}_"):
-            rest = rest[len(group) + 1:]
-            break
-    return rest in METRICS or rest.startswith("truth_") and rest[len("truth_"):] in METRICS

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from pertadapt.config.errors import ConfigError
-from pertadapt.config.schema import is_metric_name
+from pertadapt.config.metrics import is_metric_name, select_mode
 
 __all__ = ["AblationFile", "DimensionSpec", "SearchSpaceFile", "check_name"]
 
@@ -278,7 +278,8 @@ class SearchSpaceFile:
     params
         dotted config key → :class:`DimensionSpec`.
     metric, mode
-        What the search optimises (a validation metric the training loop reports).
+        What the search optimises (a validation metric the training loop reports) and how (``min``,
+        ``max``; ``null``: from the metric's direction).
     num_samples
         Optuna samples per arm.
     sampler_seed
@@ -294,7 +295,7 @@ class SearchSpaceFile:
     params: dict[str, DimensionSpec] = MISSING
     description: str = ""
     metric: str = "val_mse_de"
-    mode: str = "min"
+    mode: str | None = None
     num_samples: int = 4
     sampler_seed: int = 0
     scheduler: str = "none"
@@ -309,6 +310,8 @@ class SearchSpaceFile:
         if not is_metric_name(self.metric, "val"):
             raise ConfigError(f"metric: {self.metric!r} is not a validation metric (val_<metric> or "
                               "val_<subgroup>_<metric>, e.g. val_mse_de)")
+        if self.mode is None:
+            object.__setattr__(self, "mode", select_mode(self.metric))
         for key, choices in (("mode", ("min", "max")), ("scheduler", ("none", "asha"))):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}")

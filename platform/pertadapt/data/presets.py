@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.files import cache_dir, sha256_bytes
 from pertadapt.remote import StorageError, is_uri, localize
 
-__all__ = ["GI_TYPES", "MODALITIES", "PRESETS", "SimParams", "data_file_for"]
+__all__ = ["GI_TYPES", "MODALITIES", "PRESETS", "DataFile", "SimParams", "data_file_for"]
 
 #: Genetic-interaction types of doubles, in the order of :attr:`SimParams.gi_mix`.
 GI_TYPES = ("additive", "synergy", "buffering", "epistasis", "neomorphic")
@@ -130,7 +131,14 @@ PRESETS: dict[str, SimParams] = {
 }
 
 
-def data_file_for(cfg: RunConfig) -> tuple[Path, bool]:
+class DataFile(NamedTuple):
+    """Where a run's ``.h5ad`` is, and whether it still has to be simulated."""
+
+    path: Path
+    to_simulate: bool
+
+
+def data_file_for(cfg: RunConfig) -> DataFile:
     """Where the run's ``.h5ad`` is, and whether it still has to be simulated (no data is read or made).
 
     ``data.path`` must exist (a URI on an object store is read from a node-local copy, fetched here); without
@@ -139,14 +147,14 @@ def data_file_for(cfg: RunConfig) -> tuple[Path, bool]:
     """
     if cfg.data.path is not None and is_uri(cfg.data.path):
         try:
-            return localize(cfg.data.path), False
+            return DataFile(localize(cfg.data.path), False)
         except (FileNotFoundError, StorageError) as e:
             raise ConfigError(f"data.path: {e}") from e
     if cfg.data.path is not None:
         p = Path(cfg.data.path)
         if not p.is_file():
             raise ConfigError(f"data.path: {'not a file' if p.exists() else 'file not found'}: {p}")
-        return p, False
+        return DataFile(p, False)
     from pertadapt import __version__
 
     preset = cfg.data.simulate_preset
@@ -154,4 +162,4 @@ def data_file_for(cfg: RunConfig) -> tuple[Path, bool]:
         raise ConfigError(f"data.simulate_preset: {preset!r} is not one of {', '.join(PRESETS)}")
     key = sha256_bytes(f"{PRESETS[preset]!r}|{__version__}")[:10]
     out = cache_dir() / "simulated" / f"{preset}_seed{cfg.data.simulate_seed}_{key}.h5ad"
-    return out, not out.is_file()
+    return DataFile(out, not out.is_file())

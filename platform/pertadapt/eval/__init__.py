@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pertadapt.eval.gi import GIMetrics, gi_metrics, gi_params
 from pertadapt.eval.metrics import Metrics, compute_metrics, pearson0, score_predictions, top_variable_genes
-from pertadapt.eval.truth import TRUTH_METRICS, score_against_truth
+from pertadapt.eval.truth import score_against_truth
 
 __all__ = [
-    "TRUTH_METRICS",
     "GIMetrics",
     "Metrics",
     "compute_metrics",

@@ -46,8 +46,13 @@ Beyond systematic variation (Viñas Torné et al., Systema, Nat. Biotechnol. 202
     ``centroid_accuracy`` = 1 when μ̂_p is nearer (Euclidean) to μ_p than to every other evaluated
     perturbation's μ_q, else 0 (its mean is the fraction of perturbations identified).
 
+Added metrics
+    A metric registered with its own ``compute`` function (:func:`pertadapt.config.metrics.register_metric`)
+    is computed for every non-control perturbation from ``μ̂_p``, ``μ_p``, ``c`` and the ranked DE genes.
+
 Control: if ``ctrl`` is evaluated it gets ``mse``, ``pearson`` and ``mae`` only (GEARS gives it
 ``*_de`` = 0 but leaves it out of the ``_de`` averages, and its ``deeper_analysis`` raises on it).
+Every name, with its direction, is registered in :mod:`pertadapt.config.metrics`.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import ConstantInputWarning, pearsonr
 
+from pertadapt.config.metrics import registered_metrics
 from pertadapt.data.conditions import condition_genes
 from pertadapt.data.dataset import PerturbData
 from pertadapt.data.keys import CONTROL
@@ -217,7 +223,7 @@ def perturbation_metrics(p: np.ndarray, t: np.ndarray, c: np.ndarray, de: np.nda
     Returns
     -------
     dict of str to float
-        Metric name -> value.
+        Metric name -> value (added metrics included).
     """
     n_genes = c.shape[0]
     top = de[:N_DE]
@@ -243,6 +249,9 @@ def perturbation_metrics(p: np.ndarray, t: np.ndarray, c: np.ndarray, de: np.nda
     out["de_overlap_20"] = (
         len(np.intersect1d(np.argsort(-np.abs(pd_), kind="stable")[:N_DE], top)) / N_DE
     )
+    for spec in registered_metrics():
+        if spec.compute is not None:
+            out[spec.name] = float(spec.compute(p, t, c, de))
     return out
 
 

@@ -12,14 +12,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from pertadapt.config.metrics import truth_metric_names
 from pertadapt.data.keys import CONTROL
 from pertadapt.data.simulate import SimTruth
 from pertadapt.eval.metrics import N_DE, Metrics, aggregate, perturbation_metrics
 
-__all__ = ["TRUTH_METRICS", "score_against_truth"]
-
-#: Metrics reported against the truth (as ``<split>_truth_<metric>`` and ``truth_<metric>`` columns).
-TRUTH_METRICS = ("mse", "mse_de", "pearson_delta", "pearson_delta_de", "frac_correct_direction_20")
+__all__ = ["score_against_truth"]
 
 
 def score_against_truth(pred: Mapping[str, np.ndarray], truth: SimTruth, *, n_de: int = N_DE) -> Metrics:
@@ -38,7 +36,8 @@ def score_against_truth(pred: Mapping[str, np.ndarray], truth: SimTruth, *, n_de
     Returns
     -------
     Metrics
-        :data:`TRUTH_METRICS` per condition and their unweighted mean (``overall``).
+        The metrics registered with ``truth`` (:func:`pertadapt.config.metrics.truth_metric_names`) per
+        condition and their unweighted mean (``overall``).
 
     Raises
     ------
@@ -46,6 +45,7 @@ def score_against_truth(pred: Mapping[str, np.ndarray], truth: SimTruth, *, n_de
         A control or unknown condition, or a prediction of the wrong shape.
     """
     c = truth.mean_of(CONTROL)
+    names = truth_metric_names()
     per: dict[str, dict[str, float]] = {}
     for cond, p in pred.items():
         if cond == CONTROL:
@@ -56,5 +56,5 @@ def score_against_truth(pred: Mapping[str, np.ndarray], truth: SimTruth, *, n_de
             raise ValueError(f"pred[{cond!r}]: expected shape {t.shape}, got {p.shape}")
         de = np.argsort(-np.abs(t - c), kind="stable")[: max(n_de, 20)]
         full = perturbation_metrics(p, t, c, de)
-        per[cond] = {m: full[m] for m in TRUTH_METRICS}
+        per[cond] = {m: full[m] for m in names}
     return aggregate(per, {})

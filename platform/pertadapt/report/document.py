@@ -6,7 +6,6 @@ renders it as HTML and Markdown and writes the files.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from pertadapt.config import ConfigError
+from pertadapt.config.metrics import registered_metrics
 from pertadapt.data.io import DataError
 from pertadapt.files import sha256_file
 from pertadapt.report import plots
@@ -24,7 +23,6 @@ from pertadapt.report.stats import paired_tests, sentence
 from pertadapt.report.tables import (
     OVERALL,
     SUBGROUPS,
-    TRUTH_METRICS,
     LayoutTable,
     SweepData,
     arm_order,
@@ -34,6 +32,7 @@ from pertadapt.report.tables import (
     normalise_metric,
     summarise,
 )
+from pertadapt.rundir import RunDir
 
 __all__ = ["N_DE_PLOT", "N_DE_PLOT_CONDITIONS", "Figure", "SweepReport", "build_report"]
 
@@ -97,7 +96,7 @@ def _check_metrics(sweep: SweepData, metrics: Sequence[str]) -> None:
     known = {normalise_metric(c) for c in sweep.trials if c.startswith("test_")} | set(sweep.per_condition["metric"])
     unknown = [m for m in metrics if m not in known]
     if unknown:
-        raise ConfigError(f"--metric {unknown[0]!r}: not in {sweep.root / 'results.csv'} nor any per_condition.csv; "
+        raise ConfigError(f"--metric {unknown[0]!r}: not in {sweep.root / 'results.csv'} nor any run's per-condition table; "
                           f"known: {', '.join(sorted(k for k in known if not k.startswith(('val_', 'train_'))))}")
 
 
@@ -124,7 +123,7 @@ def _describe_arms(trials: pd.DataFrame, reference: str) -> dict[str, str]:
 
 
 def _consistency_notes(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str]) -> list[str]:
-    """Trials whose ``per_condition.csv`` means differ from their ``results.csv`` values (by > 1e-9, relative).
+    """Trials whose per-condition means differ from their ``results.csv`` values (by > 1e-9, relative).
 
     Both come from the same metric function, so a difference means mixed-up or stale files.
     """
@@ -144,38 +143,36 @@ def _consistency_notes(sweep: SweepData, metrics: Sequence[str], scopes: Sequenc
                 if col not in r or idx not in means.index or not np.isfinite(r[col]):
                     continue
                 if abs(means[idx] - r[col]) > 1e-9 * max(1.0, abs(r[col])):
-                    bad.append(f"{r['trial']} {col}: results.csv {r[col]:.10g}, per_condition.csv mean "
+                    bad.append(f"{r['trial']} {col}: results.csv {r[col]:.10g}, per-condition mean "
                                f"{means[idx]:.10g}")
-    return [f"per_condition.csv disagrees with results.csv for {len(bad)} value(s) (mixed-up or stale files?): "
+    return [f"per-condition data disagrees with results.csv for {len(bad)} value(s) (mixed-up or stale files?): "
             + "; ".join(bad[:5]) + ("; …" if len(bad) > 5 else "")] if bad else []
 
 
-def _read_history(run: Path) -> pd.DataFrame | None:
-    path = run / "metrics.jsonl"
-    if not path.is_file() or path.stat().st_size == 0:
+def _read_history(run: RunDir) -> pd.DataFrame | None:
+    rows = run.history()
+    if not rows:
         return None
-    h = pd.read_json(path, lines=True)
+    h = pd.DataFrame(rows)
     return h.drop_duplicates("epoch", keep="last").sort_values("epoch") if "epoch" in h else None
 
 
-def _dataset_of(run: Path) -> Path:
-    """The prepared dataset a run was trained on: ``provenance.json``'s ``data_path``, else ``config.yaml``'s
-    ``data.path``; its SHA-256 must still equal ``provenance.json``'s ``data_sha256`` when that is recorded.
+def _dataset_of(run: RunDir) -> Path:
+    """The prepared dataset a run was trained on: the provenance's ``data_path``, else the config's
+    ``data.path``; its SHA-256 must still equal the provenance's ``data_sha256`` when that is recorded.
 
     Raises
     ------
     DataError
         No recorded path, the file is not here, or it changed since the run.
     """
-    prov_file, cfg_file = run / "provenance.json", run / "config.yaml"
-    prov = json.loads(prov_file.read_text()) if prov_file.is_file() else {}
-    cfg = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
-    path = prov.get("data_path") or (cfg.get("data") or {}).get("path")
+    prov = run.provenance()
+    path = prov.get("data_path") or (run.config().get("data") or {}).get("path")
     if not path or not Path(path).is_file():
-        raise DataError(f"{run}: the dataset path recorded in provenance.json (data_path) or config.yaml "
-                        f"(data.path), {path!r}, is not a file here")
+        raise DataError(f"{run.path}: the dataset path recorded in {run.provenance_file.name} (data_path) or "
+                        f"{run.config_file.name} (data.path), {path!r}, is not a file here")
     if prov.get("data_sha256") and sha256_file(path) != prov["data_sha256"]:
-        raise DataError(f"{path}: changed since the run (SHA-256 differs from {prov_file})")
+        raise DataError(f"{path}: changed since the run (SHA-256 differs from {run.provenance_file})")
     return Path(path)
 
 
@@ -187,7 +184,7 @@ def _de_figure(sweep: SweepData, key: tuple[str, str], arms: Sequence[str], colo
     if ref.empty:
         raise DataError(f"no successful {sweep.reference!r} trial")
     first = ref.sort_values("seed").iloc[0]
-    data_path = _dataset_of(Path(first["run_path"]))
+    data_path = _dataset_of(RunDir(first["run_path"]))
     from pertadapt.data.dataset import read_perturb_data  # imports torch: only when there is data to read
     from pertadapt.data.summaries import read_predictions
 
@@ -209,7 +206,7 @@ def _de_figure(sweep: SweepData, key: tuple[str, str], arms: Sequence[str], colo
     predicted: dict[str, dict[str, np.ndarray]] = {}
     for arm in arms:
         run = ok[(ok["arm"] == arm) & (ok["seed"] == first["seed"])]
-        path = Path(run.iloc[0]["run_path"]) / "test_predictions.h5ad" if not run.empty else None
+        path = RunDir(run.iloc[0]["run_path"]).predictions_file if not run.empty else None
         if path is None or not path.is_file():
             continue
         conds, matrix = read_predictions(path, genes)
@@ -254,7 +251,7 @@ def _figures(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str], su
         else:
             notes.append(f"{title}: no subgroup bars (none of {', '.join(metrics)} has results.csv columns per "
                          "subgroup)")
-        histories = {a: [h for r in ok[ok["arm"] == a]["run_path"] if (h := _read_history(Path(r))) is not None]
+        histories = {a: [h for r in ok[ok["arm"] == a]["run_path"] if (h := _read_history(RunDir(r))) is not None]
                      for a in arms}
         histories = {a: h for a, h in histories.items() if h}
         val = f"val_{metrics[0]}"
@@ -263,14 +260,15 @@ def _figures(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str], su
                                   f"{title}: train loss and {val} per epoch (thin: seeds, thick: mean)",
                                   plots.learning_curves_plot(histories, val, colours, title)))
         else:
-            notes.append(f"{title}: no learning curves (no metrics.jsonl with {val})")
+            notes.append(f"{title}: no learning curves (no epoch history with {val})")
         try:
             figures.append(_de_figure(sweep, key, [a for a in arms if a not in baselines] or list(arms), colours,
                                       label, title))
         except (DataError, OSError) as e:
             notes.append(f"{title}: no predicted-vs-observed DE figure ({e})")
-        pairs = [(metric_column(truth.removeprefix("test_truth_")), truth) for truth in TRUTH_METRICS
-                 if f"{truth}_mean" in s and f"{metric_column(truth.removeprefix('test_truth_'))}_mean" in s]
+        pairs = [(metric_column(m.name), metric_column(f"truth_{m.name}")) for m in registered_metrics()
+                 if m.report_truth and f"{metric_column(f'truth_{m.name}')}_mean" in s
+                 and f"{metric_column(m.name)}_mean" in s]
         if pairs:
             figures.append(Figure(f"truth_vs_observed{label}.png",
                                   f"{title} (simulated): error against the observed means (plain) and against "
@@ -287,8 +285,8 @@ def build_report(sweep: SweepData, metrics: Sequence[str] | None = None) -> Swee
     sweep
         From :func:`~pertadapt.report.tables.load_sweep`.
     metrics
-        Metric names (``mse_de`` or ``test_mse_de``); default :data:`~pertadapt.report.tables.KEY_METRICS`
-        plus the truth metrics present.
+        Metric names (``mse_de`` or ``test_mse_de``); default the metric registry's report metrics
+        (:func:`~pertadapt.report.tables.default_metrics`).
 
     Raises
     ------
@@ -309,7 +307,7 @@ def build_report(sweep: SweepData, metrics: Sequence[str] | None = None) -> Swee
     sentences = [sentence(r, described.get(r["arm"], "")) for _, r in headline.iterrows()]
     notes = []
     if sweep.missing_per_condition:
-        notes.append(f"{len(sweep.missing_per_condition)} ok trial(s) have no per_condition.csv and are not in the "
+        notes.append(f"{len(sweep.missing_per_condition)} ok trial(s) have no per-condition table and are not in the "
                      f"paired tests: {', '.join(sweep.missing_per_condition)}")
     notes += _consistency_notes(sweep, metrics, scopes)
     if not sweep.ok.empty and sweep.ok[sweep.ok["arm"] == sweep.reference].empty:

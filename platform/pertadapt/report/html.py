@@ -20,7 +20,7 @@ from pertadapt.files import atomic_write_bytes, atomic_write_text
 from pertadapt.report.bootstrap import BOOTSTRAP_RESAMPLES
 from pertadapt.report.document import SweepReport, build_report
 from pertadapt.report.stats import ALPHA
-from pertadapt.report.tables import LayoutTable, load_sweep
+from pertadapt.report.tables import LayoutTable, describe_metric, load_sweep
 
 __all__ = ["ReportPaths", "render_html", "render_layout_markdown", "render_markdown", "write_sweep_report"]
 
@@ -51,7 +51,7 @@ td.best{font-weight:bold} .alert{background:#fdecea;border:1px solid #e0a9a4;pad
 figcaption{font-size:13px;color:#555} .wrap{overflow-x:auto} code{background:#f5f5f5}
 </style></head><body>
 <h1>Ablation report: {{ r.sweep.name }}</h1>
-<p>{{ counts }} Reference arm: <b>{{ r.sweep.reference }}</b>. Metrics: {{ r.metrics | join(", ") }}.</p>
+<p>{{ counts }} Reference arm: <b>{{ r.sweep.reference }}</b>. Metrics: {{ metrics | join(", ") }}.</p>
 {% if not n_ok %}<p class="alert">{{ all_failed }}</p>{% endif %}
 {% if r.sentences %}<h2>Findings</h2><ul id="findings">
 {% for s in sentences %}<li>{{ s }}</li>{% endfor %}</ul>{% endif %}
@@ -110,6 +110,7 @@ def render_html(r: SweepReport) -> str:
     failed_cols = _shown(r.sweep.not_ok, _TRIAL_COLUMNS)
     return _HTML.render(
         r=r, counts=_counts(r), n_ok=len(r.sweep.ok), all_failed=_all_failed(r), zip=zip,
+        metrics=[describe_metric(m) for m in r.metrics],
         sentences=[s.replace("`", "") for s in r.sentences], tables=r.tables,
         test_columns=_shown(r.tests, _TEST_COLUMNS), tests=_rows(r.tests, _TEST_COLUMNS),
         figures=[{"caption": f.caption, "b64": base64.b64encode(f.png).decode()} for f in r.figures],
@@ -137,7 +138,7 @@ def render_layout_markdown(t: LayoutTable, reference: str) -> str:
 def render_markdown(r: SweepReport) -> str:
     """``report.md``: the same content as the HTML, figures linked as the PNG files next to it."""
     parts = [f"# Ablation report: {r.sweep.name}", "",
-             f"{_counts(r)} Reference arm: **{r.sweep.reference}**. Metrics: {', '.join(r.metrics)}.", ""]
+             f"{_counts(r)} Reference arm: **{r.sweep.reference}**. Metrics: {', '.join(describe_metric(m) for m in r.metrics)}.", ""]
     if r.sweep.ok.empty:
         parts += [f"> **{_all_failed(r)}**", ""]
     if r.sentences:
@@ -202,7 +203,7 @@ def write_sweep_report(sweep_dir: Path, *, out: Path | None = None, metrics: Seq
     Parameters
     ----------
     sweep_dir
-        Directory with ``results.csv`` (and ``sweep.json``, ``runs/<trial>/per_condition.csv``).
+        Directory with ``results.csv`` (and ``sweep.json``, the run directories' per-condition tables).
     out
         Output directory (default ``sweep_dir/report``).
     metrics

@@ -136,7 +136,7 @@ def learning_curves_plot(histories: Mapping[str, Sequence[pd.DataFrame]], val_me
     Parameters
     ----------
     histories
-        Arm → one ``metrics.jsonl`` table per seed (columns ``epoch``, ``train_loss``, ``val_...``).
+        Arm → one epoch-history table per seed (columns ``epoch``, ``train_loss``, ``val_...``).
     val_metric
         Validation column, e.g. ``val_mse_de``.
     colours

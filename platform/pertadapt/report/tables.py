@@ -2,10 +2,10 @@
 
 Pure pandas/scipy; consumed by the HTML/Markdown report, the console table and the W&B tables.
 
-Naming: a *metric* is a per-condition name such as ``mse_de`` (the columns of a run's
-``per_condition.csv``); the trial-level value of metric ``m`` in ``results.csv`` is ``test_<m>``
-overall and ``test_<subgroup>_<m>`` per GEARS subgroup. ``--metric test_mse_de`` and ``--metric mse_de``
-mean the same thing.
+Naming: a *metric* is a per-condition name such as ``mse_de`` (the columns of a run's per-condition
+table); the trial-level value of metric ``m`` in ``results.csv`` is ``test_<m>`` overall and
+``test_<subgroup>_<m>`` per GEARS subgroup. ``--metric test_mse_de`` and ``--metric mse_de`` mean the same
+thing. Directions and the default metrics come from the metric registry (:mod:`pertadapt.config.metrics`).
 """
 
 from __future__ import annotations
@@ -21,19 +21,21 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pertadapt.config.schema import SUBGROUPS as SCHEMA_SUBGROUPS
+from pertadapt.config.metrics import SUBGROUPS as METRIC_SUBGROUPS
+from pertadapt.config.metrics import default_report_metrics, lower_is_better, metric_spec
 from pertadapt.data.io import DataError
 from pertadapt.report.bootstrap import hierarchical_bootstrap
+from pertadapt.report.results import RESULTS_FILE, check_columns
+from pertadapt.rundir import RunDir
 
 __all__ = [
-    "KEY_METRICS",
     "OVERALL",
     "SUBGROUPS",
-    "TRUTH_METRICS",
     "LayoutTable",
     "SweepData",
     "arm_order",
     "default_metrics",
+    "describe_metric",
     "format_cell",
     "layout_tables",
     "load_results",
@@ -46,19 +48,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Metrics shown by default, as ``results.csv`` columns (lower is better for mse*, higher for pearson*).
-KEY_METRICS = ("test_mse_de", "test_mse", "test_pearson_delta", "test_pearson_delta_de")
-#: Beyond systematic variation (Systema): reported whenever the trials have them.
-SYSTEMA_METRICS = ("test_systema_pearson_delta", "test_centroid_accuracy")
-#: Distance to the simulator's noise-free truth (present for simulated data only).
-TRUTH_METRICS = ("test_truth_mse_de", "test_truth_pearson_delta_de")
-#: GEARS test subgroups, in the paper's column order (the schema's list).
-SUBGROUPS = SCHEMA_SUBGROUPS
+#: GEARS test subgroups, in the paper's column order (the metric registry's list).
+SUBGROUPS = METRIC_SUBGROUPS
 #: Scope name of the metrics over all test conditions.
 OVERALL = "overall"
-#: Arm names that are baselines when ``results.csv`` has no ``is_baseline`` column, in display order.
+#: Baseline arms in display order (others after them).
 _BASELINE_NAMES = ("baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear", "gears")
-_LOWER_IS_BETTER = ("mse", "mae", "truth_mse", "truth_mae")
 #: What a trial without an error message and without success means, by status.
 _STATUS_ERRORS = {"stopped_early": "stopped early by the scheduler (ASHA)", "pending": "not run (sweep interrupted?)"}
 _GROUP = ("dataset", "backbone", "arm")
@@ -75,15 +70,17 @@ def metric_column(metric: str, scope: str = OVERALL) -> str:
     return f"test_{m}" if scope == OVERALL else f"test_{scope}_{m}"
 
 
-def lower_is_better(metric: str) -> bool:
-    """Whether smaller values of ``metric`` are better (errors: ``mse*``, ``mae*``, ``truth_mse*``)."""
-    return normalise_metric(metric).startswith(_LOWER_IS_BETTER)
+def describe_metric(metric: str) -> str:
+    """``metric`` with its registered display name and direction, e.g. ``mse_de (MSE (top-20 DE), lower is
+    better)``; a ``truth_`` metric is the same against the simulator's noise-free truth."""
+    spec = metric_spec(metric)
+    truth = " against the truth" if normalise_metric(metric).startswith("truth_") else ""
+    return f"{normalise_metric(metric)} ({spec.display}{truth}, {spec.direction} is better)"
 
 
 def default_metrics(trials: pd.DataFrame) -> list[str]:
-    """:data:`KEY_METRICS` plus the Systema and truth metrics present in ``trials``, as per-condition names."""
-    present = (t for t in (*SYSTEMA_METRICS, *TRUTH_METRICS) if t in trials)
-    return [normalise_metric(m) for m in (*KEY_METRICS, *present)]
+    """The registry's default report metrics that ``trials`` has (per-condition names)."""
+    return default_report_metrics(set(trials.columns))
 
 
 @dataclass(frozen=True)
@@ -104,9 +101,9 @@ class SweepData:
         machine) and every metric column.
     per_condition
         Long table ``dataset, backbone, arm, seed, condition, subgroup, metric, value``: the union of the
-        ok trials' ``per_condition.csv``.
+        ok trials' per-condition tables.
     missing_per_condition
-        Keys of ok trials without a ``per_condition.csv`` (left out of the paired tests).
+        Keys of ok trials without a per-condition table (left out of the paired tests).
     """
 
     root: Path
@@ -128,23 +125,17 @@ class SweepData:
 
 
 def _read_results(path: Path) -> pd.DataFrame:
+    """The rows of a results table (:class:`~pertadapt.report.results.ResultRow` columns), checked and typed."""
     try:
         df = pd.read_csv(path, keep_default_na=False, na_values=[""])
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not a readable CSV ({e})") from e
-    missing = [c for c in ("trial", "arm", "seed", "status") if c not in df]
-    if missing:
-        raise DataError(f"{path}: column(s) {', '.join(missing)} missing (expected a sweep's results.csv)")
-    if "backbone" not in df:
-        df["backbone"] = df["backbone_set"] if "backbone_set" in df else ""
+    check_columns(path, df.columns)
     for col in ("dataset", "backbone", "error", "run_dir"):
-        df[col] = df[col].fillna("").astype(str) if col in df else ""
+        df[col] = df[col].fillna("").astype(str)
     df["arm"] = df["arm"].astype(str)
     df["status"] = df["status"].fillna("missing").astype(str)
-    if "is_baseline" in df:
-        df["is_baseline"] = df["is_baseline"].astype(str).str.lower().isin(("true", "1"))
-    else:
-        df["is_baseline"] = df["arm"].isin(_BASELINE_NAMES) | df["arm"].str.startswith("baseline_")
+    df["is_baseline"] = df["is_baseline"].astype(str).str.lower().isin(("true", "1"))
     unexplained = (df["status"] != "ok") & (df["error"] == "")
     df.loc[unexplained, "error"] = df.loc[unexplained, "status"].map(_STATUS_ERRORS).fillna(
         "no final metrics (no error recorded)")
@@ -181,7 +172,7 @@ def _read_per_condition(path: Path, row: pd.Series) -> pd.DataFrame:
 
 
 def load_sweep(sweep_dir: Path, reference: str | None = None) -> SweepData:
-    """Read a sweep directory (``results.csv``, ``sweep.json``, each run's ``per_condition.csv``).
+    """Read a sweep directory (``results.csv``, ``sweep.json``, each run's per-condition table).
 
     Parameters
     ----------
@@ -193,10 +184,11 @@ def load_sweep(sweep_dir: Path, reference: str | None = None) -> SweepData:
     Raises
     ------
     DataError
-        ``results.csv`` missing or without the trial columns; a ``per_condition.csv`` without ``condition``.
+        ``results.csv`` missing or without the :class:`~pertadapt.report.results.ResultRow` columns; a
+        per-condition table without ``condition``.
     """
     sweep_dir = Path(sweep_dir)
-    results = sweep_dir / "results.csv"
+    results = sweep_dir / RESULTS_FILE
     if not results.is_file():
         raise DataError(f"{results}: not found (is {sweep_dir} a sweep directory?)")
     meta_file = sweep_dir / "sweep.json"
@@ -205,13 +197,13 @@ def load_sweep(sweep_dir: Path, reference: str | None = None) -> SweepData:
     trials["run_path"] = [str(_run_path(sweep_dir, r)) for _, r in trials.iterrows()]
     frames, missing = [], []
     for _, row in trials[trials["status"] == "ok"].iterrows():
-        path = Path(row["run_path"]) / "per_condition.csv"
+        path = RunDir(row["run_path"]).per_condition_file
         if path.is_file():
             frames.append(_read_per_condition(path, row))
         else:
             missing.append(str(row["trial"]))
     if missing:
-        log.warning("%d ok trial(s) have no per_condition.csv and are left out of the paired tests, first %s",
+        log.warning("%d ok trial(s) have no per-condition table and are left out of the paired tests, first %s",
                     len(missing), missing[0])
     cols = ["dataset", "backbone", "arm", "seed", "condition", "subgroup", "metric", "value"]
     per = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
@@ -249,14 +241,14 @@ def _bootstrap_interval(pc: pd.DataFrame, metric: str, scope: str) -> tuple[floa
     return hierarchical_bootstrap([g.to_numpy(dtype=float) for _, g in sel.groupby("seed")["value"]])
 
 
-def summarise(trials: pd.DataFrame, metrics: Sequence[str] = KEY_METRICS, scopes: Sequence[str] = (OVERALL,),
+def summarise(trials: pd.DataFrame, metrics: Sequence[str], scopes: Sequence[str] = (OVERALL,),
               per_condition: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (dataset, backbone, arm): trial counts and, per metric and scope, seed statistics.
 
     Parameters
     ----------
     trials
-        Rows of ``results.csv``, any status (a missing ``status`` column means all ok).
+        Rows of ``results.csv`` (:func:`load_sweep`), any status.
     metrics
         Metric names (``mse_de`` or ``test_mse_de``); the ``results.csv`` column of each metric and scope is
         :func:`metric_column` (absent ones are skipped).
@@ -275,10 +267,7 @@ def summarise(trials: pd.DataFrame, metrics: Sequence[str] = KEY_METRICS, scopes
         finite value), ``c_sd``, ``c_ci_low``, ``c_ci_high`` and ``c_n`` (those seeds). Failed trials count in
         ``n_trials``, never in means.
     """
-    df = trials.copy()
-    for col, default in (("dataset", ""), ("backbone", ""), ("status", "ok"), ("is_baseline", False)):
-        if col not in df:
-            df[col] = df["backbone_set"] if col == "backbone" and "backbone_set" in df else default
+    df = trials
     pcs = dict(iter(per_condition.groupby(list(_GROUP), sort=False))) if per_condition is not None else {}
     rows = []
     for key, g in df.groupby(list(_GROUP), sort=False):

@@ -6,7 +6,7 @@ by default, the sweep directory itself. Under it: ``ray/`` (Tune experiment stat
 checkpoints), ``data/`` (every dataset the trials read, placed there once by the driver) and, on a shared
 path when ``PERTADAPT_CACHE`` is not set, ``cache/`` (simulated data, GO masks). On an object store the run
 directories live there too (``runs/``, ``hpo/``; worked on in node-local copies, see
-:class:`pertadapt.remote.RunMirror`) and the driver copies them, checkpoints aside, into the sweep directory
+:class:`pertadapt.rundir.RunDir`) and the driver copies them, checkpoints aside, into the sweep directory
 when the trials end; caches stay node-local.
 """
 

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from pertadapt.config.load import (
-    config_from_dict,
-    config_hash,
-    config_to_dict,
-    dotted_to_nested,
-    load_typed,
-)
+from pertadapt.config.load import config_hash, config_to_dict, dotted_to_nested, load_typed
 from pertadapt.config.schema import RunConfig
 from pertadapt.files import sha256_bytes
-from pertadapt.remote import RunMirror, is_uri, pull_tree, under
+from pertadapt.remote import is_uri, pull_tree, under
+from pertadapt.rundir import RunDir
 from pertadapt.sweep.ablation import Ablation, Trial
 from pertadapt.sweep.resources import (
     NodeType,
@@ -46,10 +42,11 @@ from pertadapt.sweep.resources import (
     cluster_concurrency,
     summed,
 )
-from pertadapt.sweep.results import TrialOutcome, collect_results, finished_metrics
+from pertadapt.sweep.results import TrialOutcome, collect_results
 from pertadapt.sweep.search_space import SearchSpace
 from pertadapt.sweep.storage import RUN_TREES
-from pertadapt.sweep.wandb_runs import REPLAYED_KEY, TrialRuns, trial_place, trial_remote
+from pertadapt.sweep.trial_spec import SPEC_KEY, TUNED_KEY, TrialSpec, trial_of, tuned_of
+from pertadapt.sweep.wandb_runs import REPLAYED_KEY, TrialRuns
 from pertadapt.train.run import FINISHED_KEY
 from pertadapt.train.timeline import mark
 from pertadapt.train.worker import has_resumable_checkpoint, launch, record_ray_node
@@ -67,50 +64,39 @@ _FORWARD_PREFIXES = ("PERTADAPT_", "WANDB_", "DS_", "OMP_", "RAY_TRAIN_", "AWS_E
                      "AWS_DEFAULT_REGION")
 #: Never forwarded, never written: secrets stay in the environment of the process that has them.
 _SECRETS = ("WANDB_API_KEY",)
-#: Left on the object store when the driver copies run directories home (checkpoints: ``ckpt/best``).
-_CHECKPOINT_DIRS = ("ckpt",)
 
 
-def _apply_params(run_dict: dict[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+def _apply_params(cfg: RunConfig, params: Mapping[str, Any]) -> RunConfig:
     # two layers, so that a sampled component name (loss.name) switches the block as an override does
-    return config_to_dict(load_typed(RunConfig, "<trial + search sample>", run_dict, dotted_to_nested(params)))
+    return load_typed(RunConfig, "<trial + search sample>", config_to_dict(cfg), dotted_to_nested(params))
 
 
 def _trial_fn(config: dict[str, Any]) -> None:
     """A Tune function trainable: run one trial in-process (baselines, torch engine) or via Ray Train."""
-    spec = config["trial"]
-    params = {k: v for k, v in config.items() if k != "trial"}
-    run_dict = _apply_params(spec["run"], params) if params else spec["run"]
-    cfg = config_from_dict(run_dict)
+    spec, tuned = trial_of(config), tuned_of(config)
+    cfg = _apply_params(spec.config, tuned) if tuned else spec.config
     record_ray_node()  # an in-process trial (baseline, torch engine) records its node, as Ray Train workers do
-    trial_id = tune.get_context().get_trial_id() if params else ""
-    run_dir, name = trial_place(spec, params, trial_id)
-    home = trial_remote(spec, params, trial_id)
-    mirror = RunMirror(home) if home else None  # run dir on an object store: work on this node's copy
-    if mirror is not None:
-        run_dir = mirror.pull()
-    finished = finished_metrics(run_dir, config_hash(cfg))
+    sample = tune.get_context().get_trial_id() if tuned else None
+    run_dir, name = spec.run(sample).pull(), spec.name(sample)  # on an object store: this node's copy
+    finished = run_dir.finished_metrics(config_hash(cfg))
     if finished is not None:  # a resumed sweep whose Tune state missed this trial's end: nothing to redo
         tune.report({**finished, FINISHED_KEY: 1, REPLAYED_KEY: 1})
         return
     mark(run_dir, "trial_start")
-    if mirror is not None:  # on the store before a worker, perhaps on this node, pulls the run directory
-        mirror.push()
-    storage = spec["storage"]
+    run_dir.commit()  # on the store before a worker, perhaps on this node, pulls the run directory
     # a retried or resumed trial continues from its last checkpoint; a first start begins afresh
-    resume = has_resumable_checkpoint(cfg, run_dir, name=name, storage_path=storage)
+    resume = has_resumable_checkpoint(cfg, run_dir, name=name, storage_path=spec.storage)
     # the driver keeps the trial's W&B run (TrialRuns): the workers open none
-    launch(cfg, run_dir, name=name, storage_path=storage, report=tune.report, train_callbacks=[TuneReportCallback()],
-           resume=resume, log_wandb=False, mirror=mirror)
+    launch(cfg, run_dir, name=name, storage_path=spec.storage, report=tune.report,
+           train_callbacks=[TuneReportCallback()], resume=resume, log_wandb=False)
     if cfg.uses_ray_train:
         time.sleep(3)  # let the last TuneReportCallback result reach Tune (Train V2 race)
     mark(run_dir, "trial_end")
-    if mirror is not None:
-        mirror.push()
+    run_dir.commit()
 
 
 def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
-    cfg = config_from_dict(config["trial"]["run"])
+    cfg = trial_of(config).config
     if cfg.uses_ray_train:  # the Train workers ask for their own
         return tune.PlacementGroupFactory([{"CPU": 0.01}])
     gpu = {"GPU": cfg.engine.gpus} if cfg.engine.on_gpu and not cfg.is_baseline else {}
@@ -118,19 +104,27 @@ def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
 
 
 def _spec(trial: Trial, ablation: Ablation, sweep_dir: Path, data_paths: Mapping[str, str],
-          storage: str) -> dict[str, Any]:
-    run_dict = config_to_dict(trial.run_config(data_paths[trial.key]))
-    wandb = {"tags": ablation.toggles(trial), "job_type": "baseline" if trial.is_baseline else "model"}
-    return {"key": trial.key, "run": run_dict, "run_dir": str(sweep_dir / "runs" / trial.key),
-            "remote_run_dir": under(storage, "runs", trial.key) if is_uri(storage) else None,
-            "storage": under(storage, "ray"), "wandb": wandb}
+          storage: str) -> TrialSpec:
+    return TrialSpec(key=trial.key, config=trial.run_config(data_paths[trial.key]),
+                     run_dir=sweep_dir / "runs" / trial.key,
+                     home=under(storage, "runs", trial.key) if is_uri(storage) else None,
+                     storage=under(storage, "ray"), tags=tuple(ablation.toggles(trial)),
+                     job_type="baseline" if trial.is_baseline else "model")
 
 
 class _Progress(tune.Callback):
-    """Live progress: a rich table in a terminal, one log line per event otherwise."""
+    """Live progress: a rich table in a terminal, one log line per event otherwise.
 
-    def __init__(self, title: str, total: int) -> None:
-        self.title, self.total = title, total
+    Parameters
+    ----------
+    title, total
+        The experiment's name and number of trials.
+    metric
+        The validation metric shown: the search space's, or (``None``) each trial's ``eval.select_metric``.
+    """
+
+    def __init__(self, title: str, total: int, metric: str | None = None) -> None:
+        self.title, self.total, self.metric = title, total, metric
         self.rows: dict[str, dict[str, Any]] = {}
         self.live = None
         if sys.stderr.isatty():
@@ -152,15 +146,16 @@ class _Progress(tune.Callback):
         return table
 
     def _update(self, trial: Any, status: str, result: Mapping[str, Any] | None = None) -> None:
-        key = trial.config["trial"]["key"] + (f"#{trial.trial_id}" if len(trial.config) > 1 else "")
+        key = trial_of(trial.config).key + (f"#{trial.trial_id}" if TUNED_KEY in trial.config else "")
         row = self.rows.setdefault(key, {"status": "running"})
         row["status"] = status
         if result:
             row["elapsed"] = float(result.get("time_total_s", row.get("elapsed", 0.0)))
             if "epoch" in result:
                 row["epoch"] = int(result["epoch"])
-            val = next((f"{k} {v:.4g}" for k, v in result.items() if k.startswith("val_mse_de")), None)
-            row["metric"] = val or row.get("metric", "")
+            metric = self.metric or trial_of(trial.config).config.eval.select_metric
+            if isinstance(result.get(metric), int | float):
+                row["metric"] = f"{metric} {result[metric]:.4g}"
         if self.live is not None:
             self.live.update(self._table())
         elif status != "running" or result is None:
@@ -191,11 +186,11 @@ def _fit(make: Any, trainable: Any, path: str, resume: bool) -> tune.ResultGrid:
     return make().fit()
 
 
-def _run_grid(specs: Sequence[dict[str, Any]], ray_storage: str, name: str, max_concurrent: int,
+def _run_grid(specs: Sequence[TrialSpec], ray_storage: str, name: str, max_concurrent: int,
               resume: bool) -> tune.ResultGrid:
     trainable = tune.with_resources(_trial_fn, _resources)
     return _fit(lambda: tune.Tuner(
-        trainable, param_space={"trial": tune.grid_search(list(specs))},
+        trainable, param_space={SPEC_KEY: tune.grid_search(list(specs))},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=ray_storage, verbose=0,
                                   callbacks=[_Progress(name, len(specs)), TrialRuns()],
@@ -204,6 +199,7 @@ def _run_grid(specs: Sequence[dict[str, Any]], ray_storage: str, name: str, max_
 
 
 def _optuna_space(space: SearchSpace) -> dict[str, Any]:
+    """The Optuna distributions, under :data:`TUNED_KEY` (a sample's config holds its parameters there)."""
     out: dict[str, Any] = {}
     for d in space.dims:
         if d.kind == "choice":
@@ -212,7 +208,7 @@ def _optuna_space(space: SearchSpace) -> dict[str, Any]:
             out[d.key] = optuna.distributions.IntDistribution(int(d.low), int(d.high))
         else:
             out[d.key] = optuna.distributions.FloatDistribution(d.low, d.high, log=d.kind == "loguniform")
-    return out
+    return {TUNED_KEY: out}
 
 
 def _storage(space: SearchSpace, sweep_dir: Path) -> optuna.storages.BaseStorage:
@@ -255,7 +251,7 @@ def fresh_study(storage: optuna.storages.BaseStorage, name: str) -> None:
         pass
 
 
-def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path, ray_storage: str,
+def _run_hpo(spec: TrialSpec, arm: str, space: SearchSpace, sweep_dir: Path, ray_storage: str,
              ablation_name: str, max_concurrent: int, resume: bool) -> tuple[dict[str, Any], tune.ResultGrid]:
     trainable = tune.with_resources(_trial_fn, _resources)
     name = f"hpo-{arm}"
@@ -268,18 +264,18 @@ def _run_hpo(spec: dict[str, Any], arm: str, space: SearchSpace, sweep_dir: Path
                               study_name=study, storage=storage,
                               sampler=optuna.samplers.TPESampler(seed=space.sampler_seed))
         return tune.Tuner(
-            trainable, param_space={"trial": spec},
+            trainable, param_space={SPEC_KEY: spec},
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search,
-                                        scheduler=_scheduler(space, spec["run"]["optim"]["epochs"]),
+                                        scheduler=_scheduler(space, spec.config.optim.epochs),
                                         num_samples=space.num_samples, max_concurrent_trials=max_concurrent,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=ray_storage, verbose=0,
-                                      callbacks=[_Progress(name, space.num_samples), TrialRuns()],
+                                      callbacks=[_Progress(name, space.num_samples, space.metric), TrialRuns()],
                                       failure_config=tune.FailureConfig(max_failures=0)))
 
     grid = _fit(make, trainable, under(ray_storage, name), resume)
     best = grid.get_best_result(metric=space.metric, mode=space.mode, scope="all")
-    return {k: v for k, v in best.config.items() if k != "trial"}, grid
+    return tuned_of(best.config), grid
 
 
 def _runtime_env() -> dict[str, Any]:
@@ -307,15 +303,15 @@ def _cluster() -> tuple[list[dict[str, float]], list[NodeType]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")], types
 
 
-def _hashes(specs: Sequence[dict[str, Any]]) -> dict[str, str]:
+def _hashes(specs: Sequence[TrialSpec]) -> dict[str, str]:
     """trial key → hash of the config it runs (as sent to the trial: data path and tuned parameters in)."""
-    return {s["key"]: config_hash(config_from_dict(s["run"])) for s in specs}
+    return {s.key: config_hash(s.config) for s in specs}
 
 
 def _outcomes(grid: tune.ResultGrid, stage: str) -> list[TrialOutcome]:
     out = []
     for result in grid:
-        spec = result.config["trial"]
+        spec, tuned = trial_of(result.config), tuned_of(result.config)
         metrics = result.metrics or {}
         error = None if result.error is None else (str(result.error).strip().splitlines() or [""])[-1][:500]
         if error is not None:
@@ -326,9 +322,8 @@ def _outcomes(grid: tune.ResultGrid, stage: str) -> list[TrialOutcome]:
             status = "stopped_early"
         else:
             status = "pending"
-        params = {k: v for k, v in result.config.items() if k != "trial"}
-        out.append(TrialOutcome(spec["key"], stage, status, error, float(metrics.get("time_total_s", math.nan)),
-                                str(metrics.get("trial_id", Path(result.path).name)) if params else None, params))
+        out.append(TrialOutcome(spec.key, stage, status, error, float(metrics.get("time_total_s", math.nan)),
+                                str(metrics.get("trial_id", Path(result.path).name)) if tuned else None, tuned))
     return out
 
 
@@ -390,17 +385,17 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
                 if t.seed != first or t.is_baseline:
                     continue
                 hpo_dir = t.key.rsplit("/", 1)[0]
-                hpo_spec = {**spec, "run_dir": str(sweep_dir / "hpo" / hpo_dir),
-                            "remote_run_dir": under(storage, "hpo", hpo_dir) if is_uri(storage) else None}
+                hpo_spec = replace(spec, run_dir=sweep_dir / "hpo" / hpo_dir,
+                                   home=under(storage, "hpo", hpo_dir) if is_uri(storage) else None)
                 best, grid = _run_hpo(hpo_spec, t.arm, search_space, sweep_dir, ray_storage, ablation.name,
                                       max_concurrent, resume)
                 outcomes += _outcomes(grid, "hpo")
                 if any(o.status == "pending" for o in outcomes):  # interrupted: --resume continues here
                     return _collect(ablation, sweep_dir, storage, outcomes, specs)
                 log.info("arm %s: best %s", t.arm, best)
-                for t2, s2 in zip(ablation.trials, specs, strict=True):
-                    if t2.arm == t.arm and t2.dataset == t.dataset and t2.backbone == t.backbone:
-                        s2["run"] = _apply_params(s2["run"], best)
+                specs = [replace(s2, config=_apply_params(s2.config, best))
+                         if t2.arm == t.arm and t2.dataset == t.dataset and t2.backbone == t.backbone else s2
+                         for t2, s2 in zip(ablation.trials, specs, strict=True)]
             outcomes += _outcomes(_run_grid(specs, ray_storage, "final", max_concurrent, resume), "final")
     finally:
         ray.shutdown()
@@ -408,10 +403,10 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
 
 
 def _collect(ablation: Ablation, sweep_dir: Path, storage: str, outcomes: Sequence[TrialOutcome],
-             specs: Sequence[dict[str, Any]]) -> Path:
+             specs: Sequence[TrialSpec]) -> Path:
     """The results table, from the run directories (on an object store: first copied into ``sweep_dir``)."""
     if is_uri(storage):
         for tree in RUN_TREES:
-            n = pull_tree(under(storage, tree), sweep_dir / tree, skip=_CHECKPOINT_DIRS)
+            n = pull_tree(under(storage, tree), sweep_dir / tree, skip=RunDir.CHECKPOINT_DIRS)
             log.info("%d file(s) of %s/ copied from %s", n, tree, storage)
     return collect_results(ablation, sweep_dir, outcomes, _hashes(specs))

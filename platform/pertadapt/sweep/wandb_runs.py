@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from pertadapt.remote import join
+from pertadapt.config.load import config_to_dict
 from pertadapt.report.logger import RunLogger
 from pertadapt.report.wandb import open_logger
+from pertadapt.sweep.trial_spec import TUNED_KEY, trial_of, tuned_of
 from pertadapt.train.run import FINISHED_KEY
 
-__all__ = ["REPLAYED_KEY", "STOPPED_EARLY_TAG", "TrialRuns", "trial_metrics", "trial_place", "trial_remote"]
+__all__ = ["REPLAYED_KEY", "STOPPED_EARLY_TAG", "TrialRuns", "trial_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +35,6 @@ _PREFIXES = ("train_", "loss_weight_", "val_", "test_")
 _KEYS = ("epoch", "lr", "best_epoch")
 
 
-def trial_place(spec: Mapping[str, Any], tuned: Mapping[str, Any], trial_id: str) -> tuple[Path, str]:
-    """A trial's run directory and run name (Ray Train run, W&B run): an HPO sample's (``tuned`` parameters
-    next to the spec) get its Tune trial id."""
-    run_dir, name = Path(spec["run_dir"]), spec["key"].replace("/", "-")
-    return (run_dir / trial_id, f"{name}-{trial_id}") if tuned else (run_dir, name)
-
-
-def trial_remote(spec: Mapping[str, Any], tuned: Mapping[str, Any], trial_id: str) -> str | None:
-    """Where the trial's run directory lives on an object store (``None``: on a path, :func:`trial_place`)."""
-    home = spec.get("remote_run_dir")
-    return None if home is None else (join(home, trial_id) if tuned else home)
-
-
 def trial_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """The run's own numbers in a Tune result (epoch row or final metrics), without Tune's bookkeeping."""
     return {k: v for k, v in result.items()
@@ -57,9 +44,9 @@ def trial_metrics(result: Mapping[str, Any]) -> dict[str, float]:
 class TrialRuns(tune.Callback):
     """Opens, feeds and closes one W&B run per trial (see the module docstring).
 
-    Each trial's ``config["trial"]`` carries ``run`` (the resolved run config as a dict, whose
-    ``logging`` section gives mode, project and group), ``wandb`` (``tags``, ``job_type``), ``key`` and
-    ``run_dir`` (:func:`trial_place`: where ``wandb/offline-run-*`` goes and the run's name).
+    Each trial's :class:`~pertadapt.sweep.trial_spec.TrialSpec` gives the run config (its ``logging``
+    section: mode, project and group), the W&B tags and job type, the run's name and its directory in the
+    sweep directory (where the offline W&B runs go).
     A run is opened with the trial's first result (or its error), so that a finished trial that a
     resumed sweep only replays (its result carries :data:`REPLAYED_KEY`) gets no second run.
     """
@@ -71,14 +58,13 @@ class TrialRuns(tune.Callback):
 
     def _run(self, trial: Any) -> RunLogger:
         if trial.trial_id not in self.runs:  # a Ray Train retry of a trial continues its run
-            spec = trial.config["trial"]
-            params = {k: v for k, v in trial.config.items() if k != "trial"}
-            run_dir, name = trial_place(spec, params, trial.trial_id)
-            lg = spec["run"]["logging"]
+            spec, tuned = trial_of(trial.config), tuned_of(trial.config)
+            sample = trial.trial_id if tuned else None
+            lg = spec.config.logging
             self.runs[trial.trial_id] = open_logger(
-                mode=lg["wandb"], project=lg["project"], group=lg["group"], name=name, directory=run_dir,
-                config={**spec["run"], "tuned": params}, tags=spec["wandb"]["tags"],
-                job_type=spec["wandb"]["job_type"], concurrent=True)
+                mode=lg.wandb, project=lg.project, group=lg.group, name=spec.name(sample),
+                directory=spec.local_dir(sample), config={**config_to_dict(spec.config), TUNED_KEY: tuned},
+                tags=spec.tags, job_type=spec.job_type, concurrent=True)
         return self.runs[trial.trial_id]
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:

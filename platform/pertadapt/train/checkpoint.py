@@ -1,6 +1,6 @@
 """Checkpoints that load without unpickling: tensors in ``safetensors`` files, everything else JSON.
 
-A checkpoint directory (``ckpt/last``, ``ckpt/best``, or one epoch's checkpoint in Ray storage) holds
+A checkpoint directory (a run directory's last or best checkpoint, or one epoch's checkpoint in Ray storage) holds
 
 - ``state.json`` (rank 0): format tag, engine, world size, the loop's client state (``epoch``, ``best``,
   ``best_epoch``)
@@ -18,9 +18,6 @@ JSON tree in the file's metadata; non-JSON leaves are allowed only through an ex
 :class:`Codec` objects. Nothing on the load path unpickles. :func:`read_checkpoint` validates a whole
 directory (files present, JSON parses, tensor names and shapes match the model) before anything is
 loaded, so a run directory is never touched on behalf of a bad checkpoint.
-
-This module also keeps the run directory's retry bookkeeping: ``attempts.json`` (one record per start)
-and ``nonfinite.json`` (a non-finite loss, which a retry would only repeat).
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,11 +40,12 @@ from torch import nn
 
 from pertadapt.config.schema import ConfigError
 from pertadapt.files import atomic_write, atomic_write_json
+from pertadapt.rundir import RunDir
 
-__all__ = ["ATTEMPTS_FILE", "FORMAT", "NONFINITE_FILE", "STATE_FILE", "CheckpointError", "Checkpoints", "Codec",
-           "DirCheckpoints", "Loaded", "check_not_nonfinite", "consolidated_state_dict", "get_rng_state",
-           "has_checkpoint", "load_tree", "read_checkpoint", "read_json", "record_attempt", "record_nonfinite",
-           "replace_dir", "require_checkpoint", "restore_model", "save_tree", "set_rng_state", "trained_state", "write_checkpoint"]
+__all__ = ["FORMAT", "STATE_FILE", "CheckpointError", "Checkpoints", "Codec", "DirCheckpoints", "Loaded",
+           "consolidated_state_dict", "get_rng_state", "has_checkpoint", "load_tree", "read_checkpoint", "read_json",
+           "replace_dir", "require_checkpoint", "restore_model", "save_tree", "set_rng_state", "trained_state",
+           "write_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +53,6 @@ log = logging.getLogger(__name__)
 FORMAT = "pertadapt-checkpoint/1"
 STATE_FILE = "state.json"
 TRAINED_FILE = "trained.safetensors"
-#: Run-directory file: list of ``{attempt, started_at, resumed_from_epoch}``, one per start of training.
-ATTEMPTS_FILE = "attempts.json"
-#: Run-directory file written when the loss became non-finite; a restarted attempt re-raises at once.
-NONFINITE_FILE = "nonfinite.json"
 
 
 class CheckpointError(ValueError):
@@ -425,7 +418,7 @@ def consolidated_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     Parameters
     ----------
     directory
-        A checkpoint directory (``ckpt/best`` or ``ckpt/last``).
+        A checkpoint directory (a run directory's best or last checkpoint).
     """
     state = read_json(directory / STATE_FILE)
     _check_state(directory, state)
@@ -491,24 +484,25 @@ class Checkpoints(Protocol):
 
 
 class DirCheckpoints:
-    """``<run_dir>/ckpt/last`` and ``ckpt/best``, each replaced whole once complete (in-process runs).
+    """The run directory's last and best checkpoints, each replaced whole once complete (in-process runs).
 
     Parameters
     ----------
-    run_dir
+    run
         The run directory.
     resume
-        Continue from ``ckpt/last``; without one, :meth:`restore` refuses (a :class:`ConfigError`).
+        Continue from the last checkpoint; without one, :meth:`restore` refuses (a :class:`ConfigError`).
     """
 
-    def __init__(self, run_dir: Path, *, resume: bool) -> None:
-        self.root = run_dir / "ckpt"
+    def __init__(self, run: RunDir, *, resume: bool) -> None:
+        self.run = run
+        self.root = run.checkpoints
         self.resume = resume
 
     def restore(self, engine: CheckpointEngine) -> dict[str, Any] | None:
         if not self.resume:
             return None
-        return engine.load(require_checkpoint(self.root / "last", self.root / "last"))
+        return engine.load(require_checkpoint(self.run.last_checkpoint, self.run.last_checkpoint))
 
     def save(self, engine: CheckpointEngine, client_state: dict[str, Any], is_best: bool) -> None:
         new = self.root / ".last.new"
@@ -522,39 +516,8 @@ class DirCheckpoints:
                 copy = self.root / ".best.new"
                 shutil.rmtree(copy, ignore_errors=True)
                 shutil.copytree(new, copy)
-                replace_dir(copy, self.root / "best")
-            replace_dir(new, self.root / "last")
+                replace_dir(copy, self.run.best_checkpoint)
+            replace_dir(new, self.run.last_checkpoint)
 
     def load_best(self, engine: CheckpointEngine, epoch: int) -> dict[str, Any]:
-        return engine.load(self.root / "best")
-
-
-def record_attempt(run_dir: Path, resumed_from_epoch: int | None) -> None:
-    """Append ``{attempt, started_at, resumed_from_epoch}`` to ``run_dir/attempts.json`` (rank 0, at each start).
-
-    ``resumed_from_epoch`` is the first epoch this attempt trains after restoring a checkpoint, ``None``
-    when it starts from scratch.
-    """
-    path = run_dir / ATTEMPTS_FILE
-    attempts = json.loads(path.read_text()) if path.is_file() else []
-    attempts.append({"attempt": len(attempts) + 1, "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                     "resumed_from_epoch": resumed_from_epoch})
-    atomic_write_json(path, attempts)
-
-
-def record_nonfinite(run_dir: Path, message: str, *, epoch: int, micro_step: int) -> None:
-    """Write ``run_dir/nonfinite.json`` (the loss became NaN/inf): a retry would only fail again."""
-    atomic_write_json(run_dir / NONFINITE_FILE, {"error": message, "epoch": epoch, "micro_step": micro_step})
-
-
-def check_not_nonfinite(run_dir: Path) -> None:
-    """Re-raise the recorded non-finite loss of an earlier attempt (a restarted attempt trains nothing).
-
-    Raises
-    ------
-    FloatingPointError
-        When ``run_dir/nonfinite.json`` exists.
-    """
-    path = run_dir / NONFINITE_FILE
-    if path.is_file():
-        raise FloatingPointError(f"{read_json(path).get('error')} (recorded in {path}; not retried)")
+        return engine.load(self.run.best_checkpoint)

@@ -6,12 +6,10 @@ callback owns logging.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +19,8 @@ from pertadapt.config.schema import RunConfig
 from pertadapt.data.dataset import PairedCells
 from pertadapt.data.keys import CONTROL
 from pertadapt.eval import Metrics, score_predictions
-from pertadapt.files import atomic_write_text
-from pertadapt.train.checkpoint import Checkpoints, record_attempt, record_nonfinite
+from pertadapt.rundir import RunDir
+from pertadapt.train.checkpoint import Checkpoints
 from pertadapt.train.engine import Engine
 from pertadapt.train.schedule import LRSchedule
 from pertadapt.train.timeline import mark
@@ -127,12 +125,6 @@ def _loss_record(out: LossOutput) -> dict[str, float]:
     return rec
 
 
-def _keep_history(path: Path, start: int) -> None:
-    """Keep the ``metrics.jsonl`` rows of the epochs before ``start`` (all of them are redone from there)."""
-    lines = path.read_text().splitlines() if path.is_file() else []
-    atomic_write_text(path, "".join(f"{line}\n" for line in lines if json.loads(line)["epoch"] < start))
-
-
 def _epoch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
     """This rank's cells for one epoch, so that every optimiser step sees the same cells at any world size.
 
@@ -148,7 +140,7 @@ def _epoch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int, worl
 
 
 def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet, test: EvalSet,
-          loss_fn: Callable[[torch.Tensor, Batch], LossOutput], run_dir: Path, report: Report,
+          loss_fn: Callable[[torch.Tensor, Batch], LossOutput], run: RunDir, report: Report,
           *, checkpoints: Checkpoints, resumed: dict[str, Any] | None = None) -> TrainResult:
     """Train, select the best epoch on ``eval.select_metric``, test it, and return the final metrics.
 
@@ -162,9 +154,9 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
         Training cells and the two evaluation sets.
     loss_fn
         ``(pred, batch) -> LossOutput``.
-    run_dir
-        Where ``metrics.jsonl``, ``attempts.json`` (one record per start) and, on a non-finite loss,
-        ``nonfinite.json`` go.
+    run
+        The run directory: its epoch history, attempt records (one per start) and, on a non-finite
+        loss, the non-finite record are written (:class:`~pertadapt.rundir.RunDir`).
     report
         Called on every rank with each epoch's row, after the epoch's checkpoint was saved: ``epoch``,
         ``lr`` (of the epoch's first optimiser step, ``optim.schedule``), ``train_loss`` and the loss components (``train_<component>``) and weights
@@ -179,17 +171,16 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
     ------
     FloatingPointError
         When a micro-batch loss is NaN/inf (epoch, micro-step and loss components in the message; also
-        written to ``run_dir/nonfinite.json``, so that a retry does not train again).
+        recorded in the run directory, so that a retry does not train again).
     """
     o = cfg.optim
     start, best, best_epoch = 0, math.inf, -1
     if resumed is not None:
         start, best, best_epoch = resumed["epoch"] + 1, resumed["best"], resumed["best_epoch"]
         log.info("resumed at epoch %d (best so far: epoch %d)", start, best_epoch)
-    history = run_dir / "metrics.jsonl"
     if engine.rank == 0:
-        record_attempt(run_dir, start if resumed is not None else None)
-        _keep_history(history, start)
+        run.record_attempt(start if resumed is not None else None)
+        run.keep_history(start)
     select, sign = cfg.eval.select_metric, (1.0 if cfg.eval.select_mode == "min" else -1.0)
     per_step = max(1, o.batch_size // (o.micro_batch_size * engine.world_size))
     steps = len(train_cells) // o.batch_size
@@ -209,7 +200,7 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
             if not math.isfinite(rec["train_loss"]):
                 message = (f"training loss became {rec['train_loss']} at epoch {epoch}, micro-step {step} "
                            f"(components: {rec})")
-                record_nonfinite(run_dir, message, epoch=epoch, micro_step=step)
+                run.record_nonfinite(message, epoch=epoch, micro_step=step)
                 raise FloatingPointError(message)
             engine.backward(out.total)
             engine.step()
@@ -225,11 +216,10 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
             best, best_epoch = sign * val_metrics[select], epoch
         checkpoints.save(engine, {"epoch": epoch, "best": best, "best_epoch": best_epoch}, improved)
         if engine.rank == 0:
-            with history.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            run.append_history(row)
         report(row)
     if engine.rank == 0:
-        mark(run_dir, "train_end")
+        mark(run, "train_end")
     checkpoints.load_best(engine, best_epoch)
     test_metrics, test_pred = evaluate(engine, test, "test", cfg.eval.batch_size)
     val_metrics = evaluate(engine, val, "val", cfg.eval.batch_size)[0]

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from pertadapt.baselines import fit_baseline
 from pertadapt.config.components import LinearBaseline, PretrainedBackbone
@@ -30,10 +29,11 @@ from pertadapt.data.keys import CONTROL
 from pertadapt.data.simulate import read_sim_truth
 from pertadapt.data.summaries import write_predictions
 from pertadapt.eval import Metrics, score_against_truth, score_predictions
-from pertadapt.files import atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
+from pertadapt.files import sha256_bytes, sha256_file
 from pertadapt.models.build import build_backbone_for, build_loss, build_model
 from pertadapt.report.logger import NullLogger, RunLogger
 from pertadapt.report.wandb import open_logger
+from pertadapt.rundir import RunDir
 from pertadapt.train.checkpoint import Checkpoints, DirCheckpoints
 from pertadapt.train.embed_cache import prepare_embedding_cache
 from pertadapt.train.engine import Engine, build_engine
@@ -55,10 +55,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def open_run_logger(cfg: RunConfig, run_dir: Path, *, rank: int = 0, name: str | None = None) -> RunLogger:
+def open_run_logger(cfg: RunConfig, run: RunDir, *, rank: int = 0, name: str | None = None) -> RunLogger:
     """The run's logger: a W&B run on rank 0 (``logging.wandb``), the null logger elsewhere or when disabled."""
     return open_logger(mode=cfg.logging.wandb, rank=rank, project=cfg.logging.project, group=cfg.logging.group,
-                       name=name or cfg.name, directory=run_dir, config=config_to_dict(cfg))
+                       name=name or cfg.name, directory=run.path, config=config_to_dict(cfg))
 
 
 def backbone_weights(cfg: RunConfig) -> str:
@@ -112,10 +112,10 @@ def rank_placement(rank: int, device: object) -> dict[str, object]:
             "device": str(device)}
 
 
-def _write_run_files(cfg: RunConfig, run_dir: Path, rd: RunData, ranks: list[dict[str, object]],
+def _write_run_files(cfg: RunConfig, run: RunDir, rd: RunData, ranks: list[dict[str, object]],
                      embedding_cache: dict[str, Any] | None = None) -> None:
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    atomic_write_json(run_dir / "provenance.json", provenance({
+    run.write_config(config_to_dict(cfg))
+    run.write_provenance(provenance({
         **rd.hashes, "data_path": str(rd.data_path), "config_hash": config_hash(cfg),
         "backbone_weights": backbone_weights(cfg), "embedding_cache": embedding_cache or {"used": False},
         "world_size": len(ranks), "ranks": ranks,
@@ -156,7 +156,7 @@ def _per_condition_csv(test: Metrics, truth: Metrics | None, subgroups: dict[str
     return buf.getvalue()
 
 
-def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, report: Report | None = None,
+def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = None, report: Report | None = None,
         resume: bool = False, checkpoints: Checkpoints | None = None) -> dict[str, Any]:
     """Train (or fit a baseline), test the best epoch, write the run directory, return final metrics.
 
@@ -165,19 +165,20 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
     cfg
         The validated run config.
     run_dir
-        Self-describing output directory: ``config.yaml``, ``provenance.json`` (git SHA, versions, data,
-        gene-order and GO-mask hashes, config hash, world size, whether the frozen-FM embedding cache was
-        used and its key and path), ``metrics.jsonl``, ``final_metrics.json``,
-        ``per_condition.csv``, ``test_predictions.h5ad``, ``ckpt/``.
+        The self-describing run directory (a path: a :class:`~pertadapt.rundir.RunDir` there): the resolved
+        config, its provenance (git SHA, versions, data, gene-order and GO-mask hashes, config hash, world
+        size, whether the frozen-FM embedding cache was used and its key and path), the epoch history, the
+        final metrics, the per-condition metrics, the test predictions and the checkpoints.
     logger
         Where epoch rows and the final summary go (rank 0's W&B run; the null logger by default).
     report
         Called on every rank with each epoch's row and, last, the final metrics with ``run_finished = 1``
         (Ray Train / Tune reporting).
     resume
-        Continue from ``run_dir/ckpt/last`` (refused with a :class:`ConfigError` when there is none).
+        Continue from the run directory's last checkpoint (refused with a :class:`ConfigError` when there is
+        none).
     checkpoints
-        Where checkpoints go (Ray Train storage on Ray Train workers); default ``run_dir/ckpt``.
+        Where checkpoints go (Ray Train storage on Ray Train workers); default the run directory's.
 
     Returns
     -------
@@ -186,6 +187,7 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
     """
     logger = logger or NullLogger()
     hook = report or (lambda m: None)
+    rdir = RunDir.at(run_dir)
 
     def on_epoch(row: dict[str, float]) -> None:
         logger.log(row, step=int(row["epoch"]))
@@ -200,41 +202,40 @@ def run(cfg: RunConfig, run_dir: Path, *, logger: RunLogger | None = None, repor
         where = rank_placement(0, "cpu")
         raise ConfigError(f"{e} (on {where['hostname']}, Ray node {where['node_ip']} {where['node_id']})") from e
     if cfg.is_baseline:
-        mark(run_dir, "data_ready")
-        mark(run_dir, "model_ready")
+        mark(rdir, "data_ready")
+        mark(rdir, "model_ready")
         best_epoch, val, test, preds = _run_baseline(cfg, rd)
-        mark(run_dir, "train_end")
+        mark(rdir, "train_end")
         rank, ranks = 0, [rank_placement(0, "cpu")]
     else:
         data_ready = time.time()
         engine, cache_info = build_run_engine(cfg, rd)
         rank = engine.rank
         ranks = engine.gather(rank_placement(rank, engine.device))
-        store = checkpoints or DirCheckpoints(run_dir, resume=resume)
+        store = checkpoints or DirCheckpoints(rdir, resume=resume)
         resumed = store.restore(engine)  # validated and loaded before anything in run_dir is written
         if rank == 0:
-            _write_run_files(cfg, run_dir, rd, ranks, cache_info)
-            mark(run_dir, "data_ready", at=data_ready)
-            mark(run_dir, "model_ready")
-        result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), run_dir, on_epoch,
+            _write_run_files(cfg, rdir, rd, ranks, cache_info)
+            mark(rdir, "data_ready", at=data_ready)
+            mark(rdir, "model_ready")
+        result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), rdir, on_epoch,
                        checkpoints=store, resumed=resumed)
         best_epoch, val, test, preds = result.best_epoch, result.val, result.test, result.test_predictions
     metrics: dict[str, Any] = {"best_epoch": best_epoch, **val.flat("val"), **test.flat("test")}
     if rank == 0:
-        mark(run_dir, "eval_end")
+        mark(rdir, "eval_end")
         sim = read_sim_truth(rd.data_path)
         truth = score_against_truth(preds, sim) if sim is not None else None
         if truth is not None:  # simulated data: distance to the noise-free truth, not only to noisy means
             metrics.update({f"test_truth_{k}": v for k, v in truth.overall.items()})
         if cfg.is_baseline:
-            _write_run_files(cfg, run_dir, rd, ranks)
+            _write_run_files(cfg, rdir, rd, ranks)
         conds = sorted(preds)
-        write_predictions(run_dir / "test_predictions.h5ad", conds, np.stack([preds[c] for c in conds]),
-                          list(rd.data.genes))
-        atomic_write_text(run_dir / "per_condition.csv", _per_condition_csv(test, truth, rd.split.subgroups))
-        atomic_write_json(run_dir / "final_metrics.json", metrics)
+        write_predictions(rdir.predictions_file, conds, np.stack([preds[c] for c in conds]), list(rd.data.genes))
+        rdir.write_per_condition(_per_condition_csv(test, truth, rd.split.subgroups))
+        rdir.write_final_metrics(metrics)
     logger.finish(metrics)
     if rank == 0:
-        mark(run_dir, "run_end")
+        mark(rdir, "run_end")
     hook({**metrics, FINISHED_KEY: 1})
     return metrics

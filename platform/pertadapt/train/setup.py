@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 def ensure_data_file(cfg: RunConfig) -> Path:
     """The run's ``.h5ad``: ``data.path``, or the simulator preset generated once into the cache."""
-    out, missing = data_file_for(cfg)
-    if missing:
+    out, to_simulate = data_file_for(cfg)
+    if to_simulate:
         from pertadapt.data.io import write_h5ad_atomic
         from pertadapt.data.simulate import simulate
 
@@ -144,7 +144,7 @@ def _git_sha() -> str:
 
 
 def provenance(extra: dict[str, object]) -> dict[str, object]:
-    """Git SHA, package versions and the given hashes, for ``provenance.json``."""
+    """Git SHA, package versions and the given hashes, for the run directory's provenance."""
     pkgs = {}
     for name in ("pertadapt", "torch", "deepspeed", "ray", "optuna", "wandb", "anndata", "scanpy", "numpy"):
         try:

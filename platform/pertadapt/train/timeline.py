@@ -1,4 +1,4 @@
-"""Wall-clock marks of a run's phases in ``run_dir/timeline.jsonl``: where a trial's time goes.
+"""Wall-clock marks of a run's phases in the run directory's timeline (:class:`~pertadapt.rundir.RunDir`): where a trial's time goes.
 
 Each process that reaches a phase appends one line ``{"phase", "t", "pid"}`` (``t``: Unix seconds): the
 Tune trial function marks ``trial_start``/``trial_end``, rank 0 of the run marks the rest. A retried or
@@ -13,9 +13,10 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["PHASES", "TIMELINE_FILE", "mark", "read_timeline"]
+from pertadapt.rundir import RunDir
 
-TIMELINE_FILE = "timeline.jsonl"
+__all__ = ["PHASES", "mark", "read_timeline"]
+
 #: In order: the trial function starts; a (rank-0) worker starts; data, split and GO inputs are ready;
 #: the model and engine are built (and a checkpoint restored); the last epoch ends; the test evaluation
 #: ends; the run directory is written; the trial function returns.
@@ -23,22 +24,23 @@ PHASES = ("trial_start", "worker_start", "data_ready", "model_ready", "train_end
           "trial_end")
 
 
-def mark(run_dir: Path, phase: str, *, at: float | None = None) -> None:
-    """Append ``phase`` at ``at`` (default: now) to ``run_dir/timeline.jsonl`` (one short ``O_APPEND`` write)."""
+def mark(run: RunDir | Path, phase: str, *, at: float | None = None) -> None:
+    """Append ``phase`` at ``at`` (default: now) to the run's timeline (one short ``O_APPEND`` write)."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; valid: {', '.join(PHASES)}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir.at(run)
+    run.path.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"phase": phase, "t": time.time() if at is None else at, "pid": os.getpid()}) + "\n"
-    fd = os.open(run_dir / TIMELINE_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(run.timeline_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
     finally:
         os.close(fd)
 
 
-def read_timeline(run_dir: Path) -> dict[str, float]:
+def read_timeline(run: RunDir | Path) -> dict[str, float]:
     """Phase → time of the last attempt (the marks after the last ``trial_start``, or all of them)."""
-    path = run_dir / TIMELINE_FILE
+    path = RunDir.at(run).timeline_file
     if not path.is_file():
         return {}
     marks = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -9,13 +9,15 @@ metrics into Ray storage as ``<storage>/train-<name>/epoch_<n>``; Ray keeps the 
 and the latest. When a worker or node fails, Ray restarts the worker group (``engine.max_failures``
 times) and each worker restores the latest checkpoint (model, optimiser, epoch, RNG states) from
 ``ray.train.get_checkpoint()``; the world-size-invariant step order makes the resumed run end with the
-metrics of an uninterrupted one. A non-finite loss is not retried (``nonfinite.json``). At the end,
-the selected epoch's checkpoint is also copied to ``run_dir/ckpt/best``.
+metrics of an uninterrupted one. A non-finite loss is not retried (the run directory records it). At the
+end, the selected epoch's checkpoint is also copied to the run directory's best checkpoint.
+
+A run directory on an object store (:class:`~pertadapt.rundir.RunDir`) travels to the workers as its URI:
+rank 0 pulls it into its node's copy and commits it before every report and at the end.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,15 +33,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pertadapt.config.load import config_from_dict, config_to_dict
 from pertadapt.config.schema import RunConfig
-from pertadapt.remote import RunMirror, delete, exists, is_uri, join, list_dir, pull_tree, under
+from pertadapt.remote import delete, exists, is_uri, join, list_dir, pull_tree, under
 from pertadapt.report.logger import NullLogger
+from pertadapt.rundir import RunDir
 from pertadapt.train.checkpoint import (
-    ATTEMPTS_FILE,
-    NONFINITE_FILE,
     STATE_FILE,
     CheckpointEngine,
     CheckpointError,
-    check_not_nonfinite,
     has_checkpoint,
     read_checkpoint,
     replace_dir,
@@ -60,15 +60,15 @@ class RayCheckpoints:
 
     Parameters
     ----------
-    run_dir
-        The run directory (the selected epoch's checkpoint is copied to ``ckpt/best``).
-    mirror
-        Rank 0 of a run whose directory lives on an object store: pushed before every report, so that the
-        store holds the epoch's files (``metrics.jsonl``, ``attempts.json``) by the time Ray counts the epoch.
+    run
+        The run directory (the selected epoch's checkpoint is copied to its best checkpoint).
+    commit
+        Commit the run directory before every report (rank 0), so that a store holds the epoch's files by
+        the time Ray counts the epoch.
     """
 
-    def __init__(self, run_dir: Path, mirror: RunMirror | None = None) -> None:
-        self.run_dir, self.mirror = run_dir, mirror
+    def __init__(self, run: RunDir, *, commit: bool) -> None:
+        self.run, self.commit = run, commit
         self._pending: tuple[Path, int] | None = None
 
     def restore(self, engine: CheckpointEngine) -> dict[str, Any] | None:
@@ -85,8 +85,8 @@ class RayCheckpoints:
 
     def report(self, metrics: dict[str, Any]) -> None:
         """``ray.train.report`` of an epoch's row with that epoch's checkpoint (or of the final metrics)."""
-        if self.mirror is not None:
-            self.mirror.push()
+        if self.commit:
+            self.run.commit()
         if self._pending is None:
             ray.train.report(metrics)
             return
@@ -105,15 +105,15 @@ class RayCheckpoints:
         with found[-1].as_directory() as d:
             state = engine.load(Path(d))
             if engine.rank == 0:
-                copy = self.run_dir / "ckpt" / ".best.new"
+                copy = self.run.checkpoints / ".best.new"
                 shutil.rmtree(copy, ignore_errors=True)
                 shutil.copytree(d, copy)
-                replace_dir(copy, self.run_dir / "ckpt" / "best")
+                replace_dir(copy, self.run.best_checkpoint)
         return state
 
 
 def record_ray_node() -> None:
-    """Tell :func:`~pertadapt.train.run.run` the Ray node this process runs on (``provenance.json`` ``ranks``)."""
+    """Tell :func:`~pertadapt.train.run.run` the Ray node this process runs on (the provenance's ``ranks``)."""
     os.environ[NODE_ID_ENV] = ray.get_runtime_context().get_node_id()
     os.environ[NODE_IP_ENV] = ray.util.get_node_ip_address()
 
@@ -124,9 +124,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     Parameters
     ----------
     loop_config
-        ``{"run": <config dict>, "run_dir": str, "remote_run_dir": str | None, "wandb_name": str | None}``
-        (``remote_run_dir``: the run directory's home on an object store, worked on in this node's copy;
-        ``wandb_name`` ``None``: no W&B run in the workers, e.g. when the sweep driver keeps the trial's run).
+        ``{"run": <config dict>, "run_dir": str, "wandb_name": str | None}`` (``run_dir``: the run
+        directory's :attr:`~pertadapt.rundir.RunDir.location`, a path or a URI; ``wandb_name`` ``None``: no
+        W&B run in the workers, e.g. when the sweep driver keeps the trial's run).
 
     Raises
     ------
@@ -135,25 +135,20 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """
     cfg = config_from_dict(loop_config["run"])
     rank = ray.train.get_context().get_world_rank()
-    home = loop_config.get("remote_run_dir")
-    mirror = RunMirror(home) if home else None
-    run_dir = Path(loop_config["run_dir"]) if mirror is None else (mirror.pull() if rank == 0 else mirror.local)
-    if mirror is None or rank == 0:  # other ranks' node-local copies are not pulled
-        check_not_nonfinite(run_dir)
+    run_dir = RunDir.at(loop_config["run_dir"])
+    if rank == 0:
+        run_dir.pull()
+    if not run_dir.is_remote or rank == 0:  # other ranks' node-local copies are not pulled
+        run_dir.check_not_nonfinite()
     if rank == 0:
         mark(run_dir, "worker_start")
     record_ray_node()
     name = loop_config["wandb_name"]
     logger = NullLogger() if name is None else open_run_logger(cfg, run_dir, rank=rank, name=name)
-    store = RayCheckpoints(run_dir, mirror if rank == 0 else None)
-    try:
-        run(cfg, run_dir, logger=logger, report=store.report, checkpoints=store)
-    except FloatingPointError:
-        if mirror is not None:  # whichever rank saw it: a retry on any node must find it
-            mirror.push(only=NONFINITE_FILE)
-        raise
-    if mirror is not None and rank == 0:
-        mirror.push()
+    store = RayCheckpoints(run_dir, commit=rank == 0)
+    run(cfg, run_dir, logger=logger, report=store.report, checkpoints=store)
+    if rank == 0:
+        run_dir.commit()
 
 
 def scaling_config(cfg: RunConfig) -> ray.train.ScalingConfig:
@@ -166,12 +161,11 @@ def scaling_config(cfg: RunConfig) -> ray.train.ScalingConfig:
                                    placement_strategy=e.placement.upper(), accelerator_type=e.accelerator_type)
 
 
-def _fit_on_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path: str, wandb_name: str | None,
-                      callbacks: Sequence[Any], max_failures: int, mirror: RunMirror | None) -> dict[str, Any]:
+def _fit_on_ray_train(cfg: RunConfig, run_dir: RunDir, *, name: str, storage_path: str, wandb_name: str | None,
+                      callbacks: Sequence[Any], max_failures: int) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"run": config_to_dict(cfg), "run_dir": str(run_dir), "wandb_name": wandb_name,
-                           "remote_run_dir": None if mirror is None else mirror.uri},
+        train_loop_config={"run": config_to_dict(cfg), "run_dir": run_dir.location, "wandb_name": wandb_name},
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.engine.on_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -184,16 +178,19 @@ def _fit_on_ray_train(cfg: RunConfig, run_dir: Path, *, name: str, storage_path:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    if mirror is not None:  # rank 0 pushed the run directory, perhaps from another node
-        mirror.pull()
+    if run_dir.is_remote:  # rank 0 committed the run directory, perhaps from another node
+        run_dir.pull()
     # rank 0 wrote them before its last report (Result.metrics holds the latest checkpoint's epoch row)
-    return json.loads((run_dir / "final_metrics.json").read_text())
+    metrics = run_dir.final_metrics()
+    if metrics is None:
+        raise FileNotFoundError(f"{run_dir.final_metrics_file}: the run finished without writing its final metrics")
+    return metrics
 
 
-def _resume_point(cfg: RunConfig, run_dir: Path, ray_run: str | None) -> tuple[str | None, str]:
+def _resume_point(cfg: RunConfig, run_dir: RunDir, ray_run: str | None) -> tuple[str | None, str]:
     """The checkpoint a resumed run continues from (``None``: none; a path or a URI) and where it was looked for."""
     if ray_run is None:
-        last = run_dir / "ckpt" / "last"
+        last = run_dir.last_checkpoint
         return (str(last) if has_checkpoint(last) else None), str(last)
     if is_uri(ray_run):
         epochs = [e for e in list_dir(ray_run) if e.startswith("epoch_") and exists(join(ray_run, e, STATE_FILE))]
@@ -203,20 +200,20 @@ def _resume_point(cfg: RunConfig, run_dir: Path, ray_run: str | None) -> tuple[s
     return (str(epochs[-1]) if epochs else None), ray_run
 
 
-def _ray_run(cfg: RunConfig, run_dir: Path, name: str | None, storage_path: str | Path | None) -> str | None:
+def _ray_run(cfg: RunConfig, run_dir: RunDir, name: str | None, storage_path: str | Path | None) -> str | None:
     """The Ray Train run's storage directory, a path or a URI (``None`` for in-process runs)."""
-    root = str(storage_path or run_dir / "ray")
+    root = str(storage_path or run_dir.ray_storage)
     return under(root, f"train-{name or cfg.name}") if cfg.uses_ray_train else None
 
 
-def has_resumable_checkpoint(cfg: RunConfig, run_dir: Path, *, name: str | None = None,
+def has_resumable_checkpoint(cfg: RunConfig, run_dir: RunDir | Path, *, name: str | None = None,
                              storage_path: str | Path | None = None) -> bool:
     """Whether :func:`launch` with ``resume=True`` (same ``name``/``storage_path``) has a checkpoint to continue from."""
+    run_dir = RunDir.at(run_dir)
     return _resume_point(cfg, run_dir, _ray_run(cfg, run_dir, name, storage_path))[0] is not None
 
 
-def _prepare_run_dir(cfg: RunConfig, run_dir: Path, ray_run: str | None, resume: bool,
-                     mirror: RunMirror | None) -> None:
+def _prepare_run_dir(cfg: RunConfig, run_dir: RunDir, ray_run: str | None, resume: bool) -> None:
     """Resume: check the checkpoint to continue from before anything is written. Fresh: clear the last run's state."""
     if resume:
         found, where = _resume_point(cfg, run_dir, ray_run)
@@ -227,21 +224,16 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, ray_run: str | None, resume:
             ckpt = require_checkpoint(None if found is None else Path(found), where)
             read_checkpoint(ckpt, engine=cfg.engine.name, world_size=cfg.engine.workers, rank=0, shapes=None)
         return
-    if mirror is not None:
-        mirror.remove(ATTEMPTS_FILE, NONFINITE_FILE, "ckpt")
-    for name in (ATTEMPTS_FILE, NONFINITE_FILE):
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
+    run_dir.clear_retry_state()
     if ray_run is not None and is_uri(ray_run):
         delete(ray_run)
     elif ray_run is not None:
         shutil.rmtree(ray_run, ignore_errors=True)
 
 
-def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_path: Path | None = None,
+def launch(cfg: RunConfig, run_dir: RunDir | Path, *, name: str | None = None, storage_path: str | Path | None = None,
            report: Report | None = None, train_callbacks: Sequence[Any] = (), resume: bool = False,
-           max_failures: int | None = None, log_wandb: bool = True,
-           mirror: RunMirror | None = None) -> dict[str, Any]:
+           max_failures: int | None = None, log_wandb: bool = True) -> dict[str, Any]:
     """Run one config where it belongs and return its final metrics.
 
     Parameters
@@ -249,7 +241,9 @@ def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_pa
     cfg
         The validated run config (``uses_ray_train`` decides where it runs).
     run_dir
-        The run directory (on storage every worker can reach).
+        The run directory: a path every worker can reach, or a :class:`~pertadapt.rundir.RunDir` (on an
+        object store: pulled by the caller; cleared there on a fresh start, committed after every epoch and at
+        the end).
     name
         Stable run name: the Ray Train run name (a retried run resumes under it) and the W&B run name
         (default ``cfg.name``).
@@ -260,50 +254,44 @@ def launch(cfg: RunConfig, run_dir: Path, *, name: str | None = None, storage_pa
     train_callbacks
         Ray Train runs: Ray Train callbacks (e.g. Tune's ``TuneReportCallback``).
     resume
-        Continue from the latest checkpoint (``run_dir/ckpt/last``, or the Ray Train run's storage);
+        Continue from the latest checkpoint (the run directory's last one, or the Ray Train run's storage);
         refused (:class:`~pertadapt.config.schema.ConfigError`) when there is none, and a checkpoint that
         fails validation is refused (:class:`~pertadapt.train.checkpoint.CheckpointError`) before anything
-        is written. Without it, the last run's checkpoints, ``attempts.json`` and ``nonfinite.json`` are
-        removed and training starts at epoch 0.
+        is written. Without it, the last run's checkpoints, attempt and non-finite records are removed and
+        training starts at epoch 0.
     max_failures
         Ray Train worker-group restarts on failure (default ``engine.max_failures``).
     log_wandb
         Open the run's W&B run here (rank 0); ``False`` when the caller keeps it (the sweep driver).
-    mirror
-        The run directory's home on an object store, ``run_dir`` being its node-local copy (pulled by the
-        caller): cleared there on a fresh start, pushed after every epoch and at the end of an in-process run,
-        handed to the Ray Train workers.
 
     Returns
     -------
     dict
         Final metrics.
     """
+    run_dir = RunDir.at(run_dir)
     ray_run = _ray_run(cfg, run_dir, name, storage_path)
     name = name or cfg.name
-    _prepare_run_dir(cfg, run_dir, ray_run, resume, mirror)
+    _prepare_run_dir(cfg, run_dir, ray_run, resume)
     if ray_run is None:
         logger = open_run_logger(cfg, run_dir, name=name) if log_wandb else NullLogger()
-        hook = report
-        if mirror is not None:  # every epoch's files (and ckpt/last) on the store before the epoch is reported
 
-            def hook(metrics: dict[str, float]) -> None:
-                mirror.push()
-                if report is not None:
-                    report(metrics)
+        def hook(metrics: dict[str, float]) -> None:  # every epoch's files (and checkpoint) committed first
+            run_dir.commit()
+            if report is not None:
+                report(metrics)
 
         try:
             return run(cfg, run_dir, logger=logger, report=hook, resume=resume)
         finally:
-            if mirror is not None:
-                mirror.push()
+            run_dir.commit()
     started_here = not ray.is_initialized()
     if started_here:  # `pertadapt train --workers N`: a local Ray sized for this one run
         ray.init(num_cpus=math.ceil(cfg.engine.workers * cfg.engine.cpus_per_worker) + 1, log_to_driver=False)
     try:
-        return _fit_on_ray_train(cfg, run_dir, name=f"train-{name}", storage_path=str(storage_path or run_dir / "ray"),
-                                 wandb_name=name if log_wandb else None,
-                                 callbacks=train_callbacks, mirror=mirror,
+        return _fit_on_ray_train(cfg, run_dir, name=f"train-{name}",
+                                 storage_path=str(storage_path or run_dir.ray_storage),
+                                 wandb_name=name if log_wandb else None, callbacks=train_callbacks,
                                  max_failures=cfg.engine.max_failures if max_failures is None else max_failures)
     finally:
         if started_here:
