@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,15 @@ def _listening(pid: int) -> list[tuple[str, int, str]]:
     return out
 
 
+def _watch_listening(proc: subprocess.Popen, seen: set[tuple[str, int, str]]) -> None:
+    while proc.poll() is None:
+        try:
+            seen.update(_listening(proc.pid))
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.5)
+
+
 def _loopback(ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
     mapped = getattr(addr, "ipv4_mapped", None)
@@ -83,35 +93,39 @@ def test_one_sweep_per_directory_and_a_local_cluster_on_loopback(tiny: Path, tmp
     try:
         second = _start(tiny, out, log=tmp_path / "second.log")  # the same command, started at once
         t0 = time.time()
-        second.wait(timeout=60)
-        # exactly one of the two runs; the other is refused (within seconds of its start) naming the holder
-        (runner, runner_log), (refused, refused_log) = sorted(
-            [(first, "first.log"), (second, "second.log")], key=lambda pair: pair[0].poll() is not None)
-        if refused is first:  # the second won the race: the first was refused
-            first.wait(timeout=60)
-        assert refused.returncode == 2
+        # exactly one of the two runs; the other is refused within seconds, naming the holder
+        _wait_for(lambda: first.poll() is not None or second.poll() is not None, 60, "one sweep to be refused")
+        assert time.time() - t0 < 10
+        refused, refused_log, runner, runner_log = ((first, "first.log", second, "second.log")
+                                                    if first.poll() is not None else
+                                                    (second, "second.log", first, "first.log"))
+        assert refused.returncode == 2, (tmp_path / refused_log).read_text()[-3000:]
         text = (tmp_path / refused_log).read_text()
         assert f"{out} is in use by another sweep (host {socket.gethostname()}, PID {runner.pid}, since" in text
-        assert time.time() - t0 < 10 or refused is first
-        trial = out / "runs" / "mean" / "seed1" / "final_metrics.json"
-        _wait_for(trial.is_file, 300, "the first trial", runner)
-        # a --resume while it runs is refused too, and so is a dry run (it would write plan.json)
-        for extra in (["--resume"], ["--dry-run"], ["--overwrite"]):
-            t1 = time.time()
-            res = _run(tiny, out, *extra)
-            assert res.returncode == 2, (extra, res.stderr[-3000:])
-            assert f"PID {runner.pid}" in res.stderr
-            assert time.time() - t1 < 10
-        # the sweep's own cluster: every listening socket of the driver and the Ray processes it started is on
-        # loopback (HTTP: dashboard, its metrics, the agent's metrics export, the autoscaler monitor's metrics)
-        listening = _listening(runner.pid)
-        assert len(listening) >= 6, listening
-        assert all(_loopback(ip) for ip, _, _ in listening), listening
+        seen: set[tuple[str, int, str]] = set()
+        watcher = threading.Thread(target=_watch_listening, args=(runner, seen), daemon=True)
+        watcher.start()
+        _wait_for(lambda: "Started a local Ray instance" in (tmp_path / runner_log).read_text(), 300, "Ray", runner)
+        # while it runs, a --resume is refused too, and so are --overwrite and a dry run (it would write plan.json)
+        t1 = time.time()
+        others = [subprocess.Popen([sys.executable, "-m", "pertadapt.cli", "sweep", str(tiny), "--out", str(out),
+                                    "--no-report", extra], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                  for extra in ("--resume", "--overwrite", "--dry-run")]
+        for other in others:
+            assert other.wait(timeout=60) == 2
+            assert f"PID {runner.pid}" in other.stderr.read()
+        assert time.time() - t1 < 10
         assert runner.wait(timeout=300) == 0, (tmp_path / runner_log).read_text()[-3000:]
+        watcher.join(timeout=10)
     finally:
         for p in (first, second):
             if p.poll() is None:
                 p.kill()
+    # the sweep's own cluster: every socket the driver and the Ray processes it started listened on was on
+    # loopback, the HTTP servers among them: the dashboard, its metrics (DASHBOARD_METRIC_PORT), the agent's
+    # metrics export and the autoscaler monitor's metrics (AUTOSCALER_METRIC_PORT)
+    assert {8265, 44217, 44227} <= {port for _, port, _ in seen}, seen
+    assert all(_loopback(ip) for ip, _, _ in seen), seen
     rows = _rows(out)
     assert sorted(r["trial"] for r in rows) == ["mean/seed1", "mean/seed2"]
     assert all(r["status"] == "ok" and r["attempts"] == "1" for r in rows)

@@ -109,6 +109,7 @@ def run_sweep_from_files(request: SweepRequest) -> Path | None:
     """
     with _Supervisor() as supervisor:
         prepared = _prepare(request)
+        check_not_running(prepared.sweep_dir)  # a sweep running there is named first, whatever it has written
         _check_sweep_dir(prepared)  # the refusals that need no lock, before anything is created
         _print_plan(prepared)
         if request.dry_run:
@@ -223,10 +224,9 @@ def _print_plan(p: _Prepared) -> None:
 
 
 def _dry_run(p: _Prepared) -> None:
-    """Write ``plan.json`` only (no lock is taken: refused while a sweep runs in the directory)."""
+    """Write ``plan.json`` only (no lock is taken: the caller refused a directory where a sweep runs)."""
     from pertadapt.sweep.plan import write_plan
 
-    check_not_running(p.sweep_dir)
     log.info("dry run: plan written to %s; nothing started", write_plan(p.sweep_dir, p.plan))
 
 
