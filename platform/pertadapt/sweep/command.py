@@ -25,13 +25,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pertadapt.config.errors import ConfigError
 from pertadapt.config.load import parse_overrides
 from pertadapt.sweep import stop
 from pertadapt.sweep.lock import LOCK_FILE, SweepLock, check_not_running
 from pertadapt.sweep.stop import SweepStopped
+
+if TYPE_CHECKING:
+    from pertadapt.sweep.ablation import Ablation
+    from pertadapt.sweep.search_space import SearchSpace
 
 __all__ = ["LOOPBACK_ENV", "SWEEP_FILE", "SweepFailed", "SweepRequest", "plan_paths", "run_sweep_from_files"]
 
@@ -71,8 +75,8 @@ class _Prepared:
     """A validated, planned sweep; nothing written yet."""
 
     request: SweepRequest
-    ablation: Any  # pertadapt.sweep.ablation.Ablation
-    space: Any  # pertadapt.sweep.search_space.SearchSpace | None
+    ablation: Ablation
+    space: SearchSpace | None
     sweep_dir: Path
     root: str
     files: dict[str, tuple[Path, bool]]
@@ -240,7 +244,10 @@ def _start_sweep_dir(p: _Prepared) -> None:
     if p.request.overwrite and (p.sweep_dir / SWEEP_FILE).is_file():
         clear_storage(p.root, p.sweep_dir)
         for path in _contents(p.sweep_dir):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     write_plan(p.sweep_dir, p.plan)
     if not (p.request.resume and (p.sweep_dir / SWEEP_FILE).is_file()):
         atomic_write_json(p.sweep_dir / SWEEP_FILE, {"name": p.ablation.name,

@@ -39,7 +39,7 @@ class SweepStopped(BaseException):
         The signal the user or scheduler sent.
     """
 
-    def __init__(self, signum: int = signal.SIGTERM) -> None:
+    def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
 
@@ -52,13 +52,13 @@ def requested() -> int:
     return _state["requested"]
 
 
-def request(signum: int = signal.SIGTERM) -> None:
+def request(signum: int) -> None:
     """Ask for a stop: raise :class:`SweepStopped` now unless a :func:`deferred` step runs (then at its end)."""
     if _state["requested"]:
         log.info("already stopping")
         return
     _state["requested"] = signum
-    log.warning("%s received: stopping the sweep (state saved; --resume finishes it)", signal.Signals(signum).name)
+    log.warning("stop asked for: stopping the sweep (Tune's state is saved; --resume finishes it)")
     if not _state["deferring"]:
         _raise_once()
 
@@ -73,7 +73,7 @@ def install(signals: tuple[int, ...] = (STOP_SIGNAL,)) -> None:
     """Make ``signals`` ask for a stop in this process (main thread only)."""
 
     def handler(signum: int, frame: object) -> None:
-        request(signal.SIGTERM if signum == STOP_SIGNAL else signum)
+        request(signum)
 
     for s in signals:
         signal.signal(s, handler)
