@@ -82,3 +82,28 @@ def test_report_command_errors_name_the_file_or_option(app: typer.Typer, sweep: 
         CliRunner().invoke(app, ["report", str(sweep), "--out", str(tmp_path / "o"), "--metric", "msee"],
                            catch_exceptions=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_report_on_a_running_sweep_reads_without_the_lock_and_says_so(app: typer.Typer, sweep: Path,
+                                                                     tmp_path: Path, caplog) -> None:
+    from pertadapt.sweep.lock import SweepLock
+
+    lock = SweepLock(sweep).acquire()  # a sweep runs there (resumed: its earlier results.csv is there)
+    try:
+        with caplog.at_level("WARNING"):
+            res = CliRunner().invoke(app, ["report", str(sweep), "--out", str(tmp_path / "r")],
+                                     catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert "the sweep is still running (host" in caplog.text
+        fresh = tmp_path / "fresh"
+        second = SweepLock(fresh).acquire()  # a first run: no results.csv yet
+        try:
+            with pytest.raises(ConfigError, match=r"the sweep is still running \(host .*PID \d+.*results\.csv is "
+                                                  r"written when it ends"):
+                CliRunner().invoke(app, ["report", str(fresh)], catch_exceptions=False)
+        finally:
+            second.release()
+    finally:
+        lock.release()
+    res = CliRunner().invoke(app, ["report", str(sweep), "--out", str(tmp_path / "r2")], catch_exceptions=False)
+    assert res.exit_code == 0

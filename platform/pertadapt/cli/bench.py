@@ -95,9 +95,9 @@ def _sweep_bench(ablation: Path = typer.Argument(None, help="Ablation YAML (defa
     """Run a sweep (default: the demo grid) and print where each trial's time goes (target: overhead <= 35 %);
     with --naive, the same grid on the naive path in the same command, and the ratios."""
     from pertadapt.bench.sweep import NAIVE_OVERRIDES, compare_sweeps, sweep_timings
-    from pertadapt.cli.runs import SWEEP_FILE, run_sweep_command
     from pertadapt.config.errors import ConfigError
     from pertadapt.config.load import resolve_config_path
+    from pertadapt.sweep.command import SWEEP_FILE, SweepRequest, run_sweep_from_files
 
     if naive_from is not None and existing is None:
         raise ConfigError("--naive-from: only with --from (the sweep to compare)")
@@ -105,8 +105,8 @@ def _sweep_bench(ablation: Path = typer.Argument(None, help="Ablation YAML (defa
         ablation = ablation or resolve_config_path("demo.yaml", kind="ablations")
         runs = [(out, [])] + ([(out.with_name(out.name + "-naive"), list(NAIVE_OVERRIDES))] if naive else [])
         for sweep_dir, extra in runs:
-            run_sweep_command(ablation, [*(overrides or []), *extra], out=sweep_dir, report=False,
-                              overwrite=(sweep_dir / SWEEP_FILE).is_file())
+            run_sweep_from_files(SweepRequest(ablation, (*(overrides or []), *extra), out=sweep_dir, report=False,
+                                              overwrite=(sweep_dir / SWEEP_FILE).is_file()))
         existing, naive_from = out, (runs[1][0] if naive else None)
     result = sweep_timings(existing.resolve())
     _trial_table(result)

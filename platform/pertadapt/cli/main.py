@@ -36,10 +36,19 @@ def main() -> None:
 
     Config errors exit with code 2 and a one-line message naming the file and key; data, GO and
     checkpoint errors (all ``ValueError`` subclasses that name the offending file, gene or condition)
-    exit with code 1 and a one-line message (``-v`` shows the traceback).
+    exit with code 1 and a one-line message (``-v`` shows the traceback). A sweep stopped by a signal
+    exits with 128 + the signal (143 for SIGTERM) once its state is saved; a failed sweep driver with 1.
     """
+    from pertadapt.sweep.command import SweepFailed
+    from pertadapt.sweep.stop import SweepStopped
+
     try:
         app()
+    except SweepStopped as e:
+        raise SystemExit(128 + e.signum) from None
+    except SweepFailed as e:
+        log.error("%s", e)
+        raise SystemExit(1) from e
     except ConfigError as e:
         log.error("config error: %s", e)
         raise SystemExit(2) from e

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from pertadapt.config.errors import ConfigError
+
 log = logging.getLogger("pertadapt")
 
 
@@ -39,7 +41,15 @@ def report_command(
     from pertadapt.report.console import print_summary
     from pertadapt.report.html import write_sweep_report
     from pertadapt.report.wandb import build_wandb_report_spec, publish_wandb_report
+    from pertadapt.sweep.lock import running_sweep
 
+    holder = running_sweep(sweep_dir)  # read without taking the sweep's lock
+    if holder is not None:
+        if not (sweep_dir / "results.csv").is_file():
+            raise ConfigError(f"{sweep_dir}: the sweep is still running ({holder.describe()}); its results.csv is "
+                              "written when it ends")
+        log.warning("%s: the sweep is still running (%s); this report reads the results.csv of its earlier run",
+                    sweep_dir, holder.describe())
     paths = write_sweep_report(sweep_dir, out=out, metrics=metric or None, reference=reference)
     print_summary(paths.report)
     spec = build_wandb_report_spec(paths, project=wandb_project, entity=wandb_entity)

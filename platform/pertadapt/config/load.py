@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf, flag_override
+from omegaconf import DictConfig, ListConfig, OmegaConf, flag_override
 from omegaconf.errors import OmegaConfBaseException
 
 from pertadapt.config.components import COMPONENTS
@@ -38,6 +38,7 @@ __all__ = [
     "load_run_config",
     "load_typed",
     "merge_dotted",
+    "parse_overrides",
     "read_yaml",
     "resolve_config_path",
 ]
@@ -243,6 +244,29 @@ def _overrides_to_conf(overrides: Iterable[str]) -> DictConfig:
         return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as e:
         raise ConfigError(f"overrides: {e}") from e
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """Dotted ``key=value`` strings → ``{dotted key: value}``, values read as :func:`load_run_config` reads them.
+
+    Parameters
+    ----------
+    overrides
+        E.g. ``["optim.lr=1e-3", "datasets.norman.data.path=x.h5ad"]``.
+
+    Returns
+    -------
+    dict
+        Dotted key → plain value (a later override of the same key wins).
+    """
+    items = list(overrides)
+    conf = _overrides_to_conf(items)
+    out: dict[str, Any] = {}
+    for item in items:
+        key = item.split("=", 1)[0]
+        value = OmegaConf.select(conf, key)
+        out[key] = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+    return out
 
 
 def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (),

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,31 +34,23 @@ from pertadapt.config.schema import RunConfig
 from pertadapt.files import sha256_bytes
 from pertadapt.remote import is_uri, pull_tree, under
 from pertadapt.rundir import RunDir
+from pertadapt.sweep import stop
 from pertadapt.sweep.ablation import Ablation, Trial
-from pertadapt.sweep.resources import (
-    NodeType,
-    autoscaler_node_types,
-    capacity,
-    check_resources,
-    cluster_concurrency,
-    summed,
-)
+from pertadapt.sweep.command import LOOPBACK_ENV
+from pertadapt.sweep.resources import capacity, cluster_concurrency, prepare_cluster, release_cluster, summed
 from pertadapt.sweep.results import TrialOutcome, collect_results
 from pertadapt.sweep.search_space import SearchSpace
-from pertadapt.sweep.storage import RUN_TREES
+from pertadapt.sweep.storage import RUN_TREES, check_storage_on_worker
 from pertadapt.sweep.trial_spec import SPEC_KEY, TUNED_KEY, TrialSpec, trial_of, tuned_of
 from pertadapt.sweep.wandb_runs import REPLAYED_KEY, TrialRuns
 from pertadapt.train.run import FINISHED_KEY
 from pertadapt.train.timeline import mark
 from pertadapt.train.worker import has_resumable_checkpoint, launch, record_ray_node
 
-__all__ = ["LOCAL_NODE_IP", "fresh_study", "run_sweep", "study_name"]
+__all__ = ["fresh_study", "run_sweep", "study_name"]
 
 log = logging.getLogger(__name__)
 
-#: Node address of a local Ray started by a sweep: loopback, and not 127.0.0.1 (Ray rewrites that one to
-#: the host's interface address in ``services.resolve_ip_for_localhost``).
-LOCAL_NODE_IP = "127.0.0.2"
 #: Environment forwarded to every Ray worker (cache, W&B mode, DeepSpeed accelerator, threads, object-store
 #: endpoint and region).
 _FORWARD_PREFIXES = ("PERTADAPT_", "WANDB_", "DS_", "OMP_", "RAY_TRAIN_", "AWS_ENDPOINT_URL", "AWS_REGION",
@@ -110,6 +103,15 @@ def _spec(trial: Trial, ablation: Ablation, sweep_dir: Path, data_paths: Mapping
                      home=under(storage, "runs", trial.key) if is_uri(storage) else None,
                      storage=under(storage, "ray"), tags=tuple(ablation.toggles(trial)),
                      job_type="baseline" if trial.is_baseline else "model")
+
+
+class _StopTune(tune.Callback):
+    """Hands a stop asked for (:mod:`pertadapt.sweep.stop`) to Tune: its own graceful stop (SIGUSR1, handled
+    by Tune while it runs), so Tune saves the experiment's state and returns."""
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if stop.requested():
+            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 class _Progress(tune.Callback):
@@ -180,10 +182,11 @@ class _Progress(tune.Callback):
 
 def _fit(make: Any, trainable: Any, path: str, resume: bool) -> tune.ResultGrid:
     """Fit a fresh Tuner, or restore the experiment at ``path`` when resuming and it can be restored."""
-    if resume and tune.Tuner.can_restore(path):
-        log.info("resuming Tune experiment %s", path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
-    return make().fit()
+    with stop.deferred():  # while Tune runs, a stop is Tune's (_StopTune); after, it ends the sweep
+        if resume and tune.Tuner.can_restore(path):
+            log.info("resuming Tune experiment %s", path)
+            return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
+        return make().fit()
 
 
 def _run_grid(specs: Sequence[TrialSpec], ray_storage: str, name: str, max_concurrent: int,
@@ -193,7 +196,7 @@ def _run_grid(specs: Sequence[TrialSpec], ray_storage: str, name: str, max_concu
         trainable, param_space={SPEC_KEY: tune.grid_search(list(specs))},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=ray_storage, verbose=0,
-                                  callbacks=[_Progress(name, len(specs)), TrialRuns()],
+                                  callbacks=[_Progress(name, len(specs)), TrialRuns(), _StopTune()],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     ), trainable, under(ray_storage, name), resume)
 
@@ -270,7 +273,8 @@ def _run_hpo(spec: TrialSpec, arm: str, space: SearchSpace, sweep_dir: Path, ray
                                         num_samples=space.num_samples, max_concurrent_trials=max_concurrent,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=ray_storage, verbose=0,
-                                      callbacks=[_Progress(name, space.num_samples, space.metric), TrialRuns()],
+                                      callbacks=[_Progress(name, space.num_samples, space.metric), TrialRuns(),
+                                                 _StopTune()],
                                       failure_config=tune.FailureConfig(max_failures=0)))
 
     grid = _fit(make, trainable, under(ray_storage, name), resume)
@@ -284,23 +288,20 @@ def _runtime_env() -> dict[str, Any]:
 
 
 def _init_ray(num_cpus: int) -> None:
-    """Join the cluster at ``RAY_ADDRESS``, or start a local one bound to loopback with token auth."""
+    """Join the cluster at ``RAY_ADDRESS``, or start a local one bound to loopback (:data:`LOOPBACK_ENV`) with
+    token auth."""
     if os.environ.get("RAY_ADDRESS"):  # joining a cluster (ray job submit, KubeRay, SLURM): it owns resources
         ray.init(log_to_driver=False, runtime_env=_runtime_env())
         return
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     # one machine: no node can be preempted, so no watcher actor per trial (seconds of start-up each)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(num_cpus=num_cpus, log_to_driver=False, runtime_env=_runtime_env(), _node_ip_address=LOCAL_NODE_IP,
-             dashboard_host="127.0.0.1", include_dashboard=True)
-
-
-def _cluster() -> tuple[list[dict[str, float]], list[NodeType]]:
-    """The live nodes' resources and the autoscaler's node types (on a ``ray up`` head)."""
-    types = autoscaler_node_types()
-    if types:
-        log.info("autoscaler node types: %s", ", ".join(f"{nt.name} (up to {nt.max_workers})" for nt in types))
-    return [n["Resources"] for n in ray.nodes() if n.get("Alive")], types
+    ray.init(num_cpus=num_cpus, log_to_driver=False, runtime_env=_runtime_env(), dashboard_host="127.0.0.1",
+             include_dashboard=True)
+    node_ip = ray.util.get_node_ip_address()
+    if not node_ip.startswith("127."):
+        raise RuntimeError(f"the local Ray cluster listens on {node_ip}, not loopback: start the driver with "
+                           f"{LOOPBACK_ENV} in its environment (read when Ray is imported)")
 
 
 def _hashes(specs: Sequence[TrialSpec]) -> dict[str, str]:
@@ -329,7 +330,7 @@ def _outcomes(grid: tune.ResultGrid, stage: str) -> list[TrialOutcome]:
 
 def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace | None = None,
               data_paths: Mapping[str, str], num_cpus: int, max_concurrent: int | None, resume: bool = False,
-              storage: str | None = None, after_ray_init: Callable[[], None] | None = None) -> Path:
+              storage: str | None = None) -> Path:
     """Run every trial of ``ablation`` on Ray (a local cluster this function starts and stops, or
     the one at ``RAY_ADDRESS``), then write the results.
 
@@ -353,8 +354,6 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
         The storage root (:mod:`pertadapt.sweep.storage`): a path every node sees or an object-store URI,
         holding ``ray/`` (Tune experiment state, Ray Train checkpoints) and, on an object store, the run
         directories, copied into ``sweep_dir`` (checkpoints aside) when the trials end (default: ``sweep_dir``).
-    after_ray_init
-        Called once Ray is up (e.g. to install signal handlers: the driver's core worker replaces earlier ones).
 
     Returns
     -------
@@ -364,13 +363,12 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     sweep_dir = sweep_dir.resolve()
     storage = storage or str(sweep_dir)
     ray_storage = under(storage, "ray")
-    _init_ray(num_cpus)
-    if after_ray_init is not None:
-        after_ray_init()
     outcomes: list[TrialOutcome] = []
     try:
-        nodes, node_types = _cluster()
-        check_resources(ablation, nodes, node_types)
+        with stop.deferred():  # a stop asked for while Ray starts waits for it (then shuts it down below)
+            _init_ray(num_cpus)
+        check_storage_on_worker(storage)
+        nodes, node_types = prepare_cluster(ablation)
         fit = cluster_concurrency(ablation, summed(capacity(nodes, node_types)))
         if max_concurrent is None or max_concurrent > fit:
             log.info("%d trial(s) at a time: what the cluster holds%s", fit,
@@ -398,7 +396,9 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
                          for t2, s2 in zip(ablation.trials, specs, strict=True)]
             outcomes += _outcomes(_run_grid(specs, ray_storage, "final", max_concurrent, resume), "final")
     finally:
-        ray.shutdown()
+        with stop.deferred():
+            release_cluster()
+            ray.shutdown()
     return _collect(ablation, sweep_dir, storage, outcomes, specs)
 
 
