@@ -64,6 +64,10 @@ class SimParams:
     n_batches: int = 1
     batch_sd: float = 0.0
     cell_type: str = "K562"
+    #: Sd of each gene's intrinsic cell-to-cell fluctuation (log scale), propagated through the network
+    #: so that co-expression among a condition's cells reflects its edges; 0 = cells of a condition
+    #: differ only by library size, batch and counting noise.
+    cell_noise_sd: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("n_genes", "cells_per_condition", "n_control", "n_batches"):
@@ -105,7 +109,7 @@ class SimParams:
                      "dispersion_asymptote"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
-        for name in ("library_log_sd", "gene_mean_log10_sd", "batch_sd"):
+        for name in ("library_log_sd", "gene_mean_log10_sd", "batch_sd", "cell_noise_sd"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a non-negative number, got {getattr(self, name)!r}")
 
