@@ -12,7 +12,7 @@ from pertadapt.data.simulate import PRESETS, SIM_KEY, simulate
 from pertadapt.files import sha256_file
 
 #: sha256 of ``simulate("demo", seed=0)`` written by ``write_h5ad_atomic`` before ``cell_noise_sd``
-#: existed (commit b128f31; anndata 0.11 / h5py of the project's environment).
+#: existed (commit b128f31, anndata 0.12.19, h5py 3.16.0): the file depends on their writers too.
 DEMO_BEFORE_CELL_NOISE = "d20f3bafaceb669afa7cd20ae047ea72140c46fe1b090da927b910db286810e1"
 
 

@@ -490,14 +490,13 @@ def _expected_log_norm(z: np.ndarray, responder: float, pi: np.ndarray, phi: np.
             # the library) and NB-plus-fluctuation (quadratic) parts; the lognormal moments of
             # correlated genes use dx's covariance (clamped targets do not fluctuate).
             others = expected.sum(1, keepdims=True) - expected
-            poisson = others
             own_sq = base**2 * (growth2 * (1.0 + phi) - growth**2)
             free = expected * (var > 0)
             cross = free @ excess
             quad = own_sq.sum(1, keepdims=True) - own_sq + (free * cross).sum(1, keepdims=True) - 2.0 * free * cross
             for lib, wt in zip(f_libs, lib_weights, strict=True):
                 rest = (lib * others).ravel()
-                rest_var = (lib * poisson + lib**2 * quad).ravel()
+                rest_var = (lib * others + lib**2 * quad).ravel()
                 for move, f_wt in zip(moves, f_weights, strict=True):
                     mean = (lib * pi * np.exp(zz + move + shift)).ravel()
                     acc += wt * f_wt * _nb_expected_log1p(mean, phis, target, rest, rest_var).reshape(zz.shape)
