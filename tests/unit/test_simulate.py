@@ -147,6 +147,7 @@ def test_presets_have_the_promised_scale():
     ({"cells_per_condition": 0}, "cells_per_condition"),
     ({"gi_mix": (0.5, 0.5, 0.5, 0.0, 0.0)}, "gi_mix"),
     ({"modality": "knockout"}, "modality"),
+    ({"cell_noise_sd": -0.5}, "cell_noise_sd"),
     ({"no_such_field": 1}, "no_such_field"),
 ])
 def test_bad_input_names_the_parameter(overrides, name):
