@@ -66,3 +66,23 @@ def test_backed_equals_in_memory_and_seed_controls_pairing(prepared: Path) -> No
         np.testing.assert_allclose(mem.condition_means[c], disk.condition_means[c])
     other = PairedCells(mem, conds, ["G0", "G1"], seed=6)
     assert not np.array_equal(other.pair, PairedCells(mem, conds, ["G0", "G1"], seed=5).pair)
+
+
+def test_simulating_the_data_leaves_torchs_thread_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numba's OpenMP layer (run by scanpy while a preset is simulated) sets the process-wide thread count to
+    every core; a run that simulated its data must train on as many threads as one that found the file (the
+    float reductions, and so the metrics, depend on it)."""
+    import torch
+
+    from pertadapt.config import load_run_config
+    from pertadapt.train.setup import ensure_data_file
+
+    monkeypatch.setenv("PERTADAPT_CACHE", str(tmp_path))
+    cfg = load_run_config("configs/smoke.yaml", ["data.simulate_seed=3"])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert ensure_data_file(cfg).is_file()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

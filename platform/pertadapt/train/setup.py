@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.coexpression import training_coexpression
@@ -29,14 +30,24 @@ log = logging.getLogger(__name__)
 
 
 def ensure_data_file(cfg: RunConfig) -> Path:
-    """The run's ``.h5ad``: ``data.path``, or the simulator preset generated once into the cache."""
+    """The run's ``.h5ad``: ``data.path``, or the simulator preset generated once into the cache.
+
+    Simulating runs numba's parallel kernels (through scanpy), whose OpenMP layer sets the process-wide
+    thread count, which torch shares, to every core: torch's count is put back, so a run that simulated its
+    data trains and evaluates on the same number of threads, with the same float reductions and therefore
+    the same metrics, as a run that found the file made.
+    """
     out, to_simulate = data_file_for(cfg)
     if to_simulate:
         from pertadapt.data.io import write_h5ad_atomic
         from pertadapt.data.simulate import simulate
 
         log.info("simulating preset %r (seed %d) → %s", cfg.data.simulate_preset, cfg.data.simulate_seed, out)
-        write_h5ad_atomic(simulate(cfg.data.simulate_preset, seed=cfg.data.simulate_seed), out)
+        threads = torch.get_num_threads()
+        try:
+            write_h5ad_atomic(simulate(cfg.data.simulate_preset, seed=cfg.data.simulate_seed), out)
+        finally:
+            torch.set_num_threads(threads)
     return out
 
 
