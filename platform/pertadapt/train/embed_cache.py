@@ -29,7 +29,6 @@ partial read.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import inspect
 import json
@@ -37,8 +36,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +46,14 @@ from torch import nn
 from pertadapt.config.components import AidoCellBackbone, FoundationModelBackbone
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.dataset import PerturbData
-from pertadapt.files import atomic_write, atomic_write_json, cache_dir, sha256_bytes, sha256_file
+from pertadapt.files import (
+    atomic_write,
+    atomic_write_json,
+    cache_dir,
+    exclusive_lock,
+    sha256_bytes,
+    sha256_file,
+)
 
 __all__ = ["CACHE_DTYPES", "CACHE_SUBDIR", "EmbeddingCache", "build_device", "cache_bytes", "cache_key_parts",
            "check_cache_space", "open_or_build", "prepare_embedding_cache", "weights_sha256"]
@@ -271,17 +275,6 @@ class EmbeddingCache:
                                                           "stored_dtype": str(self.np_dtype), **self.parts})
 
 
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` (created if absent); without ``flock`` support, go on unlocked."""
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError as e:
-            log.warning("no file lock on %s (%s): concurrent builders of this key each build it", lock_path, e)
-        yield
-
-
 def open_or_build(cache: EmbeddingCache, backbone: nn.Module, data: PerturbData, pool: np.ndarray, *,
                   batch_size: int, device: torch.device) -> tuple[np.ndarray, bool, float]:
     """The table of ``cache``: read if stored, else built (after the free-space check) under the key's lock.
@@ -302,7 +295,7 @@ def open_or_build(cache: EmbeddingCache, backbone: nn.Module, data: PerturbData,
     if table is not None:
         return table, True, 0.0
     cache.root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(cache.path.with_name(cache.path.name + ".lock")):
+    with exclusive_lock(cache.path.with_name(cache.path.name + ".lock")):
         table = cache.open()  # built by another process while this one waited
         if table is not None:
             return table, True, 0.0
