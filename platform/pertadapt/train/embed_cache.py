@@ -15,15 +15,27 @@ and the source of the modules defining it, ``backbone.{name, hidden_size, layers
 the torch version, the data file's hash, the gene order, the pool (size, seed and the cells themselves)
 and the storage dtype. Any change gives another file name, so a stale table is never read.
 
+Size
+----
+``pool × N × D × bytes`` (:func:`cache_bytes`; ``float16``/``bfloat16`` halve it). Before a build, and in
+the sweep's ``--dry-run`` plan, :func:`check_cache_space` compares it with the cache disk's free space;
+the build then reserves the whole file (``posix_fallocate``) before the first backbone forward. A table
+that does not fit is a :class:`ConfigError` naming the bytes needed, the bytes free and the ways out
+(``backbone.cache_dtype=bfloat16``, a smaller ``data.control_pool``, another ``PERTADAPT_CACHE``, or
+``backbone.embedding_cache=off`` to recompute the backbone every step) — with ``auto`` as with ``on``:
+``auto`` never falls back to recomputing silently.
+
 Concurrency
 -----------
 The table is written to a temporary file in the cache directory and renamed into place, so a reader
-sees a complete file or none. Builders of one key serialise on an exclusive ``flock`` of
+sees a complete file or none (a full disk leaves no file at all). Builders of one key serialise on an exclusive ``flock`` of
 ``<file>.lock``: the first builds, the others wait and then read its file. Under DeepSpeed every rank
 calls :func:`prepare_embedding_cache` before the engine exists, so the first rank to take the lock builds
 the whole table and the others wait on the lock (no sharding; no process group is needed). Without
 ``flock`` (some network file systems) each builder builds and the last rename wins — still never a
-partial read.
+partial read. A sweep with ``--storage`` on a shared path (and ``PERTADAPT_CACHE`` unset) keeps the cache
+under ``<storage>/cache/``, so the first trial of the sweep builds a table and every other trial, on any
+node, waits on the lock and reuses it; otherwise the cache is per node.
 """
 
 from __future__ import annotations
