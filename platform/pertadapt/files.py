@@ -8,11 +8,14 @@ half-written file.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -23,10 +26,14 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "cache_dir",
+    "exclusive_lock",
+    "node_sha256_file",
     "package_data",
     "sha256_bytes",
     "sha256_file",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Environment variable naming the cache root (simulated data, GO tables, graphs and masks).
 CACHE_ENV = "PERTADAPT_CACHE"
@@ -45,6 +52,45 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def node_sha256_file(path: str | os.PathLike[str]) -> str:
+    """:func:`sha256_file` of ``path``, computed once per node and remembered under ``$PERTADAPT_CACHE/hashes/``.
+
+    The record is keyed by the absolute path and checked against the file's size, modification time and
+    inode, so a changed file is hashed again. Concurrent callers (the ranks and trials of a node) serialise
+    on an exclusive lock of the record: the first hashes, the others read its result.
+    """
+    p = Path(path).absolute()
+    st = p.stat()
+    stamp = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    record = cache_dir() / "hashes" / f"{sha256_bytes(str(p))[:24]}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(record.with_suffix(".lock")):
+        try:
+            known = json.loads(record.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("sha256"), str):
+            return known["sha256"]
+        log.info("hashing %s (%d bytes)", p, st.st_size)
+        digest = sha256_file(p)
+        atomic_write_json(record, {**stamp, "sha256": digest})
+        return digest
+
+
+@contextmanager
+def exclusive_lock(lock_path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if absent) for the ``with`` block.
+
+    Without ``flock`` support (some network file systems) it logs a warning and goes on unlocked.
+    """
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as e:
+            log.warning("no file lock on %s (%s): concurrent callers each do the work", lock_path, e)
+        yield
 
 
 def sha256_bytes(data: bytes | str) -> str:

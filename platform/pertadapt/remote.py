@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pertadapt.files import atomic_write, cache_dir, sha256_bytes
+from pertadapt.files import atomic_write, cache_dir, exclusive_lock, sha256_bytes
 
 __all__ = ["StorageError", "delete", "download_file", "exists", "is_uri", "join", "list_dir", "list_files",
            "localize", "pull_tree", "push_tree", "size", "under", "upload_file", "write_bytes"]
@@ -192,6 +192,9 @@ def localize(uri: str) -> Path:
     """A node-local copy of the file ``uri`` under ``$PERTADAPT_CACHE/remote/``, downloaded when missing or
     when the store's size differs.
 
+    Concurrent callers on one node (ranks, trials) serialise on an exclusive lock next to the copy: the
+    first downloads it, the others wait and reuse it, so the object is fetched once per node.
+
     Raises
     ------
     FileNotFoundError
@@ -199,9 +202,13 @@ def localize(uri: str) -> Path:
     """
     info = _stat_file(uri)
     local = cache_dir() / "remote" / sha256_bytes(uri)[:16] / Path(info.path).name
-    if not local.is_file() or local.stat().st_size != info.size:
-        log.info("fetching %s → %s", uri, local)
-        download_file(uri, local)
+    if local.is_file() and local.stat().st_size == info.size:
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(local.with_name(local.name + ".lock")):  # the node's other processes wait, then reuse
+        if not local.is_file() or local.stat().st_size != info.size:
+            log.info("fetching %s → %s", uri, local)
+            download_file(uri, local)
     return local
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,11 @@ from pertadapt.models import build_loss, build_model
 from pertadapt.models.build import build_backbone_for
 from pertadapt.train.embed_cache import (
     EmbeddingCache,
+    cache_bytes,
     cache_key_parts,
+    check_cache_space,
     open_or_build,
     prepare_embedding_cache,
-    require_space,
 )
 from pertadapt.train.run import run
 from pertadapt.train.setup import RunData, prepare_run_data
@@ -245,11 +248,83 @@ def test_control_pool_is_a_seeded_subset_shared_by_pairing(demo_h5ad: Path, rd: 
     np.testing.assert_array_equal(ctrl[batch.ctrl_idx.numpy()], explicit.pair[:5])
 
 
-def test_require_space_names_the_keys(tmp_path: Path) -> None:
+def test_check_cache_space_names_the_bytes_the_free_space_and_the_ways_out(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
-    require_space(tmp_path, 1024, "small")
-    with pytest.raises(ConfigError, match=r"backbone\.embedding_cache: .*needs .* \(pool 3 .*data\.control_pool"):
-        require_space(tmp_path, 2 * free + 1, "pool 3 × 4 genes")
+    assert check_cache_space(tmp_path / "not" / "yet", (4, 8, 16), "float32") == cache_bytes(4, 8, 16) == 2048
+    assert cache_bytes(4, 8, 16, "bfloat16") == cache_bytes(4, 8, 16, "float16") == 1024
+    pool = 2 * free // (4 * 4) + 1
+    with pytest.raises(ConfigError, match=r"backbone\.embedding_cache: .*needs .* \(.*pool \d+ .*data\.control_pool") as e:
+        check_cache_space(tmp_path, (pool, 4, 4), "float32")
+    msg = str(e.value)
+    assert f"needs {pool * 64} bytes" in msg
+    assert "bytes (" in msg
+    assert " free" in msg
+    assert "backbone.cache_dtype=bfloat16" in msg
+    assert "backbone.embedding_cache=off" in msg
+    with pytest.raises(ConfigError, match=r"backbone\.cache_dtype: expected one of float32"):
+        cache_bytes(1, 1, 1, "int8")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs (a full disk for the 983 kB float32 table of SMALL); unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.name for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+
+
+def test_a_full_disk_is_refused_before_the_build_and_leaves_no_file(demo_h5ad: Path, rd: RunData,
+                                                                    small_disk: Path) -> None:
+    cfg = _cfg(demo_h5ad)
+    backbone = _backbone(cfg, rd)
+    forwards = _Forwards(backbone)
+    cache = _cache(cfg, rd, backbone, small_disk / "fm")
+    assert cache.nbytes == 983040 > 512 * 1024
+    with pytest.raises(ConfigError, match=r"needs 983040 bytes .* has \d+ bytes .* free.*cache_dtype=bfloat16"):
+        _build(cache, backbone, rd)
+    assert forwards.calls == 0
+    assert _files(small_disk) == []
+
+
+def test_the_cache_file_is_preallocated_so_a_full_disk_fails_cleanly(demo_h5ad: Path, rd: RunData,
+                                                                      small_disk: Path) -> None:
+    cfg = _cfg(demo_h5ad)
+    backbone = _backbone(cfg, rd)
+    forwards = _Forwards(backbone)
+    cache = _cache(cfg, rd, backbone, small_disk)
+    with pytest.raises(ConfigError, match=r"backbone\.embedding_cache: .*needs 983040 bytes"):  # past the check
+        cache.write(backbone, rd.data, rd.train.pool, batch_size=16, device=torch.device("cpu"))
+    assert forwards.calls == 0  # refused before any backbone forward
+    assert _files(small_disk) == []  # no partial table, no temporary file
+    assert shutil.disk_usage(small_disk).used == 0
+
+
+def test_auto_never_recomputes_silently_when_the_cache_does_not_fit(demo_h5ad: Path, rd: RunData,
+                                                                    small_disk: Path) -> None:
+    for mode in ("auto", "on"):
+        cfg = _cfg(demo_h5ad, f"backbone.embedding_cache={mode}")
+        with pytest.raises(ConfigError, match=r"backbone\.embedding_cache=off"):
+            prepare_embedding_cache(cfg, rd.data, rd.hashes, rd.train.pool, _backbone(cfg, rd), root=small_disk)
+    half = _cfg(demo_h5ad, "backbone.cache_dtype=bfloat16")  # the first way out the message names: it fits
+    table, info = prepare_embedding_cache(half, rd.data, rd.hashes, rd.train.pool, _backbone(half, rd),
+                                          root=small_disk)
+    assert info["used"]
+    assert info["bytes"] == 491520
+    assert table.shape == (64, 240, 16)
+    off = _cfg(demo_h5ad, "backbone.embedding_cache=off")  # the other: recompute, knowingly
+    assert prepare_embedding_cache(off, rd.data, rd.hashes, rd.train.pool, _backbone(off, rd),
+                                   root=small_disk)[0] is None
 
 
 def test_prepare_records_what_was_used(demo_h5ad: Path, rd: RunData, tmp_path: Path,

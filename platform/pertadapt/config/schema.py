@@ -114,7 +114,8 @@ class DataConfig:
     n_de: int = 20
     #: What to do with conditions whose genes lack GO annotations: ``drop`` (warn) or ``fail``.
     missing_go: str = "drop"
-    #: Keep the expression matrix on disk and read each batch's rows on demand (bounded memory).
+    #: Keep the expression matrix on disk and read each batch's rows on demand (bounded memory); only
+    #: ``obs``/``var``/``uns`` are loaded, no layer.
     backed: bool = False
     #: Control cells perturbed cells are paired with: a seeded subset of this many (``None`` = all). The
     #: frozen-FM embedding cache holds exactly these cells; the pairing draws from them with or without it.

@@ -19,7 +19,7 @@ import torch
 
 from pertadapt.data import keys
 from pertadapt.data.conditions import condition_genes
-from pertadapt.data.io import DataError, read_h5ad
+from pertadapt.data.io import DataError, read_h5ad, read_h5ad_lazy
 from pertadapt.types import Batch
 
 #: DE genes kept per condition for the metrics (GEARS' frac_correct_direction_200).
@@ -123,13 +123,16 @@ def _ranked_positions(key: str, name: str, ranked: Sequence[str], pos: Mapping[s
     return np.array([pos[str(g)] for g in ranked], dtype=np.int64)
 
 
-def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20, for_training: bool = True) -> PerturbData:
+def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20, for_training: bool = True,
+                      X: object | None = None) -> PerturbData:
     """Turn a prepared AnnData (in memory or opened with ``backed='r'``) into :class:`PerturbData`.
 
     Reads ``obs['condition']``, ``obs['condition_name']``, ``obs['cell_type']`` (optional),
     ``obs['total_count']``, ``X`` (log1p) and ``uns['rank_genes_groups_cov_all']``,
     ``uns['non_zeros_gene_idx']`` and (optional) ``uns['top_non_dropout_de_20']``. With
     ``for_training=False`` (evaluation, baselines) ``total_count`` and the non-zero lists may be absent.
+    ``X``, when given, is the file-backed ``(n_cells, N)`` matrix to use instead of ``adata.X``
+    (:func:`~pertadapt.data.io.read_h5ad_lazy`).
     """
     required = (keys.CONDITION, keys.CONDITION_NAME, keys.TOTAL_COUNT) if for_training else (
         keys.CONDITION, keys.CONDITION_NAME)
@@ -165,9 +168,9 @@ def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20, for_training: bool =
             raise KeyError(f"uns['{keys.NON_ZERO_KEY}'] has no entry {name!r} for condition {c!r}")
         if name in non_dropout:
             nd_idx[c] = _ranked_positions(keys.TOP_NON_DROPOUT_DE_KEY, name, list(non_dropout[name]), pos)
-    if adata.isbacked:
+    if X is None and adata.isbacked:
         X = adata.X  # file-backed; rows are read per batch
-    else:
+    elif X is None:
         X = sp.csr_matrix(adata.X if sp.issparse(adata.X) else np.asarray(adata.X), dtype=np.float32)
     total = adata.obs[keys.TOTAL_COUNT].to_numpy(np.float32) if keys.TOTAL_COUNT in adata.obs else None
     return PerturbData(genes, X, total, cell_condition.astype(np.int64), cell_type.astype(np.int64),
@@ -186,7 +189,8 @@ def read_perturb_data(path: str | Path, *, n_de: int = 20, backed: bool = False,
         DE genes per condition used by training.
     backed
         Keep ``X`` on disk and read the rows of each batch on demand, so memory stays bounded by
-        ``obs``/``uns`` and one batch (the file must hold a sparse CSR ``X``).
+        ``obs``/``var``/``uns`` and one batch (the file must hold a sparse CSR ``X``); no other element
+        (``layers['counts']``, ``obsm``, ...) is read.
     for_training
         Require what training needs (``obs['total_count']``, ``uns['non_zeros_gene_idx']``).
 
@@ -197,9 +201,9 @@ def read_perturb_data(path: str | Path, *, n_de: int = 20, backed: bool = False,
         message names the file and the key.
     """
     p = Path(path)
-    adata = read_h5ad(p, backed=backed)
+    adata, X = read_h5ad_lazy(p) if backed else (read_h5ad(p), None)
     try:
-        return load_perturb_data(adata, n_de=n_de, for_training=for_training)
+        return load_perturb_data(adata, n_de=n_de, for_training=for_training, X=X)
     except KeyError as e:
         raise DataError(f"{p}: {e.args[0]}") from e
 

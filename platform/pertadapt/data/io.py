@@ -19,7 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import pandas as pd
+from anndata.io import read_elem, sparse_dataset
 
 from pertadapt.config import ConfigError
 from pertadapt.data.conditions import ConditionError, parse_condition
@@ -35,6 +37,7 @@ __all__ = [
     "read_conditions",
     "read_counts",
     "read_h5ad",
+    "read_h5ad_lazy",
     "read_raw",
     "write_h5ad_atomic",
 ]
@@ -106,6 +109,42 @@ def read_h5ad(path: str | os.PathLike[str], *, backed: bool = False) -> ad.AnnDa
     except Exception as e:  # h5py and anndata raise OSError, KeyError, TypeError, ... on foreign files
         first = (str(e).splitlines() or [""])[0][:200]
         raise DataError(f"{p}: not a readable .h5ad file ({type(e).__name__}: {first})") from e
+
+
+def read_h5ad_lazy(path: str | os.PathLike[str]) -> tuple[ad.AnnData, object]:
+    """``obs``, ``var`` and ``uns`` of an ``.h5ad`` in memory, and its ``X`` left on disk.
+
+    Nothing else is read: ``layers`` (e.g. a raw ``counts`` copy as large as ``X``), ``obsm``, ``obsp``,
+    ``varm`` and ``varp`` stay in the file (``anndata``'s ``backed='r'`` loads them all into memory).
+
+    Returns
+    -------
+    tuple
+        ``(meta, X)``: an AnnData with ``obs``/``var``/``uns`` and no ``X``, and the ``(n_cells, N)`` matrix as
+        a file-backed sparse dataset (or an ``h5py`` dataset for a dense ``X``) whose rows are read on demand.
+        The file stays open while ``X`` is referenced.
+
+    Raises
+    ------
+    DataError
+        As :func:`read_h5ad`, and when the file has no ``X``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: {'not a file (a directory?)' if p.exists() else 'no such file'}")
+    try:
+        f = h5py.File(p, "r")
+        if "X" not in f:
+            raise DataError(f"{p}: no X matrix in the file")
+        X = sparse_dataset(f["X"]) if isinstance(f["X"], h5py.Group) else f["X"]
+        meta = ad.AnnData(obs=read_elem(f["obs"]), var=read_elem(f["var"]),
+                          uns=read_elem(f["uns"]) if "uns" in f else None)
+    except DataError:
+        raise
+    except Exception as e:  # h5py and anndata raise OSError, KeyError, TypeError, ... on foreign files
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise DataError(f"{p}: not a readable .h5ad file ({type(e).__name__}: {first})") from e
+    return meta, X
 
 
 def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike[str]) -> None:

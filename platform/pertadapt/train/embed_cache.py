@@ -15,30 +15,39 @@ and the source of the modules defining it, ``backbone.{name, hidden_size, layers
 the torch version, the data file's hash, the gene order, the pool (size, seed and the cells themselves)
 and the storage dtype. Any change gives another file name, so a stale table is never read.
 
+Size
+----
+``pool × N × D × bytes`` (:func:`cache_bytes`; ``float16``/``bfloat16`` halve it). Before a build, and in
+the sweep's ``--dry-run`` plan, :func:`check_cache_space` compares it with the cache disk's free space;
+the build then reserves the whole file (``posix_fallocate``) before the first backbone forward. A table
+that does not fit is a :class:`ConfigError` naming the bytes needed, the bytes free and the ways out
+(``backbone.cache_dtype=bfloat16``, a smaller ``data.control_pool``, another ``PERTADAPT_CACHE``, or
+``backbone.embedding_cache=off`` to recompute the backbone every step) — with ``auto`` as with ``on``:
+``auto`` never falls back to recomputing silently.
+
 Concurrency
 -----------
 The table is written to a temporary file in the cache directory and renamed into place, so a reader
-sees a complete file or none. Builders of one key serialise on an exclusive ``flock`` of
+sees a complete file or none (a full disk leaves no file at all). Builders of one key serialise on an exclusive ``flock`` of
 ``<file>.lock``: the first builds, the others wait and then read its file. Under DeepSpeed every rank
 calls :func:`prepare_embedding_cache` before the engine exists, so the first rank to take the lock builds
 the whole table and the others wait on the lock (no sharding; no process group is needed). Without
 ``flock`` (some network file systems) each builder builds and the last rename wins — still never a
-partial read.
+partial read. A sweep with ``--storage`` on a shared path (and ``PERTADAPT_CACHE`` unset) keeps the cache
+under ``<storage>/cache/``, so the first trial of the sweep builds a table and every other trial, on any
+node, waits on the lock and reuses it; otherwise the cache is per node.
 """
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import hashlib
 import inspect
 import json
 import logging
-import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +58,17 @@ from torch import nn
 from pertadapt.config.components import AidoCellBackbone, FoundationModelBackbone
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.dataset import PerturbData
-from pertadapt.files import atomic_write, atomic_write_json, cache_dir, sha256_bytes, sha256_file
+from pertadapt.files import (
+    atomic_write,
+    atomic_write_json,
+    cache_dir,
+    exclusive_lock,
+    sha256_bytes,
+    sha256_file,
+)
 
-__all__ = ["CACHE_DTYPES", "CACHE_SUBDIR", "EmbeddingCache", "build_device", "cache_key_parts", "open_or_build",
-           "prepare_embedding_cache", "require_space", "weights_sha256"]
+__all__ = ["CACHE_DTYPES", "CACHE_SUBDIR", "EmbeddingCache", "build_device", "cache_bytes", "cache_key_parts",
+           "check_cache_space", "open_or_build", "prepare_embedding_cache", "weights_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -120,20 +136,58 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.3g} GB"
 
 
-def require_space(directory: Path, nbytes: int, what: str) -> None:
-    """Refuse to build a table of ``nbytes`` when ``directory``'s file system has less free space.
+def cache_bytes(pool: int, n_genes: int, hidden_size: int, dtype: str = "float32") -> int:
+    """Bytes of a ``(pool, n_genes, hidden_size)`` table stored as ``dtype`` (``backbone.cache_dtype``).
+
+    The ``.npy`` header (128 bytes) is not counted. The ``--dry-run`` plan and the build both size the
+    cache with this function.
+    """
+    if dtype not in CACHE_DTYPES:
+        raise ConfigError(f"backbone.cache_dtype: expected one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
+    return int(pool) * int(n_genes) * int(hidden_size) * CACHE_DTYPES[dtype][0].itemsize
+
+
+def _existing(directory: Path) -> Path:
+    """``directory`` or its nearest existing ancestor (where the file system's free space is read)."""
+    d = Path(directory).absolute()
+    return next(p for p in (d, *d.parents) if p.exists())
+
+
+def check_cache_space(directory: str | os.PathLike[str], shape: tuple[int, int, int], dtype: str) -> int:
+    """Refuse a ``(pool, N, D)`` table of ``dtype`` that does not fit the free space of ``directory``.
+
+    ``directory`` need not exist yet (the free space of its nearest existing ancestor is read), so the
+    ``--dry-run`` plan can call this before anything is created.
+
+    Returns
+    -------
+    int
+        The table's bytes (:func:`cache_bytes`).
 
     Raises
     ------
     ConfigError
-        Naming ``backbone.embedding_cache``, the size and its factors (``what``), and what to change.
+        Naming ``backbone.embedding_cache``, the bytes needed and their factors, the free bytes, and the
+        ways out: a smaller storage dtype or control pool that fits, another cache disk, or
+        ``backbone.embedding_cache=off`` to recompute the backbone every step knowingly.
     """
-    free = shutil.disk_usage(directory).free
+    nbytes = cache_bytes(*shape, dtype)
+    free = shutil.disk_usage(_existing(Path(directory))).free
     if nbytes > free:
-        raise ConfigError(f"backbone.embedding_cache: the embedding cache needs {_gb(nbytes)} ({what}) but "
-                          f"{directory} has {_gb(free)} free; set data.control_pool to fewer cells, "
-                          "backbone.cache_dtype to float16 or bfloat16, PERTADAPT_CACHE to a larger disk, or "
-                          "backbone.embedding_cache=off")
+        raise ConfigError(_no_space_message(Path(directory), shape, dtype, nbytes, free))
+    return nbytes
+
+
+def _no_space_message(directory: Path, shape: tuple[int, int, int], dtype: str, nbytes: int, free: int) -> str:
+    pool, n, d = shape
+    item = CACHE_DTYPES[dtype][0].itemsize
+    fits = free // max(1, n * d * 2)  # pool cells that fit at 2 bytes a value
+    return (f"backbone.embedding_cache: the frozen-FM embedding cache needs {nbytes} bytes ({_gb(nbytes)}: pool "
+            f"{pool} × {n} genes × {d} dims × {item} B {dtype}) but {directory} has {free} bytes "
+            f"({_gb(free)}) free. Make it fit: backbone.cache_dtype=bfloat16 "
+            f"({_gb(cache_bytes(pool, n, d, 'bfloat16'))}) and/or data.control_pool={fits} or fewer cells "
+            f"(or PERTADAPT_CACHE on a larger disk); or set backbone.embedding_cache=off to recompute the "
+            "backbone every step (no cache; many times slower per step)")
 
 
 class EmbeddingCache:
@@ -156,7 +210,7 @@ class EmbeddingCache:
         self.np_dtype, self.torch_dtype = CACHE_DTYPES[self.dtype_name]
         self.root = root or cache_dir() / CACHE_SUBDIR
         self.path = self.root / f"{parts['backbone']['name']}-{self.key}.npy"
-        self.nbytes = math.prod(self.shape) * self.np_dtype.itemsize
+        self.nbytes = cache_bytes(*self.shape, self.dtype_name)
 
     @property
     def size_text(self) -> str:
@@ -180,15 +234,40 @@ class EmbeddingCache:
             return None
         return table
 
+    def _preallocate(self, tmp: Path) -> None:
+        """Reserve every block of the (sparse) file ``tmp`` now, so a full disk fails here and not mid-build.
+
+        Raises
+        ------
+        ConfigError
+            When the file system has no room for the whole table (the caller removes ``tmp``).
+        """
+        size = tmp.stat().st_size
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ConfigError(_no_space_message(self.root, self.shape, self.dtype_name, self.nbytes,
+                                                    shutil.disk_usage(self.root).free)) from e
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            log.warning("%s: cannot preallocate the embedding cache (%s); a full disk may fail mid-build", tmp, e)
+        finally:
+            os.close(fd)
+
     def write(self, backbone: nn.Module, data: PerturbData, pool: np.ndarray, *, batch_size: int,
               device: torch.device) -> None:
         """Run ``backbone`` over the pool (``batch_size`` cells at a time, no grad, eval mode) into the file.
 
-        The global RNG state is left as it was, so a run's later seeded initialisation is the same with
+        The table is written to a temporary file whose blocks are all reserved first (``posix_fallocate``),
+        then renamed into place: a full disk is a :class:`ConfigError` before any backbone forward, and
+        leaves no file behind. The global RNG state is left as it was, so a run's later seeded initialisation is the same with
         or without a build.
         """
         def fill(tmp: Path) -> None:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.np_dtype, shape=self.shape)
+            self._preallocate(tmp)
             fm = backbone.to(device)
             fm.eval()
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -208,17 +287,6 @@ class EmbeddingCache:
                                                           "stored_dtype": str(self.np_dtype), **self.parts})
 
 
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` (created if absent); without ``flock`` support, go on unlocked."""
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError as e:
-            log.warning("no file lock on %s (%s): concurrent builders of this key each build it", lock_path, e)
-        yield
-
-
 def open_or_build(cache: EmbeddingCache, backbone: nn.Module, data: PerturbData, pool: np.ndarray, *,
                   batch_size: int, device: torch.device) -> tuple[np.ndarray, bool, float]:
     """The table of ``cache``: read if stored, else built (after the free-space check) under the key's lock.
@@ -232,17 +300,18 @@ def open_or_build(cache: EmbeddingCache, backbone: nn.Module, data: PerturbData,
     Raises
     ------
     ConfigError
-        When the table would not fit on the cache's file system (:func:`require_space`).
+        When the table does not fit on the cache's file system (:func:`check_cache_space`, then the
+        preallocation of the file).
     """
     table = cache.open()
     if table is not None:
         return table, True, 0.0
     cache.root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(cache.path.with_name(cache.path.name + ".lock")):
+    with exclusive_lock(cache.path.with_name(cache.path.name + ".lock")):
         table = cache.open()  # built by another process while this one waited
         if table is not None:
             return table, True, 0.0
-        require_space(cache.root, cache.nbytes, cache.size_text)
+        check_cache_space(cache.root, cache.shape, cache.dtype_name)
         log.info("building the frozen-FM embedding cache %s", cache.path)
         t0 = time.perf_counter()
         cache.write(backbone, data, pool, batch_size=batch_size, device=device)
@@ -286,7 +355,8 @@ def prepare_embedding_cache(cfg: RunConfig, data: PerturbData, data_hashes: dict
     Raises
     ------
     ConfigError
-        With ``embedding_cache: on``, when the table does not fit on disk (``auto`` logs it and recomputes).
+        When the table does not fit on disk, with ``embedding_cache`` ``on`` or ``auto`` alike: ``auto``
+        never falls back to recomputing the backbone every step (only ``off`` does that).
     """
     b = cfg.backbone
     if not isinstance(b, FoundationModelBackbone):
@@ -297,14 +367,8 @@ def prepare_embedding_cache(cfg: RunConfig, data: PerturbData, data_hashes: dict
     parts = cache_key_parts(cfg, data_hashes, pool, backbone)
     cache = EmbeddingCache(parts, (len(pool), len(data.genes), backbone.hidden_size), root)
     log.info("frozen-FM embedding cache %s: %s", cache.path, cache.size_text)
-    try:
-        table, hit, seconds = open_or_build(cache, backbone, data, pool, batch_size=cfg.eval.batch_size,
-                                            device=build_device(cfg))
-    except ConfigError as e:
-        if b.embedding_cache == "on":
-            raise
-        log.warning("%s; recomputing the backbone every step instead (backbone.embedding_cache=auto)", e)
-        return None, {"used": False, "reason": str(e), "key": cache.key, "bytes": cache.nbytes}
+    table, hit, seconds = open_or_build(cache, backbone, data, pool, batch_size=cfg.eval.batch_size,
+                                        device=build_device(cfg))
     log.info("embedding cache %s: %s", "hit" if hit else f"built in {seconds:.1f} s", cache.path)
     return table, {"used": True, "key": cache.key, "path": str(cache.path), "hit": hit, "bytes": cache.nbytes,
                    "shape": list(cache.shape), "dtype": cache.dtype_name, "build_s": seconds,

@@ -20,7 +20,7 @@ from pertadapt.data.conditions import condition_genes
 from pertadapt.data.dataset import PairedCells, PerturbData, draw_control_pool, read_perturb_data
 from pertadapt.data.presets import data_file_for
 from pertadapt.data.splits import ConditionSplit, split_conditions
-from pertadapt.files import sha256_bytes, sha256_file
+from pertadapt.files import node_sha256_file, sha256_bytes
 from pertadapt.models.build import ModelInputs
 from pertadapt.train.loop import EvalSet
 
@@ -125,7 +125,7 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     pert_vocab = perturbation_vocabulary(ann, [g for g in targets if g not in set(missing)], cfg.go.pert_graph_genes)
     graph = cached_gene_graph(ann, pert_vocab, threshold=cfg.go.graph_threshold, top_k=cfg.go.graph_top_k)
     indptr, indices, mask_hash = _mask_arrays(cfg, ann, data.genes)
-    data_hash = sha256_file(path)
+    data_hash = node_sha256_file(path)  # once per node, not once per rank and trial
     coexpress, coexpress_hash = (None, None, None), "none"
     if cfg.uses_fm_decoder:
         co = training_coexpression(data, split.train, data_sha256=data_hash, top_k=cfg.model.coexpress_top_k,
