@@ -348,9 +348,11 @@ def test_console_summary_shows_the_test_pairing_noise_next_to_the_metrics(tmp_pa
     results["test_pairing_noise_mse_de"] = np.where(results["arm"] == "full", 0.0012, 0.0034)
     results.to_csv(root / "results.csv", index=False)
     console = Console(record=True, width=240)
-    print_summary(write_sweep_report(root).report, console)
+    report = write_sweep_report(root).report
+    print_summary(report, console)
     text = console.export_text()
     assert "pairing noise (mse_de)" in text
+    assert any("pairing noise" in n and "full 0.0012" in n and "worse 0.0034" in n for n in report.notes)
     lines = {ln.split("│")[1].strip(): ln for ln in text.splitlines() if ln.count("│") > 3}
     assert "0.0012" in lines["full"]
     assert "0.0034" in lines["worse"]
