@@ -78,8 +78,12 @@ def test_baselines_run_as_models(name: str, demo_h5ad: Path, tmp_path: Path) -> 
     m = run(_cfg(demo_h5ad, f"model.name={name}"), tmp_path / name)
     assert np.isfinite(m["test_mse_de"])
     assert (tmp_path / name / "test_predictions.h5ad").is_file()
-    if name == "baseline_nochange":
-        assert m["test_pearson_delta"] == pytest.approx(0.0)
+    assert m["test_pairing_noise_mse_de"] > 0.0  # smoke.yaml: 20 controls per condition
+    if name == "baseline_nochange":  # on the whole pool it predicts the control mean itself (on 20 controls, theirs)
+        whole = run(_cfg(demo_h5ad, f"model.name={name}", "eval.val_controls=null", "eval.test_controls=null"),
+                    tmp_path / "whole")
+        assert whole["test_pearson_delta"] == pytest.approx(0.0)
+        assert whole["test_pairing_noise_mse_de"] == 0.0
 
 
 def test_go_options_change_the_structures_handed_to_the_model(demo_h5ad: Path) -> None:

@@ -340,3 +340,19 @@ def test_stopped_and_pending_trials_say_why_they_have_no_metrics(tmp_path: Path)
     errors = write_sweep_report(tmp_path).report.sweep.trials["error"].tolist()
     assert errors == ["stopped early by the scheduler (ASHA)", "not run (sweep interrupted?)",
                       "no final metrics (no error recorded)"]
+
+
+def test_console_summary_shows_the_test_pairing_noise_next_to_the_metrics(tmp_path: Path) -> None:
+    root = write_synthetic_sweep(tmp_path / "demo", arms={"full": 0.0, "worse": 0.15}, seeds=(1, 2), n_conditions=6)
+    results = pd.read_csv(root / "results.csv")
+    results["test_pairing_noise_mse_de"] = np.where(results["arm"] == "full", 0.0012, 0.0034)
+    results.to_csv(root / "results.csv", index=False)
+    console = Console(record=True, width=240)
+    report = write_sweep_report(root).report
+    print_summary(report, console)
+    text = console.export_text()
+    assert "pairing noise (mse_de)" in text
+    assert any("pairing noise" in n and "full 0.0012" in n and "worse 0.0034" in n for n in report.notes)
+    lines = {ln.split("│")[1].strip(): ln for ln in text.splitlines() if ln.count("│") > 3}
+    assert "0.0012" in lines["full"]
+    assert "0.0034" in lines["worse"]

@@ -34,20 +34,27 @@ log = logging.getLogger(__name__)
 class Baseline(ABC):
     """A fitted baseline; subclasses implement :meth:`_predict_one`."""
 
-    def predict(self, conditions: Sequence[str]) -> dict[str, np.ndarray]:
+    def predict(self, conditions: Sequence[str],
+                control_shift: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Predicted mean expression of each condition.
 
         Parameters
         ----------
         conditions
             GEARS condition names.
+        control_shift
+            Condition -> ``(n_genes,)`` mean of the control cells the models' prediction of it averages over,
+            minus b. A baseline predicts a change from b; applied to those control cells instead of b, it
+            is scored against the same controls as the models (:meth:`PairedCells.control_means`). ``None``
+            (or a condition without one) = b itself.
 
         Returns
         -------
         dict of str to np.ndarray
             Condition -> ``(n_genes,)`` float64 prediction.
         """
-        return {c: self._predict_one(c) for c in conditions}
+        shift = control_shift or {}
+        return {c: self._predict_one(c) + shift[c] if c in shift else self._predict_one(c) for c in conditions}
 
     @abstractmethod
     def _predict_one(self, condition: str) -> np.ndarray:

@@ -3,8 +3,8 @@
 Each seed trains ``configs/benchmark.yaml`` (the simulator's ``benchmark`` preset, 2,000 genes) in this
 process with the torch engine (:func:`pertadapt.train.run.run`, no Ray) and fits the four baselines on the
 same split. Besides the final metrics it scores the no-change prediction built from the very control
-cells the model's condition means average over (``eval.controls_per_condition``): the pairing-noise floor
-that the baselines, which predict from condition means, do not carry.
+cells the model's condition means average over (``eval.test_controls``): the pairing-noise floor, which the
+baselines carry too (they are scored against the same controls).
 """
 
 from __future__ import annotations
@@ -48,10 +48,8 @@ def nochange_from_eval_controls(rd: RunData) -> dict[str, float]:
         ``nochange_eval_controls_mse``, ``nochange_eval_controls_mse_de`` (equal to no-change's own when the
         whole control pool is used).
     """
-    cells, d = rd.test.cells, rd.data
-    names = np.asarray(d.conditions)[d.cell_condition[cells.cells]]
-    pred = {c: np.asarray(d.rows(cells.pair[names == c]).mean(axis=0)).ravel().astype(np.float32)
-            for c in np.unique(names) if c != CONTROL}
+    d = rd.data
+    pred = {c: m.astype(np.float32) for c, m in rd.test.cells.control_means().items() if c != CONTROL}
     m = score_predictions(pred, d, subgroups=rd.split.subgroups, reference_conditions=rd.split.train).overall
     return {"nochange_eval_controls_mse": m["mse"], "nochange_eval_controls_mse_de": m["mse_de"]}
 

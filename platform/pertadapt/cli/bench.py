@@ -161,7 +161,7 @@ def _quality(overrides: list[str] = typer.Argument(None, help="Dotted key=value 
              seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated run seeds."),
              epochs: int = typer.Option(None, "--epochs", help="Override optim.epochs (a shorter run)."),
              steps: int = typer.Option(None, "--steps", help="Override optim.max_steps_per_epoch."),
-             controls: int = typer.Option(None, "--controls", help="Override eval.controls_per_condition."),
+             controls: int = typer.Option(None, "--controls", help="Override eval.val_controls and eval.test_controls."),
              out: Path = typer.Option(Path("runs/bench-quality"), "--out", help="Root of the run directories."),
              json_path: Path = _JSON) -> None:
     """Full model vs the four baselines on the benchmark preset, per seed and paired (target: beats no-change
@@ -174,7 +174,7 @@ def _quality(overrides: list[str] = typer.Argument(None, help="Dotted key=value 
 
     ov = list(overrides or [])
     for key, value in (("optim.epochs", epochs), ("optim.max_steps_per_epoch", steps),
-                       ("eval.controls_per_condition", controls)):
+                       ("eval.val_controls", controls), ("eval.test_controls", controls)):
         if value is not None:
             ov.append(f"{key}={value}")
     result = run_quality_benchmark(out, config=config, seeds=[int(s) for s in seeds.split(",")], overrides=ov)

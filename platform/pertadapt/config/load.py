@@ -170,6 +170,21 @@ def _plain(layer: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     return dict(layer)
 
 
+#: Former run-config keys (``section`` → ``key`` → where the setting went), named in the error for an old key.
+_RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "eval": {"controls_per_condition": "eval.val_controls and eval.test_controls (control cells per validation "
+                                       "and test condition; null = the whole pool) with eval.controls_seed"},
+}
+
+
+def _refuse_renamed_keys(layers: list[dict[str, Any]]) -> None:
+    for layer in layers:
+        for section, renamed in _RENAMED_KEYS.items():
+            part = layer.get(section)
+            for key in (k for k in renamed if isinstance(part, Mapping) and k in part):
+                raise ConfigError(f"key '{section}.{key}': this key was replaced: use {renamed[key]}")
+
+
 def _component_blocks(schema: type, layers: list[dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
     """Each component section's name and merged block; a layer that switches ``name`` starts the block afresh.
 
@@ -216,6 +231,7 @@ def load_typed(schema: type[T], source: str, *layers: Mapping[str, Any] | DictCo
         if schema is RunConfig:
             # components: the block's name picks its options dataclass, whose keys and types then apply
             plain = [_plain(layer) for layer in layers]
+            _refuse_renamed_keys(plain)
             blocks = _component_blocks(schema, plain)
             with flag_override(structured, "readonly", False):
                 for section, (name, block) in blocks.items():

@@ -309,10 +309,18 @@ class EvalConfig:
     #: errors (``val_mse_de``), ``max`` for correlations (``val_pearson_delta``).
     select_mode: str | None = None
     batch_size: int = 64
-    #: Control cells each val/test condition's mean prediction averages over: ``k`` distinct control
-    #: cells of its cell type drawn at random (seeded), or ``null`` = the whole control pool (no pairing
-    #: noise; costs conditions × pool forwards per evaluation, in ``batch_size`` batches).
-    controls_per_condition: int | None = None
+    #: Control cells each validation condition's mean prediction averages over, per cell type: a fixed subset
+    #: of the control pool drawn with ``controls_seed`` (the same for every epoch, arm and run seed), or
+    #: ``null`` = the whole pool. The default keeps per-epoch validation of Norman at the paper's settings
+    #: under 25 % of an epoch's training FLOPs (docs/evaluation.md).
+    val_controls: int | None = 500
+    #: As ``val_controls``, for the test conditions of the final evaluation (its pairing noise is reported
+    #: as ``test_pairing_noise_mse_de``). The default keeps Norman's final evaluation under one epoch.
+    test_controls: int | None = 1000
+    #: Seed of the evaluation control subsets; not the run seed, so every run of a sweep sees the same ones.
+    controls_seed: int = 0
+    #: Evaluation forwards in ``fp32`` or ``bf16`` (autocast, on CUDA only; fp32 elsewhere).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _check("eval.select_metric", is_metric_name(self.select_metric, "val"),
@@ -321,9 +329,11 @@ class EvalConfig:
         if self.select_mode is not None:  # None: set from the metric's direction by RunConfig
             _choice("eval.select_mode", self.select_mode, ("min", "max"))
         _check("eval.batch_size", self.batch_size > 0, "a positive integer", self.batch_size)
-        _check("eval.controls_per_condition", self.controls_per_condition is None or (
-            isinstance(self.controls_per_condition, int) and self.controls_per_condition >= 1),
-               "an integer >= 1 or null (the whole control pool)", self.controls_per_condition)
+        for key, value in (("eval.val_controls", self.val_controls), ("eval.test_controls", self.test_controls)):
+            _check(key, value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                   "an integer >= 1 or null (the whole control pool)", value)
+        _check("eval.controls_seed", self.controls_seed >= 0, "a non-negative integer", self.controls_seed)
+        _choice("eval.precision", self.precision, ("fp32", "bf16"))
 
 
 @dataclass(frozen=True)

@@ -292,42 +292,70 @@ class PairedCells(torch.utils.data.Dataset):
 
     @classmethod
     def for_evaluation(cls, data: PerturbData, conditions: Sequence[str], pert_vocab: Sequence[str], *, seed: int,
-                       n_de: int = 20, controls_per_condition: int | None = None,
+                       n_de: int = 20, controls: int | None = None, controls_seed: int = 0,
                        pool: np.ndarray | None = None) -> PairedCells:
         """Evaluation cells: each perturbed condition's control cells, so that its mean prediction averages
-        the model over ``controls_per_condition`` controls instead of one random control per perturbed cell.
+        the model over ``controls`` controls instead of one random control per perturbed cell.
 
         Row ``r`` is a cell of the condition (its ``y``, DE genes and perturbation) with control cell
-        ``pair[r]`` as input. A condition gets, per cell type among its cells, ``controls_per_condition``
-        distinct control cells of that type drawn at random (seeded; all of them when ``None`` or when the
-        pool is smaller), so several cell types are weighted by the controls drawn for each. ``ctrl`` has no rows.
+        ``pair[r]`` as input. A condition gets, per cell type among its cells, ``controls`` distinct control
+        cells of that type (all of them when ``None`` or when the pool is smaller), so several cell types are
+        weighted by the controls drawn for each. The draw of a condition and cell type is seeded by
+        ``controls_seed``, the condition's name and the cell type only: the same subset whatever the run
+        seed, the split or the other conditions evaluated. ``ctrl`` has no rows.
 
         Parameters
         ----------
         data, conditions, pert_vocab, seed, n_de
-            As for the class.
-        controls_per_condition
-            Control cells per condition (``eval.controls_per_condition``); ``None`` = the whole pool.
+            As for the class (``seed`` does not reach the evaluation rows).
+        controls
+            Control cells per condition and cell type (``eval.val_controls``, ``eval.test_controls``);
+            ``None`` = the whole pool.
+        controls_seed
+            Seed of the subsets (``eval.controls_seed``).
         pool
             The control pool (:func:`draw_control_pool`) the controls are drawn from; ``None`` = every
             control cell.
         """
         self = cls(data, conditions, pert_vocab, seed=seed, n_de=n_de, pool=pool)
-        rng = np.random.default_rng([seed, 1])
         ctrl = self.pool
         cells, pairs = [], []
         for c in sorted(set(conditions) - {keys.CONTROL}):
             own = data.cells_of([c])
             for t in np.unique(data.cell_type[own]):
                 pool = ctrl[data.cell_type[ctrl] == t]
-                if controls_per_condition is not None and controls_per_condition < len(pool):
-                    pool = np.sort(rng.choice(pool, size=controls_per_condition, replace=False))
+                if controls is not None and controls < len(pool):
+                    rng = np.random.default_rng([controls_seed, int(t), len(c), *c.encode()])
+                    pool = np.sort(rng.choice(pool, size=controls, replace=False))
                 cells.append(np.full(len(pool), own[data.cell_type[own] == t][0]))
                 pairs.append(pool)
         self.cells = np.concatenate(cells) if cells else np.zeros(0, dtype=np.int64)
         self.pair = np.concatenate(pairs) if pairs else np.zeros(0, dtype=np.int64)
         self.pair_pool_idx = np.searchsorted(self.pool, self.pair)  # rows of the embedding cache
         return self
+
+    def control_means(self) -> dict[str, np.ndarray]:
+        """Mean of each condition's paired control cells: what a model that predicts no change averages to.
+
+        Returns
+        -------
+        dict of str to np.ndarray
+            Condition -> ``(N,)`` float64 mean of ``x`` over its rows' control cells; a condition paired with
+            every control cell once gets :attr:`PerturbData.ctrl_mean` itself.
+        """
+        d, out = self.data, {}
+        cond = d.cell_condition[self.cells]
+        every = np.sort(d.control_cells)
+        for ci in np.unique(cond):
+            pairs = self.pair[cond == ci]
+            if len(pairs) == len(every) and np.array_equal(np.sort(pairs), every):
+                out[d.conditions[ci]] = d.ctrl_mean
+                continue
+            total = np.zeros(len(d.genes))
+            for start in range(0, len(pairs), _CHUNK):
+                total += np.asarray(d.rows(pairs[start: start + _CHUNK]).astype(np.float64).sum(axis=0)).ravel()
+            out[d.conditions[ci]] = total / len(pairs)
+        return out
 
     @property
     def _ctrl_id(self) -> int:

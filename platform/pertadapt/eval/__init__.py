@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from pertadapt.eval.gi import GIMetrics, gi_metrics, gi_params
-from pertadapt.eval.metrics import Metrics, compute_metrics, pearson0, score_predictions, top_variable_genes
+from pertadapt.eval.metrics import (
+    Metrics,
+    compute_metrics,
+    pairing_noise_mse_de,
+    pearson0,
+    score_predictions,
+    top_variable_genes,
+)
 from pertadapt.eval.truth import score_against_truth
 
 __all__ = [
@@ -12,6 +19,7 @@ __all__ = [
     "compute_metrics",
     "gi_metrics",
     "gi_params",
+    "pairing_noise_mse_de",
     "pearson0",
     "score_against_truth",
     "score_predictions",

@@ -77,6 +77,7 @@ __all__ = [
     "Metrics",
     "aggregate",
     "compute_metrics",
+    "pairing_noise_mse_de",
     "pearson0",
     "perturbation_metrics",
     "score_predictions",
@@ -395,6 +396,36 @@ def _centroid_accuracy(perts: Sequence[str], pred: Mapping[str, np.ndarray], tru
         dist = np.linalg.norm(centroids - pred[p], axis=1)
         out[p] = float(int(np.argmin(dist)) == k)
     return out
+
+
+def pairing_noise_mse_de(control_means: Mapping[str, np.ndarray], ctrl_mean: np.ndarray,
+                         de_idx: Mapping[str, np.ndarray]) -> float:
+    """The pairing noise of an evaluation: ``mse_de`` of the no-change prediction on each condition's drawn
+    controls against the no-change prediction on every control cell.
+
+    A model's condition mean averages it over the condition's drawn control cells, so any prediction
+    carries the drawn controls' deviation from ``c``; this is that deviation's mean squared size on the
+    top-20 DE genes (``mse_de``'s genes), averaged over the conditions: 0 for the whole pool.
+
+    Parameters
+    ----------
+    control_means
+        Condition -> ``(n_genes,)`` mean of its drawn control cells
+        (:meth:`pertadapt.data.dataset.PairedCells.control_means`).
+    ctrl_mean
+        ``(n_genes,)`` mean over all control cells, ``c``.
+    de_idx
+        Condition -> genes ranked by DE (the first :data:`N_DE` are scored).
+
+    Returns
+    -------
+    float
+        Mean over the conditions of ``mean_{g in DE_p} (m_p[g] - c[g])²``; NaN without conditions.
+    """
+    c = np.asarray(ctrl_mean, dtype=np.float64)
+    per = [_mse(np.asarray(m, dtype=np.float64)[np.sort(de_idx[p][:N_DE])], c[np.sort(de_idx[p][:N_DE])])
+           for p, m in control_means.items() if p != CONTROL]
+    return float(np.mean(per)) if per else float("nan")
 
 
 def score_predictions(pred: Mapping[str, np.ndarray], data: PerturbData, *,

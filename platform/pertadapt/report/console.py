@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from pertadapt.report.document import SweepReport
-from pertadapt.report.tables import arm_order, format_cell, metric_column
+from pertadapt.report.tables import PAIRING_NOISE_COLUMN, arm_order, format_cell, metric_column
 
 __all__ = ["print_summary", "summary_table"]
 
@@ -14,8 +15,9 @@ __all__ = ["print_summary", "summary_table"]
 def summary_table(report: SweepReport) -> Table:
     """Overall test metrics per dataset × backbone × arm (mean [95% CI], as in the report), plus the verdict.
 
-    Columns: ``dataset`` (when there are several), ``arm``, ``n`` (ok/all trials), one per metric, and
-    the paired-test verdict on the headline metric.
+    Columns: ``dataset`` (when there are several), ``arm``, ``n`` (ok/all trials), one per metric, the
+    pairing noise of the test controls (``mse_de`` they add, mean over seeds; when reported) and the
+    paired-test verdict on the headline metric.
     """
     s = report.summary
     several = s[["dataset", "backbone"]].drop_duplicates().shape[0] > 1 if not s.empty else False
@@ -27,6 +29,10 @@ def summary_table(report: SweepReport) -> Table:
     table.add_column("n", justify="right", no_wrap=True, min_width=3)
     for m in report.metrics:
         table.add_column(m, justify="right", overflow="fold")
+    noise = f"{PAIRING_NOISE_COLUMN}_mean"
+    with_noise = noise in s
+    if with_noise:
+        table.add_column("pairing noise (mse_de)", justify="right", overflow="fold")
     table.add_column(f"vs {report.sweep.reference} ({report.metrics[0]})", overflow="fold")
     verdicts = {(r["dataset"], r["backbone"], r["arm"]): r["verdict"]
                 for _, r in report.tests[report.tests["metric"] == report.metrics[0]].iterrows()}
@@ -35,6 +41,8 @@ def summary_table(report: SweepReport) -> Table:
     order = {a: i for i, a in enumerate(arm_order(report.sweep.trials, report.sweep.reference))}
     for _, r in s.assign(_o=s["arm"].map(order)).sort_values(["dataset", "backbone", "_o"]).iterrows():
         cells = [format_cell(r, metric_column(m), with_n=False) for m in report.metrics]
+        if with_noise:
+            cells.append(f"{r[noise]:.3g}" if np.isfinite(r[noise]) else "—")
         style = "dim" if r["is_baseline"] else "bold" if r["arm"] == report.sweep.reference else None
         verdict = "reference" if r["arm"] == report.sweep.reference else verdicts.get(
             (r["dataset"], r["backbone"], r["arm"]), "")

@@ -22,6 +22,7 @@ from pertadapt.report import plots
 from pertadapt.report.stats import paired_tests, sentence
 from pertadapt.report.tables import (
     OVERALL,
+    PAIRING_NOISE_COLUMN,
     SUBGROUPS,
     LayoutTable,
     SweepData,
@@ -310,6 +311,11 @@ def build_report(sweep: SweepData, metrics: Sequence[str] | None = None) -> Swee
         notes.append(f"{len(sweep.missing_per_condition)} ok trial(s) have no per-condition table and are not in the "
                      f"paired tests: {', '.join(sweep.missing_per_condition)}")
     notes += _consistency_notes(sweep, metrics, scopes)
+    noise = f"{PAIRING_NOISE_COLUMN}_mean"
+    if noise in summary and summary[noise].notna().any():
+        per_arm = ", ".join(f"{r['arm']} {r[noise]:.3g}" for _, r in summary.iterrows() if np.isfinite(r[noise]))
+        notes.append(f"pairing noise of the test controls (mse_de they add to every arm, mean over seeds; 0 = the "
+                     f"whole control pool): {per_arm}")
     if not sweep.ok.empty and sweep.ok[sweep.ok["arm"] == sweep.reference].empty:
         notes.append(f"the reference arm {sweep.reference!r} has no successful trial: nothing could be tested")
     figures, fig_notes = _figures(sweep, metrics, scopes, summary, tests, arms) if not sweep.ok.empty else ([], [])

@@ -30,6 +30,7 @@ from pertadapt.rundir import RunDir
 
 __all__ = [
     "OVERALL",
+    "PAIRING_NOISE_COLUMN",
     "SUBGROUPS",
     "LayoutTable",
     "SweepData",
@@ -62,6 +63,10 @@ _GROUP = ("dataset", "backbone", "arm")
 def normalise_metric(name: str) -> str:
     """``test_mse_de`` → ``mse_de`` (per-condition name); other names unchanged."""
     return name.removeprefix("test_")
+
+
+#: The ``results.csv`` column of the test controls' pairing noise (``mse_de`` they add; 0 = the whole pool).
+PAIRING_NOISE_COLUMN = "test_pairing_noise_mse_de"
 
 
 def metric_column(metric: str, scope: str = OVERALL) -> str:
@@ -264,7 +269,7 @@ def summarise(trials: pd.DataFrame, metrics: Sequence[str], scopes: Sequence[str
     pandas.DataFrame
         ``dataset, backbone, arm, is_baseline, n_trials, n`` (ok trials), ``n_failed`` (not ok),
         ``ci_method`` (``bootstrap`` or ``t``) and per column ``c``: ``c_mean`` (mean over the ok seeds with a
-        finite value), ``c_sd``, ``c_ci_low``, ``c_ci_high`` and ``c_n`` (those seeds). Failed trials count in
+        finite value), ``c_sd``, ``c_ci_low``, ``c_ci_high`` and ``c_n`` (those seeds), and ``test_pairing_noise_mse_de_mean`` when the trials report it. Failed trials count in
         ``n_trials``, never in means.
     """
     df = trials
@@ -289,6 +294,10 @@ def summarise(trials: pd.DataFrame, metrics: Sequence[str], scopes: Sequence[str
                     lo, hi = _bootstrap_interval(pc, normalise_metric(metric), scope)
                 row.update({f"{col}_mean": mean, f"{col}_sd": float(np.std(x, ddof=1)) if len(x) > 1 else math.nan,
                             f"{col}_ci_low": lo, f"{col}_ci_high": hi, f"{col}_n": len(x)})
+        if PAIRING_NOISE_COLUMN in g:
+            noise = pd.to_numeric(ok[PAIRING_NOISE_COLUMN], errors="coerce").to_numpy(dtype=float)
+            noise = noise[np.isfinite(noise)]
+            row[f"{PAIRING_NOISE_COLUMN}_mean"] = float(noise.mean()) if len(noise) else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -45,6 +45,7 @@ class Engine(Protocol):
     rank: int
     world_size: int
     model: nn.Module
+    device: torch.device
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """``(B, N)`` predictions for a batch (moved to the engine's device and dtype)."""

@@ -6,6 +6,7 @@ callback owns logging.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from pertadapt.train.schedule import LRSchedule
 from pertadapt.train.timeline import mark
 from pertadapt.types import Batch, LossOutput
 
-__all__ = ["EvalSet", "TrainResult", "predict_condition_means", "train"]
+__all__ = ["EvalSet", "TrainResult", "eval_autocast", "predict_condition_means", "train"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
@@ -65,12 +66,21 @@ def _micro_batches(order: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[i: i + size] for i in range(0, len(order), size)]
 
 
+def eval_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The evaluation forwards' precision context (``eval.precision``): bf16 autocast on CUDA, else none."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def predict_condition_means(engine: Engine, cells: PairedCells, batch_size: int) -> dict[str, np.ndarray]:
+def predict_condition_means(engine: Engine, cells: PairedCells, batch_size: int,
+                            precision: str = "fp32") -> dict[str, np.ndarray]:
     """Mean prediction per condition, computed across all ranks.
 
     Batches are dealt round-robin to ranks (the last ones padded with a repeat so that every rank
-    runs the same number of forwards, as ZeRO-3 requires); per-condition sums are gathered.
+    runs the same number of forwards, as ZeRO-3 requires); per-condition sums are gathered. The forwards
+    run under :func:`eval_autocast` (``precision``: ``fp32`` or ``bf16``); sums are float64.
 
     Returns
     -------
@@ -86,7 +96,8 @@ def predict_condition_means(engine: Engine, cells: PairedCells, batch_size: int)
     sums: dict[int, list[np.ndarray]] = {}
     for items in mine:
         batch = cells.batch(batches[-1] if items is None else items)
-        pred = engine.forward(batch).cpu().double().numpy()
+        with eval_autocast(engine.device, precision):
+            pred = engine.forward(batch).cpu().double().numpy()
         if items is None:
             continue
         for c in np.unique(batch.cond_id.numpy()):
@@ -104,9 +115,10 @@ def predict_condition_means(engine: Engine, cells: PairedCells, batch_size: int)
     return {names[c]: (p / n).astype(np.float32) for c, (p, n) in merged.items()}
 
 
-def evaluate(engine: Engine, es: EvalSet, prefix: str, batch_size: int) -> tuple[Metrics, dict[str, np.ndarray]]:
+def evaluate(engine: Engine, es: EvalSet, batch_size: int, precision: str = "fp32"
+             ) -> tuple[Metrics, dict[str, np.ndarray]]:
     """Metrics of one split (ctrl excluded) through the one metric path, and the mean predictions."""
-    pred = predict_condition_means(engine, es.cells, batch_size)
+    pred = predict_condition_means(engine, es.cells, batch_size, precision)
     pred.pop(CONTROL, None)
     return score_predictions(pred, es.cells.data, subgroups=es.subgroups, reference_conditions=es.reference), pred
 
@@ -173,7 +185,7 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
         When a micro-batch loss is NaN/inf (epoch, micro-step and loss components in the message; also
         recorded in the run directory, so that a retry does not train again).
     """
-    o = cfg.optim
+    o, ev = cfg.optim, cfg.eval
     start, best, best_epoch = 0, math.inf, -1
     if resumed is not None:
         start, best, best_epoch = resumed["epoch"] + 1, resumed["best"], resumed["best_epoch"]
@@ -205,7 +217,7 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
             engine.backward(out.total)
             engine.step()
             records.append(rec)
-        val_metrics = evaluate(engine, val, "val", cfg.eval.batch_size)[0].flat("val")
+        val_metrics = evaluate(engine, val, ev.batch_size, ev.precision)[0].flat("val")
         row = {"epoch": epoch, "lr": schedule.lr(epoch, 0),
                **_epoch_loss_row(engine.gather(records)), **val_metrics}
         if select not in val_metrics:
@@ -221,6 +233,6 @@ def train(cfg: RunConfig, engine: Engine, train_cells: PairedCells, val: EvalSet
     if engine.rank == 0:
         mark(run, "train_end")
     checkpoints.load_best(engine, best_epoch)
-    test_metrics, test_pred = evaluate(engine, test, "test", cfg.eval.batch_size)
-    val_metrics = evaluate(engine, val, "val", cfg.eval.batch_size)[0]
+    test_metrics, test_pred = evaluate(engine, test, ev.batch_size, ev.precision)
+    val_metrics = evaluate(engine, val, ev.batch_size, ev.precision)[0]
     return TrainResult(best_epoch, val_metrics, test_metrics, test_pred)

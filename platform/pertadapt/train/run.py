@@ -28,7 +28,7 @@ from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.keys import CONTROL
 from pertadapt.data.simulate import read_sim_truth
 from pertadapt.data.summaries import write_predictions
-from pertadapt.eval import Metrics, score_against_truth, score_predictions
+from pertadapt.eval import Metrics, pairing_noise_mse_de, score_against_truth, score_predictions
 from pertadapt.files import sha256_bytes, sha256_file
 from pertadapt.models.build import build_backbone_for, build_loss, build_model
 from pertadapt.report.logger import NullLogger, RunLogger
@@ -132,11 +132,22 @@ def _run_baseline(cfg: RunConfig, rd: RunData) -> tuple[int, Metrics, Metrics, d
     model = fit_baseline(cfg.model.name, {c: means[c] for c in rd.split.train}, d.ctrl_mean, gene_names=d.genes,
                          **knobs)
     scored = []
-    for conds, groups in ((rd.split.val, rd.split.val_subgroups), (rd.split.test, rd.split.subgroups)):
-        pred = model.predict([c for c in conds if c != CONTROL])
-        scored.append((score_predictions(pred, d, subgroups=groups, reference_conditions=rd.split.train), pred))
+    for conds, es in ((rd.split.val, rd.val), (rd.split.test, rd.test)):
+        # the models' control cells (eval.val_controls, eval.test_controls): no arm gains from control sampling
+        shift = {c: m - d.ctrl_mean for c, m in es.cells.control_means().items()}
+        pred = model.predict([c for c in conds if c != CONTROL], control_shift=shift)
+        scored.append((score_predictions(pred, d, subgroups=es.subgroups, reference_conditions=rd.split.train),
+                       pred))
     (val, _), (test, preds) = scored
     return 0, val, test, preds
+
+
+def _pairing_noise(rd: RunData) -> dict[str, float]:
+    """``val_pairing_noise_mse_de`` and ``test_pairing_noise_mse_de``: what the drawn evaluation controls add to
+    ``mse_de`` (:func:`~pertadapt.eval.pairing_noise_mse_de`; 0 with the whole pool)."""
+    return {f"{name}_pairing_noise_mse_de": pairing_noise_mse_de(es.cells.control_means(), rd.data.ctrl_mean,
+                                                                 rd.data.de_idx)
+            for name, es in (("val", rd.val), ("test", rd.test))}
 
 
 def _per_condition_csv(test: Metrics, truth: Metrics | None, subgroups: dict[str, list[str]]) -> str:
@@ -221,7 +232,8 @@ def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = No
         result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), rdir, on_epoch,
                        checkpoints=store, resumed=resumed)
         best_epoch, val, test, preds = result.best_epoch, result.val, result.test, result.test_predictions
-    metrics: dict[str, Any] = {"best_epoch": best_epoch, **val.flat("val"), **test.flat("test")}
+    metrics: dict[str, Any] = {"best_epoch": best_epoch, **val.flat("val"), **test.flat("test"),
+                               **_pairing_noise(rd)}
     if rank == 0:
         mark(rdir, "eval_end")
         sim = read_sim_truth(rd.data_path)

@@ -136,11 +136,13 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     seed = cfg.seed
     pool = draw_control_pool(data, cfg.data.control_pool, cfg.data.control_pool_seed)  # one pool for all splits
     train = PairedCells(data, split.train, pert_vocab, seed=seed, n_de=cfg.data.n_de, pool=pool)
-    k = cfg.eval.controls_per_condition
+    ev = cfg.eval  # the evaluation subsets: seeded by eval.controls_seed, not the run seed
     val = EvalSet(PairedCells.for_evaluation(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de,
-                                             controls_per_condition=k, pool=pool), split.val_subgroups, split.train)
+                                             controls=ev.val_controls, controls_seed=ev.controls_seed, pool=pool),
+                  split.val_subgroups, split.train)
     test = EvalSet(PairedCells.for_evaluation(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de,
-                                              controls_per_condition=k, pool=pool), split.subgroups, split.train)
+                                              controls=ev.test_controls, controls_seed=ev.controls_seed, pool=pool),
+                   split.subgroups, split.train)
     hashes = {"data_sha256": data_hash, "gene_order_sha256": _gene_hash(data.genes),
               "go_mask_sha256": mask_hash, "go_source": ann.source, "coexpress_sha256": coexpress_hash}
     return RunData(data, split, pert_vocab, inputs, train, val, test, hashes, path)
