@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.fx.experimental._config
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from pertadapt.config.components import FoundationModelBackbone, PretrainedBackbone
@@ -256,29 +258,74 @@ def checkpointed_input_bytes(model: nn.Module) -> list[int]:
     return total
 
 
-def saved_bytes(model: nn.Module, batch: Batch) -> int:
-    """Bytes autograd saves for the backward of one training forward of ``model`` (a :class:`PertAdaptModel`,
-    or its perturbation encoder) on ``batch``."""
-    model.train()
-    extra = checkpointed_input_bytes(model)
-    with _saved_bytes_counter() as total, _data_independent():
-        model(batch) if isinstance(model, PertAdaptModel) else model(batch.pert_idx)
-    return total[0] + extra[0]
+class _FusedAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` on ``meta`` tensors as a GPU runs it: the fused memory-efficient
+    kernel, which keeps its output and log-sum-exp for the backward pass, not the ``L × L`` probabilities
+    (on ``meta`` tensors PyTorch would take its math path). Used for the saved-activation bytes of a
+    forward; other calls pass through.
+
+    It also adds up the one thing that kernel computes beyond the math path's FLOPs (which
+    :func:`step_flops` counts): its backward recomputes the scores, ``2·B·h·Lq·Lk·d`` FLOPs per call that
+    needs a gradient (:attr:`recompute_flops`, torch's ``sdpa_backward_flop_count`` minus the math path's
+    four matrix products).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recompute_flops = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if grad:
+            self.recompute_flops += 2 * math.prod(q.shape) * k.shape[-2]
+        if q.device.type != "meta":
+            return func(*args, **kwargs)
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        bias = None if mask is None else torch.zeros((), dtype=q.dtype, device=q.device).expand(
+            q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, grad)[0]
 
 
 @contextmanager
 def _data_independent() -> Iterator[None]:
-    """On ``meta`` tensors, a data-dependent op (``nonzero``, boolean indexing) assumes every element selected."""
+    """On ``meta`` tensors a data-dependent op (``nonzero``, boolean indexing) assumes every element selected."""
     with torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True):
         yield
 
 
+def _call(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Run the traced model, or the perturbation encoder traced apart."""
+    return model(batch) if isinstance(model, PertAdaptModel) else model(batch.pert_idx)
+
+
+def saved_bytes(model: nn.Module, batch: Batch) -> tuple[int, int]:
+    """What one training forward of ``model`` (a :class:`PertAdaptModel`, or its perturbation encoder) on
+    ``batch`` keeps for the backward pass.
+
+    Returns
+    -------
+    tuple of int
+        Saved bytes (attention as the fused kernel), and the FLOPs that kernel's backward adds to the math
+        path's (:class:`_FusedAttention`).
+    """
+    model.train()
+    extra = checkpointed_input_bytes(model)
+    with _saved_bytes_counter() as total, _data_independent(), _FusedAttention() as attention:
+        _call(model, batch)
+    return total[0] + extra[0], attention.recompute_flops
+
+
 def step_flops(model: nn.Module, batch: Batch, *, train: bool) -> int:
-    """FLOPs of one micro-batch: forward + backward (``train``) or a forward without gradients."""
+    """FLOPs counted by ``FlopCounterMode`` for one micro-batch: forward + backward (``train``) or a forward
+    without gradients; attention on its math path (two matrix products forward, four backward)."""
     counter = FlopCounterMode(display=False)
     model.train(train)
     with counter, torch.set_grad_enabled(train), _data_independent():
-        out = model(batch) if isinstance(model, PertAdaptModel) else model(batch.pert_idx)
+        out = _call(model, batch)
         if train and out.requires_grad:
             out.sum().backward()
     return counter.get_total_flops()
@@ -338,11 +385,13 @@ def trial_cost(cfg: RunConfig, header: DataHeader, *, tflops: float = DEFAULT_TF
     model, perturbation, batch = model_step(cfg, n, n_perts, cached=cached, nonzeros=nonzeros)
     b = batch.x_ctrl.shape[0]
     parts = (model, perturbation)
-    train_tflop = sum(step_flops(m, batch, train=True) for m in parts) / b * train_cells * epochs / 1e12
+    saved = [saved_bytes(m, batch) for m in parts]
+    activations, recompute = sum(a for a, _ in saved), sum(r for _, r in saved)
+    train_step = sum(step_flops(m, batch, train=True) for m in parts) + recompute
+    train_tflop = train_step / b * train_cells * epochs / 1e12
     eval_tflop = sum(step_flops(m, batch, train=False) for m in parts) / b * eval_cells / 1e12
     params = sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
     trainable = sum(p.numel() * p.element_size() for m in parts for p in m.parameters() if p.requires_grad)
-    activations = sum(saved_bytes(m, batch) for m in parts)
     mask = 0
     if cfg.adapter.enabled and cfg.adapter.attention_mask != "none" and not cfg.uses_fm_decoder:
         mask = math.ceil(GO_MASK_DENSITY * n * n) * 8 + (n + 1) * 8 + n * n
