@@ -158,12 +158,16 @@ class _PerturbationOutput(nn.Module):
         return self.out
 
 
-def _inputs(n_genes: int, n_perts: int, edges_per_pert: int) -> ModelInputs:
-    e = n_perts * edges_per_pert
-    src = np.repeat(np.arange(n_perts, dtype=np.int64), edges_per_pert)
-    dst = np.arange(e, dtype=np.int64) % n_perts
-    return ModelInputs(tuple(f"g{i}" for i in range(n_genes)), n_perts, src, dst, np.ones(e, np.float32),
-                       None, None, np.zeros(n_genes, np.float32))
+def _graph(n: int, per_node: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``per_node`` edges into every node of an ``n``-node graph (the GO and co-expression graphs' top-k)."""
+    e = n * per_node
+    return (np.arange(e, dtype=np.int64) % n, np.repeat(np.arange(n, dtype=np.int64), per_node),
+            np.ones(e, np.float32))
+
+
+def _inputs(cfg: RunConfig, n_genes: int, n_perts: int) -> ModelInputs:
+    return ModelInputs(tuple(f"g{i}" for i in range(n_genes)), n_perts, *_graph(n_perts, cfg.go.graph_top_k),
+                       None, None, np.zeros(n_genes, np.float32), *_graph(n_genes, cfg.model.coexpress_top_k))
 
 
 def _batch(b: int, n: int, n_perts: int, device: torch.device) -> Batch:
@@ -177,7 +181,7 @@ def _batch(b: int, n: int, n_perts: int, device: torch.device) -> Batch:
 
 
 def model_step(cfg: RunConfig, n_genes: int, n_perts: int, *, cached: bool, device: str | torch.device = "meta",
-               nonzeros: int | None = None, edges_per_pert: int = 20, seed: int = 0) -> tuple[nn.Module, nn.Module, Batch]:
+               nonzeros: int | None = None, seed: int = 0) -> tuple[nn.Module, nn.Module, Batch]:
     """The trial's model (as :func:`~pertadapt.models.build.build_model` makes it) and a zero micro-batch.
 
     Parameters
@@ -206,7 +210,7 @@ def model_step(cfg: RunConfig, n_genes: int, n_perts: int, *, cached: bool, devi
     bcfg = cfg.backbone
     if isinstance(bcfg, PretrainedBackbone):  # its sizes, random weights: a checkpoint is never read for a plan
         cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(bcfg, checkpoint=None, random_init=True))
-    inputs = _inputs(n_genes, n_perts, edges_per_pert)
+    inputs = _inputs(cfg, n_genes, n_perts)
     torch.manual_seed(seed)
     with torch.device(device):
         if isinstance(bcfg, PretrainedBackbone):
@@ -342,6 +346,43 @@ def _fm_cache_flops(cfg: RunConfig, n_genes: int, n_perts: int, nonzeros: int) -
     return counter.get_total_flops() // batch.x_ctrl.shape[0], fm.hidden_size, n_fm
 
 
+@dataclass(frozen=True)
+class _StepCost:
+    train_flops_per_cell: float
+    eval_flops_per_cell: float
+    fm_flops_per_cell: float
+    fm_width: int
+    param_bytes: int
+    trainable_bytes: int
+    saved_bytes: int
+
+
+#: Traces already made in this process: trials that differ only in their seed share one.
+_STEPS: dict[tuple[str, int, int, int, bool], _StepCost] = {}
+
+
+def _step_cost(cfg: RunConfig, n: int, n_perts: int, nonzeros: int, cached: bool) -> _StepCost:
+    """Trace one micro-batch of ``cfg``'s model (forward + backward, forward alone, and the FM's forward for
+    its cache) at ``n`` genes."""
+    key = (repr(cfg), n, n_perts, nonzeros, cached)
+    if key in _STEPS:
+        return _STEPS[key]
+    fm_flops, fm_width = 0, 0
+    if cached:
+        fm_flops, fm_width, _ = _fm_cache_flops(cfg, n, n_perts, nonzeros)
+    model, perturbation, batch = model_step(cfg, n, n_perts, cached=cached, nonzeros=nonzeros)
+    b = batch.x_ctrl.shape[0]
+    parts = (model, perturbation)
+    saved = [saved_bytes(m, batch) for m in parts]
+    train = sum(step_flops(m, batch, train=True) for m in parts) + sum(r for _, r in saved)
+    step = _StepCost(train / b, sum(step_flops(m, batch, train=False) for m in parts) / b, fm_flops, fm_width,
+                     sum(p.numel() * p.element_size() for m in parts for p in m.parameters()),
+                     sum(p.numel() * p.element_size() for m in parts for p in m.parameters() if p.requires_grad),
+                     sum(a for a, _ in saved))
+    _STEPS[key] = step
+    return step
+
+
 def trial_cost(cfg: RunConfig, header: DataHeader, *, tflops: float = DEFAULT_TFLOPS,
                naive: bool = False) -> TrialCost:
     """Plan one trial's cost at the data's real dimensions.
@@ -376,22 +417,15 @@ def trial_cost(cfg: RunConfig, header: DataHeader, *, tflops: float = DEFAULT_TF
     nonzeros = min(header.nnz_per_cell, n) or n  # a header-only file: every model gene counted non-zero
     bcfg = cfg.backbone
     cached = isinstance(bcfg, FoundationModelBackbone) and bcfg.wants_embedding_cache
+    step = _step_cost(dataclasses.replace(cfg, seed=0), n, n_perts, nonzeros, cached)
     cache_tflop = cache_gb = 0.0
     if cached:
-        per_cell, width, _ = _fm_cache_flops(cfg, n, n_perts, nonzeros)
-        cache_tflop = per_cell * pool / 1e12
+        cache_tflop = step.fm_flops_per_cell * pool / 1e12
         dtype_bytes = torch.empty(0, dtype=getattr(torch, bcfg.cache_dtype)).element_size()
-        cache_gb = pool * n * width * dtype_bytes / _GB
-    model, perturbation, batch = model_step(cfg, n, n_perts, cached=cached, nonzeros=nonzeros)
-    b = batch.x_ctrl.shape[0]
-    parts = (model, perturbation)
-    saved = [saved_bytes(m, batch) for m in parts]
-    activations, recompute = sum(a for a, _ in saved), sum(r for _, r in saved)
-    train_step = sum(step_flops(m, batch, train=True) for m in parts) + recompute
-    train_tflop = train_step / b * train_cells * epochs / 1e12
-    eval_tflop = sum(step_flops(m, batch, train=False) for m in parts) / b * eval_cells / 1e12
-    params = sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
-    trainable = sum(p.numel() * p.element_size() for m in parts for p in m.parameters() if p.requires_grad)
+        cache_gb = pool * n * step.fm_width * dtype_bytes / _GB
+    train_tflop = step.train_flops_per_cell * train_cells * epochs / 1e12
+    eval_tflop = step.eval_flops_per_cell * eval_cells / 1e12
+    params, trainable, activations = step.param_bytes, step.trainable_bytes, step.saved_bytes
     mask = 0
     if cfg.adapter.enabled and cfg.adapter.attention_mask != "none" and not cfg.uses_fm_decoder:
         mask = math.ceil(GO_MASK_DENSITY * n * n) * 8 + (n + 1) * 8 + n * n
