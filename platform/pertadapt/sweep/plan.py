@@ -149,7 +149,7 @@ def check_memory(plan: Mapping[str, Any], gpu_memory_gb: float) -> None:
     for t in plan["trials"]:
         cost = t.get("cost")
         if cost and cost["peak_gb_per_worker"] > gpu_memory_gb:
-            raise ConfigError(f"trial {t['key']}: needs {cost['peak_gb_per_worker']:.1f} GB per worker by the plan, "
+            raise ConfigError(f"trial {t['key']}: needs {cost['peak_gb_per_worker']:.3g} GB per worker by the plan, "
                               f"more than --gpu-memory-gb {gpu_memory_gb:g}; lower optim.micro_batch_size or set "
                               "backbone.activation_checkpointing=true")
 

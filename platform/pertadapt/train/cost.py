@@ -230,15 +230,20 @@ def model_step(cfg: RunConfig, n_genes: int, n_perts: int, *, cached: bool, devi
 
 @contextmanager
 def _saved_bytes_counter() -> Iterator[list[int]]:
+    """Bytes of the distinct storages autograd saves inside the block (parameters excluded: counted apart)."""
     total = [0]
     seen: set[int] = set()
+    params: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key = id(t)
-        if isinstance(t, nn.Parameter) or key in seen:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if isinstance(t, nn.Parameter):
+            params.add(key)
+        if key in seen or key in params:
             return t
         seen.add(key)
-        total[0] += t.numel() * t.element_size()
+        total[0] += storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -272,6 +277,10 @@ class _FusedAttention(TorchFunctionMode):
     :func:`step_flops` counts): its backward recomputes the scores, ``2·B·h·Lq·Lk·d`` FLOPs per call that
     needs a gradient (:attr:`recompute_flops`, torch's ``sdpa_backward_flop_count`` minus the math path's
     four matrix products).
+
+    Calls made inside another overridable function are not seen (a mode is off within its handler): the
+    ``tiny`` backbone's ``nn.MultiheadAttention`` stays on the math path and its probabilities are counted
+    as saved, an over-estimate for that demo backbone only.
     """
 
     def __init__(self) -> None:
@@ -357,14 +366,16 @@ class _StepCost:
     saved_bytes: int
 
 
-#: Traces already made in this process: trials that differ only in their seed share one.
+#: Traces already made in this process, by the sections a trace reads: trials that differ elsewhere (seed,
+#: loss, learning rate) share one.
 _STEPS: dict[tuple[str, int, int, int, bool], _StepCost] = {}
 
 
 def _step_cost(cfg: RunConfig, n: int, n_perts: int, nonzeros: int, cached: bool) -> _StepCost:
     """Trace one micro-batch of ``cfg``'s model (forward + backward, forward alone, and the FM's forward for
     its cache) at ``n`` genes."""
-    key = (repr(cfg), n, n_perts, nonzeros, cached)
+    key = (repr((cfg.backbone, cfg.adapter, cfg.model, cfg.optim.micro_batch_size, cfg.go.graph_top_k)), n, n_perts,
+           nonzeros, cached)
     if key in _STEPS:
         return _STEPS[key]
     fm_flops, fm_width = 0, 0
@@ -417,7 +428,7 @@ def trial_cost(cfg: RunConfig, header: DataHeader, *, tflops: float = DEFAULT_TF
     nonzeros = min(header.nnz_per_cell, n) or n  # a header-only file: every model gene counted non-zero
     bcfg = cfg.backbone
     cached = isinstance(bcfg, FoundationModelBackbone) and bcfg.wants_embedding_cache
-    step = _step_cost(dataclasses.replace(cfg, seed=0), n, n_perts, nonzeros, cached)
+    step = _step_cost(cfg, n, n_perts, nonzeros, cached)
     cache_tflop = cache_gb = 0.0
     if cached:
         cache_tflop = step.fm_flops_per_cell * pool / 1e12
