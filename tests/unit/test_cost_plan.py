@@ -190,7 +190,8 @@ def test_dry_run_writes_each_trials_cost_and_the_total(tmp_path: Path, demo_file
     assert full["cost_naive"]["cache_gb"] == 0
     hours = sum(full["cost"][k] for k in ("train_tflop", "eval_tflop", "cache_tflop")) / 10 / 3600
     assert full["cost"]["gpu_hours"] == pytest.approx(hours, rel=1e-3)
-    assert plan["cost"]["gpu_hours"] == pytest.approx(sum(t["cost"]["gpu_hours"] for t in plan["trials"]), rel=1e-3)
+    assert plan["cost"]["train_tflop"] == pytest.approx(sum(t["cost"]["train_tflop"] for t in plan["trials"]), rel=1e-3)
+    assert plan["cost"]["cache_gb"] == pytest.approx(full["cost"]["cache_gb"], rel=1e-3)  # one cache: one backbone
     assert "naive train TFLOP" in res.stdout
     assert "naive/plan FLOPs" in res.stdout
     assert "sweep total" in res.stdout

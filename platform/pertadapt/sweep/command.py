@@ -242,7 +242,7 @@ def _cost_table(plan: dict[str, Any]) -> Any:
 
     naive = "cost_naive" in plan
     table = Table(title=f"cost at the data's dimensions (GPU-hours at {plan['tflops']:g} TFLOP/s; cache build "
-                        "counted in every trial that uses it; '-': data not made yet)")
+                        "in each trial that uses it, once per cache in the total; '-': data not made yet)")
     cols = ("train TFLOP", "eval TFLOP", "cache TFLOP", "cache GB", "peak GB/worker", "GPU-h")
     for col in ("trial", *cols, *([f"naive {c}" for c in cols] + ["naive/plan FLOPs"] if naive else [])):
         table.add_column(col, no_wrap=True)

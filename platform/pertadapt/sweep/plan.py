@@ -97,8 +97,9 @@ def add_costs(plan: dict[str, Any], ablation: Ablation, data_files: Mapping[str,
 
     ``trials[i].cost`` (and ``cost_naive`` with ``naive``: the same trial on the reference's path) holds
     :data:`COST_KEYS`, or is ``None`` while the trial's data file does not exist yet (a simulated dataset
-    made on the first run); ``plan['cost']`` (``plan['cost_naive']``) is the sweep's total, with
-    ``trials_without_cost`` counting those. Trials that differ only in their seed share one trace.
+    made on the first run); ``plan['cost']`` (``plan['cost_naive']``) is the sweep's total (each embedding
+    cache built once per backbone, dataset and pool; the largest peak), with ``trials_without_cost``
+    counting those. A trial's own cost includes building the cache it uses.
 
     Parameters
     ----------
@@ -123,6 +124,7 @@ def add_costs(plan: dict[str, Any], ablation: Ablation, data_files: Mapping[str,
     for kind, is_naive in (("cost", False), ("cost_naive", True)) if naive else (("cost", False),):
         total = dict.fromkeys(COST_KEYS, 0.0)
         missing = 0
+        caches: set[tuple[Path, str, int | None]] = set()
         for entry in plan["trials"]:
             path = Path(data_files[entry["key"]])
             if not path.is_file():
@@ -130,11 +132,18 @@ def add_costs(plan: dict[str, Any], ablation: Ablation, data_files: Mapping[str,
                 continue
             if path not in headers:
                 headers[path] = read_header(path)
-            cost = trial_cost(by_key[entry["key"]].config, headers[path], tflops=tflops, naive=is_naive).as_dict()
+            cfg = by_key[entry["key"]].config
+            cost = trial_cost(cfg, headers[path], tflops=tflops, naive=is_naive).as_dict()
             entry[kind] = cost
-            for k in COST_KEYS:
-                total[k] += cost[k] if k != "peak_gb_per_worker" else 0.0
+            for k in ("train_tflop", "eval_tflop"):
+                total[k] += cost[k]
+            cache = (path, repr(cfg.backbone), cfg.data.control_pool)  # one cache per (backbone, dataset, pool)
+            if cache not in caches:
+                caches.add(cache)
+                total["cache_tflop"] += cost["cache_tflop"]
+                total["cache_gb"] += cost["cache_gb"]
             total["peak_gb_per_worker"] = max(total["peak_gb_per_worker"], cost["peak_gb_per_worker"])
+        total["gpu_hours"] = (total["train_tflop"] + total["eval_tflop"] + total["cache_tflop"]) / tflops / 3600
         plan[kind] = {**{k: float(f"{v:.4g}") for k, v in total.items()}, "trials_without_cost": missing}
 
 
