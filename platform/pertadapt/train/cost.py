@@ -344,15 +344,14 @@ def step_flops(model: nn.Module, batch: Batch, *, train: bool) -> int:
     return counter.get_total_flops()
 
 
-def _fm_cache_flops(cfg: RunConfig, n_genes: int, n_perts: int, nonzeros: int) -> tuple[int, int, int]:
-    """``(FLOPs per cell of the FM forward, FM width, FM genes)``."""
+def _fm_cache_flops(cfg: RunConfig, n_genes: int, n_perts: int, nonzeros: int) -> tuple[int, int]:
+    """``(FLOPs per cell of the frozen FM's forward, FM width)``: what building its cache costs."""
     model, _, batch = model_step(cfg, n_genes, n_perts, cached=False, nonzeros=nonzeros)
     fm = model.backbone
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad(), _data_independent():
         fm.encode(batch.x_ctrl, batch.total_count)
-    n_fm = fm.n_vocab if isinstance(fm, _FMOverGenes) else n_genes
-    return counter.get_total_flops() // batch.x_ctrl.shape[0], fm.hidden_size, n_fm
+    return counter.get_total_flops() // batch.x_ctrl.shape[0], fm.hidden_size
 
 
 @dataclass(frozen=True)
@@ -380,7 +379,7 @@ def _step_cost(cfg: RunConfig, n: int, n_perts: int, nonzeros: int, cached: bool
         return _STEPS[key]
     fm_flops, fm_width = 0, 0
     if cached:
-        fm_flops, fm_width, _ = _fm_cache_flops(cfg, n, n_perts, nonzeros)
+        fm_flops, fm_width = _fm_cache_flops(cfg, n, n_perts, nonzeros)
     model, perturbation, batch = model_step(cfg, n, n_perts, cached=cached, nonzeros=nonzeros)
     b = batch.x_ctrl.shape[0]
     parts = (model, perturbation)
