@@ -70,13 +70,21 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML ((factorial)
            storage: str = typer.Option(None, "--storage", help="Where every node reads and writes: a shared path "
                                        "(NFS, EFS, ...) for Ray storage, the datasets and the caches, or an "
                                        "object-store URI (s3://bucket/prefix, gs://...) for Ray storage, the "
-                                       "datasets and the run directories (default: OUT).")) -> None:
+                                       "datasets and the run directories (default: OUT)."),
+           tflops: float = typer.Option(None, "--tflops", help="Sustained TFLOP/s of one GPU for the plan's "
+                                        "GPU-hours (default 30: float32 on one H100)."),
+           gpu_memory_gb: float = typer.Option(80.0, "--gpu-memory-gb", help="Memory of one GPU: a trial the plan "
+                                               "puts above it per worker is refused (exit 2)."),
+           naive: bool = typer.Option(False, "--naive", help="Also plan every trial on the reference's path (FM "
+                                      "recomputed every step, vocabulary genes, whole-pool evaluation) and print "
+                                      "the ratio.")) -> None:
     """Run an ablation grid through Ray Tune (trials = Ray Train + DeepSpeed runs), then report."""
     from pertadapt.sweep.command import SweepRequest, run_sweep_from_files
 
     run_sweep_from_files(SweepRequest(ablation, tuple(overrides or ()), search_space=search_space, out=out,
                                       report=report, dry_run=dry_run, resume=resume, overwrite=overwrite,
-                                      address=address, storage=storage))
+                                      address=address, storage=storage, tflops=tflops,
+                                      gpu_memory_gb=gpu_memory_gb, naive=naive))
 
 
 def _demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Sweep directory."),

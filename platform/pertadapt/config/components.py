@@ -267,6 +267,9 @@ class FoundationModelBackbone(BackboneOptions):
     last_k: int = 1
     #: LoRA rank with ``finetune: lora``.
     lora_rank: int = 8
+    #: Recompute each transformer block in the backward pass instead of keeping its activations
+    #: (``torch.utils.checkpoint``): same outputs and gradients, far less memory when the FM trains.
+    activation_checkpointing: bool = False
     #: Compute the frozen FM's per-gene embeddings of the control pool once and reuse them (every epoch,
     #: every trial with the same key): ``auto`` (on for a frozen FM), ``on`` or ``off``.
     embedding_cache: str = "auto"

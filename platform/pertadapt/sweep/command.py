@@ -68,6 +68,12 @@ class SweepRequest:
     overwrite: bool = False
     address: str | None = None
     storage: str | None = None
+    #: Throughput of the GPU-hour estimate (``None``: :data:`pertadapt.train.cost.DEFAULT_TFLOPS`).
+    tflops: float | None = None
+    #: Memory of one GPU; a trial planned to need more per worker is refused.
+    gpu_memory_gb: float = 80.0
+    #: Also plan every trial on the reference's path (``--naive``).
+    naive: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,7 @@ def _prepare(request: SweepRequest) -> _Prepared:
     from pertadapt.data.presets import data_file_for
     from pertadapt.remote import is_uri, under
     from pertadapt.sweep.ablation import load_ablation
-    from pertadapt.sweep.plan import build_plan, check_search_space
+    from pertadapt.sweep.plan import add_costs, build_plan, check_memory, check_search_space
     from pertadapt.sweep.search_space import load_search_space
     from pertadapt.sweep.storage import check_storage, shared_data_path
 
@@ -162,6 +168,8 @@ def _prepare(request: SweepRequest) -> _Prepared:
     # every trial reads its dataset from the storage root, where the driver places it (nodes need not share caches)
     plan = build_plan(abl, space, {k: shared_data_path(f.path, root) for k, f in files.items()},
                       abl.max_concurrent_trials or 2)
+    add_costs(plan, abl, {k: f.path for k, f in files.items()}, tflops=request.tflops, naive=request.naive)
+    check_memory(plan, request.gpu_memory_gb)
     return _Prepared(request, abl, space, sweep_dir, root, files, plan)
 
 
@@ -225,6 +233,33 @@ def _print_plan(p: _Prepared) -> None:
     if not console.is_terminal:
         console = Console(width=max(160, Console(width=1000).measure(table).maximum))
     console.print(table)
+    console.print(_cost_table(plan))
+
+
+def _cost_table(plan: dict[str, Any]) -> Any:
+    """Per trial and for the sweep: TFLOP, cache and peak GB, GPU-hours (and the naive path's, with a ratio)."""
+    from rich.table import Table
+
+    naive = "cost_naive" in plan
+    table = Table(title=f"cost at the data's dimensions (GPU-hours at {plan['tflops']:g} TFLOP/s; cache build "
+                        "in each trial that uses it, once per cache in the total; '-': data not made yet)")
+    cols = ("train TFLOP", "eval TFLOP", "cache TFLOP", "cache GB", "peak GB/worker", "GPU-h")
+    for col in ("trial", *cols, *([f"naive {c}" for c in cols] + ["naive/plan FLOPs"] if naive else [])):
+        table.add_column(col, no_wrap=True)
+
+    def cells(c: dict[str, float] | None) -> list[str]:
+        from pertadapt.sweep.plan import COST_KEYS
+
+        return [f"{c[k]:.4g}" for k in COST_KEYS] if c else ["-"] * len(cols)
+
+    def ratio(a: dict[str, float] | None, b: dict[str, float] | None) -> str:
+        flops = [sum(c[k] for k in ("train_tflop", "eval_tflop", "cache_tflop")) if c else 0.0 for c in (a, b)]
+        return f"{flops[1] / flops[0]:.1f}x" if flops[0] > 0 else "-"
+
+    rows = [(t["key"], t.get("cost"), t.get("cost_naive")) for t in plan["trials"]]
+    for key, c, n in [*rows, ("sweep total", plan["cost"], plan.get("cost_naive"))]:
+        table.add_row(key, *cells(c), *([*cells(n), ratio(c, n)] if naive else []))
+    return table
 
 
 def _dry_run(p: _Prepared) -> None:

@@ -20,8 +20,8 @@ from pertadapt.sweep.ablation import Ablation, Trial
 from pertadapt.sweep.results import flatten, varying_keys
 from pertadapt.sweep.search_space import SearchSpace
 
-__all__ = ["PLAN_FILE", "build_plan", "check_search_space", "diff_plans", "local_cpus", "read_plan", "trial_cpus",
-           "write_plan"]
+__all__ = ["COST_KEYS", "PLAN_FILE", "add_costs", "build_plan", "check_memory", "check_search_space", "diff_plans",
+           "local_cpus", "read_plan", "trial_cpus", "write_plan"]
 
 PLAN_FILE = "plan.json"
 #: Logical CPUs of a Tune function trial that only drives Ray Train workers (``{"CPU": 0}`` is refused).
@@ -85,6 +85,82 @@ def build_plan(ablation: Ablation, space: SearchSpace | None, data_paths: Mappin
     return {"name": ablation.name, "ablation": str(ablation.path), "reference_arm": ablation.reference_arm,
             "factors": {f: list(lv) for f, lv in ablation.factors.items()}, "search": search,
             "max_concurrent_trials": max_concurrent, "trials": trials}
+
+
+#: The per-trial cost fields of a plan (``trials[i].cost``) and of its total (``cost``).
+COST_KEYS = ("train_tflop", "eval_tflop", "cache_tflop", "cache_gb", "peak_gb_per_worker", "gpu_hours")
+
+
+def add_costs(plan: dict[str, Any], ablation: Ablation, data_files: Mapping[str, Path], *, tflops: float | None = None,
+              naive: bool = False) -> None:
+    """Put each trial's cost at its data's real dimensions into ``plan`` (:mod:`pertadapt.train.cost`).
+
+    ``trials[i].cost`` (and ``cost_naive`` with ``naive``: the same trial on the reference's path) holds
+    :data:`COST_KEYS`, or is ``None`` while the trial's data file does not exist yet (a simulated dataset
+    made on the first run); ``plan['cost']`` (``plan['cost_naive']``) is the sweep's total (each embedding
+    cache built once per backbone, dataset and pool; the largest peak), with ``trials_without_cost``
+    counting those. A trial's own cost includes building the cache it uses.
+
+    Parameters
+    ----------
+    plan
+        From :func:`build_plan`; changed in place.
+    ablation
+        The grid the plan was built from.
+    data_files
+        trial key → the data file as read on this machine (its header only).
+    tflops
+        Sustained TFLOP/s of one GPU (default :data:`pertadapt.train.cost.DEFAULT_TFLOPS`).
+    naive
+        Also plan the reference's path.
+    """
+    from pertadapt.data.header import read_header
+    from pertadapt.train.cost import DEFAULT_TFLOPS, trial_cost
+
+    tflops = DEFAULT_TFLOPS if tflops is None else tflops
+    plan["tflops"] = tflops
+    headers: dict[Path, Any] = {}
+    by_key = {t.key: t for t in ablation.trials}
+    for kind, is_naive in (("cost", False), ("cost_naive", True)) if naive else (("cost", False),):
+        total = dict.fromkeys(COST_KEYS, 0.0)
+        missing = 0
+        caches: set[tuple[Path, str, int | None]] = set()
+        for entry in plan["trials"]:
+            path = Path(data_files[entry["key"]])
+            if not path.is_file():
+                entry[kind], missing = None, missing + 1
+                continue
+            if path not in headers:
+                headers[path] = read_header(path)
+            cfg = by_key[entry["key"]].config
+            cost = trial_cost(cfg, headers[path], tflops=tflops, naive=is_naive).as_dict()
+            entry[kind] = cost
+            for k in ("train_tflop", "eval_tflop"):
+                total[k] += cost[k]
+            cache = (path, repr(cfg.backbone), cfg.data.control_pool)  # one cache per (backbone, dataset, pool)
+            if cache not in caches:
+                caches.add(cache)
+                total["cache_tflop"] += cost["cache_tflop"]
+                total["cache_gb"] += cost["cache_gb"]
+            total["peak_gb_per_worker"] = max(total["peak_gb_per_worker"], cost["peak_gb_per_worker"])
+        total["gpu_hours"] = (total["train_tflop"] + total["eval_tflop"] + total["cache_tflop"]) / tflops / 3600
+        plan[kind] = {**{k: float(f"{v:.4g}") for k, v in total.items()}, "trials_without_cost": missing}
+
+
+def check_memory(plan: Mapping[str, Any], gpu_memory_gb: float) -> None:
+    """Refuse a trial whose planned peak memory per worker exceeds one GPU's ``gpu_memory_gb``.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first such trial's key, its need and the knobs that lower it.
+    """
+    for t in plan["trials"]:
+        cost = t.get("cost")
+        if cost and cost["peak_gb_per_worker"] > gpu_memory_gb:
+            raise ConfigError(f"trial {t['key']}: needs {cost['peak_gb_per_worker']:.3g} GB per worker by the plan, "
+                              f"more than --gpu-memory-gb {gpu_memory_gb:g}; lower optim.micro_batch_size or set "
+                              "backbone.activation_checkpointing=true")
 
 
 def local_cpus(plan: Mapping[str, Any]) -> int:

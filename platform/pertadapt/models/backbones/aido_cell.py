@@ -72,6 +72,7 @@ from pertadapt.models.backbones.checkpoint import (
 from pertadapt.models.backbones.layers import (
     N_DEPTH_TOKENS,
     DepthTokenBackbone,
+    LayerStack,
     SoftBinEmbedding,
     SoftBinNames,
 )
@@ -278,7 +279,7 @@ class AIDOCellLayer(nn.Module):
         return h + self.mlp(self.ln(h))
 
 
-class _Encoder(nn.Module):
+class _Encoder(LayerStack):
     def __init__(self, cfg: AIDOCellConfig) -> None:
         super().__init__()
         self.layer = nn.ModuleList(AIDOCellLayer(cfg) for _ in range(cfg.num_hidden_layers))
@@ -286,9 +287,7 @@ class _Encoder(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, L, d)`` → ``(B, L, d)`` after every block and the final norm."""
-        for layer in self.layer:
-            h = layer(h)
-        return self.ln(h)
+        return self.ln(self.run_layers(self.layer, h))
 
 
 class AIDOCell(DepthTokenBackbone):

@@ -3,16 +3,46 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["N_DEPTH_TOKENS", "DepthTokenBackbone", "SoftBinEmbedding", "SoftBinNames"]
+__all__ = ["N_DEPTH_TOKENS", "DepthTokenBackbone", "LayerStack", "SoftBinEmbedding", "SoftBinNames",
+           "set_activation_checkpointing"]
 
 #: Read-depth tokens both pretrained backbones append after the ``N`` gene values.
 N_DEPTH_TOKENS = 2
+
+
+class LayerStack(nn.Module):
+    """A module that runs a backbone's transformer blocks in order, optionally with activation checkpointing.
+
+    With :attr:`checkpointing` on and gradients enabled, each block keeps only its input for the backward
+    pass and recomputes its inside then (``torch.utils.checkpoint``, non-reentrant): outputs and gradients
+    are unchanged, the saved activations shrink to one ``(B, L, d)`` tensor per block, and training costs
+    one more forward of every block.
+    """
+
+    #: Set by :func:`set_activation_checkpointing` (``backbone.activation_checkpointing``).
+    checkpointing: bool = False
+
+    def run_layers(self, layers: Iterable[nn.Module], h: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        """``(B, L, d)`` through every block of ``layers`` (each called as ``block(h, *args)``)."""
+        recompute = self.checkpointing and torch.is_grad_enabled()
+        for layer in layers:
+            h = checkpoint(layer, h, *args, use_reentrant=False) if recompute else layer(h, *args)
+        return h
+
+
+def set_activation_checkpointing(backbone: nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing of every :class:`LayerStack` in ``backbone`` on or off."""
+    for m in backbone.modules():
+        if isinstance(m, LayerStack):
+            m.checkpointing = enabled
 
 
 class SoftBinNames(NamedTuple):

@@ -6,8 +6,9 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from pertadapt.config.components import BACKBONE_OPTIONS, BackboneOptions
+from pertadapt.config.components import BACKBONE_OPTIONS, BackboneOptions, FoundationModelBackbone
 from pertadapt.models.backbones.aido_cell import aido_cell_from_options
+from pertadapt.models.backbones.layers import set_activation_checkpointing
 from pertadapt.models.backbones.scfoundation import scfoundation_from_options
 from pertadapt.models.backbones.tiny import learned_from_options, tiny_from_options
 
@@ -49,4 +50,7 @@ def build_backbone(options: BackboneOptions, *, genes: Sequence[str] | None, wid
                          f"{', '.join(sorted(BACKBONES))}") from None
     if not isinstance(options, BACKBONE_OPTIONS.options(options.name)):
         raise ValueError(f"backbone.name: {options.name!r} needs its own options, got {type(options).__name__}")
-    return builder(options, genes=genes, width=width)
+    backbone = builder(options, genes=genes, width=width)
+    if isinstance(options, FoundationModelBackbone):
+        set_activation_checkpointing(backbone, options.activation_checkpointing)
+    return backbone

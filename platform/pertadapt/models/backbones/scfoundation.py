@@ -62,6 +62,7 @@ from pertadapt.models.backbones.checkpoint import (
 from pertadapt.models.backbones.layers import (
     N_DEPTH_TOKENS,
     DepthTokenBackbone,
+    LayerStack,
     SoftBinEmbedding,
     SoftBinNames,
 )
@@ -194,7 +195,7 @@ class _EncoderLayer(nn.Module):
         return self.norm2(x + self.drop(self.linear2(self.drop(F.relu(self.linear1(x))))))
 
 
-class _Encoder(nn.Module):
+class _Encoder(LayerStack):
     def __init__(self, cfg: SCFoundationConfig) -> None:
         super().__init__()
         self.transformer_encoder = nn.ModuleList(
@@ -203,9 +204,7 @@ class _Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
         """``(B, M, enc_dim)`` non-zero tokens (``(B, M)`` validity) → ``(B, M, enc_dim)``."""
-        for layer in self.transformer_encoder:
-            x = layer(x, key_valid)
-        return self.norm(x)
+        return self.norm(self.run_layers(self.transformer_encoder, x, key_valid))
 
 
 def orthogonal_random_features(nb_features: int, dim_head: int, generator: torch.Generator | None = None
@@ -345,7 +344,7 @@ class _Net(nn.Module):
         self.layers = nn.ModuleList(PerformerBlock(cfg) for _ in range(cfg.decoder_depth))
 
 
-class _Performer(nn.Module):
+class _Performer(LayerStack):
     def __init__(self, cfg: SCFoundationConfig) -> None:
         super().__init__()
         self.net = _Net(cfg)
@@ -354,9 +353,7 @@ class _Performer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, L, dec_dim)`` through every Performer block in order."""
-        for block in self.net.layers:
-            x = block(x)
-        return x
+        return self.run_layers(self.net.layers, x)
 
 
 class _Decoder(nn.Module):
@@ -419,15 +416,26 @@ class SCFoundation(DepthTokenBackbone):
             ``(B, L, decoder_dim)`` normalised decoder outputs (depth tokens included).
         """
         seq = seq.to(self.pos_emb.weight.dtype)
+        return self.encode_gathered(seq, *self.nonzero_tokens(seq))
+
+    @staticmethod
+    def nonzero_tokens(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the encoder's tokens come from: ``(B, M)`` positions of each cell's non-zero values first
+        (ascending; ``M`` = the batch's most non-zeros) and ``(B, M)`` which of them are real."""
         nonzero = seq > 0
         n_nonzero = nonzero.sum(dim=1)
         width = int(n_nonzero.max())
         order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :width]  # non-zeros first, ascending
         valid = torch.arange(width, device=seq.device)[None, :] < n_nonzero[:, None]
+        return order, valid
+
+    def encode_gathered(self, seq: torch.Tensor, order: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Encoder over the gathered non-zero tokens, decoder over all: ``(B, L)`` sequence, ``(B, M)`` from
+        :meth:`nonzero_tokens` → ``(B, L, decoder_dim)``."""
         enc = torch.where(valid[..., None], self.token_emb(seq.gather(1, order)), self.token_emb.pad_row)
         enc = enc + self.pos_emb(torch.where(valid, order, self.config.seq_len))
         enc = self.encoder(enc, valid)
-        dec = self.token_emb(seq).masked_scatter(nonzero[..., None], enc[valid])
+        dec = self.token_emb(seq).masked_scatter((seq > 0)[..., None], enc[valid])
         dec = self.decoder_embed(dec + self.pos_emb.weight[: seq.shape[1]])
         return self.norm(self.decoder(dec))
 

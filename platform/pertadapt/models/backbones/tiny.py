@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from pertadapt.config.components import LearnedBackbone, TinyBackbone
+from pertadapt.models.backbones.layers import LayerStack
 from pertadapt.models.perturbation import max_norm_rows
 
 __all__ = ["LearnedGeneEmbedding", "TinyTransformer", "build_tiny", "learned_from_options", "tiny_from_options"]
 
 
-class TinyTransformer(nn.Module):
+class TinyTransformer(LayerStack):
     """A 2-layer bidirectional transformer over genes: value MLP + gene-ID embedding + depth token.
 
     Parameters
@@ -43,7 +44,7 @@ class TinyTransformer(nn.Module):
         """``(batch, N)`` log1p expression + ``(batch,)`` totals → ``(batch, N, d)``."""
         tok = self.value(x_ctrl[..., None]) + self.gene.weight
         depth = self.depth(torch.log10(total_count.clamp(min=1.0))[:, None, None])
-        out = self.encoder(torch.cat([tok, depth], dim=1))
+        out = self.run_layers(self.encoder.layers, torch.cat([tok, depth], dim=1))  # = self.encoder (no norm)
         return self.norm(out[:, :-1])
 
     def transformer_layers(self) -> list[nn.Module]:
