@@ -94,10 +94,10 @@ class TrialCost:
         return {k: float(f"{v:.4g}") for k, v in dataclasses.asdict(self).items()}
 
 
-def eval_controls(cfg: RunConfig, pool: int) -> int:
-    """Control cells each evaluated condition is predicted from: ``eval.controls_per_condition`` or the pool."""
-    k = cfg.eval.controls_per_condition
-    return pool if k is None else min(k, pool)
+def eval_controls(cfg: RunConfig, pool: int) -> tuple[int, int]:
+    """Control cells each validation and each test condition is predicted from: ``eval.val_controls`` and
+    ``eval.test_controls`` (``None``: the whole pool), at most the pool."""
+    return tuple(pool if k is None else min(k, pool) for k in (cfg.eval.val_controls, cfg.eval.test_controls))
 
 
 def naive_config(cfg: RunConfig) -> RunConfig:
@@ -105,7 +105,8 @@ def naive_config(cfg: RunConfig) -> RunConfig:
     b = cfg.backbone
     if isinstance(b, FoundationModelBackbone):
         b = dataclasses.replace(b, embedding_cache="off")
-    return dataclasses.replace(cfg, backbone=b, eval=dataclasses.replace(cfg.eval, controls_per_condition=None),
+    return dataclasses.replace(cfg, backbone=b, eval=dataclasses.replace(cfg.eval, val_controls=None,
+                                                                              test_controls=None),
                                adapter=dataclasses.replace(cfg.adapter, attention_impl="chunked"))
 
 
@@ -420,10 +421,10 @@ def trial_cost(cfg: RunConfig, header: DataHeader, *, tflops: float = DEFAULT_TF
                              combo_seen2_train_frac=cfg.data.combo_seen2_train_frac)
     train_cells = sum(header.cells_per_condition[c] for c in split.train)
     pool = header.n_controls if cfg.data.control_pool is None else min(cfg.data.control_pool, header.n_controls)
-    k = eval_controls(cfg, pool)
+    k_val, k_test = eval_controls(cfg, pool)
     epochs = cfg.optim.epochs
-    eval_cells = k * ((epochs + 1) * len([c for c in split.val if not is_control(c)])
-                      + len([c for c in split.test if not is_control(c)]))
+    eval_cells = (k_val * (epochs + 1) * len([c for c in split.val if not is_control(c)])
+                  + k_test * len([c for c in split.test if not is_control(c)]))
     nonzeros = min(header.nnz_per_cell, n) or n  # a header-only file: every model gene counted non-zero
     bcfg = cfg.backbone
     cached = isinstance(bcfg, FoundationModelBackbone) and bcfg.wants_embedding_cache
