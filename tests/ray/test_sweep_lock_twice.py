@@ -106,15 +106,22 @@ def test_one_sweep_per_directory_and_a_local_cluster_on_loopback(tiny: Path, tmp
         watcher = threading.Thread(target=_watch_listening, args=(runner, seen), daemon=True)
         watcher.start()
         _wait_for(lambda: "Started a local Ray instance" in (tmp_path / runner_log).read_text(), 300, "Ray", runner)
-        # while it runs, a --resume is refused too, and so are --overwrite and a dry run (it would write plan.json)
-        t1 = time.time()
-        others = [subprocess.Popen([sys.executable, "-m", "pertadapt.cli", "sweep", str(tiny), "--out", str(out),
-                                    "--no-report", extra], cwd=REPO, stderr=subprocess.PIPE, text=True)
-                  for extra in ("--resume", "--overwrite", "--dry-run")]
-        for other in others:
-            assert other.wait(timeout=60) == 2
-            assert f"PID {runner.pid}" in other.stderr.read()
-        assert time.time() - t1 < 10
+        # while it runs, a --resume is refused too, and so are --overwrite and a dry run (it would write plan.json);
+        # the driver is paused meanwhile (the lock stays held), so its two-second trials cannot end the sweep first
+        driver = next(c for c in psutil.Process(runner.pid).children()
+                      if "pertadapt.sweep.command" in " ".join(c.cmdline()))
+        driver.suspend()
+        try:
+            t1 = time.time()
+            others = [subprocess.Popen([sys.executable, "-m", "pertadapt.cli", "sweep", str(tiny), "--out",
+                                        str(out), "--no-report", extra], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                      for extra in ("--resume", "--overwrite", "--dry-run")]
+            for other in others:
+                assert other.wait(timeout=60) == 2
+                assert f"PID {runner.pid}" in other.stderr.read()
+            assert time.time() - t1 < 10
+        finally:
+            driver.resume()
         assert runner.wait(timeout=300) == 0, (tmp_path / runner_log).read_text()[-3000:]
         watcher.join(timeout=10)
     finally:
