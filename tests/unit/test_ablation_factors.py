@@ -14,6 +14,7 @@ from pertadapt.config import ConfigError, load_run_config
 from pertadapt.config.components import LearnedBackbone, PretrainedBackbone
 from pertadapt.config.load import config_to_dict, dotted_to_nested
 from pertadapt.sweep.ablation import Ablation, arm_name, load_ablation
+from pertadapt.sweep.plan import plan_names
 from pertadapt.sweep.results import flatten
 
 REPO = Path(__file__).resolve().parents[2]
@@ -220,7 +221,7 @@ def test_paper_table_dry_run_lists_the_six_rows_per_backbone_and_dataset(paper_p
     assert "260 trials" in res.stdout
     assert plan["reference_arm"] == "fm+pa+am+ladapt"
     assert plan["factors"] == {f: ["on", "off"] for f in ("fm", "pa", "am", "ladapt")}
-    trials = plan["trials"]
+    trials = list(plan_names(plan).values())  # every name: a shared run's aliases too
     assert {(t["dataset"], t["backbone"]) for t in trials} == {(d, b) for d in ("norman", "rpe1")
                                                                for b in ("aido_cell", "scfoundation")}
     for ds, preset in (("norman", "norman_like"), ("rpe1", "replogle_like")):
