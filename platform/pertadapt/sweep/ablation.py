@@ -48,7 +48,7 @@ from pertadapt.config.load import (
 from pertadapt.config.schema import BASELINE_MODELS, ConfigError, RunConfig
 from pertadapt.config.sweep_schema import AblationFile
 
-__all__ = ["BASELINE_ARMS", "SCOPED_SETS", "Ablation", "Trial", "arm_name", "load_ablation", "shared_runs"]
+__all__ = ["BASELINE_ARMS", "SCOPED_SETS", "Ablation", "Trial", "arm_name", "load_ablation", "run_of", "shared_runs"]
 
 #: The simple baselines that sit in every grid unless ``baselines: false``.
 BASELINE_ARMS: dict[str, dict[str, Any]] = {name: {"model.name": name} for name in BASELINE_MODELS}
@@ -165,6 +165,11 @@ def shared_runs(identities: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     for key, identity in identities:
         runs.setdefault(first.setdefault(identity, key), []).append(key)
     return runs
+
+
+def run_of(identities: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """trial key → the key of the run that gives its results (:func:`shared_runs`; its own key when first)."""
+    return {key: run for run, keys in shared_runs(identities).items() for key in keys}
 
 
 def _row_overrides(factors: Mapping[str, Mapping[str, Mapping[str, Any]]], row: Mapping[str, str]

@@ -28,7 +28,7 @@ from pertadapt.config.load import config_to_dict
 from pertadapt.files import atomic_write, atomic_write_text
 from pertadapt.report.results import HPO_RESULTS_FILE, RESULTS_FILE, ResultRow, result_columns
 from pertadapt.rundir import RunDir
-from pertadapt.sweep.ablation import Ablation, Trial, shared_runs
+from pertadapt.sweep.ablation import Ablation, Trial, run_of
 
 __all__ = ["TrialOutcome", "collect_results", "flatten", "varying_keys"]
 
@@ -132,8 +132,8 @@ def collect_results(ablation: Ablation, sweep_dir: Path, outcomes: Sequence[Tria
     final = {o.key: o for o in outcomes if o.stage in ("grid", "final")}
     cfgs = [flatten(config_to_dict(t.config)) for t in ablation.trials]
     varying = varying_keys(cfgs)
-    run_of = {k: run for run, keys in shared_runs((t.key, hashes[t.key]) for t in ablation.trials) for k in keys}
-    rows = [_row(t, final.get(run_of[t.key]), RunDir(sweep_dir / "runs" / run_of[t.key]), hashes[t.key],
+    runs = run_of((t.key, hashes[t.key]) for t in ablation.trials)
+    rows = [_row(t, final.get(runs[t.key]), RunDir(sweep_dir / "runs" / runs[t.key]), hashes[t.key],
                  {k: c.get(k) for k in varying}) for t, c in zip(ablation.trials, cfgs, strict=True)]
     out = sweep_dir / RESULTS_FILE
     _write(out, rows)

@@ -35,7 +35,7 @@ from pertadapt.files import sha256_bytes
 from pertadapt.remote import is_uri, pull_tree, under
 from pertadapt.rundir import RunDir
 from pertadapt.sweep import stop
-from pertadapt.sweep.ablation import Ablation, Trial, shared_runs
+from pertadapt.sweep.ablation import Ablation, Trial, run_of
 from pertadapt.sweep.command import LOOPBACK_ENV
 from pertadapt.sweep.resources import capacity, cluster_concurrency, prepare_cluster, release_cluster, summed
 from pertadapt.sweep.results import TrialOutcome, collect_results
@@ -376,15 +376,15 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
         max_concurrent = min(fit, max_concurrent or fit)
         specs = [_spec(t, ablation, sweep_dir, data_paths, storage) for t in ablation.trials]
         # trials with one identity run once, as the first of them (plan.json lists the others as its aliases)
-        run_of = {k: run for run, keys in shared_runs(_hashes(specs).items()) for k in keys}
+        runs = run_of(_hashes(specs).items())
         if search_space is None:
-            outcomes += _outcomes(_run_grid(_runs(specs, run_of), ray_storage, "grid", max_concurrent, resume),
+            outcomes += _outcomes(_run_grid(_runs(specs, runs), ray_storage, "grid", max_concurrent, resume),
                                   "grid")
         else:
             first = ablation.seeds[0]
             by_key = {t.key: t for t in ablation.trials}
             for t, spec in zip(ablation.trials, specs, strict=True):
-                if t.seed != first or t.is_baseline or run_of[t.key] != t.key:
+                if t.seed != first or t.is_baseline or runs[t.key] != t.key:
                     continue
                 hpo_dir = t.key.rsplit("/", 1)[0]
                 hpo_spec = replace(spec, run_dir=sweep_dir / "hpo" / hpo_dir,
@@ -397,9 +397,9 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
                 log.info("arm %s: best %s", t.arm, best)
                 # the arm's trials and those that share their runs get its best parameters (and stay shared)
                 specs = [replace(s2, config=_apply_params(s2.config, best))
-                         if (r := by_key[run_of[s2.key]]).arm == t.arm and r.dataset == t.dataset
+                         if (r := by_key[runs[s2.key]]).arm == t.arm and r.dataset == t.dataset
                          and r.backbone == t.backbone else s2 for s2 in specs]
-            outcomes += _outcomes(_run_grid(_runs(specs, run_of), ray_storage, "final", max_concurrent, resume),
+            outcomes += _outcomes(_run_grid(_runs(specs, runs), ray_storage, "final", max_concurrent, resume),
                                   "final")
     finally:
         with stop.deferred():
@@ -408,9 +408,9 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     return _collect(ablation, sweep_dir, storage, outcomes, specs)
 
 
-def _runs(specs: Sequence[TrialSpec], run_of: Mapping[str, str]) -> list[TrialSpec]:
+def _runs(specs: Sequence[TrialSpec], runs: Mapping[str, str]) -> list[TrialSpec]:
     """The specs that run: one per identity (a trial whose run is another's gets that run's results)."""
-    return [s for s in specs if run_of[s.key] == s.key]
+    return [s for s in specs if runs[s.key] == s.key]
 
 
 def _collect(ablation: Ablation, sweep_dir: Path, storage: str, outcomes: Sequence[TrialOutcome],
