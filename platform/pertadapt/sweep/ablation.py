@@ -26,6 +26,9 @@ before any cluster starts. Overrides from the command line apply to every trial 
 spelled ``datasets.<name>.<key>=value`` / ``backbones.<name>.<key>=value``, to one named set as if
 written there (so an arm still overrides them: an FM-off arm, ``backbone.name: learned``, drops a
 backbone set's other ``backbone.*`` keys, as a component switch does; :func:`pertadapt.config.load.merge_dotted`).
+
+Trials whose configs have the same identity (:func:`~pertadapt.config.load.config_hash`: labels and unused
+sections left out), e.g. an FM-off arm under two backbone sets, run once: :func:`shared_runs`.
 """
 
 from __future__ import annotations
