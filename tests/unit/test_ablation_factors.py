@@ -14,6 +14,7 @@ from pertadapt.config import ConfigError, load_run_config
 from pertadapt.config.components import LearnedBackbone, PretrainedBackbone
 from pertadapt.config.load import config_to_dict, dotted_to_nested
 from pertadapt.sweep.ablation import Ablation, arm_name, load_ablation
+from pertadapt.sweep.plan import plan_names
 from pertadapt.sweep.results import flatten
 
 REPO = Path(__file__).resolve().parents[2]
@@ -220,7 +221,7 @@ def test_paper_table_dry_run_lists_the_six_rows_per_backbone_and_dataset(paper_p
     assert "260 trials" in res.stdout
     assert plan["reference_arm"] == "fm+pa+am+ladapt"
     assert plan["factors"] == {f: ["on", "off"] for f in ("fm", "pa", "am", "ladapt")}
-    trials = plan["trials"]
+    trials = list(plan_names(plan).values())  # every name: a shared run's aliases too
     assert {(t["dataset"], t["backbone"]) for t in trials} == {(d, b) for d in ("norman", "rpe1")
                                                                for b in ("aido_cell", "scfoundation")}
     for ds, preset in (("norman", "norman_like"), ("rpe1", "replogle_like")):
@@ -245,6 +246,27 @@ def test_paper_table_dry_run_lists_the_six_rows_per_backbone_and_dataset(paper_p
                     assert t["levels"] == {}
             assert sorted({t["seed"] for t in cell}) == [1, 2, 3, 4, 5]
             assert len(cell) == 13 * 5
+
+
+def test_paper_table_dry_run_plans_each_backbone_independent_trial_once(paper_plan) -> None:
+    plan, res = paper_plan
+    assert "260 trials in 200 runs" in res.stdout
+    runs = plan["trials"]
+    assert len({t["config_hash"] for t in runs}) == len(runs) == 200  # no two plan entries with one config hash
+    independent = {"none", "gears", "baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear"}
+    for ds in ("norman", "rpe1"):
+        for seed in (1, 2, 3, 4, 5):
+            cell = [t for t in runs if t["dataset"] == ds and t["seed"] == seed]
+            for arm in {t["arm"] for t in cell}:
+                mine = [t for t in cell if t["arm"] == arm]
+                if arm in independent:  # once per dataset and seed, reported under the other backbone too
+                    assert [(t["backbone"], [a["key"] for a in t["aliases"]]) for t in mine] == [
+                        ("aido_cell", [f"{ds}/scfoundation/{arm}/seed{seed}"])]
+                else:
+                    assert sorted(t["backbone"] for t in mine) == ["aido_cell", "scfoundation"]
+                    assert all(t["aliases"] == [] for t in mine)
+    # the model trials ask for one GPU each (resources:), the baselines for none; planned on a CPU-only machine
+    assert {(t["is_baseline"], t["workers"], t["gpus_per_worker"]) for t in runs} == {(False, 1, 1.0), (True, 1, 0.0)}
 
 
 #: The README's overrides for one dataset and one backbone (paths need not exist to build the configs).

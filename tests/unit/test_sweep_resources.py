@@ -81,3 +81,14 @@ def test_node_groups_reported_to_the_gcs_become_node_types() -> None:
     types = node_types_from_cluster_config(config)
     assert [(t.name, t.resources, t.max_workers) for t in types] == [
         ("gpu", {"CPU": 8.0, "GPU": 1.0}, 4), ("cpu", {"CPU": 2.0}, UNBOUNDED)]
+
+
+def test_the_paper_table_asks_one_gpu_per_model_trial_and_a_cpu_only_cluster_refuses_it() -> None:
+    paper = REPO / "ablations" / "paper_table.yaml"
+    abl = load_ablation(paper)  # builds on a machine without a GPU: the plan never looks for one
+    assert {(t.is_baseline, t.config.engine.gpus) for t in abl.trials} == {(False, 1.0), (True, 0.0)}
+    with pytest.raises(ConfigError, match=r"resources\.gpus_per_worker .* of trial norman/aido_cell/none/seed1"):
+        check_resources(abl, [{"CPU": 16.0}])
+    assert check_resources(abl, [{"CPU": 16.0, "GPU": 1.0}]) == {}
+    # on CPU on purpose: one override, and the same cluster holds it
+    assert check_resources(load_ablation(paper, extra_overrides={"engine.gpus_per_worker": 0}), [{"CPU": 16.0}]) == {}

@@ -365,11 +365,14 @@ def config_from_dict(d: Mapping[str, Any]) -> RunConfig:
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """Short stable hash of what decides a run's results: the resolved config without ``logging``.
+    """Short stable hash of what decides a run's results: a trial's identity.
 
-    Where runs are written and how they are tracked (``logging.*``) does not change a result, so a
-    resumed sweep with another W&B mode still recognises its finished trials.
+    Left out: labels and tracking (``name``, ``logging.*``: a resumed sweep with another W&B mode still
+    recognises its finished trials) and the sections the run does not use (:attr:`RunConfig.unused_sections`:
+    a baseline under two backbone sets is one run). Two trials with the same hash give the same results;
+    a sweep runs them once (:func:`pertadapt.sweep.ablation.shared_runs`).
     """
     doc = config_to_dict(cfg)
-    doc.pop("logging", None)
+    for section in ("name", "logging", *cfg.unused_sections):
+        doc.pop(section, None)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]

@@ -410,6 +410,12 @@ class RunConfig:
         return self.model.is_baseline
 
     @property
+    def unused_sections(self) -> tuple[str, ...]:
+        """Sections whose knobs this run never reads: a baseline (fit on condition means) trains no network,
+        so its backbone, adapter, loss, optimiser and engine are set but unused."""
+        return ("backbone", "adapter", "loss", "optim", "engine") if self.is_baseline else ()
+
+    @property
     def uses_fm_decoder(self) -> bool:
         """Whether the network is the FM-baseline (GEARS) decoder: PA off with ``adapter.off_mode: decoder``."""
         return not self.is_baseline and not self.adapter.enabled and self.adapter.off_mode == "decoder"

@@ -154,11 +154,13 @@ def load_results(path: Path) -> pd.DataFrame:
 
 
 def _run_path(sweep_dir: Path, row: pd.Series) -> Path:
-    """The trial's run directory: ``run_dir`` when it exists here, else ``<sweep>/runs/<trial>`` (moved sweeps)."""
+    """The trial's run directory: ``run_dir`` when it exists here, else (a moved sweep) the same run under
+    ``<sweep>/runs/`` (a trial that shared another's run: that run's key, as deep as the trial's own key)."""
     recorded = Path(row["run_dir"]) if row["run_dir"] else None
     if recorded is not None and recorded.is_dir():
         return recorded
-    return sweep_dir / "runs" / str(row["trial"])
+    depth = len(str(row["trial"]).split("/"))
+    return sweep_dir / "runs" / (Path(*recorded.parts[-depth:]) if recorded is not None else str(row["trial"]))
 
 
 def _read_per_condition(path: Path, row: pd.Series) -> pd.DataFrame:

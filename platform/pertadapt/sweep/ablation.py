@@ -26,13 +26,16 @@ before any cluster starts. Overrides from the command line apply to every trial 
 spelled ``datasets.<name>.<key>=value`` / ``backbones.<name>.<key>=value``, to one named set as if
 written there (so an arm still overrides them: an FM-off arm, ``backbone.name: learned``, drops a
 backbone set's other ``backbone.*`` keys, as a component switch does; :func:`pertadapt.config.load.merge_dotted`).
+
+Trials whose configs have the same identity (:func:`~pertadapt.config.load.config_hash`: labels and unused
+sections left out), e.g. an FM-off arm under two backbone sets, run once: :func:`shared_runs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,7 @@ from pertadapt.config.load import (
 from pertadapt.config.schema import BASELINE_MODELS, ConfigError, RunConfig
 from pertadapt.config.sweep_schema import AblationFile
 
-__all__ = ["BASELINE_ARMS", "SCOPED_SETS", "Ablation", "Trial", "arm_name", "load_ablation"]
+__all__ = ["BASELINE_ARMS", "SCOPED_SETS", "Ablation", "Trial", "arm_name", "load_ablation", "run_of", "shared_runs"]
 
 #: The simple baselines that sit in every grid unless ``baselines: false``.
 BASELINE_ARMS: dict[str, dict[str, Any]] = {name: {"model.name": name} for name in BASELINE_MODELS}
@@ -141,6 +144,35 @@ def arm_name(levels: Mapping[str, str]) -> str:
     """
     parts = [f if lv == "on" else f"{f}={lv}" for f, lv in levels.items() if lv != "off"]
     return "+".join(parts) or "none"
+
+
+def shared_runs(identities: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """Trials with the same identity run once: run key → the keys of every trial it stands for.
+
+    The run of an identity is its first trial in plan order (deterministic, so a resumed sweep finds the
+    runs it started); the keys of the others follow it in plan order.
+
+    Parameters
+    ----------
+    identities
+        (trial key, :func:`~pertadapt.config.load.config_hash` of the config it runs, data path in), in
+        plan order.
+
+    Returns
+    -------
+    dict
+        run key → [run key, alias keys...], runs in plan order.
+    """
+    first: dict[str, str] = {}
+    runs: dict[str, list[str]] = {}
+    for key, identity in identities:
+        runs.setdefault(first.setdefault(identity, key), []).append(key)
+    return runs
+
+
+def run_of(identities: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """trial key → the key of the run that gives its results (:func:`shared_runs`; its own key when first)."""
+    return {key: run for run, keys in shared_runs(identities).items() for key in keys}
 
 
 def _row_overrides(factors: Mapping[str, Mapping[str, Mapping[str, Any]]], row: Mapping[str, str]

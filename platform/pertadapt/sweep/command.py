@@ -90,8 +90,10 @@ class _Prepared:
 
 
 def plan_paths(plan: dict) -> dict[str, str]:
-    """trial key → data file, from a plan."""
-    return {t["key"]: t["data_path"] for t in plan["trials"]}
+    """trial key → data file, from a plan (every name, a run's aliases too)."""
+    from pertadapt.sweep.plan import plan_names
+
+    return {k: t["data_path"] for k, t in plan_names(plan).items()}
 
 
 def run_sweep_from_files(request: SweepRequest) -> Path | None:
@@ -221,14 +223,15 @@ def _print_plan(p: _Prepared) -> None:
 
     plan = p.plan
     varying = sorted({k for t in plan["trials"] for k in t["varying"]})
-    table = Table(title=f"sweep {plan['name']}: {len(plan['trials'])} trials, {plan['max_concurrent_trials']} at a "
+    table = Table(title=f"sweep {plan['name']}: {_names_and_runs(plan)}, {plan['max_concurrent_trials']} at a "
                         f"time (local Ray: {local_cpus(plan)} CPUs)")
-    for col in ("trial", "arm", "seed", "dataset", "backbone", *varying, "workers × CPU/GPU"):
+    for col in ("trial", "arm", "seed", "dataset", "backbone", *varying, "workers × CPU/GPU", "also reported as"):
         table.add_column(col, no_wrap=True)
     for t in plan["trials"]:
         table.add_row(t["key"], t["arm"], str(t["seed"]), t["dataset"], t["backbone"],
                       *[str(t["varying"].get(k, "")) for k in varying],
-                      f"{t['workers']} × {t['cpus_per_worker']:g}/{t['gpus_per_worker']}")
+                      f"{t['workers']} × {t['cpus_per_worker']:g}/{t['gpus_per_worker']}",
+                      " ".join(a["key"] for a in t["aliases"]))
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(160, Console(width=1000).measure(table).maximum))
@@ -260,6 +263,13 @@ def _cost_table(plan: dict[str, Any]) -> Any:
     for key, c, n in [*rows, ("sweep total", plan["cost"], plan.get("cost_naive"))]:
         table.add_row(key, *cells(c), *([*cells(n), ratio(c, n)] if naive else []))
     return table
+
+
+def _names_and_runs(plan: dict[str, Any]) -> str:
+    """``<n> trials`` and, when trials share a run (one config hash), ``in <m> runs``."""
+    names = len(plan["trials"]) + sum(len(t["aliases"]) for t in plan["trials"])
+    shared = f" in {len(plan['trials'])} runs (trials with one config hash run once)" if names > len(plan["trials"]) else ""
+    return f"{names} trials{shared}"
 
 
 def _dry_run(p: _Prepared) -> None:

@@ -1,4 +1,10 @@
-"""The plan of a sweep: every trial with its coordinates, what varies, its resources and its config hash.
+"""The plan of a sweep: every run with its coordinates, what varies, its resources and its config hash.
+
+Trials with the same config hash (a trial's identity: :func:`~pertadapt.config.load.config_hash`) are one
+run: the first in plan order is the entry of ``trials``, the others are listed in its ``aliases`` (their
+key, coordinates, levels and varying values) and reported under their own names from that run's results
+(:func:`~pertadapt.sweep.ablation.shared_runs`). E.g. an FM-off row planned under two backbone sets runs
+once per dataset and seed. :func:`plan_names` lists every name of a plan.
 
 Built without Ray or data (``pertadapt sweep --dry-run`` prints it and writes ``plan.json``); a sweep
 directory keeps the plan it was started with, so a re-run can tell a resume of the same grid from a
@@ -16,14 +22,16 @@ from typing import Any
 from pertadapt.config.load import config_hash, config_to_dict
 from pertadapt.config.schema import ConfigError
 from pertadapt.files import atomic_write_json
-from pertadapt.sweep.ablation import Ablation, Trial
+from pertadapt.sweep.ablation import Ablation, Trial, shared_runs
 from pertadapt.sweep.results import flatten, varying_keys
 from pertadapt.sweep.search_space import SearchSpace
 
-__all__ = ["COST_KEYS", "PLAN_FILE", "add_costs", "build_plan", "check_memory", "check_search_space", "diff_plans",
-           "local_cpus", "read_plan", "trial_cpus", "write_plan"]
+__all__ = ["ALIAS_FIELDS", "COST_KEYS", "PLAN_FILE", "add_costs", "build_plan", "check_memory", "check_search_space",
+           "diff_plans", "local_cpus", "plan_names", "read_plan", "trial_cpus", "write_plan"]
 
 PLAN_FILE = "plan.json"
+#: What an alias entry of a run keeps of its own plan entry (the rest is the run's).
+ALIAS_FIELDS = ("key", "index", "arm", "seed", "dataset", "backbone", "levels", "varying")
 #: Logical CPUs of a Tune function trial that only drives Ray Train workers (``{"CPU": 0}`` is refused).
 DRIVER_CPUS = 0.01
 
@@ -76,6 +84,7 @@ def build_plan(ablation: Ablation, space: SearchSpace | None, data_paths: Mappin
             "cpus": trial_cpus(t), "data_path": data_paths[t.key],
             "config_hash": config_hash(t.run_config(data_paths[t.key])),
         })
+    trials = _merge_shared(trials)
     search = None
     if space is not None:
         search = {"path": str(space.path), "metric": space.metric, "mode": space.mode,
@@ -163,6 +172,23 @@ def check_memory(plan: Mapping[str, Any], gpu_memory_gb: float) -> None:
                               "backbone.activation_checkpointing=true")
 
 
+def _merge_shared(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per run: the entries with one config hash become the first's ``aliases``; each entry keeps its
+    ``index``, its position in plan order."""
+    by_key = {e["key"]: {**e, "index": i} for i, e in enumerate(entries)}
+    runs = shared_runs((e["key"], e["config_hash"]) for e in entries)
+    return [{**by_key[run], "aliases": [{f: by_key[k][f] for f in ALIAS_FIELDS} for k in names[1:]]}
+            for run, names in runs.items()]
+
+
+def plan_names(plan: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every trial name of a plan, in plan order → its entry (an alias: its run's entry with its own
+    :data:`ALIAS_FIELDS`), with ``run``: the key of the run that gives its results."""
+    out = [{**t, **{f: own[f] for f in ALIAS_FIELDS if f in own}, "run": t["key"]}
+           for t in plan.get("trials", []) for own in (t, *t.get("aliases", []))]
+    return {e["key"]: e for e in sorted(out, key=lambda e: e.get("index", 0))}
+
+
 def local_cpus(plan: Mapping[str, Any]) -> int:
     """Logical CPUs of a local Ray cluster that holds ``max_concurrent_trials`` of the largest trial."""
     largest = max(t["cpus"] for t in plan["trials"])
@@ -174,8 +200,7 @@ def diff_plans(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     out = []
     if old.get("name") != new.get("name"):
         out.append(f"name: {old.get('name')!r} → {new.get('name')!r}")
-    a = {t["key"]: t for t in old.get("trials", [])}
-    b = {t["key"]: t for t in new.get("trials", [])}
+    a, b = plan_names(old), plan_names(new)
     out += [f"trial {k} removed" for k in sorted(set(a) - set(b))]
     out += [f"trial {k} added" for k in sorted(set(b) - set(a))]
     for k in sorted(set(a) & set(b)):
@@ -184,6 +209,8 @@ def diff_plans(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
                              if a[k]["varying"].get(n) != b[k]["varying"].get(n))
             what = ", ".join(f"{n}: {a[k]['varying'].get(n)!r} → {b[k]['varying'].get(n)!r}" for n in changed)
             out.append(f"trial {k}: config changed ({what or 'a shared setting changed'})")
+        elif a[k]["run"] != b[k]["run"]:
+            out.append(f"trial {k}: runs as {a[k]['run']!r} → {b[k]['run']!r}")
     if json.dumps(old.get("search"), sort_keys=True) != json.dumps(new.get("search"), sort_keys=True):
         out.append("search space changed")
     return out

@@ -5,7 +5,9 @@ samples): its coordinates, ``status`` (``ok``, ``failed``, ``stopped_early``, ``
 ``error`` (the exception's last line), ``wall_s``, ``best_epoch``, ``config_hash``, the config values that
 vary across the grid, and every final val/test metric. A run directory's final metrics count only when the
 trial reported success in this sweep and the run's recorded config hash equals the trial's: a file left by
-an earlier sweep with another config is never reported as this trial's result.
+an earlier sweep with another config is never reported as this trial's result. Trials with one config hash
+ran once (:func:`~pertadapt.sweep.ablation.shared_runs`): each still has its row, under its own name and
+coordinates, with the shared run's status, metrics and ``run_dir``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pertadapt.config.load import config_to_dict
 from pertadapt.files import atomic_write, atomic_write_text
 from pertadapt.report.results import HPO_RESULTS_FILE, RESULTS_FILE, ResultRow, result_columns
 from pertadapt.rundir import RunDir
-from pertadapt.sweep.ablation import Ablation, Trial
+from pertadapt.sweep.ablation import Ablation, Trial, run_of
 
 __all__ = ["TrialOutcome", "collect_results", "flatten", "varying_keys"]
 
@@ -130,7 +132,8 @@ def collect_results(ablation: Ablation, sweep_dir: Path, outcomes: Sequence[Tria
     final = {o.key: o for o in outcomes if o.stage in ("grid", "final")}
     cfgs = [flatten(config_to_dict(t.config)) for t in ablation.trials]
     varying = varying_keys(cfgs)
-    rows = [_row(t, final.get(t.key), RunDir(sweep_dir / "runs" / t.key), hashes[t.key],
+    runs = run_of((t.key, hashes[t.key]) for t in ablation.trials)
+    rows = [_row(t, final.get(runs[t.key]), RunDir(sweep_dir / "runs" / runs[t.key]), hashes[t.key],
                  {k: c.get(k) for k in varying}) for t, c in zip(ablation.trials, cfgs, strict=True)]
     out = sweep_dir / RESULTS_FILE
     _write(out, rows)

@@ -35,7 +35,7 @@ from pertadapt.files import sha256_bytes
 from pertadapt.remote import is_uri, pull_tree, under
 from pertadapt.rundir import RunDir
 from pertadapt.sweep import stop
-from pertadapt.sweep.ablation import Ablation, Trial
+from pertadapt.sweep.ablation import Ablation, Trial, run_of
 from pertadapt.sweep.command import LOOPBACK_ENV
 from pertadapt.sweep.resources import capacity, cluster_concurrency, prepare_cluster, release_cluster, summed
 from pertadapt.sweep.results import TrialOutcome, collect_results
@@ -375,12 +375,16 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
                      "" if max_concurrent is None else f" (max_concurrent_trials {max_concurrent} asks for more)")
         max_concurrent = min(fit, max_concurrent or fit)
         specs = [_spec(t, ablation, sweep_dir, data_paths, storage) for t in ablation.trials]
+        # trials with one identity run once, as the first of them (plan.json lists the others as its aliases)
+        runs = run_of(_hashes(specs).items())
         if search_space is None:
-            outcomes += _outcomes(_run_grid(specs, ray_storage, "grid", max_concurrent, resume), "grid")
+            outcomes += _outcomes(_run_grid(_runs(specs, runs), ray_storage, "grid", max_concurrent, resume),
+                                  "grid")
         else:
             first = ablation.seeds[0]
+            by_key = {t.key: t for t in ablation.trials}
             for t, spec in zip(ablation.trials, specs, strict=True):
-                if t.seed != first or t.is_baseline:
+                if t.seed != first or t.is_baseline or runs[t.key] != t.key:
                     continue
                 hpo_dir = t.key.rsplit("/", 1)[0]
                 hpo_spec = replace(spec, run_dir=sweep_dir / "hpo" / hpo_dir,
@@ -391,15 +395,22 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
                 if any(o.status == "pending" for o in outcomes):  # interrupted: --resume continues here
                     return _collect(ablation, sweep_dir, storage, outcomes, specs)
                 log.info("arm %s: best %s", t.arm, best)
+                # the arm's trials and those that share their runs get its best parameters (and stay shared)
                 specs = [replace(s2, config=_apply_params(s2.config, best))
-                         if t2.arm == t.arm and t2.dataset == t.dataset and t2.backbone == t.backbone else s2
-                         for t2, s2 in zip(ablation.trials, specs, strict=True)]
-            outcomes += _outcomes(_run_grid(specs, ray_storage, "final", max_concurrent, resume), "final")
+                         if (r := by_key[runs[s2.key]]).arm == t.arm and r.dataset == t.dataset
+                         and r.backbone == t.backbone else s2 for s2 in specs]
+            outcomes += _outcomes(_run_grid(_runs(specs, runs), ray_storage, "final", max_concurrent, resume),
+                                  "final")
     finally:
         with stop.deferred():
             release_cluster()
             ray.shutdown()
     return _collect(ablation, sweep_dir, storage, outcomes, specs)
+
+
+def _runs(specs: Sequence[TrialSpec], runs: Mapping[str, str]) -> list[TrialSpec]:
+    """The specs that run: one per identity (a trial whose run is another's gets that run's results)."""
+    return [s for s in specs if runs[s.key] == s.key]
 
 
 def _collect(ablation: Ablation, sweep_dir: Path, storage: str, outcomes: Sequence[TrialOutcome],
