@@ -28,7 +28,7 @@ from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.keys import CONTROL
 from pertadapt.data.simulate import read_sim_truth
 from pertadapt.data.summaries import write_predictions
-from pertadapt.eval import Metrics, score_against_truth, score_predictions
+from pertadapt.eval import Metrics, score_against_truth
 from pertadapt.files import sha256_bytes, sha256_file
 from pertadapt.models.build import build_backbone_for, build_loss, build_model
 from pertadapt.report.logger import NullLogger, RunLogger
@@ -37,7 +37,7 @@ from pertadapt.rundir import RunDir
 from pertadapt.train.checkpoint import Checkpoints, DirCheckpoints
 from pertadapt.train.embed_cache import prepare_embedding_cache
 from pertadapt.train.engine import Engine, build_engine
-from pertadapt.train.loop import train
+from pertadapt.train.loop import score_gene_spaces, train
 from pertadapt.train.setup import RunData, prepare_run_data, provenance
 from pertadapt.train.timeline import mark
 
@@ -119,7 +119,7 @@ def _write_run_files(cfg: RunConfig, run: RunDir, rd: RunData, ranks: list[dict[
         **rd.hashes, "data_path": str(rd.data_path), "config_hash": config_hash(cfg),
         "backbone_weights": backbone_weights(cfg), "embedding_cache": embedding_cache or {"used": False},
         "world_size": len(ranks), "ranks": ranks,
-        "n_genes": len(rd.data.genes),
+        "n_genes": len(rd.data.genes), "gene_space": cfg.model.gene_space,
         "n_perturbation_genes": len(rd.pert_vocab),
         "split": {"train": rd.split.train, "val": rd.split.val, "test": rd.split.test,
                   "subgroups": rd.split.subgroups, "seed": rd.split.seed}}))
@@ -134,7 +134,7 @@ def _run_baseline(cfg: RunConfig, rd: RunData) -> tuple[int, Metrics, Metrics, d
     scored = []
     for conds, groups in ((rd.split.val, rd.split.val_subgroups), (rd.split.test, rd.split.subgroups)):
         pred = model.predict([c for c in conds if c != CONTROL])
-        scored.append((score_predictions(pred, d, subgroups=groups, reference_conditions=rd.split.train), pred))
+        scored.append((score_gene_spaces(pred, d, rd.measured, subgroups=groups, reference=rd.split.train), pred))
     (val, _), (test, preds) = scored
     return 0, val, test, preds
 
