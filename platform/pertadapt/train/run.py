@@ -224,8 +224,10 @@ def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = No
     metrics: dict[str, Any] = {"best_epoch": best_epoch, **val.flat("val"), **test.flat("test")}
     if rank == 0:
         mark(rdir, "eval_end")
-        sim = read_sim_truth(rd.data_path)
-        truth = score_against_truth(preds, sim) if sim is not None else None
+        scored = rd.data if rd.measured is None else rd.measured  # truth on the measured genes
+        sim = read_sim_truth(rd.data_path, scored.genes)
+        on_scored = preds if rd.measured is None else {c: p[rd.measured.columns] for c, p in preds.items()}
+        truth = score_against_truth(on_scored, sim) if sim is not None else None
         if truth is not None:  # simulated data: distance to the noise-free truth, not only to noisy means
             metrics.update({f"test_truth_{k}": v for k, v in truth.overall.items()})
         if cfg.is_baseline:
