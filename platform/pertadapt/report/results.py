@@ -29,8 +29,8 @@ HEAD = ("trial", "dataset", "backbone", "arm", "seed", "stage", "status", "attem
         "best_epoch", "config_hash", "is_baseline", "backbone_weights", "gene_space")
 #: The last columns.
 TAIL = ("run_dir", "wandb_run")
-#: Every column a results table must have (``gene_space`` may be absent from tables written before it).
-REQUIRED = tuple(c for c in (*HEAD, *TAIL) if c != "gene_space")
+#: Every column a results table must have.
+REQUIRED = (*HEAD, *TAIL)
 CONFIG_PREFIX, PARAM_PREFIX = "cfg.", "param."
 
 

@@ -133,8 +133,6 @@ def _read_results(path: Path) -> pd.DataFrame:
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not a readable CSV ({e})") from e
     check_columns(path, df.columns)
-    if "gene_space" not in df:
-        df["gene_space"] = ""
     for col in ("dataset", "backbone", "error", "run_dir", "gene_space"):
         df[col] = df[col].fillna("").astype(str)
     df["arm"] = df["arm"].astype(str)
@@ -281,7 +279,7 @@ def summarise(trials: pd.DataFrame, metrics: Sequence[str], scopes: Sequence[str
         boot = pc is not None and len(ok) > 0 and set(pc["seed"]) == set(ok["seed"])
         row: dict[str, object] = {"dataset": key[0], "backbone": key[1], "arm": key[2],
                                   "is_baseline": bool(g["is_baseline"].any()),
-                                  "gene_space": ",".join(sorted(set(g.get("gene_space", ())) - {""})),
+                                  "gene_space": ",".join(sorted(set(g["gene_space"]) - {""})),
                                   "n_trials": len(g), "n": len(ok),
                                   "n_failed": len(g) - len(ok), "ci_method": "bootstrap" if boot else "t"}
         for scope in scopes:
