@@ -98,6 +98,21 @@ def test_fm_output_on_measured_genes_same_in_both_spaces(vocab_h5ad: Path) -> No
     assert torch.isfinite(loss.total)
 
 
+
+def test_embedding_cache_stores_the_measured_rows(vocab_h5ad: Path, tmp_path: Path) -> None:
+    embedded = {}
+    for cache in ("on", "off"):
+        cfg = _cfg(vocab_h5ad, f"backbone.embedding_cache={cache}")
+        rd = prepare_run_data(cfg)
+        engine, info = build_run_engine(cfg, rd, cache_root=tmp_path)
+        with torch.no_grad():
+            embedded[cache] = engine.model._embed(rd.train.batch(np.arange(8)))
+    assert info["used"] is False
+    table = np.load(next(tmp_path.rglob("*.npy")), mmap_mode="r")
+    assert table.shape[1] == 240  # the measured genes' rows only
+    torch.testing.assert_close(embedded["on"], embedded["off"])
+
+
 def test_runs_report_measured_metrics_and_vocabulary_numbers(vocab_h5ad: Path, tmp_path: Path) -> None:
     measured = run(_cfg(vocab_h5ad), tmp_path / "m")
     vocab = run(_cfg(vocab_h5ad, "model.gene_space=vocabulary"), tmp_path / "v")
