@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from pertadapt.config import load_run_config
+from pertadapt.config import ConfigError, load_run_config
 from pertadapt.data.dataset import read_perturb_data
 from pertadapt.data.keys import MEASURED
 from pertadapt.data.prepare import prepare_adata
+from pertadapt.data.simulate import SIM_KEY, sim_truth, simulate
 from pertadapt.models.build import build_loss
 from pertadapt.train.run import build_run_engine, run
 from pertadapt.train.setup import prepare_run_data
@@ -132,3 +133,23 @@ def test_without_zero_filled_genes_both_spaces_give_identical_metrics(demo_h5ad:
     vocab = run(_cfg(demo_h5ad, "model.gene_space=vocabulary"), tmp_path / "v")
     assert measured == vocab
     assert not any("vocab_" in k for k in vocab)
+
+
+def test_unknown_gene_space_is_a_config_error(demo_h5ad: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model\.gene_space: expected one of measured, vocabulary, got 'all'"):
+        _cfg(demo_h5ad, "model.gene_space=all")
+
+
+def test_simulate_in_a_vocabulary_layout() -> None:
+    plain = simulate("demo", 0, n_control=60, cells_per_condition=8)
+    vocab = ["ZZ1", *map(str, plain.var_names), "ZZ2"]
+    laid = simulate("demo", 0, vocabulary=vocab, n_control=60, cells_per_condition=8)
+    assert list(laid.var_names) == vocab
+    assert laid.var[MEASURED].tolist() == [False, *[True] * plain.n_vars, False]
+    assert bool(plain.var[MEASURED].all())
+    np.testing.assert_allclose(laid.X[:, 1:-1].toarray(), plain.X.toarray(), rtol=1e-6)
+    assert SIM_KEY in laid.uns
+    truth = sim_truth(laid, laid.var_names[laid.var[MEASURED].to_numpy()])
+    np.testing.assert_allclose(truth.true_mean, sim_truth(plain).true_mean)
+    with pytest.raises(ValueError, match="'ZZ1' was not simulated"):
+        sim_truth(laid)
