@@ -170,7 +170,7 @@ def metric_spec(name: str) -> MetricSpec:
     found = base_metric(name)
     if found is None:
         raise ConfigError(f"unknown metric {name!r}; known: {', '.join(_REGISTRY)} (also as <split>_<metric>, "
-                          f"<split>_<subgroup>_<metric> and <split>_truth_<metric>)")
+                          f"<split>_<subgroup>_<metric>, <split>_truth_<metric> and <split>_vocab_<metric>)")
     return _REGISTRY[found]
 
 
