@@ -153,3 +153,11 @@ def test_simulate_in_a_vocabulary_layout() -> None:
     np.testing.assert_allclose(truth.true_mean, sim_truth(plain).true_mean)
     with pytest.raises(ValueError, match="'ZZ1' was not simulated"):
         sim_truth(laid)
+
+
+def test_baseline_scores_the_measured_genes_in_both_spaces(vocab_h5ad: Path, tmp_path: Path) -> None:
+    measured = run(_cfg(vocab_h5ad, "model.name=baseline_mean"), tmp_path / "m")
+    vocab = run(_cfg(vocab_h5ad, "model.name=baseline_mean", "model.gene_space=vocabulary"), tmp_path / "v")
+    # per-gene means: the same predictions on the measured genes, so the same metrics there
+    assert {k: v for k, v in vocab.items() if "vocab_" not in k} == pytest.approx(measured, rel=1e-6)
+    assert "test_vocab_mse" in vocab
