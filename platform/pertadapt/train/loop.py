@@ -121,8 +121,8 @@ def score_gene_spaces(pred: Mapping[str, np.ndarray], data: PerturbData, measure
     data
         The dataset over the model genes.
     measured
-        ``data``'s view over its measured genes (``data.gene_subset``), or ``None`` when ``data``'s genes
-        are all measured: the metrics are then those of :func:`~pertadapt.eval.score_predictions` on ``data``.
+        ``data.measured_only()`` (``data`` being the whole file, its ``columns`` are positions in
+        ``data.genes``), or ``None`` when ``data``'s genes are all measured: the metrics are then those of :func:`~pertadapt.eval.score_predictions` on ``data``.
     subgroups, reference
         As for :func:`~pertadapt.eval.score_predictions`.
 
@@ -134,8 +134,7 @@ def score_gene_spaces(pred: Mapping[str, np.ndarray], data: PerturbData, measure
     """
     if measured is None:
         return score_predictions(pred, data, subgroups=subgroups, reference_conditions=reference)
-    cols = measured.columns if data.columns is None else np.searchsorted(data.columns, measured.columns)
-    on_measured = score_predictions({c: p[cols] for c, p in pred.items()}, measured, subgroups=subgroups,
+    on_measured = score_predictions({c: p[measured.columns] for c, p in pred.items()}, measured, subgroups=subgroups,
                                     reference_conditions=reference)
     on_all = score_predictions(pred, data, subgroups=subgroups, reference_conditions=reference)
 
