@@ -36,6 +36,10 @@ class Batch:
     ctrl_idx
         ``(batch,)`` long, position of each paired control cell in the run's control pool (the row of
         the frozen-FM embedding cache), or ``None`` when the batch was built without a pool.
+    x_input
+        ``(batch, n_input_genes)`` float, the paired control cells over every gene of the data file (the
+        backbone's input) when the model genes (``n_genes``, ``model.gene_space: measured``) are a subset
+        of them; ``None`` when they are the same genes (the backbone reads ``x_ctrl``).
     """
 
     x_ctrl: torch.Tensor
@@ -48,6 +52,7 @@ class Batch:
     de_idx: torch.Tensor
     nz_mask: torch.Tensor
     ctrl_idx: torch.Tensor | None = None
+    x_input: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         """Move every tensor (``None`` fields stay ``None``); floating tensors optionally cast to ``dtype``.

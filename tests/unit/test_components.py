@@ -50,7 +50,7 @@ def test_each_block_takes_its_components_options() -> None:
     assert cfg.model == LinearBaseline(k=4, ridge=0.5)
     doc = config_to_dict(cfg)
     assert doc["loss"] == {"name": "gears", "scale": 5.0, "gamma": 3.0, "direction_lambda": 0.5}
-    assert doc["model"] == {"name": "baseline_linear", "k": 4, "ridge": 0.5}
+    assert doc["model"] == {"name": "baseline_linear", "gene_space": "measured", "k": 4, "ridge": 0.5}
     assert set(config_to_dict(load_run_config(PAPER, ["backbone.name=learned"]))["backbone"]) == {"name"}
 
 

@@ -71,7 +71,9 @@ def exit_on_error(origin: str | None = None, options: Mapping[str, str] | None =
 def prepare(
     in_path: Path = typer.Argument(..., metavar="IN", help="Raw-counts .h5ad (counts in X or layers['counts'])."),
     out: Path = typer.Option(..., "--out", help="Output .h5ad in the GEARS/PertAdapt processed layout."),
-    vocab: Path | None = typer.Option(None, "--vocab", help="Gene vocabulary: one symbol per line (# comments skipped)."),
+    vocab: Path | None = typer.Option(
+        None, "--vocab", help="Gene vocabulary: one symbol per line (# comments skipped); its genes absent from "
+        "the data are zero-filled and flagged var['measured']=False."),
     min_genes: int = typer.Option(200, "--min-genes", help="Drop cells with fewer detected genes (>= 0)."),
     target_sum: float | None = typer.Option(None, "--target-sum",
                                             help="normalize_total target, > 0 (default: median library size)."),

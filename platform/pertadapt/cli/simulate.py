@@ -73,22 +73,31 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", min=0, help="Seed of every random draw (same seed = identical file)."),
         out: Path = typer.Option(..., "--out", help="Output .h5ad (written atomically)."),
         overrides: list[str] = typer.Option([], "--set", help="Override a simulator parameter: key=value (repeatable)."),
+        vocab: Path | None = typer.Option(
+            None, "--vocab", help="Gene vocabulary (one symbol per line, e.g. the FM's 19,264 genes): write the "
+            "data in its layout, the other genes zero-filled and flagged var['measured']=False."),
     ) -> None:
         """Simulate a Perturb-seq screen with known ground truth and write it ready for training.
 
         Every mistake here is an option error (exit 2, nothing written): a bad preset, ``--set`` item
-        or parameter value, or an ``--out`` that is a directory.
+        or parameter value, an ``--out`` that is a directory, or a ``--vocab`` that is unreadable or lacks
+        a perturbed gene.
         """
         from pertadapt.cli.data import OPTION_ERROR, exit_on_error, fail
         from pertadapt.data.io import check_output_path, write_h5ad_atomic
         from pertadapt.data.simulate import simulate
+        from pertadapt.go import GeneListError, read_gene_list
 
         with exit_on_error():
             check_output_path(out)
         try:
-            adata = simulate(preset, seed, **parse_overrides(overrides))
+            vocabulary = None if vocab is None else read_gene_list(vocab)
+        except GeneListError as e:
+            raise fail(f"--vocab: {e}", OPTION_ERROR) from e
+        try:
+            adata = simulate(preset, seed, vocabulary=vocabulary, **parse_overrides(overrides))
         except ValueError as e:
-            raise fail(f"simulate: {e}", OPTION_ERROR) from e
+            raise fail(f"simulate: {e}" + (f" (--vocab {vocab})" if vocab is not None else ""), OPTION_ERROR) from e
         with exit_on_error():
             write_h5ad_atomic(adata, out)
         log.info("wrote %s (%d cells x %d genes)", out, adata.n_obs, adata.n_vars)

@@ -26,6 +26,7 @@ from pertadapt.config.errors import ConfigError
 __all__ = [
     "BACKBONE_OPTIONS",
     "COMPONENTS",
+    "GENE_SPACES",
     "LOSS_OPTIONS",
     "MODEL_OPTIONS",
     "AdaptiveLoss",
@@ -368,6 +369,16 @@ class ModelOptions(ComponentOptions):
     #: Whether the model is a simple baseline (fit on condition means; no engine, no Ray).
     is_baseline: ClassVar[bool] = False
 
+    #: The genes the model predicts and is scored on (``GENE_SPACES``): ``measured`` = the data file's
+    #: measured genes (``var['measured']``; the backbone still reads its whole vocabulary and its per-gene
+    #: embeddings are gathered at the measured genes), ``vocabulary`` = every gene of the file, the
+    #: zero-filled ones included (the reference's behaviour). Metrics are on the measured genes either
+    #: way; a ``vocabulary`` run also reports its all-gene metrics as ``<split>_vocab_<metric>``.
+    gene_space: str = "measured"
+
+
+#: The choices of ``model.gene_space``.
+GENE_SPACES = ("measured", "vocabulary")
 
 MODEL_OPTIONS: ComponentRegistry[ModelOptions] = ComponentRegistry(
     "model", ModelOptions, {"linear_k": ("baseline_linear", "k"), "linear_ridge": ("baseline_linear", "ridge")})

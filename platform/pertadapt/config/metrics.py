@@ -22,7 +22,7 @@ from pertadapt.config.errors import ConfigError
 
 __all__ = ["DIRECTIONS", "FAMILIES", "MetricSpec", "base_metric", "default_report_metrics", "is_metric_name",
            "lower_is_better", "metric_names", "metric_spec", "register_metric", "registered_metrics",
-           "select_mode", "truth_metric_names", "SUBGROUPS"]
+           "select_mode", "truth_metric_names", "SUBGROUPS", "TRUTH_PREFIX", "VOCAB_PREFIX"]
 
 #: ``lower``: smaller is better (errors); ``higher``: larger is better (correlations, accuracies).
 DIRECTIONS = ("lower", "higher")
@@ -33,6 +33,9 @@ FAMILIES = ("gears", "cell-eval", "systema", "custom")
 SUBGROUPS = ("combo_seen0", "combo_seen1", "combo_seen2", "unseen_single")
 _SPLITS = ("train", "val", "test")
 TRUTH_PREFIX = "truth_"
+#: Prefix of a ``model.gene_space: vocabulary`` run's metrics over every gene of the file, zero-filled ones
+#: included (the reference's numbers; the unprefixed names are over the measured genes).
+VOCAB_PREFIX = "vocab_"
 
 #: ``(pred, truth, ctrl, de) -> value`` of one non-control perturbation: ``(n_genes,)`` float64 predicted mean,
 #: observed (or noise-free) mean and control mean, and the gene indices ranked by DE (the first 20 are the DE set).
@@ -106,8 +109,9 @@ def register_metric(spec: MetricSpec, *, replace: bool = False) -> MetricSpec:
     """
     if spec.name in _REGISTRY and not replace:
         raise ConfigError(f"metric {spec.name!r} is already registered")
-    if spec.name.startswith(TRUTH_PREFIX) or spec.name.startswith(tuple(f"{s}_" for s in (*_SPLITS, *SUBGROUPS))):
-        raise ConfigError(f"metric {spec.name!r}: a name may not start with a split, a subgroup or {TRUTH_PREFIX!r}")
+    if spec.name.startswith((TRUTH_PREFIX, VOCAB_PREFIX, *(f"{s}_" for s in (*_SPLITS, *SUBGROUPS)))):
+        raise ConfigError(f"metric {spec.name!r}: a name may not start with a split, a subgroup, {TRUTH_PREFIX!r} "
+                          f"or {VOCAB_PREFIX!r}")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -128,7 +132,7 @@ def truth_metric_names() -> tuple[str, ...]:
 
 
 def _strip(name: str, split: str | None) -> str | None:
-    """``name`` without its split (``split``, or any when ``None``), subgroup and ``truth_`` prefixes; ``None``
+    """``name`` without its split (``split``, or any when ``None``), subgroup, ``truth_`` and ``vocab_`` prefixes; ``None``
     when ``split`` is given and ``name`` lacks it."""
     rest = name
     splits = _SPLITS if split is None else (split,)
@@ -143,7 +147,7 @@ def _strip(name: str, split: str | None) -> str | None:
         if rest.startswith(f"{group}_"):
             rest = rest[len(group) + 1:]
             break
-    return rest.removeprefix(TRUTH_PREFIX)
+    return rest.removeprefix(TRUTH_PREFIX).removeprefix(VOCAB_PREFIX)
 
 
 def base_metric(name: str) -> str | None:
@@ -166,7 +170,7 @@ def metric_spec(name: str) -> MetricSpec:
     found = base_metric(name)
     if found is None:
         raise ConfigError(f"unknown metric {name!r}; known: {', '.join(_REGISTRY)} (also as <split>_<metric>, "
-                          f"<split>_<subgroup>_<metric> and <split>_truth_<metric>)")
+                          f"<split>_<subgroup>_<metric>, <split>_truth_<metric> and <split>_vocab_<metric>)")
     return _REGISTRY[found]
 
 
@@ -181,8 +185,8 @@ def select_mode(name: str) -> str:
 
 
 def is_metric_name(name: str, split: str) -> bool:
-    """Whether ``name`` is ``<split>_<metric>``, ``<split>_<subgroup>_<metric>`` or ``<split>_truth_<metric>``
-    (also per subgroup) for a registered metric."""
+    """Whether ``name`` is ``<split>_<metric>``, ``<split>_<subgroup>_<metric>``, ``<split>_truth_<metric>`` or
+    ``<split>_vocab_<metric>`` (also per subgroup) for a registered metric."""
     rest = _strip(name, split)
     return rest is not None and rest in _REGISTRY
 

@@ -15,6 +15,7 @@ from pertadapt.config.components import (
     CACHE_DTYPES,
     EMBEDDING_CACHE_MODES,
     FINETUNE_MODES,
+    GENE_SPACES,
     LOSS_OPTIONS,
     MODEL_OPTIONS,
     AdaptiveLoss,
@@ -375,6 +376,8 @@ class RunConfig:
             object.__setattr__(self, "eval", replace(self.eval, select_mode=select_mode(self.eval.select_metric)))
         _check("name", bool(self.name) and "/" not in self.name and ".." not in self.name,
                "a non-empty name without '/' or '..'", self.name)
+        _check("model.gene_space", self.model.gene_space in GENE_SPACES, f"one of {', '.join(GENE_SPACES)}",
+               self.model.gene_space)
         if self.is_baseline:
             return
         per_step = self.optim.micro_batch_size * self.engine.workers

@@ -64,6 +64,13 @@ class PerturbData:
         has no ``uns['non_zeros_gene_idx']`` and was read for evaluation only).
     non_dropout_de_idx
         condition → positions of ``uns['top_non_dropout_de_20']`` (empty when the file has none).
+    measured
+        ``(N,)`` bool, genes the dataset measured (``var['measured']``; ``False`` = zero-filled by
+        ``pertadapt data prepare --vocab``); ``None`` = every gene measured.
+    columns
+        ``(N,)`` positions of ``genes`` among the columns of ``X`` in a gene-subset view
+        (:meth:`gene_subset`); ``None`` = ``X``'s columns are ``genes``. :meth:`rows` reads ``genes``
+        only, :meth:`input_rows` every column of ``X`` (a backbone's input).
     """
 
     genes: tuple[str, ...]
@@ -75,6 +82,8 @@ class PerturbData:
     de_idx: dict[str, np.ndarray]
     nz_idx: dict[str, np.ndarray]
     non_dropout_de_idx: dict[str, np.ndarray] = field(default_factory=dict)
+    measured: np.ndarray | None = None
+    columns: np.ndarray | None = None
 
     def cells_of(self, conditions: Sequence[str]) -> np.ndarray:
         """Indices of the cells whose condition is in ``conditions``."""
@@ -87,11 +96,47 @@ class PerturbData:
         return self.cells_of([keys.CONTROL])
 
     def rows(self, cells: np.ndarray) -> sp.csr_matrix:
-        """Rows ``cells`` of ``X`` (any order, repeats allowed) as CSR; works in memory and backed."""
+        """``(len(cells), N)`` rows ``cells`` (any order, repeats allowed) over ``genes``, as CSR; works in
+        memory and backed."""
+        block = self.input_rows(cells)
+        return block if self.columns is None else block[:, self.columns]
+
+    def input_rows(self, cells: np.ndarray) -> sp.csr_matrix:
+        """Rows ``cells`` over every column of ``X`` (the genes a backbone reads), as CSR."""
         unique, inverse = np.unique(cells, return_inverse=True)
         block = self.X[unique]
         block = block if sp.issparse(block) else sp.csr_matrix(block)
         return sp.csr_matrix(block)[inverse]
+
+    @property
+    def measured_positions(self) -> np.ndarray:
+        """``(M,)`` sorted positions of the measured genes in ``genes`` (all of them without flags)."""
+        return np.arange(len(self.genes)) if self.measured is None else np.flatnonzero(self.measured)
+
+    def gene_subset(self, positions: np.ndarray) -> PerturbData:
+        """A view over the genes at sorted ``positions``: the same cells and ``X``, gene-indexed fields remapped.
+
+        DE rankings, non-zero and non-dropout lists keep their order and drop the genes outside the view.
+        ``self`` itself when ``positions`` are every gene.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        if np.array_equal(positions, np.arange(len(self.genes))):
+            return self
+        new = np.full(len(self.genes), -1, dtype=np.int64)
+        new[positions] = np.arange(len(positions))
+
+        def remap(lists: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {c: new[idx][new[idx] >= 0] for c, idx in lists.items()}
+
+        base = np.arange(len(self.genes)) if self.columns is None else self.columns
+        return PerturbData(tuple(self.genes[i] for i in positions), self.X, self.total_count, self.cell_condition,
+                           self.cell_type, self.conditions, remap(self.de_idx), remap(self.nz_idx),
+                           remap(self.non_dropout_de_idx),
+                           None if self.measured is None else self.measured[positions], base[positions])
+
+    def measured_only(self) -> PerturbData:
+        """The view over the measured genes (:meth:`gene_subset`); ``self`` when every gene is measured."""
+        return self.gene_subset(self.measured_positions)
 
     @functools.cached_property
     def condition_means(self) -> dict[str, np.ndarray]:
@@ -129,7 +174,7 @@ def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20, for_training: bool =
 
     Reads ``obs['condition']``, ``obs['condition_name']``, ``obs['cell_type']`` (optional),
     ``obs['total_count']``, ``X`` (log1p) and ``uns['rank_genes_groups_cov_all']``,
-    ``uns['non_zeros_gene_idx']`` and (optional) ``uns['top_non_dropout_de_20']``. With
+    ``uns['non_zeros_gene_idx']`` and (optional) ``uns['top_non_dropout_de_20']`` and ``var['measured']``. With
     ``for_training=False`` (evaluation, baselines) ``total_count`` and the non-zero lists may be absent.
     ``X``, when given, is the file-backed ``(n_cells, N)`` matrix to use instead of ``adata.X``
     (:func:`~pertadapt.data.io.read_h5ad_lazy`).
@@ -173,8 +218,10 @@ def load_perturb_data(adata: ad.AnnData, *, n_de: int = 20, for_training: bool =
     elif X is None:
         X = sp.csr_matrix(adata.X if sp.issparse(adata.X) else np.asarray(adata.X), dtype=np.float32)
     total = adata.obs[keys.TOTAL_COUNT].to_numpy(np.float32) if keys.TOTAL_COUNT in adata.obs else None
+    measured = adata.var[keys.MEASURED].to_numpy(bool) if keys.MEASURED in adata.var else None
     return PerturbData(genes, X, total, cell_condition.astype(np.int64), cell_type.astype(np.int64),
-                       tuple(map(str, conditions)), de_idx, nz_idx, nd_idx)
+                       tuple(map(str, conditions)), de_idx, nz_idx, nd_idx,
+                       None if measured is None or measured.all() else measured)
 
 
 def read_perturb_data(path: str | Path, *, n_de: int = 20, backed: bool = False,
@@ -386,6 +433,8 @@ class PairedCells(torch.utils.data.Dataset):
                 nz[r, d.nz_idx[name]] = True
         return Batch(
             x_ctrl=torch.from_numpy(d.rows(pairs).toarray().astype(np.float32)),
+            x_input=None if d.columns is None else torch.from_numpy(
+                d.input_rows(pairs).toarray().astype(np.float32)),
             total_count=torch.from_numpy(d.total_count[pairs]),
             y=torch.from_numpy(d.rows(cells).toarray().astype(np.float32)),
             pert_idx=torch.from_numpy(self.cond_pert[cond]),

@@ -15,6 +15,7 @@ __all__ = [
     "DE_KEY",
     "DOSE_VAL",
     "GENE_NAME",
+    "MEASURED",
     "NON_DROPOUT_KEY",
     "NON_ZERO_KEY",
     "SEP",
@@ -37,6 +38,9 @@ DOSE_VAL = "dose_val"
 CONTROL_FLAG = "control"
 #: ``var`` column with HGNC gene symbols.
 GENE_NAME = "gene_name"
+#: ``var`` column, bool: ``True`` for genes the dataset measured, ``False`` for vocabulary genes that
+#: ``pertadapt data prepare --vocab`` zero-filled. A file without it has every gene measured.
+MEASURED = "measured"
 #: Layer holding raw integer counts.
 COUNTS_LAYER = "counts"
 #: Control label in ``obs['condition']``.

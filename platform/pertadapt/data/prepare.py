@@ -4,8 +4,8 @@ Steps of :func:`prepare_adata` (names in :data:`PREPARE_STEPS`):
 
 1. ``validate``: the counts must be finite, non-negative integers; gene names unique; condition names
    readable; control cells present.
-2. ``align``: reorder the genes to ``vocabulary`` (genes absent from the data are zero-filled and
-   logged; data genes absent from the vocabulary are dropped and counted); drop cells with fewer than
+2. ``align``: reorder the genes to ``vocabulary`` (genes absent from the data are zero-filled, logged and
+   flagged ``var['measured'] = False``; data genes absent from the vocabulary are dropped and counted); drop cells with fewer than
    ``min_genes`` detected genes (``sc.pp.filter_cells``); keep counts in ``layers['counts']`` and their
    row sums in ``obs['total_count']``.
 3. ``normalize``: ``sc.pp.normalize_total`` (``target_sum=None`` = median library size, as the
@@ -47,6 +47,7 @@ from pertadapt.data.keys import (
     DE_KEY,
     DOSE_VAL,
     GENE_NAME,
+    MEASURED,
     NON_DROPOUT_KEY,
     NON_ZERO_KEY,
     SEP,
@@ -272,7 +273,8 @@ def prepare_adata(adata: ad.AnnData, *, vocabulary: Sequence[str] | None = None,
     -------
     anndata.AnnData
         New AnnData ``(n_kept_cells, n_vocab)``: ``X`` log1p-normalised float32 CSR, ``layers['counts']``
-        float32 CSR, ``var_names`` = ``var['gene_name']`` = the vocabulary, ``obs['total_count']``, the
+        float32 CSR, ``var_names`` = ``var['gene_name']`` = the vocabulary, ``var['measured']`` (bool,
+        ``False`` for the zero-filled genes), ``obs['total_count']``, the
         GEARS obs columns and ``uns`` keys (:func:`add_de_genes`), ``uns['log1p']`` and
         ``uns['pertadapt_prepare']`` (parameters and zero-filled gene count).
 
@@ -325,7 +327,8 @@ def prepare_adata(adata: ad.AnnData, *, vocabulary: Sequence[str] | None = None,
     if CELL_TYPE not in obs:
         obs[CELL_TYPE] = cell_type_default
     obs[TOTAL_COUNT] = np.asarray(counts.sum(axis=1)).ravel().round()
-    out = ad.AnnData(X=counts.copy(), obs=obs, var=pd.DataFrame({GENE_NAME: vocab.to_numpy()}, index=vocab))
+    var = pd.DataFrame({GENE_NAME: vocab.to_numpy(), MEASURED: vocab.isin(genes)}, index=vocab)
+    out = ad.AnnData(X=counts.copy(), obs=obs, var=var)
     out.layers[COUNTS_LAYER] = counts
     out = _drop_small_groups(out)
 

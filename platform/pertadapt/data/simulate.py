@@ -101,7 +101,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -548,7 +548,8 @@ def _resolve(preset: str, overrides: Mapping[str, object]) -> SimParams:
     return dataclasses.replace(PRESETS[preset], **overrides)
 
 
-def simulate(preset: str = "demo", seed: int = 0, **overrides: object) -> ad.AnnData:
+def simulate(preset: str = "demo", seed: int = 0, *, vocabulary: Sequence[str] | None = None,
+             **overrides: object) -> ad.AnnData:
     """Simulate a Perturb-seq screen and return it prepared for training.
 
     Parameters
@@ -557,6 +558,10 @@ def simulate(preset: str = "demo", seed: int = 0, **overrides: object) -> ad.Ann
         A key of :data:`PRESETS`.
     seed
         Seed of every random draw; the same preset, seed and overrides give an identical matrix.
+    vocabulary
+        Gene vocabulary of the output (e.g. an FM's 19,264 genes): the simulated counts are prepared
+        against it as ``pertadapt data prepare --vocab`` does (the vocabulary's other genes zero-filled and
+        flagged ``var['measured'] = False``; the simulation is the same). ``None``: the simulated genes.
     **overrides
         :class:`SimParams` fields replacing the preset's values.
 
@@ -641,7 +646,8 @@ def simulate(preset: str = "demo", seed: int = 0, **overrides: object) -> ad.Ann
     raw = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame({GENE_NAME: genes}, index=genes))
     totals = np.asarray(counts.sum(1)).ravel()
     target_sum = float(np.median(totals[counts.getnnz(axis=1) > 0]))
-    adata = prepare_adata(raw, min_genes=1, target_sum=target_sum, cell_type_default=p.cell_type)
+    adata = prepare_adata(raw, vocabulary=vocabulary, min_genes=1, target_sum=target_sum,
+                          cell_type_default=p.cell_type)
 
     true_mean = _expected_log_norm(z, 1.0 - p.nonresponder_frac, pi, phi, batch_shift, p, target_sum, fluct_truth)
     params = {k: v for k, v in dataclasses.asdict(p).items() if not (k in _OFF_AT_ZERO and v == 0)}
@@ -699,21 +705,27 @@ class SimTruth:
             raise ValueError(f"{condition!r} is not a simulated condition") from None
 
 
-def sim_truth(adata: ad.AnnData) -> SimTruth | None:
-    """The truth stored in ``uns['sim']`` of a simulated AnnData, or ``None`` for real data."""
+def sim_truth(adata: ad.AnnData, genes: Sequence[str] | None = None) -> SimTruth | None:
+    """The truth stored in ``uns['sim']`` of a simulated AnnData, or ``None`` for real data.
+
+    ``genes``: the columns of the truth (default ``var_names``); each must be a simulated gene (a file
+    prepared with ``--vocab`` has zero-filled genes that were not simulated: pass its measured genes).
+    """
     if SIM_KEY not in adata.uns:
         return None
     sim = adata.uns[SIM_KEY]
-    order = pd.Index([str(g) for g in sim["genes"]]).get_indexer(adata.var_names)
+    wanted = list(map(str, adata.var_names if genes is None else genes))
+    order = pd.Index([str(g) for g in sim["genes"]]).get_indexer(wanted)
     if (order < 0).any():
-        raise ValueError("adata: var_names differ from the simulated genes")
+        raise ValueError(f"adata: gene {wanted[int(np.flatnonzero(order < 0)[0])]!r} was not simulated (the truth "
+                         "covers the simulated genes only)")
     return SimTruth(tuple(str(c) for c in sim["conditions"]), np.asarray(sim["true_mean"], dtype=np.float64)[:, order])
 
 
-def read_sim_truth(path: str | Path) -> SimTruth | None:
-    """:func:`sim_truth` of a data file, opened in backed mode (``X`` is not loaded)."""
+def read_sim_truth(path: str | Path, genes: Sequence[str] | None = None) -> SimTruth | None:
+    """:func:`sim_truth` of a data file (over ``genes``), opened in backed mode (``X`` is not loaded)."""
     adata = read_h5ad(path, backed=True)
     try:
-        return sim_truth(adata)
+        return sim_truth(adata, genes)
     finally:
         adata.file.close()

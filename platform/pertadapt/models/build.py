@@ -31,7 +31,7 @@ class ModelInputs:
     Attributes
     ----------
     genes
-        Model gene order ``(N,)`` (must equal a pretrained backbone's vocabulary).
+        Model gene order ``(N,)``: the genes the adapter, GO mask, head and loss work on.
     n_perts
         Size ``P`` of the perturbation vocabulary.
     graph_src, graph_dst, graph_weight
@@ -42,6 +42,12 @@ class ModelInputs:
         ``(N,)`` mean control expression (used by the ``gears`` loss).
     coexpress_src, coexpress_dst, coexpress_weight
         ``(n_edges,)`` co-expression graph over the ``N`` genes (FM-baseline decoder only), else ``None``.
+    input_genes
+        The backbone's input genes ``(N_in,)`` (the data file's genes; must equal a pretrained backbone's
+        vocabulary) when ``genes`` are a subset of them (``model.gene_space: measured``), else ``None``.
+    gene_idx
+        ``(N,)`` positions of ``genes`` in ``input_genes``: the backbone's per-gene embeddings are gathered
+        there right after the backbone; ``None`` with ``input_genes``.
     """
 
     genes: tuple[str, ...]
@@ -55,15 +61,19 @@ class ModelInputs:
     coexpress_src: np.ndarray | None = None
     coexpress_dst: np.ndarray | None = None
     coexpress_weight: np.ndarray | None = None
+    input_genes: tuple[str, ...] | None = None
+    gene_idx: np.ndarray | None = None
 
 
 def build_backbone_for(cfg: RunConfig, inputs: ModelInputs) -> nn.Module:
     """The configured backbone (``backbone.*``) over the data's genes; :func:`build_model` sets its fine-tuning.
 
-    FM off (``backbone.name: learned``) is a full-width ``N × model.hidden_size`` gene embedding (no
+    It reads the data file's genes (``inputs.input_genes`` when the model genes are a subset of them).
+    FM off (``backbone.name: learned``) is a full-width ``N_in × model.hidden_size`` gene embedding (no
     rank-limiting projection).
     """
-    return build_backbone(cfg.backbone, genes=inputs.genes, width=cfg.model.hidden_size)
+    genes = inputs.genes if inputs.input_genes is None else inputs.input_genes
+    return build_backbone(cfg.backbone, genes=genes, width=cfg.model.hidden_size)
 
 
 def build_model(cfg: RunConfig, inputs: ModelInputs, *, backbone: nn.Module | None = None,
@@ -81,8 +91,9 @@ def build_model(cfg: RunConfig, inputs: ModelInputs, *, backbone: nn.Module | No
         The backbone from :func:`build_backbone_for` (built here by default, first, as it always is, so
         that the seeded initialisation of the other parts does not depend on who built it).
     embeddings
-        ``(pool, N, D)`` table of the frozen backbone's embeddings of the control pool (the embedding
-        cache). The model then holds a :class:`CachedEmbeddings` lookup instead of the backbone.
+        ``(pool, N, D)`` table of the frozen backbone's embeddings of the control pool over the model
+        genes (the embedding cache, already gathered at ``inputs.gene_idx``). The model then holds a
+        :class:`CachedEmbeddings` lookup instead of the backbone.
 
     Raises
     ------
@@ -99,6 +110,7 @@ def build_model(cfg: RunConfig, inputs: ModelInputs, *, backbone: nn.Module | No
             raise ValueError(f"embedding table {embeddings.shape} does not fit {len(inputs.genes)} genes x "
                              f"backbone width {backbone.hidden_size}")
         backbone = CachedEmbeddings(embeddings)
+    gene_idx = None if inputs.gene_idx is None or embeddings is not None else torch.from_numpy(inputs.gene_idx)
     perturbation = PerturbationEncoder(inputs.n_perts, d, torch.from_numpy(inputs.graph_src),
                                        torch.from_numpy(inputs.graph_dst), torch.from_numpy(inputs.graph_weight))
     if cfg.uses_fm_decoder:
@@ -106,7 +118,8 @@ def build_model(cfg: RunConfig, inputs: ModelInputs, *, backbone: nn.Module | No
             raise ValueError("adapter.off_mode='decoder' needs the co-expression graph; none was built")
         decoder = GearsDecoder(len(inputs.genes), d, cfg.model.head_hidden, torch.from_numpy(inputs.coexpress_src),
                                torch.from_numpy(inputs.coexpress_dst), torch.from_numpy(inputs.coexpress_weight))
-        model = PertAdaptModel(backbone, perturbation, None, None, d, acfg.inject, decoder=decoder)
+        model = PertAdaptModel(backbone, perturbation, None, None, d, acfg.inject, decoder=decoder,
+                               gene_idx=gene_idx)
     else:
         adapter = None
         if acfg.enabled:
@@ -118,7 +131,7 @@ def build_model(cfg: RunConfig, inputs: ModelInputs, *, backbone: nn.Module | No
             adapter = PerturbationAdapter(d, acfg.heads, acfg.ffn_dim, acfg.layers, mask, acfg.chunk_size,
                                           attention_impl=acfg.attention_impl)
         head = GeneHead(len(inputs.genes), d, cfg.model.head_hidden, init=cfg.model.head_init)
-        model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject)
+        model = PertAdaptModel(backbone, perturbation, adapter, head, d, acfg.inject, gene_idx=gene_idx)
     if isinstance(bcfg, FoundationModelBackbone) and embeddings is None:  # cached: no FM to fine-tune
         apply_finetune(model.backbone, bcfg.finetune, last_k=bcfg.last_k, lora_rank=bcfg.lora_rank)
     return model

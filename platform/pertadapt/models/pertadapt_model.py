@@ -43,10 +43,15 @@ class PertAdaptModel(nn.Module):
     decoder
         The FM-baseline decoder (PA off, ``adapter.off_mode: decoder``): it takes the batch-normalised
         embeddings and ``p`` in place of adapter and head (``p`` goes to every gene).
+    gene_idx
+        ``(N,)`` long positions of the model genes among the backbone's ``N_in`` input genes
+        (``model.gene_space: measured``): the backbone embeds its whole vocabulary from
+        ``batch.x_input`` and its per-gene embeddings are gathered there; ``None`` = the same genes.
     """
 
     def __init__(self, backbone: nn.Module, perturbation: PerturbationEncoder, adapter: PerturbationAdapter | None,
-                 head: GeneHead | None, d: int, inject: str = "all", decoder: GearsDecoder | None = None) -> None:
+                 head: GeneHead | None, d: int, inject: str = "all", decoder: GearsDecoder | None = None,
+                 gene_idx: torch.Tensor | None = None) -> None:
         super().__init__()
         if (head is None) == (decoder is None) or (decoder is not None and adapter is not None):
             raise ValueError("PertAdaptModel takes adapter/head or a decoder alone")
@@ -58,6 +63,7 @@ class PertAdaptModel(nn.Module):
         self.head = head
         self.inject = inject
         self.decoder = decoder
+        self.register_buffer("gene_idx", gene_idx, persistent=False)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Predict post-perturbation expression.
@@ -91,7 +97,13 @@ class PertAdaptModel(nn.Module):
         return self.head(h, batch.x_ctrl)
 
     def _embed(self, batch: Batch) -> torch.Tensor:
-        """``(B, N, D_backbone)`` embeddings of the paired controls: looked up in the cache, or computed."""
+        """``(B, N, D_backbone)`` embeddings of the paired controls over the model genes: looked up in the
+        cache (stored over the model genes), or computed over the backbone's input and gathered."""
         if isinstance(self.backbone, CachedEmbeddings):
             return self.backbone.encode(batch.x_ctrl, batch.total_count, batch.ctrl_idx)
-        return self.backbone.encode(batch.x_ctrl, batch.total_count)
+        if self.gene_idx is None:
+            return self.backbone.encode(batch.x_ctrl, batch.total_count)
+        if batch.x_input is None:
+            raise ValueError("the model genes are a subset of the backbone's input genes but the batch has no "
+                             "x_input (the controls over every gene of the data file)")
+        return self.backbone.encode(batch.x_input, batch.total_count).index_select(1, self.gene_idx)

@@ -20,7 +20,7 @@ from pertadapt.files import atomic_write_bytes, atomic_write_text
 from pertadapt.report.bootstrap import BOOTSTRAP_RESAMPLES
 from pertadapt.report.document import SweepReport, build_report
 from pertadapt.report.stats import ALPHA
-from pertadapt.report.tables import LayoutTable, describe_metric, load_sweep
+from pertadapt.report.tables import LayoutTable, arm_of_label, describe_metric, load_sweep
 
 __all__ = ["ReportPaths", "render_html", "render_layout_markdown", "render_markdown", "write_sweep_report"]
 
@@ -58,7 +58,7 @@ figcaption{font-size:13px;color:#555} .wrap{overflow-x:auto} code{background:#f5
 {% if r.notes %}<h2>Notes</h2><ul>{% for n in r.notes %}<li>{{ n }}</li>{% endfor %}</ul>{% endif %}
 {% for t in tables %}<h2>Test metrics: {{ t.scope }}</h2><div class="wrap"><table>
 <thead><tr><th>arm</th>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
-{% for arm, base, cells, best in t.rows %}<tr class="{{ 'baseline' if base }}{{ ' reference' if arm == r.sweep.reference }}">
+{% for arm, base, cells, best in t.rows %}<tr class="{{ 'baseline' if base }}{{ ' reference' if arm_of_label(arm) == r.sweep.reference }}">
 <td>{{ arm }}</td>{% for c, b in zip(cells, best) %}<td class="{{ 'best' if b }}">{{ c }}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table></div>{% endfor %}
 {% if tests %}<h2>Paired tests against {{ r.sweep.reference }}</h2><div class="wrap"><table>
@@ -109,7 +109,7 @@ def render_html(r: SweepReport) -> str:
     """The self-contained HTML page (figures inline as base64 PNG, no external resources)."""
     failed_cols = _shown(r.sweep.not_ok, _TRIAL_COLUMNS)
     return _HTML.render(
-        r=r, counts=_counts(r), n_ok=len(r.sweep.ok), all_failed=_all_failed(r), zip=zip,
+        r=r, counts=_counts(r), n_ok=len(r.sweep.ok), all_failed=_all_failed(r), zip=zip, arm_of_label=arm_of_label,
         metrics=[describe_metric(m) for m in r.metrics],
         sentences=[s.replace("`", "") for s in r.sentences], tables=r.tables,
         test_columns=_shown(r.tests, _TEST_COLUMNS), tests=_rows(r.tests, _TEST_COLUMNS),
@@ -130,7 +130,7 @@ def render_layout_markdown(t: LayoutTable, reference: str) -> str:
     """A paper-layout table in Markdown: reference in bold, baselines marked, best cells in bold."""
     rows = []
     for arm, base, cells, best in t.rows:
-        name = f"**{arm}**" if arm == reference else f"*{arm}* (baseline)" if base else arm
+        name = f"**{arm}**" if arm_of_label(arm) == reference else f"*{arm}* (baseline)" if base else arm
         rows.append([name, *(f"**{c}**" if b else c for c, b in zip(cells, best, strict=True))])
     return _md_table(["arm", *t.columns], rows)
 

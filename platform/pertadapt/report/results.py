@@ -26,7 +26,7 @@ HPO_RESULTS_FILE = "hpo_results.csv"
 RESULT_STATUSES = ("ok", "failed", "stopped_early", "pending")
 #: The first columns, one per fixed field of :class:`ResultRow`.
 HEAD = ("trial", "dataset", "backbone", "arm", "seed", "stage", "status", "attempts", "error", "wall_s",
-        "best_epoch", "config_hash", "is_baseline", "backbone_weights")
+        "best_epoch", "config_hash", "is_baseline", "backbone_weights", "gene_space")
 #: The last columns.
 TAIL = ("run_dir", "wandb_run")
 #: Every column a results table must have.
@@ -65,6 +65,8 @@ class ResultRow:
         The run directory.
     wandb_run
         The run's last offline W&B run directory (``""`` when none).
+    gene_space
+        The run's ``model.gene_space`` (``measured`` or ``vocabulary``; ``""`` when unknown).
     config
         dotted config key → value, for the keys that vary across the trials (``cfg.<key>`` columns).
     metrics
@@ -89,6 +91,7 @@ class ResultRow:
     backbone_weights: str
     run_dir: str
     wandb_run: str
+    gene_space: str = ""
     config: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)

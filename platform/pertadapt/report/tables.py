@@ -34,6 +34,8 @@ __all__ = [
     "SUBGROUPS",
     "LayoutTable",
     "SweepData",
+    "arm_label",
+    "arm_of_label",
     "arm_order",
     "default_metrics",
     "describe_metric",
@@ -136,7 +138,7 @@ def _read_results(path: Path) -> pd.DataFrame:
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not a readable CSV ({e})") from e
     check_columns(path, df.columns)
-    for col in ("dataset", "backbone", "error", "run_dir"):
+    for col in ("dataset", "backbone", "error", "run_dir", "gene_space"):
         df[col] = df[col].fillna("").astype(str)
     df["arm"] = df["arm"].astype(str)
     df["status"] = df["status"].fillna("missing").astype(str)
@@ -269,7 +271,8 @@ def summarise(trials: pd.DataFrame, metrics: Sequence[str], scopes: Sequence[str
     Returns
     -------
     pandas.DataFrame
-        ``dataset, backbone, arm, is_baseline, n_trials, n`` (ok trials), ``n_failed`` (not ok),
+        ``dataset, backbone, arm, is_baseline, gene_space`` (``model.gene_space`` of its trials, ``""`` when
+        unknown), ``n_trials, n`` (ok trials), ``n_failed`` (not ok),
         ``ci_method`` (``bootstrap`` or ``t``) and per column ``c``: ``c_mean`` (mean over the ok seeds with a
         finite value), ``c_sd``, ``c_ci_low``, ``c_ci_high`` and ``c_n`` (those seeds), and ``test_pairing_noise_mse_de_mean`` when the trials report it. Failed trials count in
         ``n_trials``, never in means.
@@ -282,7 +285,9 @@ def summarise(trials: pd.DataFrame, metrics: Sequence[str], scopes: Sequence[str
         pc = pcs.get(key)
         boot = pc is not None and len(ok) > 0 and set(pc["seed"]) == set(ok["seed"])
         row: dict[str, object] = {"dataset": key[0], "backbone": key[1], "arm": key[2],
-                                  "is_baseline": bool(g["is_baseline"].any()), "n_trials": len(g), "n": len(ok),
+                                  "is_baseline": bool(g["is_baseline"].any()),
+                                  "gene_space": ",".join(sorted(set(g["gene_space"]) - {""})),
+                                  "n_trials": len(g), "n": len(ok),
                                   "n_failed": len(g) - len(ok), "ci_method": "bootstrap" if boot else "t"}
         for scope in scopes:
             for metric in metrics:
@@ -327,6 +332,18 @@ class LayoutTable:
     def to_frame(self) -> pd.DataFrame:
         """The table as strings, ``arm`` first."""
         return pd.DataFrame([[arm, *cells] for arm, _, cells, _ in self.rows], columns=["arm", *self.columns])
+
+
+def arm_label(arm: str, gene_spaces: set[str]) -> str:
+    """``arm`` as a table shows it: ``arm [vocabulary]`` when its trials ran in the vocabulary gene space
+    (``model.gene_space``; the default ``measured`` space and an unknown one get no suffix)."""
+    shown = sorted(gene_spaces - {"", "measured"})
+    return f"{arm} [{', '.join(shown)}]" if shown else arm
+
+
+def arm_of_label(label: str) -> str:
+    """The arm behind an :func:`arm_label`."""
+    return label.partition(" [")[0]
 
 
 def format_cell(r: pd.Series, col: str, *, with_n: bool = True) -> str:
@@ -385,7 +402,7 @@ def layout_tables(summary: pd.DataFrame, metrics: Sequence[str], reference: str,
             best[(k, m)] = values.min() if lower_is_better(m) else values.max()
         rows = []
         for arm in order:
-            cells, bold, base = [], [], False
+            cells, bold, base, spaces = [], [], False, set()
             for k, m in cols:
                 col = metric_column(m, scope)
                 if (*k, arm) not in by.index:
@@ -394,9 +411,10 @@ def layout_tables(summary: pd.DataFrame, metrics: Sequence[str], reference: str,
                     continue
                 r = by.loc[(*k, arm)]
                 base = base or bool(r["is_baseline"])
+                spaces.add(str(r.get("gene_space", "")))
                 cells.append(format_cell(r, col))
                 bold.append(bool(np.isfinite(r[f"{col}_mean"]) and r[f"{col}_mean"] == best[(k, m)]))
-            rows.append((arm, base, tuple(cells), tuple(bold)))
+            rows.append((arm_label(arm, spaces), base, tuple(cells), tuple(bold)))
         headers = tuple(f"{'/'.join(p for p in k if p)} {m}" if several else m for k, m in cols)
         tables.append(LayoutTable(scope=scope, columns=headers, rows=tuple(rows)))
     return tables

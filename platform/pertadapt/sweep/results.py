@@ -106,7 +106,8 @@ def _row(t: Trial, outcome: TrialOutcome | None, run: RunDir, expected: str | No
         error=(outcome.error if outcome else None) or ("" if status != "failed" else "no results written"),
         wall_s=outcome.wall_s if outcome else None, best_epoch=metrics.pop("best_epoch", None),
         config_hash=prov.get("config_hash", expected or ""), is_baseline=t.is_baseline,
-        backbone_weights=prov.get("backbone_weights", ""), run_dir=str(run.path),
+        backbone_weights=prov.get("backbone_weights", ""), gene_space=prov.get("gene_space", ""),
+        run_dir=str(run.path),
         wandb_run=str(wandb_runs[-1]) if wandb_runs else "", config=config, metrics=metrics,
         params=outcome.params if outcome is not None and outcome.stage == "hpo" else {})
 

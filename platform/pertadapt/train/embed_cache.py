@@ -2,7 +2,8 @@
 
 With a frozen foundation-model backbone, ``E = FM(x_ctrl)`` depends on the control cell only, and every
 perturbed cell is paired with a control of the run's pool (``data.control_pool``). So the ``(pool, N, D)``
-table is computed once, stored memory-mapped under ``$PERTADAPT_CACHE/fm_embeddings/`` as ``.npy``
+table over the N model genes (``model.gene_space: measured``: the backbone reads every gene of the file
+and only the measured genes' rows are stored) is computed once, stored memory-mapped under ``$PERTADAPT_CACHE/fm_embeddings/`` as ``.npy``
 (``backbone.cache_dtype``: float32, float16, or bfloat16 stored as its uint16 bit patterns) and reused by
 every epoch, every evaluation and every trial with the same key. The model then looks rows up by the
 control's pool position (:class:`~pertadapt.models.backbones.cached.CachedEmbeddings`).
@@ -12,7 +13,7 @@ Key
 SHA-256 of: the backbone's weights (a hash of its state dict as built — for a random-init FM these are
 the weights ``torch.manual_seed(seed)`` produced, so seed, sizes and init code are all in it), its class
 and the source of the modules defining it, ``backbone.{name, hidden_size, layers, heads, input_mode}``,
-the torch version, the data file's hash, the gene order, the pool (size, seed and the cells themselves)
+the torch version, the data file's hash, the model gene order (so the gene space), the pool (size, seed and the cells themselves)
 and the storage dtype. Any change gives another file name, so a stale table is never read.
 
 Size
@@ -273,9 +274,12 @@ class EmbeddingCache:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 for start in range(0, len(pool), batch_size):
                     cells = pool[start: start + batch_size]
-                    x = torch.from_numpy(data.rows(cells).toarray().astype(np.float32)).to(device)
+                    x = torch.from_numpy(data.input_rows(cells).toarray().astype(np.float32)).to(device)
                     total = torch.from_numpy(data.total_count[cells]).to(device)
-                    e = fm.encode(x, total).float().cpu().to(self.torch_dtype)
+                    e = fm.encode(x, total)
+                    if data.columns is not None:  # the model genes only (model.gene_space: measured)
+                        e = e.index_select(1, torch.from_numpy(data.columns).to(device))
+                    e = e.float().cpu().to(self.torch_dtype)
                     if self.dtype_name == "bfloat16":  # stored as its bit patterns
                         e = e.view(torch.uint16)
                     out[start: start + len(cells)] = e.numpy()

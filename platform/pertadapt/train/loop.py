@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pertadapt.config.metrics import VOCAB_PREFIX
 from pertadapt.config.schema import RunConfig
-from pertadapt.data.dataset import PairedCells
+from pertadapt.data.dataset import PairedCells, PerturbData
 from pertadapt.data.keys import CONTROL
 from pertadapt.eval import Metrics, score_predictions
 from pertadapt.rundir import RunDir
@@ -27,7 +28,7 @@ from pertadapt.train.schedule import LRSchedule
 from pertadapt.train.timeline import mark
 from pertadapt.types import Batch, LossOutput
 
-__all__ = ["EvalSet", "TrainResult", "eval_autocast", "predict_condition_means", "train"]
+__all__ = ["EvalSet", "TrainResult", "eval_autocast", "predict_condition_means", "score_gene_spaces", "train"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
@@ -45,11 +46,16 @@ class EvalSet:
         subgroup name → conditions (e.g. ``combo_seen0``).
     reference
         The training conditions (the Systema reference of the metrics).
+    measured
+        The view of ``cells.data`` over its measured genes when the model genes also hold zero-filled ones
+        (``model.gene_space: vocabulary``): the metrics are then scored there and the all-gene ones are
+        reported as ``vocab_<metric>`` (:func:`score_gene_spaces`); ``None`` = the model genes are measured.
     """
 
     cells: PairedCells
     subgroups: Mapping[str, Sequence[str]]
     reference: Sequence[str] = ()
+    measured: PerturbData | None = None
 
 
 @dataclass(frozen=True)
@@ -115,12 +121,48 @@ def predict_condition_means(engine: Engine, cells: PairedCells, batch_size: int,
     return {names[c]: (p / n).astype(np.float32) for c, (p, n) in merged.items()}
 
 
+def score_gene_spaces(pred: Mapping[str, np.ndarray], data: PerturbData, measured: PerturbData | None, *,
+                      subgroups: Mapping[str, Sequence[str]], reference: Sequence[str]) -> Metrics:
+    """Score predictions over ``data.genes`` on the measured genes (and, with zero-filled ones, on all).
+
+    Parameters
+    ----------
+    pred
+        Condition → ``(N,)`` predicted mean over ``data.genes``.
+    data
+        The dataset over the model genes.
+    measured
+        ``data.measured_only()`` (``data`` being the whole file, its ``columns`` are positions in
+        ``data.genes``), or ``None`` when ``data``'s genes are all measured: the metrics are then those of :func:`~pertadapt.eval.score_predictions` on ``data``.
+    subgroups, reference
+        As for :func:`~pertadapt.eval.score_predictions`.
+
+    Returns
+    -------
+    Metrics
+        The metrics on the measured genes; with ``measured``, also every all-gene value (the reference's
+        numbers) under ``vocab_<metric>`` (overall, per subgroup and per condition).
+    """
+    if measured is None:
+        return score_predictions(pred, data, subgroups=subgroups, reference_conditions=reference)
+    on_measured = score_predictions({c: p[measured.columns] for c, p in pred.items()}, measured, subgroups=subgroups,
+                                    reference_conditions=reference)
+    on_all = score_predictions(pred, data, subgroups=subgroups, reference_conditions=reference)
+
+    def merged(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
+        return {**a, **{f"{VOCAB_PREFIX}{k}": v for k, v in b.items()}}
+
+    return Metrics(merged(on_measured.overall, on_all.overall),
+                   {g: merged(v, on_all.subgroups.get(g, {})) for g, v in on_measured.subgroups.items()},
+                   {c: merged(v, on_all.per_perturbation.get(c, {})) for c, v in on_measured.per_perturbation.items()})
+
+
 def evaluate(engine: Engine, es: EvalSet, batch_size: int, precision: str = "fp32"
              ) -> tuple[Metrics, dict[str, np.ndarray]]:
     """Metrics of one split (ctrl excluded) through the one metric path, and the mean predictions."""
     pred = predict_condition_means(engine, es.cells, batch_size, precision)
     pred.pop(CONTROL, None)
-    return score_predictions(pred, es.cells.data, subgroups=es.subgroups, reference_conditions=es.reference), pred
+    return score_gene_spaces(pred, es.cells.data, es.measured, subgroups=es.subgroups, reference=es.reference), pred
 
 
 def _epoch_loss_row(gathered: list[list[dict[str, float]]]) -> dict[str, float]:

@@ -28,7 +28,7 @@ from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.keys import CONTROL
 from pertadapt.data.simulate import read_sim_truth
 from pertadapt.data.summaries import write_predictions
-from pertadapt.eval import Metrics, pairing_noise_mse_de, score_against_truth, score_predictions
+from pertadapt.eval import Metrics, pairing_noise_mse_de, score_against_truth
 from pertadapt.files import sha256_bytes, sha256_file
 from pertadapt.models.build import build_backbone_for, build_loss, build_model
 from pertadapt.report.logger import NullLogger, RunLogger
@@ -37,7 +37,7 @@ from pertadapt.rundir import RunDir
 from pertadapt.train.checkpoint import Checkpoints, DirCheckpoints
 from pertadapt.train.embed_cache import prepare_embedding_cache
 from pertadapt.train.engine import Engine, build_engine
-from pertadapt.train.loop import train
+from pertadapt.train.loop import score_gene_spaces, train
 from pertadapt.train.setup import RunData, prepare_run_data, provenance
 from pertadapt.train.timeline import mark
 
@@ -119,7 +119,7 @@ def _write_run_files(cfg: RunConfig, run: RunDir, rd: RunData, ranks: list[dict[
         **rd.hashes, "data_path": str(rd.data_path), "config_hash": config_hash(cfg),
         "backbone_weights": backbone_weights(cfg), "embedding_cache": embedding_cache or {"used": False},
         "world_size": len(ranks), "ranks": ranks,
-        "n_genes": len(rd.data.genes),
+        "n_genes": len(rd.data.genes), "gene_space": cfg.model.gene_space,
         "n_perturbation_genes": len(rd.pert_vocab),
         "split": {"train": rd.split.train, "val": rd.split.val, "test": rd.split.test,
                   "subgroups": rd.split.subgroups, "seed": rd.split.seed}}))
@@ -136,7 +136,7 @@ def _run_baseline(cfg: RunConfig, rd: RunData) -> tuple[int, Metrics, Metrics, d
         # the models' control cells (eval.val_controls, eval.test_controls): no arm gains from control sampling
         shift = {c: m - d.ctrl_mean for c, m in es.cells.control_means().items()}
         pred = model.predict([c for c in conds if c != CONTROL], control_shift=shift)
-        scored.append((score_predictions(pred, d, subgroups=es.subgroups, reference_conditions=rd.split.train),
+        scored.append((score_gene_spaces(pred, d, rd.measured, subgroups=es.subgroups, reference=rd.split.train),
                        pred))
     (val, _), (test, preds) = scored
     return 0, val, test, preds
@@ -236,8 +236,10 @@ def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = No
                                **_pairing_noise(rd)}
     if rank == 0:
         mark(rdir, "eval_end")
-        sim = read_sim_truth(rd.data_path)
-        truth = score_against_truth(preds, sim) if sim is not None else None
+        scored = rd.data if rd.measured is None else rd.measured  # truth on the measured genes
+        sim = read_sim_truth(rd.data_path, scored.genes)
+        on_scored = preds if rd.measured is None else {c: p[rd.measured.columns] for c, p in preds.items()}
+        truth = score_against_truth(on_scored, sim) if sim is not None else None
         if truth is not None:  # simulated data: distance to the noise-free truth, not only to noisy means
             metrics.update({f"test_truth_{k}": v for k, v in truth.overall.items()})
         if cfg.is_baseline:

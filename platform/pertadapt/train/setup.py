@@ -58,7 +58,8 @@ class RunData:
     Attributes
     ----------
     data
-        Arrays of the prepared dataset.
+        Arrays of the prepared dataset over the model genes (``model.gene_space``: its measured genes, or
+        every gene of the file).
     split
         Condition split.
     pert_vocab
@@ -70,10 +71,14 @@ class RunData:
     train, val, test
         Paired cells of each split.
     hashes
-        ``data_sha256``, ``gene_order_sha256``, ``go_mask_sha256``, ``go_source`` and
+        ``data_sha256``, ``gene_order_sha256`` (of the model genes: it keys the embedding cache on the gene
+        space), ``go_mask_sha256``, ``go_source`` and
         ``coexpress_sha256`` (``none`` unless the FM-baseline decoder is used).
     data_path
         The ``.h5ad`` the data came from.
+    measured
+        The view of ``data`` over its measured genes, where the model genes also hold zero-filled ones
+        (``vocabulary`` space); ``None`` when ``data`` is already over the measured genes only.
     """
 
     data: PerturbData
@@ -85,6 +90,7 @@ class RunData:
     test: EvalSet
     hashes: dict[str, str]
     data_path: Path
+    measured: PerturbData | None = None
 
 
 def _gene_hash(genes: tuple[str, ...]) -> str:
@@ -108,7 +114,11 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     from pertadapt.go import cached_gene_graph, has_go, load_annotations, perturbation_vocabulary
 
     path = ensure_data_file(cfg)
-    data = read_perturb_data(path, n_de=cfg.data.n_de, backed=cfg.data.backed)
+    full = read_perturb_data(path, n_de=cfg.data.n_de, backed=cfg.data.backed)
+    measured = full.measured_only()
+    data = measured if cfg.model.gene_space == "measured" else full
+    log.info("model.gene_space=%s: %d model genes (%d measured of the file's %d)", cfg.model.gene_space,
+             len(data.genes), len(measured.genes), len(full.genes))
     ann = load_annotations(cfg.go.source, obo=cfg.go.obo, gaf=cfg.go.gaf, aspects=tuple(cfg.go.aspects),
                            propagate=cfg.go.propagate)
     targets = sorted({g for c in data.conditions for g in condition_genes(c)})
@@ -131,21 +141,24 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
         co = training_coexpression(data, split.train, data_sha256=data_hash, top_k=cfg.model.coexpress_top_k,
                                    threshold=cfg.model.coexpress_threshold)
         coexpress, coexpress_hash = (co.src, co.dst, co.weight), co.sha256
+    subset = data.columns is not None
     inputs = ModelInputs(data.genes, len(pert_vocab), graph.src, graph.dst, graph.weight, indptr, indices,
-                         data.ctrl_mean.astype(np.float32), *coexpress)
+                         data.ctrl_mean.astype(np.float32), *coexpress, input_genes=full.genes if subset else None,
+                         gene_idx=data.columns if subset else None)
+    also_measured = None if measured is data else measured  # vocabulary space with zero-filled genes
     seed = cfg.seed
     pool = draw_control_pool(data, cfg.data.control_pool, cfg.data.control_pool_seed)  # one pool for all splits
     train = PairedCells(data, split.train, pert_vocab, seed=seed, n_de=cfg.data.n_de, pool=pool)
     ev = cfg.eval  # the evaluation subsets: seeded by eval.controls_seed, not the run seed
     val = EvalSet(PairedCells.for_evaluation(data, split.val, pert_vocab, seed=seed + 1, n_de=cfg.data.n_de,
                                              controls=ev.val_controls, controls_seed=ev.controls_seed, pool=pool),
-                  split.val_subgroups, split.train)
+                  split.val_subgroups, split.train, also_measured)
     test = EvalSet(PairedCells.for_evaluation(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de,
                                               controls=ev.test_controls, controls_seed=ev.controls_seed, pool=pool),
-                   split.subgroups, split.train)
+                   split.subgroups, split.train, also_measured)
     hashes = {"data_sha256": data_hash, "gene_order_sha256": _gene_hash(data.genes),
               "go_mask_sha256": mask_hash, "go_source": ann.source, "coexpress_sha256": coexpress_hash}
-    return RunData(data, split, pert_vocab, inputs, train, val, test, hashes, path)
+    return RunData(data, split, pert_vocab, inputs, train, val, test, hashes, path, also_measured)
 
 
 def _git_sha() -> str:
