@@ -49,11 +49,11 @@ def _backbone(cfg, rd: RunData) -> torch.nn.Module:
 
 
 class _Forwards:
-    """Counts forward calls of the tiny backbone's encoder (a real forward hook)."""
+    """Counts forward calls of the tiny backbone (a real forward hook on its first transformer block)."""
 
     def __init__(self, backbone: torch.nn.Module) -> None:
         self.calls = 0
-        backbone.encoder.register_forward_hook(self._count)
+        backbone.transformer_layers()[0].register_forward_hook(self._count)
 
     def _count(self, *_: object) -> None:
         self.calls += 1
