@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pertadapt.config.errors import ConfigError
+from pertadapt.config.errors import check as _check
+from pertadapt.config.errors import check_choice as _choice
 
 __all__ = [
     "BACKBONE_OPTIONS",
@@ -56,16 +58,6 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 #: Start of the head's per-gene output layer: ``xavier`` (the reference, GEARS's ``indv_w1``/``indv_b1``) or
 #: ``zero`` (the model starts as no-change, Δ̂ = 0 on every gene; docs/quality.md).
 HEAD_INITS = ("xavier", "zero")
-
-
-def _choice(path: str, value: object, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(options)}")
-
-
-def _check(path: str, ok: bool, expected: str, value: object) -> None:
-    if not ok:
-        raise ConfigError(f"{path}: expected {expected}, got {value!r}")
 
 
 @dataclass(frozen=True)

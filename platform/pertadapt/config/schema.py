@@ -26,6 +26,8 @@ from pertadapt.config.components import (
     TinyBackbone,
 )
 from pertadapt.config.errors import ConfigError
+from pertadapt.config.errors import check as _check
+from pertadapt.config.errors import check_choice as _choice
 from pertadapt.config.metrics import SUBGROUPS, is_metric_name, metric_names, select_mode
 
 __all__ = [
@@ -84,16 +86,6 @@ GO_SOURCES = ("bundled", "debian", "obo")
 PERT_GRAPH_GENES = ("all", "targets")
 #: Condition split kinds (GEARS).
 SPLIT_KINDS = ("simulation", "single")
-
-
-def _choice(path: str, value: object, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(options)}")
-
-
-def _check(path: str, ok: bool, expected: str, value: object) -> None:
-    if not ok:
-        raise ConfigError(f"{path}: expected {expected}, got {value!r}")
 
 
 @dataclass(frozen=True)
