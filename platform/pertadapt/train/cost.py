@@ -328,7 +328,7 @@ def saved_bytes(model: nn.Module, batch: Batch) -> tuple[int, int]:
     """
     model.train()
     extra = checkpointed_input_bytes(model)
-    with _saved_bytes_counter() as total, _data_independent(), _FusedAttention() as attention:
+    with torch.enable_grad(), _saved_bytes_counter() as total, _data_independent(), _FusedAttention() as attention:
         _call(model, batch)
     return total[0] + extra[0], attention.recompute_flops
 
