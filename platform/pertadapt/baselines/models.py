@@ -263,9 +263,9 @@ def fit_baseline(
     ctrl_mean
         ``(n_genes,)`` mean over all control cells, b.
     linear_k
-        Number K of principal components of ``baseline_linear`` (``model.linear_k``).
+        Number K of principal components of ``baseline_linear`` (``model.k`` of its block).
     linear_ridge
-        Ridge penalty λ ≥ 0 of ``baseline_linear``, applied on both sides (``model.linear_ridge``).
+        Ridge penalty λ ≥ 0 of ``baseline_linear``, applied on both sides (``model.ridge`` of its block).
     gene_embedding
         ``(n_genes, K)`` embedding used as G (and for P) instead of the PCA, e.g. GO or a backbone's
         gene embeddings; rows follow ``gene_names``.
