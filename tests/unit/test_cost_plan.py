@@ -147,20 +147,28 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
+_PLAN = textwrap.dedent("""
+    import json, sys
+    from pertadapt.config.load import load_run_config
+    from pertadapt.train import cost
+    cfg = load_run_config("platform/pertadapt/resources/configs/demo.yaml", json.loads(sys.argv[1]))
+    model, pert, batch = cost.model_step(cfg, int(sys.argv[2]), int(sys.argv[3]), cached=False)
+    saved = sum(cost.saved_bytes(m, batch)[0] for m in (model, pert))
+    params = sum(q.numel() * 4 for m in (model, pert) for q in m.parameters())
+    trainable = sum(q.numel() * 4 for m in (model, pert) for q in m.parameters() if q.requires_grad)
+    print(json.dumps(params + 3 * trainable + saved))
+""")
+
+
 def test_plan_memory_is_within_a_stated_factor_of_a_measured_cpu_run() -> None:
     overrides = [*TINY, "backbone.name=learned", "model.hidden_size=64", "adapter.heads=4", "adapter.ffn_dim=64",
                  "adapter.chunk_size=512", "adapter.attention_impl=chunked",
                  "optim.micro_batch_size=16"]  # chunked: no numba kernel to compile inside the measured run
     n, p = 2500, 12
-    cfg = load_run_config("platform/pertadapt/resources/configs/demo.yaml", overrides)
-    model, pert, batch = cost.model_step(cfg, n, p, cached=False)
-    saved = sum(cost.saved_bytes(m, batch)[0] for m in (model, pert))
-    params = sum(q.numel() * 4 for m in (model, pert) for q in m.parameters())
-    trainable = sum(q.numel() * 4 for m in (model, pert) for q in m.parameters() if q.requires_grad)
-    planned = params + 3 * trainable + saved
-    res = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(overrides), str(n), str(p)],
-                         capture_output=True, text=True, check=True)
-    measured = json.loads(res.stdout.strip().splitlines()[-1])
+    # both in fresh interpreters: the plan's trace must not see a grad mode, dtype or backend another test left
+    planned, measured = (json.loads(subprocess.run([sys.executable, "-c", script, json.dumps(overrides), str(n),
+                                                    str(p)], capture_output=True, text=True, check=True
+                                                   ).stdout.strip().splitlines()[-1]) for script in (_PLAN, _MEASURE))
     assert measured / MEMORY_FACTOR < planned < measured * MEMORY_FACTOR, (planned, measured)
 
 
