@@ -73,8 +73,8 @@ def _sweep(ablation: Path = typer.Argument(..., help="Ablation YAML ((factorial)
                                        "datasets and the run directories (default: OUT)."),
            tflops: float = typer.Option(None, "--tflops", help="Sustained TFLOP/s of one GPU for the plan's "
                                         "GPU-hours (default 30: float32 on one H100)."),
-           gpu_memory_gb: float = typer.Option(80.0, "--gpu-memory-gb", help="Memory of one GPU: a trial the plan "
-                                               "puts above it per worker is refused (exit 2)."),
+           gpu_memory_gb: float = typer.Option(None, "--gpu-memory-gb", help="Memory of one GPU: a trial the plan "
+                                               "puts above it per worker is refused (exit 2; default 80)."),
            naive: bool = typer.Option(False, "--naive", help="Also plan every trial on the reference's path (FM "
                                       "recomputed every step, vocabulary genes, whole-pool evaluation) and print "
                                       "the ratio.")) -> None:

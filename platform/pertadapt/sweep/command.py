@@ -71,7 +71,8 @@ class SweepRequest:
     #: Throughput of the GPU-hour estimate (``None``: :data:`pertadapt.train.cost.DEFAULT_TFLOPS`).
     tflops: float | None = None
     #: Memory of one GPU; a trial planned to need more per worker is refused.
-    gpu_memory_gb: float = 80.0
+    #: Memory of one GPU (``None``: :data:`pertadapt.sweep.plan.DEFAULT_GPU_MEMORY_GB`).
+    gpu_memory_gb: float | None = None
     #: Also plan every trial on the reference's path (``--naive``).
     naive: bool = False
 

@@ -26,10 +26,12 @@ from pertadapt.sweep.ablation import Ablation, Trial, shared_runs
 from pertadapt.sweep.results import flatten, varying_keys
 from pertadapt.sweep.search_space import SearchSpace
 
-__all__ = ["ALIAS_FIELDS", "COST_KEYS", "PLAN_FILE", "add_costs", "build_plan", "check_memory", "check_search_space",
+__all__ = ["ALIAS_FIELDS", "COST_KEYS", "DEFAULT_GPU_MEMORY_GB", "PLAN_FILE", "add_costs", "build_plan", "check_memory", "check_search_space",
            "diff_plans", "local_cpus", "plan_names", "read_plan", "trial_cpus", "write_plan"]
 
 PLAN_FILE = "plan.json"
+#: GPU memory a trial's worker must fit unless told otherwise (one 80 GB H100/A100).
+DEFAULT_GPU_MEMORY_GB = 80.0
 #: What an alias entry of a run keeps of its own plan entry (the rest is the run's).
 ALIAS_FIELDS = ("key", "index", "arm", "seed", "dataset", "backbone", "levels", "varying")
 #: Logical CPUs of a Tune function trial that only drives Ray Train workers (``{"CPU": 0}`` is refused).
@@ -156,14 +158,16 @@ def add_costs(plan: dict[str, Any], ablation: Ablation, data_files: Mapping[str,
         plan[kind] = {**{k: float(f"{v:.4g}") for k, v in total.items()}, "trials_without_cost": missing}
 
 
-def check_memory(plan: Mapping[str, Any], gpu_memory_gb: float) -> None:
-    """Refuse a trial whose planned peak memory per worker exceeds one GPU's ``gpu_memory_gb``.
+def check_memory(plan: Mapping[str, Any], gpu_memory_gb: float | None = None) -> None:
+    """Refuse a trial whose planned peak memory per worker exceeds one GPU's ``gpu_memory_gb`` (default
+    :data:`DEFAULT_GPU_MEMORY_GB`).
 
     Raises
     ------
     ConfigError
         Naming the first such trial's key, its need and the knobs that lower it.
     """
+    gpu_memory_gb = DEFAULT_GPU_MEMORY_GB if gpu_memory_gb is None else gpu_memory_gb
     for t in plan["trials"]:
         cost = t.get("cost")
         if cost and cost["peak_gb_per_worker"] > gpu_memory_gb:

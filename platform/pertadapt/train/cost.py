@@ -49,13 +49,11 @@ from pertadapt.models.build import ModelInputs, build_backbone_for, build_model
 from pertadapt.models.pertadapt_model import PertAdaptModel
 from pertadapt.types import Batch
 
-__all__ = ["DEFAULT_GPU_MEMORY_GB", "DEFAULT_TFLOPS", "GO_MASK_DENSITY", "TrialCost", "checkpointed_input_bytes",
+__all__ = ["DEFAULT_TFLOPS", "GO_MASK_DENSITY", "TrialCost", "checkpointed_input_bytes",
            "eval_controls", "model_step", "saved_bytes", "trial_cost"]
 
 #: Default throughput of the GPU-hour estimate: float32 (the engine's default precision) on one H100.
 DEFAULT_TFLOPS = 30.0
-#: Default GPU memory a trial's worker must fit (one 80 GB H100/A100).
-DEFAULT_GPU_MEMORY_GB = 80.0
 #: GO attention-mask density assumed for its bytes (measured ≈ 8 % at 19,264 genes).
 GO_MASK_DENSITY = 0.08
 _GB = 1e9
