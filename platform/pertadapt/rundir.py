@@ -308,8 +308,8 @@ class RunDir:
             elif p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
         remote.pull_tree(self.home, self.path)
-        self._pushed = {p.relative_to(self.path).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-                        for p in self.path.rglob("*") if p.is_file()}
+        self._pushed = {p.relative_to(self.path).as_posix(): (st.st_size, st.st_mtime_ns)
+                        for p in self.path.rglob("*") if p.is_file() for st in (p.stat(),)}
         return self
 
     def commit(self) -> int:

@@ -183,3 +183,23 @@ def test_bf16_precision_autocasts_on_cuda_only(engine: TorchEngine, data: Pertur
     fp32 = predict_condition_means(engine, cells, batch_size=64)
     bf16 = predict_condition_means(engine, cells, batch_size=64, precision="bf16")  # CPU: fp32 unchanged
     assert all(np.array_equal(fp32[c], bf16[c]) for c in fp32)
+
+
+def test_eval_precision_reaches_every_evaluation_forward(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``eval.precision`` from the config is what the per-epoch validation and the final evaluation run under."""
+    from pertadapt.train import loop
+    from pertadapt.train.run import run
+    from pertadapt.train.setup import ensure_data_file
+
+    seen: list[str] = []
+
+    def recording(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+        seen.append(precision)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(loop, "eval_autocast", recording)
+    cfg = load_run_config("configs/smoke.yaml", ["eval.precision=bf16", "optim.epochs=1", "optim.max_steps_per_epoch=1"])
+    ensure_data_file(cfg)
+    run(cfg, tmp_path / "run")
+    assert seen
+    assert set(seen) == {"bf16"}

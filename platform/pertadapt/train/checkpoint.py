@@ -496,7 +496,6 @@ class DirCheckpoints:
 
     def __init__(self, run: RunDir, *, resume: bool) -> None:
         self.run = run
-        self.root = run.checkpoints
         self.resume = resume
 
     def restore(self, engine: CheckpointEngine) -> dict[str, Any] | None:
@@ -505,7 +504,7 @@ class DirCheckpoints:
         return engine.load(require_checkpoint(self.run.last_checkpoint, self.run.last_checkpoint))
 
     def save(self, engine: CheckpointEngine, client_state: dict[str, Any], is_best: bool) -> None:
-        new = self.root / ".last.new"
+        new = self.run.checkpoints / ".last.new"
         if engine.rank == 0:
             shutil.rmtree(new, ignore_errors=True)
         engine.gather(None)
@@ -513,7 +512,7 @@ class DirCheckpoints:
         engine.gather(None)
         if engine.rank == 0:
             if is_best:
-                copy = self.root / ".best.new"
+                copy = self.run.checkpoints / ".best.new"
                 shutil.rmtree(copy, ignore_errors=True)
                 shutil.copytree(new, copy)
                 replace_dir(copy, self.run.best_checkpoint)
