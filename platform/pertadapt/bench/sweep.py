@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pertadapt.config.errors import ConfigError
+from pertadapt.report.results import HPO_RESULTS_FILE, RESULTS_FILE
 from pertadapt.rundir import RunDir
 from pertadapt.train.timeline import read_timeline
 
@@ -37,7 +38,7 @@ NAIVE_OVERRIDES = ("backbone.embedding_cache=off", "adapter.attention_impl=chunk
 
 def _rows(sweep_dir: Path) -> list[dict[str, str]]:
     rows = []
-    for name in ("results.csv", "hpo_results.csv"):
+    for name in (RESULTS_FILE, HPO_RESULTS_FILE):
         path = sweep_dir / name
         if path.is_file():
             with path.open() as fh:

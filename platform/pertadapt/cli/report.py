@@ -40,12 +40,13 @@ def report_command(
     """
     from pertadapt.report.console import print_summary
     from pertadapt.report.html import write_sweep_report
+    from pertadapt.report.results import RESULTS_FILE
     from pertadapt.report.wandb import build_wandb_report_spec, publish_wandb_report
     from pertadapt.sweep.lock import running_sweep
 
     holder = running_sweep(sweep_dir)  # read without taking the sweep's lock
     if holder is not None:
-        if not (sweep_dir / "results.csv").is_file():
+        if not (sweep_dir / RESULTS_FILE).is_file():
             raise ConfigError(f"{sweep_dir}: the sweep is still running ({holder.describe()}); its results.csv is "
                               "written when it ends")
         log.warning("%s: the sweep is still running (%s); this report reads the results.csv of its earlier run",

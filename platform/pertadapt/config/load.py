@@ -315,7 +315,6 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
         layers.append(OmegaConf.create(dict(extra)))
     overrides = list(overrides)
     if overrides:
-        _overrides_to_conf(overrides)  # every item is key=value
         # one layer per override, in order: `backbone.name=learned` after `backbone.heads=2` switches afresh
         layers.extend(_overrides_to_conf([item]) for item in overrides)
         source += f" + overrides {overrides}"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pertadapt.config.errors import ConfigError
+from pertadapt.config.errors import ConfigError, check_choice
 
 __all__ = ["DIRECTIONS", "FAMILIES", "MetricSpec", "base_metric", "default_report_metrics", "is_metric_name",
            "lower_is_better", "metric_names", "metric_spec", "register_metric", "registered_metrics",
@@ -82,8 +82,7 @@ class MetricSpec:
             raise ConfigError(f"metric name {self.name!r}: expected a lower-case identifier (e.g. mse_de)")
         for what, value, options in (("direction", self.direction, DIRECTIONS), ("family", self.family, FAMILIES),
                                      ("report", self.report, ("key", "present", "no"))):
-            if value not in options:
-                raise ConfigError(f"metric {self.name!r}: {what} {value!r} is not one of {', '.join(options)}")
+            check_choice(f"metric {self.name!r}: {what}", value, options)
 
     @property
     def lower_is_better(self) -> bool:

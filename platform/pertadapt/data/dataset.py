@@ -306,6 +306,7 @@ class PairedCells(torch.utils.data.Dataset):
     def __init__(self, data: PerturbData, conditions: Sequence[str], pert_vocab: Sequence[str], *, seed: int,
                  n_de: int = 20, pool: np.ndarray | None = None) -> None:
         self.data, self.n_de = data, n_de
+        self._control_means: dict[str, np.ndarray] | None = None  # computed on first use (reads X)
         self.cells = data.cells_of(conditions)
         ctrl = data.control_cells if pool is None else np.asarray(pool, dtype=np.int64)
         if len(ctrl) == 0:
@@ -388,8 +389,11 @@ class PairedCells(torch.utils.data.Dataset):
         -------
         dict of str to np.ndarray
             Condition -> ``(N,)`` float64 mean of ``x`` over its rows' control cells; a condition paired with
-            every control cell once gets :attr:`PerturbData.ctrl_mean` itself.
+            every control cell once gets :attr:`PerturbData.ctrl_mean` itself. Computed once (the pairing is
+            fixed when the set is built).
         """
+        if self._control_means is not None:
+            return self._control_means
         d, out = self.data, {}
         cond = d.cell_condition[self.cells]
         every = np.sort(d.control_cells)
@@ -402,6 +406,7 @@ class PairedCells(torch.utils.data.Dataset):
             for start in range(0, len(pairs), _CHUNK):
                 total += np.asarray(d.rows(pairs[start: start + _CHUNK]).astype(np.float64).sum(axis=0)).ravel()
             out[d.conditions[ci]] = total / len(pairs)
+        self._control_means = out
         return out
 
     @property

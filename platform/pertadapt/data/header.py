@@ -10,12 +10,9 @@ import h5py
 from anndata.io import read_elem
 
 from pertadapt.data.conditions import is_control
-from pertadapt.data.keys import CONDITION
+from pertadapt.data.keys import CONDITION, MEASURED
 
-__all__ = ["DataHeader", "MEASURED", "read_header"]
-
-#: Optional boolean ``var`` column: the genes the screen measured (the rest are zero-filled vocabulary genes).
-MEASURED = "measured"
+__all__ = ["DataHeader", "read_header"]
 
 
 @dataclass(frozen=True)

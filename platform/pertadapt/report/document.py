@@ -19,6 +19,7 @@ from pertadapt.config.metrics import registered_metrics
 from pertadapt.data.io import DataError
 from pertadapt.files import sha256_file
 from pertadapt.report import plots
+from pertadapt.report.results import RESULTS_FILE
 from pertadapt.report.stats import paired_tests, sentence
 from pertadapt.report.tables import (
     OVERALL,
@@ -97,7 +98,7 @@ def _check_metrics(sweep: SweepData, metrics: Sequence[str]) -> None:
     known = {normalise_metric(c) for c in sweep.trials if c.startswith("test_")} | set(sweep.per_condition["metric"])
     unknown = [m for m in metrics if m not in known]
     if unknown:
-        raise ConfigError(f"--metric {unknown[0]!r}: not in {sweep.root / 'results.csv'} nor any run's per-condition table; "
+        raise ConfigError(f"--metric {unknown[0]!r}: not in {sweep.root / RESULTS_FILE} nor any run's per-condition table; "
                           f"known: {', '.join(sorted(k for k in known if not k.startswith(('val_', 'train_'))))}")
 
 
@@ -297,7 +298,7 @@ def build_report(sweep: SweepData, metrics: Sequence[str] | None = None) -> Swee
     metrics = [normalise_metric(m) for m in metrics] if metrics else default_metrics(sweep.trials)
     _check_metrics(sweep, metrics)
     if not sweep.trials.empty and sweep.reference not in set(sweep.trials["arm"]):
-        raise ConfigError(f"reference arm {sweep.reference!r} is not in {sweep.root / 'results.csv'}; arms: "
+        raise ConfigError(f"reference arm {sweep.reference!r} is not in {sweep.root / RESULTS_FILE}; arms: "
                           f"{', '.join(dict.fromkeys(sweep.trials['arm']))}")
     scopes = _scopes(sweep, metrics)
     summary = summarise(sweep.trials, metrics, scopes, sweep.per_condition)
