@@ -113,3 +113,28 @@ def test_cache_benchmark_runs_on_gpu_and_agrees() -> None:
     result = run_cache_benchmark(300, hidden_size=32, layers=1, heads=2, pool=8, steps=1, repeats=1, device="cuda")
     assert "CUDA" in result["config"]
     assert result["max_rel_diff"] <= 1e-5
+
+
+def test_bf16_evaluation_error_against_fp32(demo_h5ad: Path, tmp_path: Path) -> None:
+    """``eval.precision: bf16`` on CUDA against fp32: one training epoch (fp32 both times), then the test metrics.
+
+    The figures go to ``$PERTADAPT_GPU_FIGURES/bf16_eval.json`` when that variable is set (for docs/evaluation.md).
+    """
+    import json
+    import os
+
+    from pertadapt.config import load_run_config
+    from pertadapt.train.run import run
+
+    base = [f"data.path={demo_h5ad}", "engine.use_gpu=true", "optim.epochs=1", "logging.wandb=disabled", "seed=1"]
+    metrics = {p: run(load_run_config(REPO / "configs" / "smoke.yaml", [*base, f"eval.precision={p}"]), tmp_path / p)
+               for p in ("fp32", "bf16")}
+    names = ("test_mse_de", "test_mse", "test_pearson_delta_de", "test_pearson")
+    rel = {n: abs(metrics["bf16"][n] - metrics["fp32"][n]) / abs(metrics["fp32"][n]) for n in names}
+    figures = {"device": torch.cuda.get_device_name(0), **{f"{p}_{n}": metrics[p][n] for p in metrics for n in names},
+               **{f"rel_{n}": v for n, v in rel.items()}}
+    if os.environ.get("PERTADAPT_GPU_FIGURES"):
+        Path(os.environ["PERTADAPT_GPU_FIGURES"], "bf16_eval.json").write_text(json.dumps(figures, indent=1))
+    assert metrics["bf16"]["test_mse_de"] != metrics["fp32"]["test_mse_de"]  # bf16 reached the evaluation
+    assert rel["test_mse_de"] <= 1e-2
+    assert rel["test_pearson_delta_de"] <= 5e-2
