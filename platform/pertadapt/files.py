@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "atomic_write_text",
     "cache_dir",
     "exclusive_lock",
+    "fm_gene_vocabulary",
     "node_sha256_file",
     "package_data",
     "sha256_bytes",
@@ -165,3 +167,13 @@ def package_data(*parts: str) -> Traversable:
     for part in parts:
         node = node.joinpath(part)
     return node
+
+
+#: The 19,264-gene input vocabulary of AIDO.Cell and scFoundation, shipped as package data (one symbol a line).
+FM_GENE_VOCAB_FILE = "fm_gene_vocab_19264.txt"
+
+
+@cache
+def fm_gene_vocabulary() -> tuple[str, ...]:
+    """The 19,264-gene input vocabulary of AIDO.Cell and scFoundation in model order (read once per process)."""
+    return tuple(line.strip() for line in package_data(FM_GENE_VOCAB_FILE).read_text().splitlines() if line.strip())

@@ -7,21 +7,20 @@ import logging
 import time
 
 from pertadapt.bench.measure import cpu_seconds, peak_rss_mib
-from pertadapt.files import package_data
+from pertadapt.files import fm_gene_vocabulary
 from pertadapt.go.annotations import load_annotations, resolve_symbols, suggest
 from pertadapt.go.similarity import build_graph_and_mask
 
-__all__ = ["VOCAB_FILE", "fm_genes", "run_go_benchmark"]
+__all__ = ["fm_genes", "run_go_benchmark"]
 
 log = logging.getLogger(__name__)
 
 #: scFoundation / AIDO.Cell input vocabulary (package data), one symbol per line in model order.
-VOCAB_FILE = package_data("fm_gene_vocab_19264.txt")
 
 
 def fm_genes(n_genes: int | None = None) -> list[str]:
-    """The first ``n_genes`` symbols of :data:`VOCAB_FILE` in model order (default, or 0: all 19,264)."""
-    return VOCAB_FILE.read_text().split()[:n_genes or None]
+    """The first ``n_genes`` symbols of the FM vocabulary in model order (default, or 0: all 19,264)."""
+    return list(fm_gene_vocabulary()[:n_genes or None])
 
 
 def run_go_benchmark(n_genes: int | None = None, *, threshold: float = 0.1, top_k: int = 20) -> dict:

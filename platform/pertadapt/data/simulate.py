@@ -116,7 +116,7 @@ from pertadapt.data.io import read_h5ad
 from pertadapt.data.keys import CELL_TYPE, CONDITION, CONTROL, GENE_NAME, SEP
 from pertadapt.data.prepare import prepare_adata
 from pertadapt.data.presets import GI_TYPES, MODALITIES, PRESETS, SimParams
-from pertadapt.files import package_data
+from pertadapt.files import fm_gene_vocabulary
 from pertadapt.go.annotations import load_annotations
 from pertadapt.go.similarity import jaccard_matrix
 
@@ -162,15 +162,10 @@ _TOL = 1e-8
 # --------------------------------------------------------------------------- genes and network
 
 
-def _vocabulary() -> list[str]:
-    text = package_data("fm_gene_vocab_19264.txt").read_text()
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 def _choose_genes(gene2terms: Mapping[str, frozenset[str]], p: SimParams,
                   rng: np.random.Generator) -> list[str]:
     """Draw ``n_genes`` annotated vocabulary genes, a share ``module_frac`` in GO-term blocks."""
-    vocab = _vocabulary()
+    vocab = list(fm_gene_vocabulary())
     order = {g: i for i, g in enumerate(vocab)}
     candidates = sorted(g for g in order if gene2terms.get(g))
     if p.n_genes > len(candidates):

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pertadapt.files import atomic_write, atomic_write_text, package_data
+from pertadapt.files import atomic_write, atomic_write_text, fm_gene_vocabulary
 
 __all__ = [
     "GENES_FILE",
@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 GENES_FILE = "genes.txt"
 #: The published AIDO.Cell vocabulary table (column ``gene_name``).
 _TSV_VOCAB = "OS_scRNA_gene_index.19264.tsv"
-#: The 19,264-gene input vocabulary of AIDO.Cell and scFoundation, shipped as package data.
-_BUNDLED_VOCAB = "fm_gene_vocab_19264.txt"
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -52,12 +50,6 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 # gene vocabularies
 # ---------------------------------------------------------------------------------------------------
-
-
-def _bundled_gene_vocab() -> tuple[str, ...]:
-    """The 19,264-gene input vocabulary of AIDO.Cell and scFoundation, in model order."""
-    text = package_data(_BUNDLED_VOCAB).read_text()
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _read_gene_file(directory: Path) -> tuple[str, ...] | None:
@@ -95,7 +87,7 @@ def resolve_vocab(directory: Path, n_genes: int, what: str) -> tuple[str, ...]:
     """
     genes = _read_gene_file(directory)
     if genes is None:
-        genes = _bundled_gene_vocab()
+        genes = fm_gene_vocabulary()
         if n_genes != len(genes):
             raise CheckpointError(f"{what}: the model has {n_genes} gene positions but {directory} holds no "
                                   f"{GENES_FILE}; only the bundled {len(genes)}-gene vocabulary is known")
@@ -155,7 +147,7 @@ def build_or_load(checkpoint: str | None, genes: Sequence[str] | None, *,
         Naming the first gene mismatches between data and checkpoint (or as ``load``).
     """
     if checkpoint is None:
-        return random_init(tuple(genes) if genes is not None else _bundled_gene_vocab())
+        return random_init(tuple(genes) if genes is not None else fm_gene_vocabulary())
     model = load(checkpoint)
     if genes is not None:
         _check_vocabulary(genes, model.genes or (), f"{what} checkpoint {checkpoint}")
