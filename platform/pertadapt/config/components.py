@@ -303,9 +303,16 @@ class FoundationModelBackbone(BackboneOptions):
 @BACKBONE_OPTIONS.register
 @dataclass(frozen=True)
 class TinyBackbone(FoundationModelBackbone):
-    """A small random-init transformer FM (no checkpoint)."""
+    """A small transformer FM: random init, or ``checkpoint`` = a directory written by ``pertadapt pretrain``."""
 
     name: str = "tiny"
+    #: A ``tiny`` checkpoint directory (``config.json``, ``model.safetensors``, ``genes.txt``); its sizes win
+    #: over ``hidden_size``/``layers``/``heads`` and its genes must equal the data's gene order.
+    checkpoint: str | None = None
+
+    @property
+    def weights_are_random(self) -> bool:
+        return self.checkpoint is None
 
 
 @dataclass(frozen=True)

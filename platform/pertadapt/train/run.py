@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pertadapt.baselines import fit_baseline
-from pertadapt.config.components import LinearBaseline, PretrainedBackbone
+from pertadapt.config.components import LinearBaseline, PretrainedBackbone, TinyBackbone
 from pertadapt.config.load import config_hash, config_to_dict
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.keys import CONTROL
@@ -66,7 +66,7 @@ def backbone_weights(cfg: RunConfig) -> str:
     b = cfg.backbone
     if cfg.is_baseline or not b.is_foundation_model:
         return "none (FM off)" if not cfg.is_baseline else "none (baseline)"
-    if not isinstance(b, PretrainedBackbone) or b.checkpoint is None:
+    if not isinstance(b, PretrainedBackbone | TinyBackbone) or b.checkpoint is None:
         return "random"
     path = Path(b.checkpoint)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
