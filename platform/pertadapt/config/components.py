@@ -312,14 +312,6 @@ class FoundationModelBackbone(BackboneOptions):
         return self.embedding_cache == "on" or (self.embedding_cache == "auto" and self.is_frozen_foundation_model)
 
 
-@BACKBONE_OPTIONS.register
-@dataclass(frozen=True)
-class TinyBackbone(FoundationModelBackbone):
-    """A small random-init transformer FM (no checkpoint)."""
-
-    name: str = "tiny"
-
-
 @dataclass(frozen=True)
 class CheckpointedBackbone(FoundationModelBackbone):
     """An FM that can load its weights: ``checkpoint`` (a directory or file), or ``pretrain`` (one made here).
@@ -359,6 +351,16 @@ class CheckpointedBackbone(FoundationModelBackbone):
     def with_random_weights(self) -> CheckpointedBackbone:
         """The same architecture with random weights (what a plan builds; the ``fm: random`` twin)."""
         return dataclasses.replace(self, checkpoint=None, pretrain=None, checkpoint_sha256=None)
+
+
+@BACKBONE_OPTIONS.register
+@dataclass(frozen=True)
+class TinyBackbone(CheckpointedBackbone):
+    """A small transformer FM: random init, or ``checkpoint`` = a directory written by ``pertadapt pretrain``
+    (``config.json``, ``model.safetensors``, ``genes.txt``; its sizes win over ``hidden_size``/``layers``/
+    ``heads`` and its genes must equal the data's gene order), or ``pretrain``."""
+
+    name: str = "tiny"
 
 
 @dataclass(frozen=True)

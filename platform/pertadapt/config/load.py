@@ -37,6 +37,7 @@ __all__ = [
     "config_hash",
     "config_to_dict",
     "dotted_to_nested",
+    "load_layers",
     "load_run_config",
     "load_typed",
     "merge_dotted",
@@ -215,6 +216,12 @@ def _refuse_renamed_keys(layers: list[dict[str, Any]]) -> None:
                 raise ConfigError(f"key '{section}.{key}': this key was replaced: use {renamed[key]}")
 
 
+def _component_sections(schema: type) -> tuple[str, ...]:
+    """The component sections (``model``, ``backbone``, ``loss``) that ``schema`` has as fields."""
+    names = {f.name for f in dataclasses.fields(schema)}
+    return tuple(section for section in COMPONENTS if section in names)
+
+
 def _component_blocks(schema: type, layers: list[dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
     """Each component section's name and merged block; a layer that switches ``name`` starts the block afresh.
 
@@ -224,7 +231,7 @@ def _component_blocks(schema: type, layers: list[dict[str, Any]]) -> dict[str, t
     """
     defaults = schema()
     out = {}
-    for section in COMPONENTS:
+    for section in _component_sections(schema):
         name, block = getattr(defaults, section).name, {}
         for layer in layers:
             part = layer.get(section)
@@ -258,7 +265,7 @@ def load_typed(schema: type[T], source: str, *layers: Mapping[str, Any] | DictCo
     """
     try:
         structured = OmegaConf.structured(schema)
-        if schema is RunConfig:
+        if _component_sections(schema):
             # components: the block's name picks its options dataclass, whose keys and types then apply
             plain = [_plain(layer) for layer in layers]
             _refuse_renamed_keys(plain)
@@ -334,6 +341,23 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
     RunConfig
         The frozen, validated config.
     """
+    return load_layers(RunConfig, path, overrides, extra)
+
+
+def load_layers(schema: type[T], path: str | Path | None = None, overrides: Iterable[str] = (),
+                extra: Mapping[str, Any] | None = None) -> T:
+    """Build a validated ``schema`` instance from a YAML file, a mapping and dotted overrides.
+
+    What :func:`load_run_config` does for a run config, for any config dataclass with the same conventions
+    (``base:`` chains, shipped files under ``configs/``, one layer per override, component blocks).
+
+    Parameters
+    ----------
+    schema
+        A frozen config dataclass (``RunConfig``, ``PretrainConfig``).
+    path, overrides, extra
+        As :func:`load_run_config`.
+    """
     layers: list[Any] = []
     source = "<defaults>"
     if path is not None:
@@ -348,15 +372,15 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
         # one layer per override, in order: `backbone.name=learned` after `backbone.heads=2` switches afresh
         layers.extend(_overrides_to_conf([item]) for item in overrides)
         source += f" + overrides {overrides}"
-    return _typed_paths(load_typed(RunConfig, source, *layers), source)
+    return _typed_paths(load_typed(schema, source, *layers), source)
 
 
-def _typed_paths(cfg: RunConfig, source: str) -> RunConfig:
+def _typed_paths(cfg: T, source: str) -> T:
     """``cfg`` with the :data:`PATH_KEYS` still relative (typed on the command line) found from the working
     directory, then among the shipped configs (those of a file were found relative to it when it was read)."""
     for key in PATH_KEYS:
         section, leaf = key.split(".")
-        block = getattr(cfg, section)
+        block = getattr(cfg, section, None)
         value = getattr(block, leaf, None)
         if isinstance(value, str) and not Path(value).is_absolute():
             try:

@@ -66,21 +66,34 @@ def weights_sha256(checkpoint: str | Path) -> str:
 
 
 def _card_summary(card: dict[str, Any]) -> dict[str, Any]:
-    """What a model card says about where the weights come from (the card's own keys, those it has)."""
-    keys = ("backbone", "data_sha256", "data_path", "cells", "n_cells", "n_train_cells", "n_genes", "steps",
-            "heldout_masked_mse", "mean_predictor_mse", "edge_auroc", "edge_auroc_random")
-    return {k: card[k] for k in keys if k in card}
+    """Where a ``pertadapt pretrain`` model card says the weights come from: the architecture, the data (path,
+    SHA-256, which cells, how many trained on), the genes, the steps and the held-out scores."""
+    data, genes = card.get("data") or {}, card.get("genes") or {}
+    out = {"backbone": card.get("backbone"), "data_path": data.get("path"), "data_sha256": data.get("sha256"),
+           "cells": data.get("cells"), "n_train_cells": data.get("n_train"), "n_heldout_cells": data.get("n_heldout"),
+           "n_genes": genes.get("n"), "steps": card.get("steps"), "batch_size": card.get("batch_size"),
+           "scores": card.get("scores")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _architecture(block: Any, name: str) -> str:
+    """``tiny (hidden 32, layers 1, heads 2)`` from a card's backbone block (the name alone without sizes)."""
+    if not isinstance(block, dict):
+        return name
+    sizes = [f"{k.removesuffix('_size')} {block[k]}" for k in ("hidden_size", "layers", "heads") if k in block]
+    return f"{block.get('name', name)} ({', '.join(sizes)})" if sizes else str(block.get("name", name))
 
 
 def _pretrained_words(name: str, sha: str, card: dict[str, Any] | None, checkpoint: str) -> str:
     """A pretrained FM in words: its source data, cells, steps (from the card) and the weights digest."""
     if not card:
         return f"{name} checkpoint {checkpoint}; weights sha256 {sha[:12]}"
-    cells = card.get("n_train_cells", card.get("n_cells"))
-    which = f"{cells} {card.get('cells', '')} cells".replace("  ", " ") if cells is not None else "cells"
-    data = f" of data sha256 {str(card['data_sha256'])[:12]}" if card.get("data_sha256") else ""
-    steps = f", {card['steps']} steps" if card.get("steps") is not None else ""
-    return f"{card.get('backbone', name)} pretrained on {which}{data}{steps}; weights sha256 {sha[:12]}"
+    s = _card_summary(card)
+    cells = " ".join(str(x) for x in (s.get("n_train_cells"), s.get("cells")) if x is not None)
+    data = f" of data sha256 {str(s['data_sha256'])[:12]}" if "data_sha256" in s else ""
+    steps = f", {s['steps']} steps" if "steps" in s else ""
+    return (f"{_architecture(s.get('backbone'), name)} pretrained on {cells or 'its'} cells{data}{steps}; "
+            f"weights sha256 {sha[:12]}")
 
 
 def backbone_weights(cfg: RunConfig) -> dict[str, Any]:
