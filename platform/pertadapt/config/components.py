@@ -327,7 +327,7 @@ class CheckpointedBackbone(FoundationModelBackbone):
     checkpoint: str | None = None
     #: A ``pertadapt pretrain`` config whose FM, pretrained on this run's data file, gives the weights.
     pretrain: str | None = None
-    #: SHA-256 of the checkpoint's weights (``train.fm_weights.weights_sha256``), set where ``pretrain`` is
+    #: SHA-256 of the checkpoint's weights (``train.fm_weights.checkpoint_sha256``), set where ``pretrain`` is
     #: resolved: the weights loaded are checked against it, and a trial's identity (config hash) follows them.
     checkpoint_sha256: str | None = None
 

@@ -121,7 +121,8 @@ class Ablation:
         """What sets ``trial`` apart from the reference arm (same dataset, backbone, seed), as ``name=value``.
 
         Factor levels when both are factorial arms (``pa=off``), otherwise the dotted overrides that
-        differ (``adapter.off_mode=sum``, ``model.name=baseline_mean``); empty for the reference arm itself.
+        differ (``adapter.off_mode=sum``, ``model.name=baseline_mean``), those of sections ``trial`` does not
+        use left out (a baseline's ``backbone.*``); empty for the reference arm itself.
         """
         ref = next((t for t in self.trials if t.arm == self.reference_arm and t.seed == trial.seed
                     and t.dataset == trial.dataset and t.backbone == trial.backbone), None)
@@ -129,7 +130,9 @@ class Ablation:
             return []
         if trial.levels and ref.levels:
             return [f"{f}={lvl}" for f, lvl in trial.levels.items() if ref.levels.get(f) != lvl]
-        keys = sorted((set(trial.overrides) | set(ref.overrides)) - {"logging.group", "name"})
+        unused = set(trial.config.unused_sections)  # a baseline's backbone, loss, ... set nothing apart
+        keys = sorted(k for k in (set(trial.overrides) | set(ref.overrides)) - {"logging.group", "name"}
+                      if k.partition(".")[0] not in unused)
         return [f"{k}={trial.overrides.get(k, '(base)')}" for k in keys
                 if trial.overrides.get(k) != ref.overrides.get(k)]
 

@@ -28,7 +28,7 @@ from pertadapt.config.errors import ConfigError
 from pertadapt.config.schema import RunConfig
 from pertadapt.files import sha256_bytes, sha256_file
 
-__all__ = ["WEIGHT_SUFFIXES", "backbone_weights", "check_pretrain", "pretrain_of", "resolve_pretrain", "weights_sha256"]
+__all__ = ["WEIGHT_SUFFIXES", "backbone_weights", "check_pretrain", "checkpoint_sha256", "pretrain_of", "resolve_pretrain"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _USE_FIELDS = ("finetune", "last_k", "lora_rank", "activation_checkpointing", "e
                "checkpoint", "pretrain", "checkpoint_sha256", "random_init")
 
 
-def weights_sha256(checkpoint: str | Path) -> str:
+def checkpoint_sha256(checkpoint: str | Path) -> str:
     """SHA-256 of a checkpoint's weights.
 
     Parameters
@@ -104,7 +104,7 @@ def backbone_weights(cfg: RunConfig) -> dict[str, Any]:
     dict
         ``fm``: ``none``, ``random`` or ``pretrained`` (:data:`~pertadapt.config.components.FM_WEIGHTS`);
         ``summary``: the same in words. A pretrained FM adds ``checkpoint``, ``sha256``
-        (:func:`weights_sha256`) and, when the checkpoint has a model card, ``card`` (its source data, cells,
+        (:func:`checkpoint_sha256`) and, when the checkpoint has a model card, ``card`` (its source data, cells,
         steps and held-out scores).
 
     Raises
@@ -123,7 +123,7 @@ def backbone_weights(cfg: RunConfig) -> dict[str, Any]:
     assert isinstance(b, CheckpointedBackbone)
     if b.checkpoint is None:
         raise ConfigError(f"backbone.pretrain: {b.pretrain!r} is not resolved to its checkpoint (resolve_pretrain)")
-    sha = weights_sha256(b.checkpoint)
+    sha = checkpoint_sha256(b.checkpoint)
     if b.checkpoint_sha256 is not None and sha != b.checkpoint_sha256:
         raise ConfigError(f"backbone.checkpoint_sha256: the weights in {b.checkpoint} have SHA-256 {sha}, not "
                           f"{b.checkpoint_sha256}: the checkpoint changed since the config was resolved")
@@ -206,7 +206,7 @@ def resolve_pretrain(cfg: RunConfig, data_file: str | Path | None = None,
         log.info("backbone.pretrain: the FM of %s, pretrained on %s (once per data file and config, cached)",
                  b.pretrain, data_file)
         directory = pretrained_checkpoint(b.pretrain, Path(data_file))
-        found = (str(directory), weights_sha256(directory))
+        found = (str(directory), checkpoint_sha256(directory))
         log.info("backbone.pretrain: %s → %s (weights sha256 %s)", b.pretrain, directory, found[1][:12])
         if done is not None:
             done[key] = found
