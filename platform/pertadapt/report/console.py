@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pertadapt.report.document import SweepReport
@@ -50,7 +51,7 @@ def summary_table(report: SweepReport) -> Table:
         where = ["/".join(p for p in (r["dataset"], r["backbone"]) if p)] if several else []
         weights = set() if r["is_baseline"] else set(str(r["fm_weights"]).split(","))
         label = arm_label(str(r["arm"]), set(str(r["gene_space"]).split(",")), weights)
-        table.add_row(*where, label, f"{r['n']}/{r['n_trials']}", *cells, verdict, style=style)
+        table.add_row(*where, escape(label), f"{r['n']}/{r['n_trials']}", *cells, verdict, style=style)
     return table
 
 
