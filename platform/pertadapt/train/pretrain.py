@@ -47,9 +47,10 @@ from pertadapt.models.backbones.checkpoint import CheckpointError
 from pertadapt.models.backbones.registry import build_backbone
 from pertadapt.models.backbones.tiny import TinyTransformer
 from pertadapt.models.pretrain import MASK_VALUES, MaskedValueModel, masked_mse
+from pertadapt.report.logger import RunLogger
 from pertadapt.report.wandb import open_logger
 from pertadapt.train.checkpoint import has_checkpoint, replace_dir, require_checkpoint
-from pertadapt.train.engine import build_engine
+from pertadapt.train.engine import Engine, build_engine
 from pertadapt.train.run import seed_everything
 from pertadapt.train.schedule import LRSchedule
 from pertadapt.train.setup import ensure_data_file, provenance
@@ -265,17 +266,13 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, data
     ConfigError
         ``--resume`` without a checkpoint, a file without control cells, too few cells.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     t0 = time.perf_counter()
     out = Path(out)
     path = Path(data_file) if data_file is not None else ensure_data_file(cfg)
     cells = read_cells(path, cfg.data.cells)
     split = split_cells(cells.x.shape[0], cfg.data.heldout_frac, cfg.data.heldout_seed)
-    mask_value = MASK_VALUES[cfg.backbone.name]
     model = _build_network(cfg, cells.genes)
     engine = build_engine(model, cfg)
-    schedule = LRSchedule(dataclasses.replace(cfg.optim, epochs=1), cfg.steps)
     resume_dir = out / RESUME_DIR
     if resume:
         state = engine.load(require_checkpoint(resume_dir if has_checkpoint(resume_dir) else None, resume_dir))
@@ -290,6 +287,24 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, data
                          name=cfg.name, directory=out, config=config_to_dict(cfg))
     log.info("pretraining %s on %d %s cells × %d genes of %s (%d held out), %d steps",
              cfg.backbone.name, split.train.size, cfg.data.cells, len(cells.genes), path, split.heldout.size, cfg.steps)
+    try:
+        result = _train_and_write(cfg, out, engine, model, cells, split, path, start, losses, logger, t0, progress)
+    except BaseException:
+        logger.finish({}, exit_code=1)
+        raise
+    logger.finish({f"pretrain/{k}": v for k, v in result.summary.items() if isinstance(v, int | float)})
+    return result
+
+
+def _train_and_write(cfg: PretrainConfig, out: Path, engine: Engine, model: MaskedValueModel, cells: CellMatrix,
+                     split: Split, path: Path, start: int, losses: list[float], logger: RunLogger, t0: float,
+                     progress: bool) -> PretrainResult:
+    """The steps from ``start``, the held-out scores, the checkpoint and the model card (see :func:`pretrain`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    mask_value = MASK_VALUES[cfg.backbone.name]
+    schedule = LRSchedule(dataclasses.replace(cfg.optim, epochs=1), cfg.steps)
+    resume_dir = out / RESUME_DIR
     micro = cfg.optim.micro_batch_size
     engine.train(True)
     columns = (TextColumn("pretraining"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
@@ -317,7 +332,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, data
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 new = out / f".{RESUME_DIR}.new"
                 shutil.rmtree(new, ignore_errors=True)
-                engine.save(new, {"step": step + 1, "losses": losses})
+                # the checkpoint format's client state (``epoch``, ``best_epoch``, ``best``) counts steps here
+                engine.save(new, {"epoch": step + 1, "best_epoch": step + 1, "best": losses[-1], "step": step + 1,
+                                  "losses": losses})
                 replace_dir(new, resume_dir)
     engine.train(False)
     scores = heldout_scores(model, cells, split, cfg.objective.mask_ratio, mask_value, cfg.data.heldout_seed)
@@ -344,7 +361,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, data
     atomic_write_text(out / MODEL_CARD_MD, _model_card_md(card))
     shutil.rmtree(resume_dir, ignore_errors=True)
     summary = {"backbone": cfg.backbone.name, **scores, "steps": cfg.steps, "seconds": seconds}
-    logger.finish({f"pretrain/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     log.info("pretrained %s in %.1f s: held-out masked MSE %.4f vs mean predictor %.4f%s → %s", cfg.backbone.name,
              seconds, scores["heldout_masked_mse"], scores["mean_predictor_mse"],
              f", edge AUROC {scores['edge_auroc']:.3f} (random {scores['edge_auroc_random']:.3f})"
