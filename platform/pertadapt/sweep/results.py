@@ -88,7 +88,7 @@ def varying_keys(flat_configs: Sequence[Mapping[str, Any]]) -> list[str]:
 def _row(t: Trial, outcome: TrialOutcome | None, run: RunDir, expected: str | None,
          config: Mapping[str, Any]) -> ResultRow:
     prov = run.provenance()
-    weights = prov.get("backbone_weights")  # train.run.backbone_weights: {"fm": ..., "summary": ...}
+    weights = prov.get("backbone_weights")  # train.fm_weights.backbone_weights: {"fm": ..., "summary": ...}
     weights = weights if isinstance(weights, dict) else {}
     metrics: dict[str, Any] = {}
     status = outcome.status if outcome is not None else "pending"
