@@ -90,11 +90,13 @@ def test_a_pretrain_config_of_another_fm_is_refused(tmp_path: Path) -> None:
         load_pretrain_config("pretrain_demo.yaml", ["backbone.pretrain=pretrain_demo.yaml"])
 
 
-def test_the_demo_dry_run_plans_the_fm_levels_without_pretraining(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_demo_dry_run_plans_the_fm_levels_without_pretraining(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     cache = tmp_path / "cache"
     monkeypatch.setenv("PERTADAPT_CACHE", str(cache))
     run_sweep_from_files(SweepRequest(REPO / "ablations" / "demo.yaml", out=tmp_path / "plan", dry_run=True))
+    assert f"FM weights: 12 trial(s) load the FM of {PRETRAIN_DEMO} pretrained on" in " ".join(
+        capsys.readouterr().out.split())
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
     fm = {t["arm"]: t["levels"].get("fm") for t in plan["trials"]}
     assert set(fm.values()) == {"pretrained", "random", "off", None}  # None: the baselines

@@ -259,6 +259,16 @@ def _print_plan(p: _Prepared) -> None:
         console = Console(width=max(160, Console(width=1000).measure(table).maximum))
     console.print(table)
     console.print(_cost_table(plan))
+    from pertadapt.train.fm_weights import pretrain_of
+
+    pretrained: dict[tuple[str, str], int] = {}
+    for t in p.ablation.trials:
+        if (pretrain := pretrain_of(t.config)) is not None:
+            key = (pretrain, str(p.files[t.key].path))
+            pretrained[key] = pretrained.get(key, 0) + 1
+    for (pretrain, data), n in pretrained.items():
+        console.print(f"FM weights: {n} trial(s) load the FM of {pretrain} pretrained on {data}: once, by the sweep's "
+                      "driver before any trial starts (cached; a dry run pretrains nothing)")
 
 
 def _cost_table(plan: dict[str, Any]) -> Any:
