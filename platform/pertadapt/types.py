@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["Batch", "LossOutput"]
+__all__ = ["Batch", "LossOutput", "MaskedCells"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,37 @@ class LossOutput:
     total: torch.Tensor
     components: dict[str, torch.Tensor]
     weights: dict[str, float]
+
+
+@dataclass(frozen=True)
+class MaskedCells:
+    """A micro-batch of masked-expression pretraining: cells with some genes' values hidden.
+
+    Attributes
+    ----------
+    x
+        ``(batch, n_genes)`` float, log1p-normalised expression with the masked genes' values replaced by the
+        backbone's mask value (the model input).
+    total_count
+        ``(batch,)`` float, raw UMI totals of the cells.
+    target
+        ``(batch, n_genes)`` float, the unmasked log1p-normalised expression.
+    mask
+        ``(batch, n_genes)`` bool, the masked genes (scored by the loss).
+    """
+
+    x: torch.Tensor
+    total_count: torch.Tensor
+    target: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MaskedCells:
+        """Move every tensor; floating tensors optionally cast to ``dtype``."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        return MaskedCells(move(self.x), move(self.total_count), move(self.target), move(self.mask))
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])

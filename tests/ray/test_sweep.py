@@ -97,6 +97,9 @@ def test_demo_grid_results(demo_sweep: Path) -> None:
     assert table.num_rows == len(rows)
     assert table.column("test_mse_de").to_pylist() == pytest.approx([float(r["test_mse_de"]) for r in rows])
     assert (demo_sweep / "report" / "report.html").read_text().count("<table") >= 2
+    # every trial names its FM weights: the model arm's tiny FM is random, "none" and the baselines have none
+    assert {r["arm"]: r["fm_weights"] for r in rows} == {**dict.fromkeys(arms, "none"), "fm+pa+am+ladapt": "random"}
+    assert "fm+pa+am+ladapt [random FM]" in (demo_sweep / "report" / "report.html").read_text()
 
 
 def test_every_trial_has_one_finished_wandb_run_matching_the_csv(demo_sweep: Path) -> None:
@@ -297,10 +300,11 @@ def test_dry_run_plans_without_starting_anything(tmp_path: Path, ray_pids) -> No
     before = ray_pids()
     res = _pertadapt("sweep", "ablations/demo.yaml", "--out", str(tmp_path / "plan"), "--dry-run")
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
-    assert len(plan["trials"]) == 20
-    assert {t["arm"] for t in plan["trials"]} >= {"fm+pa+am+ladapt", "none", "baseline_linear"}
+    assert len(plan["trials"]) == 24
+    assert {t["arm"] for t in plan["trials"]} >= {"fm=pretrained+pa+am+ladapt", "fm=random+pa+am+ladapt", "none",
+                                                  "fm=pretrained+pa+am+ladapt=mse+quality", "baseline_linear"}
     assert all(t["workers"] == 2 for t in plan["trials"] if not t["is_baseline"])
-    assert "20 trials" in res.stdout
+    assert "24 trials" in res.stdout
     assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["plan.json"]
     assert ray_pids() == before
 

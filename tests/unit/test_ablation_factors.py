@@ -176,25 +176,53 @@ def test_an_override_for_an_unknown_set_lists_the_sets(tmp_path: Path, key: str,
         _load(tmp_path, TOGGLES, extra_overrides={"datasets.a.data.n_de": 3})
 
 
+#: The demo's arms: the paper's rows with the pretrained FM, the random-FM control row, the quality row.
+DEMO_ARMS = ("none", "fm=pretrained", "fm=pretrained+pa", "fm=pretrained+pa+am", "fm=pretrained+ladapt",
+             "fm=pretrained+pa+am+ladapt", "fm=random+pa+am+ladapt", "fm=pretrained+pa+am+ladapt=mse+quality")
+DEMO_FULL = "fm=pretrained+pa+am+ladapt"
+
+
 def test_demo_grid_is_the_paper_rows_with_the_full_model_as_reference() -> None:
     abl = load_ablation(REPO / "ablations" / "demo.yaml")
-    assert abl.arms == (*PAPER_ROWS, "baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear")
-    assert abl.reference_arm == "fm+pa+am+ladapt"
+    assert abl.arms == (*DEMO_ARMS, "baseline_nochange", "baseline_mean", "baseline_additive", "baseline_linear")
+    assert abl.reference_arm == DEMO_FULL
     assert abl.seeds == (1, 2)
-    assert len(abl.trials) == 20
+    assert len(abl.trials) == 24
     by_arm = _first_seed(abl)
-    assert by_arm["fm"].config.loss.name == "gears"  # L_adapt off = the GEARS loss (the reference's loss_fct)
-    assert by_arm["fm+pa+am+ladapt"].config == load_run_config("demo.yaml", ["name=fm+pa+am+ladapt-seed1",
-                                                                             "logging.group=demo/fm+pa+am+ladapt"])
+    assert by_arm["fm=pretrained"].config.loss.name == "gears"  # L_adapt off = the GEARS loss (the reference's)
+    pretrain = str((REPO / "configs" / "pretrain_demo.yaml").resolve())  # found relative to the ablation file
+    assert by_arm[DEMO_FULL].config == load_run_config("demo.yaml", [f"name={DEMO_FULL}-seed1",
+                                                                     f"logging.group=demo/{DEMO_FULL}",
+                                                                     f"backbone.pretrain={pretrain}"])
+    # the paper's six rows keep their FM, PA, AM, L_adapt levels, the FM rows pretrained
+    for arm, marks in PAPER_ROWS.items():
+        levels = by_arm[DEMO_ARMS[list(PAPER_ROWS).index(arm)]].levels
+        assert [levels[f] != "off" for f in ("fm", "pa", "am", "ladapt")] == [bool(m) for m in marks]
+        assert levels["fm"] in ("pretrained", "off")
+        assert levels["quality"] == "off"
+    assert {t.config.backbone.fm_weights for t in abl.trials if not t.is_baseline} == {"none", "random", "pretrained"}
+
+
+def test_the_demo_quality_arm_changes_the_three_settings_it_claims() -> None:
+    """The control arm is the full model with model.head_init=zero, adapter.inject=perturbed, loss.name=mse."""
+    by_arm = _first_seed(load_ablation(REPO / "ablations" / "demo.yaml"))
+    full, quality = by_arm[DEMO_FULL], by_arm["fm=pretrained+pa+am+ladapt=mse+quality"]
+    assert _diff(quality, full) == {"model.head_init", "adapter.inject", "loss.name"}
+    assert (quality.config.model.head_init, quality.config.adapter.inject, quality.config.loss.name) == (
+        "zero", "perturbed", "mse")
+    assert (full.config.model.head_init, full.config.adapter.inject, full.config.loss.name) == (
+        "xavier", "all", "adaptive")
+    assert quality.levels == {"fm": "pretrained", "pa": "on", "am": "on", "ladapt": "mse", "quality": "on"}
 
 
 def test_toggles_name_what_sets_an_arm_apart_from_the_reference_arm(tmp_path: Path) -> None:
     """The W&B tags of a trial: factor levels for factorial arms, differing overrides otherwise."""
     abl = load_ablation(REPO / "ablations" / "demo.yaml")
     by_arm = _first_seed(abl)
-    assert abl.toggles(by_arm["fm+pa+am+ladapt"]) == []
-    assert abl.toggles(by_arm["fm+pa"]) == ["am=off", "ladapt=off"]
+    assert abl.toggles(by_arm[DEMO_FULL]) == []
+    assert abl.toggles(by_arm["fm=pretrained+pa"]) == ["am=off", "ladapt=off"]
     assert abl.toggles(by_arm["none"]) == ["fm=off", "pa=off", "am=off", "ladapt=off"]
+    assert abl.toggles(by_arm["fm=random+pa+am+ladapt"]) == ["fm=random"]
     assert abl.toggles(by_arm["baseline_mean"]) == ["model.name=baseline_mean"]
     named = tmp_path / "named.yaml"
     named.write_text(f"name: n\nbase: {REPO / 'configs' / 'demo.yaml'}\nseeds: [3]\nbaselines: false\n"

@@ -50,11 +50,15 @@ def test_unknown_name_lists_valid_ones() -> None:
         build_backbone(TinyBackbone(name="bert"), genes=GENES, width=16)
 
 
-def test_tiny_takes_no_checkpoint_and_learned_has_no_options() -> None:
+def test_tiny_checkpoint_is_an_option_and_learned_has_no_options() -> None:
     from pertadapt.config import ConfigError, load_run_config
 
-    with pytest.raises(ConfigError, match=r"backbone\.checkpoint: not an option of backbone 'tiny'"):
-        load_run_config(None, ["backbone.checkpoint=ckpt"])
+    # tiny takes a checkpoint written by `pertadapt pretrain` (tests/unit/test_pretrain.py loads one)
+    assert load_run_config(None, ["backbone.checkpoint=ckpt"]).backbone.checkpoint == "ckpt"
+    assert not load_run_config(None, ["backbone.checkpoint=ckpt"]).backbone.weights_are_random
+    assert load_run_config(None, []).backbone.weights_are_random
+    with pytest.raises(ConfigError, match=r"backbone\.checkpoint: not an option of backbone 'learned'"):
+        load_run_config(None, ["backbone.name=learned", "backbone.checkpoint=ckpt"])
     # the FM-off arm of an ablation switches the block: the base's checkpoint is not carried over
     cfg = load_run_config(None, ["backbone.name=aido_cell", "backbone.checkpoint=ckpt", "backbone.name=learned"])
     assert cfg.backbone == LearnedBackbone()

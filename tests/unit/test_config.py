@@ -16,10 +16,22 @@ from pertadapt.sweep.search_space import load_search_space
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+#: Pretrain configs (``pertadapt pretrain``) live beside the run configs, named ``pretrain*.yaml``.
+PRETRAIN_CONFIGS = sorted((REPO / "configs").glob("pretrain*.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted(set((REPO / "configs").glob("*.yaml")) - set(PRETRAIN_CONFIGS)),
+                         ids=lambda p: p.name)
 def test_every_run_config_loads(path: Path) -> None:
     cfg = load_run_config(path)
     assert cfg.optim.epochs >= 1
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.name)
+def test_every_pretrain_config_loads(path: Path) -> None:
+    from pertadapt.config.pretrain import load_pretrain_config
+
+    assert load_pretrain_config(path).steps >= 1
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "ablations").glob("*.yaml")), ids=lambda p: p.name)

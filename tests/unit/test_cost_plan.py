@@ -201,7 +201,7 @@ def test_dry_run_writes_each_trials_cost_and_the_total(tmp_path: Path, demo_file
     assert res.returncode == 0, res.stderr
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
     keys = {"train_tflop", "eval_tflop", "cache_gb", "peak_gb_per_worker", "gpu_hours"}
-    full = next(t for t in plan["trials"] if t["arm"] == "fm+pa+am+ladapt")
+    full = next(t for t in plan["trials"] if t["arm"] == "fm=pretrained+pa+am+ladapt")
     assert keys <= set(full["cost"])
     assert keys <= set(full["cost_naive"])
     assert keys <= set(plan["cost"])
@@ -211,7 +211,8 @@ def test_dry_run_writes_each_trials_cost_and_the_total(tmp_path: Path, demo_file
     hours = sum(full["cost"][k] for k in ("train_tflop", "eval_tflop", "cache_tflop")) / 10 / 3600
     assert full["cost"]["gpu_hours"] == pytest.approx(hours, rel=1e-3)
     assert plan["cost"]["train_tflop"] == pytest.approx(sum(t["cost"]["train_tflop"] for t in plan["trials"]), rel=1e-3)
-    assert plan["cost"]["cache_gb"] == pytest.approx(full["cost"]["cache_gb"], rel=1e-3)  # one cache: one backbone
+    # one cache per backbone: the pretrained FM's and the random FM's (same sizes, other weights)
+    assert plan["cost"]["cache_gb"] == pytest.approx(2 * full["cost"]["cache_gb"], rel=1e-3)
     assert "naive train TFLOP" in res.stdout
     assert "naive/plan FLOPs" in res.stdout
     assert "sweep total" in res.stdout

@@ -122,7 +122,7 @@ def test_embed_errors_leave_no_output(tmp_path, problem: str, message: str, code
     if problem == "not_h5ad":
         (tmp_path / "d.h5ad").write_text("cell,GENE0\nc1,3\n")
     out = tmp_path / "e.npy"
-    name = "tiny" if problem == "backbone" else "aido_cell"
+    name = "learned" if problem == "backbone" else "aido_cell"  # tiny has a loader (pertadapt pretrain)
     res = runner.invoke(app, ["embed", "--backbone", name, "--checkpoint", str(tmp_path / "c"), "--data",
                               str(tmp_path / "d.h5ad"), "--out", str(out)])
     assert res.exit_code == code, res.output

@@ -11,13 +11,13 @@ import typer
 if TYPE_CHECKING:
     from torch import nn
 
-from pertadapt.config.components import BACKBONE_OPTIONS, PretrainedBackbone
+from pertadapt.config.components import BACKBONE_OPTIONS
 
 log = logging.getLogger("pertadapt")
 
-#: Backbones with a checkpoint loader (the registry's pretrained ones); ``tiny``/``learned`` are random-init
-#: and have nothing to embed with.
-PRETRAINED = tuple(n for n in BACKBONE_OPTIONS.names() if issubclass(BACKBONE_OPTIONS.options(n), PretrainedBackbone))
+#: Backbones with a checkpoint loader (their block has a ``checkpoint`` key: the published FMs and ``tiny``,
+#: whose checkpoints ``pertadapt pretrain`` writes); ``learned`` has nothing to embed with.
+PRETRAINED = tuple(n for n in BACKBONE_OPTIONS.names() if "checkpoint" in BACKBONE_OPTIONS.keys(n))
 
 
 def _load_backbone(name: str, checkpoint: Path, input_mode: str) -> nn.Module:
@@ -38,7 +38,7 @@ def embed(
     backbone: str = typer.Option(..., "--backbone", help=f"Pretrained backbone: {', '.join(PRETRAINED)}."),
     checkpoint: Path = typer.Option(..., "--checkpoint", exists=True,
                                     help="Checkpoint directory (aido_cell: HF layout; scfoundation: models.ckpt "
-                                         "or its directory)."),
+                                         "or its directory; tiny: written by pertadapt pretrain)."),
     data: Path = typer.Option(..., "--data", exists=True, dir_okay=False,
                               help="H5AD with raw counts in X or in layers['counts']."),
     out: Path = typer.Option(..., "--out", help="Output .npy: float32 (n_cells, n_genes, d), vocabulary order."),

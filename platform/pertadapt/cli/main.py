@@ -58,9 +58,9 @@ def main() -> None:
 
 
 def _register_groups() -> None:
-    from pertadapt.cli import bench, cluster, data, embed, evaluate, go, report, runs, simulate
+    from pertadapt.cli import bench, cluster, data, embed, evaluate, go, pretrain, report, runs, simulate
 
-    for module in (runs, report, simulate, data, go, evaluate, embed, bench, cluster):
+    for module in (runs, report, simulate, data, go, evaluate, embed, pretrain, bench, cluster):
         module.register(app)
 
 

@@ -28,6 +28,7 @@ from pertadapt.config.errors import check_choice as _choice
 __all__ = [
     "BACKBONE_OPTIONS",
     "COMPONENTS",
+    "FM_WEIGHTS",
     "GENE_SPACES",
     "LOSS_OPTIONS",
     "MODEL_OPTIONS",
@@ -35,6 +36,7 @@ __all__ = [
     "AidoCellBackbone",
     "BackboneOptions",
     "BaselineOptions",
+    "CheckpointedBackbone",
     "ComponentOptions",
     "ComponentRegistry",
     "FoundationModelBackbone",
@@ -58,6 +60,9 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 #: Start of the head's per-gene output layer: ``xavier`` (the reference, GEARS's ``indv_w1``/``indv_b1``) or
 #: ``zero`` (the model starts as no-change, Δ̂ = 0 on every gene; docs/quality.md).
 HEAD_INITS = ("xavier", "zero")
+#: Which FM weights a run uses (:attr:`BackboneOptions.fm_weights`): ``none`` (no FM: ``backbone.name: learned``,
+#: or a baseline), ``random`` (``tiny``, or a named FM with ``random_init``) or ``pretrained`` (a checkpoint).
+FM_WEIGHTS = ("none", "random", "pretrained")
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,13 @@ class BackboneOptions(ComponentOptions):
         return False
 
     @property
+    def fm_weights(self) -> str:
+        """Which FM weights the backbone has (:data:`FM_WEIGHTS`): ``none`` without an FM."""
+        if not self.is_foundation_model:
+            return "none"
+        return "random" if self.weights_are_random else "pretrained"
+
+    @property
     def is_frozen_foundation_model(self) -> bool:
         """Whether the backbone is an FM that does not train (its embeddings depend on the cell only)."""
         return False
@@ -300,35 +312,79 @@ class FoundationModelBackbone(BackboneOptions):
         return self.embedding_cache == "on" or (self.embedding_cache == "auto" and self.is_frozen_foundation_model)
 
 
+@dataclass(frozen=True)
+class CheckpointedBackbone(FoundationModelBackbone):
+    """An FM that can load its weights: ``checkpoint`` (a directory or file), or ``pretrain`` (one made here).
+
+    ``pretrain`` names a ``pertadapt pretrain`` config (a path relative to the file that sets it, then among
+    the shipped configs): this FM's weights come from pretraining that config's FM on this run's data file.
+    It is resolved to ``checkpoint`` (and ``checkpoint_sha256``) before the backbone is built, by ``pertadapt
+    train`` and, once per (pretrain config, data file), by the sweep driver before any trial starts; the
+    pretraining runs once and is cached (``train.pretrain.pretrained_checkpoint``). The pretrain config's
+    backbone must declare this block's architecture. A dry run plans with the declared sizes.
+    """
+
+    checkpoint: str | None = None
+    #: A ``pertadapt pretrain`` config whose FM, pretrained on this run's data file, gives the weights.
+    pretrain: str | None = None
+    #: SHA-256 of the checkpoint's weights (``train.fm_weights.checkpoint_sha256``), set where ``pretrain`` is
+    #: resolved: the weights loaded are checked against it, and a trial's identity (config hash) follows them.
+    checkpoint_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pretrain is not None and self.checkpoint is not None:
+            raise ConfigError(f"backbone.pretrain: {self.pretrain!r}, but backbone.checkpoint is set too "
+                              f"({self.checkpoint!r}); choose one (pretrain is resolved to the checkpoint it writes)")
+        if self.checkpoint_sha256 is not None and self.checkpoint is None:
+            raise ConfigError("backbone.checkpoint_sha256: set without backbone.checkpoint (it is the digest of "
+                              "the checkpoint's weights)")
+
+    @property
+    def weights_are_random(self) -> bool:
+        return self.checkpoint is None and self.pretrain is None
+
+    def with_checkpoint(self, checkpoint: str, sha256: str) -> CheckpointedBackbone:
+        """This block loading ``checkpoint`` (weights digest ``sha256``): what a resolved ``pretrain`` becomes."""
+        return dataclasses.replace(self, checkpoint=checkpoint, pretrain=None, checkpoint_sha256=sha256)
+
+    def with_random_weights(self) -> CheckpointedBackbone:
+        """The same architecture with random weights (what a plan builds; the ``fm: random`` twin)."""
+        return dataclasses.replace(self, checkpoint=None, pretrain=None, checkpoint_sha256=None)
+
+
 @BACKBONE_OPTIONS.register
 @dataclass(frozen=True)
-class TinyBackbone(FoundationModelBackbone):
-    """A small random-init transformer FM (no checkpoint)."""
+class TinyBackbone(CheckpointedBackbone):
+    """A small transformer FM: random init, or ``checkpoint`` = a directory written by ``pertadapt pretrain``
+    (``config.json``, ``model.safetensors``, ``genes.txt``; its sizes win over ``hidden_size``/``layers``/
+    ``heads`` and its genes must equal the data's gene order), or ``pretrain``."""
 
     name: str = "tiny"
 
 
 @dataclass(frozen=True)
-class PretrainedBackbone(FoundationModelBackbone):
-    """An FM with published weights: ``checkpoint`` is required unless ``random_init`` asks for random weights."""
+class PretrainedBackbone(CheckpointedBackbone):
+    """An FM with published weights: ``checkpoint`` (or ``pretrain``) is required unless ``random_init`` asks
+    for random weights."""
 
-    checkpoint: str | None = None
     #: Build the FM with random weights when no checkpoint is given. Without it, a missing ``checkpoint``
     #: is an error (a random "FM" must never pass for a real one).
     random_init: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.checkpoint is None and not self.random_init:
+        if self.checkpoint is None and self.pretrain is None and not self.random_init:
             raise ConfigError(f"backbone.checkpoint: the {self.name} backbone needs its pretrained weights "
-                              "(a checkpoint directory); set backbone.random_init=true to run it with random "
-                              "weights on purpose (results are then labelled 'random FM')")
-        if self.random_init and self.checkpoint is not None:
-            raise ConfigError("backbone.random_init: true, but backbone.checkpoint is set; choose one")
+                              "(a checkpoint directory, or backbone.pretrain: a pretrain config); set "
+                              "backbone.random_init=true to run it with random weights on purpose (results are "
+                              "then labelled 'random FM')")
+        if self.random_init and (self.checkpoint is not None or self.pretrain is not None):
+            which = "backbone.checkpoint" if self.checkpoint is not None else "backbone.pretrain"
+            raise ConfigError(f"backbone.random_init: true, but {which} is set; choose one")
 
-    @property
-    def weights_are_random(self) -> bool:
-        return self.checkpoint is None
+    def with_random_weights(self) -> PretrainedBackbone:
+        return dataclasses.replace(self, checkpoint=None, pretrain=None, checkpoint_sha256=None, random_init=True)
 
 
 @BACKBONE_OPTIONS.register

@@ -9,7 +9,8 @@ is imported here, so a bad config fails in milliseconds.
 
 ``base:`` references are resolved relative to the file that contains them first, then among the
 configs shipped with the package; a path typed on the command line is taken as given (relative to
-the working directory), then among the shipped files.
+the working directory), then among the shipped files. The run-config keys that name a config file
+(:data:`PATH_KEYS`, e.g. ``backbone.pretrain``) are found the same way and stored as absolute paths.
 """
 
 from __future__ import annotations
@@ -30,22 +31,27 @@ from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.files import package_data
 
 __all__ = [
+    "PATH_KEYS",
     "SHIPPED_DIRS",
     "config_from_dict",
     "config_hash",
     "config_to_dict",
     "dotted_to_nested",
+    "load_layers",
     "load_run_config",
     "load_typed",
     "merge_dotted",
     "parse_overrides",
     "read_yaml",
     "resolve_config_path",
+    "resolve_path_keys",
 ]
 
 BASE_KEY = "base"
 #: Folders of ``pertadapt/resources`` that hold user-facing files (also linked at the repository root).
 SHIPPED_DIRS = ("configs", "ablations", "search_spaces", "deepspeed")
+#: Dotted run-config keys whose value names a config file (found as ``base:`` is, stored absolute).
+PATH_KEYS = ("backbone.pretrain",)
 T = TypeVar("T")
 
 
@@ -145,12 +151,37 @@ def resolve_config_path(ref: str | Path, relative_to: Path | None = None, *, kin
     raise ConfigError(f"{ref}: file not found (looked at {first} and among the shipped {kind})")
 
 
+def resolve_path_keys(flat: Mapping[str, Any], relative_to: Path | None) -> dict[str, Any]:
+    """``flat`` (dotted key → value) with the files named by :data:`PATH_KEYS` found, as absolute paths.
+
+    Parameters
+    ----------
+    flat
+        Dotted overrides (an ablation's arm, level or named set; a run config's section as ``{key: value}``).
+    relative_to
+        The file that sets them (looked up next to it first, then among the shipped configs); ``None`` for
+        values typed on the command line (relative to the working directory, then the shipped configs).
+    """
+    return {k: (str(resolve_config_path(v, relative_to).resolve()) if k in PATH_KEYS and isinstance(v, str) else v)
+            for k, v in flat.items()}
+
+
+def _resolve_layer_paths(layer: dict[str, Any], path: Path) -> None:
+    """The :data:`PATH_KEYS` of a config file's layer, found relative to that file (in place)."""
+    for key in PATH_KEYS:
+        section, leaf = key.split(".")
+        part = layer.get(section)
+        if isinstance(part, dict) and isinstance(part.get(leaf), str):
+            part[leaf] = resolve_path_keys({key: part[leaf]}, path)[key]
+
+
 def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[list[dict[str, Any]], tuple[Path, ...]]:
     """The files of a ``base:`` chain as layers, the deepest base first (merged by :func:`load_typed`)."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'base:' chain ({' -> '.join(str(s) for s in (*seen, path))})")
     raw = read_yaml(path)
+    _resolve_layer_paths(raw, path)
     base = raw.pop(BASE_KEY, None)
     layers: list[dict[str, Any]] = []
     chain: tuple[Path, ...] = (path,)
@@ -185,6 +216,12 @@ def _refuse_renamed_keys(layers: list[dict[str, Any]]) -> None:
                 raise ConfigError(f"key '{section}.{key}': this key was replaced: use {renamed[key]}")
 
 
+def _component_sections(schema: type) -> tuple[str, ...]:
+    """The component sections (``model``, ``backbone``, ``loss``) that ``schema`` has as fields."""
+    names = {f.name for f in dataclasses.fields(schema)}
+    return tuple(section for section in COMPONENTS if section in names)
+
+
 def _component_blocks(schema: type, layers: list[dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
     """Each component section's name and merged block; a layer that switches ``name`` starts the block afresh.
 
@@ -194,7 +231,7 @@ def _component_blocks(schema: type, layers: list[dict[str, Any]]) -> dict[str, t
     """
     defaults = schema()
     out = {}
-    for section in COMPONENTS:
+    for section in _component_sections(schema):
         name, block = getattr(defaults, section).name, {}
         for layer in layers:
             part = layer.get(section)
@@ -228,7 +265,7 @@ def load_typed(schema: type[T], source: str, *layers: Mapping[str, Any] | DictCo
     """
     try:
         structured = OmegaConf.structured(schema)
-        if schema is RunConfig:
+        if _component_sections(schema):
             # components: the block's name picks its options dataclass, whose keys and types then apply
             plain = [_plain(layer) for layer in layers]
             _refuse_renamed_keys(plain)
@@ -304,6 +341,23 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
     RunConfig
         The frozen, validated config.
     """
+    return load_layers(RunConfig, path, overrides, extra)
+
+
+def load_layers(schema: type[T], path: str | Path | None = None, overrides: Iterable[str] = (),
+                extra: Mapping[str, Any] | None = None) -> T:
+    """Build a validated ``schema`` instance from a YAML file, a mapping and dotted overrides.
+
+    What :func:`load_run_config` does for a run config, for any config dataclass with the same conventions
+    (``base:`` chains, shipped files under ``configs/``, one layer per override, component blocks).
+
+    Parameters
+    ----------
+    schema
+        A frozen config dataclass (``RunConfig``, ``PretrainConfig``).
+    path, overrides, extra
+        As :func:`load_run_config`.
+    """
     layers: list[Any] = []
     source = "<defaults>"
     if path is not None:
@@ -318,7 +372,23 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
         # one layer per override, in order: `backbone.name=learned` after `backbone.heads=2` switches afresh
         layers.extend(_overrides_to_conf([item]) for item in overrides)
         source += f" + overrides {overrides}"
-    return load_typed(RunConfig, source, *layers)
+    return _typed_paths(load_typed(schema, source, *layers), source)
+
+
+def _typed_paths(cfg: T, source: str) -> T:
+    """``cfg`` with the :data:`PATH_KEYS` still relative (typed on the command line) found from the working
+    directory, then among the shipped configs (those of a file were found relative to it when it was read)."""
+    for key in PATH_KEYS:
+        section, leaf = key.split(".")
+        block = getattr(cfg, section, None)
+        value = getattr(block, leaf, None)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            try:
+                found = resolve_path_keys({key: value}, None)[key]
+            except ConfigError as e:
+                raise ConfigError(f"{source}: key '{key}': {e}") from e
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(block, **{leaf: found})})
+    return cfg
 
 
 def dotted_to_nested(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -400,6 +400,11 @@ class RunConfig:
         return self.optim.batch_size // (self.optim.micro_batch_size * self.engine.workers)
 
     @property
+    def loss_scale(self) -> float:
+        """Factor on the loss before backward (``loss.scale``; the engines read it)."""
+        return self.loss.scale
+
+    @property
     def is_baseline(self) -> bool:
         """Whether the model is one of the simple baselines (fit on condition means; no engine, no Ray)."""
         return self.model.is_baseline

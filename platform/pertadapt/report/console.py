@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pertadapt.report.document import SweepReport
-from pertadapt.report.tables import PAIRING_NOISE_COLUMN, arm_order, format_cell, metric_column
+from pertadapt.report.tables import PAIRING_NOISE_COLUMN, arm_label, arm_order, format_cell, metric_column
 
 __all__ = ["print_summary", "summary_table"]
 
@@ -15,7 +16,8 @@ __all__ = ["print_summary", "summary_table"]
 def summary_table(report: SweepReport) -> Table:
     """Overall test metrics per dataset × backbone × arm (mean [95% CI], as in the report), plus the verdict.
 
-    Columns: ``dataset`` (when there are several), ``arm``, ``n`` (ok/all trials), one per metric, the
+    Columns: ``dataset`` (when there are several), ``arm`` (with its FM weights, as the report's tables label
+    it: :func:`~pertadapt.report.tables.arm_label`), ``n`` (ok/all trials), one per metric, the
     pairing noise of the test controls (``mse_de`` they add, mean over seeds; when reported) and the
     paired-test verdict on the headline metric.
     """
@@ -47,7 +49,9 @@ def summary_table(report: SweepReport) -> Table:
         verdict = "reference" if r["arm"] == report.sweep.reference else verdicts.get(
             (r["dataset"], r["backbone"], r["arm"]), "")
         where = ["/".join(p for p in (r["dataset"], r["backbone"]) if p)] if several else []
-        table.add_row(*where, str(r["arm"]), f"{r['n']}/{r['n_trials']}", *cells, verdict, style=style)
+        weights = set() if r["is_baseline"] else set(str(r["fm_weights"]).split(","))
+        label = arm_label(str(r["arm"]), set(str(r["gene_space"]).split(",")), weights)
+        table.add_row(*where, escape(label), f"{r['n']}/{r['n_trials']}", *cells, verdict, style=style)
     return table
 
 

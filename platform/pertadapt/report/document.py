@@ -79,6 +79,10 @@ class SweepReport:
         The PNG figures.
     notes
         What was skipped and why (figures that could not be drawn, trials without per-condition data).
+    fm_weights
+        One row per model arm (per dataset/backbone when there are several, in display order): the arm,
+        its FM weights (``none``, ``random``, ``pretrained``) and those weights in words (a pretrained
+        checkpoint's source data, cells, steps and weights digest).
     """
 
     sweep: SweepData
@@ -90,6 +94,7 @@ class SweepReport:
     sentences: tuple[str, ...]
     figures: tuple[Figure, ...]
     notes: tuple[str, ...] = field(default=())
+    fm_weights: tuple[tuple[str, str, str], ...] = field(default=())
 
 
 def _check_metrics(sweep: SweepData, metrics: Sequence[str]) -> None:
@@ -122,6 +127,21 @@ def _describe_arms(trials: pd.DataFrame, reference: str) -> dict[str, str]:
         if arm != reference and diff:
             out[str(arm)] = ", ".join(diff[:3]) + (", …" if len(diff) > 3 else "")
     return out
+
+
+def _fm_weights(summary: pd.DataFrame, arms: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(arm, ``fm_weights``, ``backbone_weights``) of each model arm, ``<dataset>/<backbone> arm`` when several."""
+    if summary.empty:
+        return []
+    several = summary[["dataset", "backbone"]].drop_duplicates().shape[0] > 1
+    order = {a: i for i, a in enumerate(arms)}
+    rows = []
+    models = summary[~summary["is_baseline"].astype(bool)]
+    for _, r in models.assign(_o=models["arm"].map(order)).sort_values(["dataset", "backbone", "_o"]).iterrows():
+        where = "/".join(p for p in (r["dataset"], r["backbone"]) if p)
+        rows.append((f"{where} {r['arm']}" if several and where else str(r["arm"]), str(r["fm_weights"]) or "unknown",
+                     str(r["backbone_weights"]) or "not recorded"))
+    return rows
 
 
 def _consistency_notes(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str]) -> list[str]:
@@ -322,4 +342,5 @@ def build_report(sweep: SweepData, metrics: Sequence[str] | None = None) -> Swee
     figures, fig_notes = _figures(sweep, metrics, scopes, summary, tests, arms) if not sweep.ok.empty else ([], [])
     return SweepReport(sweep=sweep, metrics=tuple(metrics), scopes=tuple(scopes), summary=summary, tests=tests,
                        tables=tuple(layout_tables(summary, metrics, sweep.reference, scopes)),
-                       sentences=tuple(sentences), figures=tuple(figures), notes=tuple(notes + fig_notes))
+                       sentences=tuple(sentences), figures=tuple(figures), notes=tuple(notes + fig_notes),
+                       fm_weights=tuple(_fm_weights(summary, arms)))

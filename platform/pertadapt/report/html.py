@@ -55,6 +55,10 @@ figcaption{font-size:13px;color:#555} .wrap{overflow-x:auto} code{background:#f5
 {% if not n_ok %}<p class="alert">{{ all_failed }}</p>{% endif %}
 {% if r.sentences %}<h2>Findings</h2><ul id="findings">
 {% for s in sentences %}<li>{{ s }}</li>{% endfor %}</ul>{% endif %}
+{% if r.fm_weights %}<h2>FM weights</h2><div class="wrap"><table id="fm-weights">
+<thead><tr><th>arm</th><th>FM</th><th>weights</th></tr></thead><tbody>
+{% for arm, fm, weights in r.fm_weights %}<tr><td>{{ arm }}</td><td>{{ fm }}</td><td style="text-align:left">{{ weights }}</td></tr>
+{% endfor %}</tbody></table></div>{% endif %}
 {% if r.notes %}<h2>Notes</h2><ul>{% for n in r.notes %}<li>{{ n }}</li>{% endfor %}</ul>{% endif %}
 {% for t in tables %}<h2>Test metrics: {{ t.scope }}</h2><div class="wrap"><table>
 <thead><tr><th>arm</th>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
@@ -143,6 +147,8 @@ def render_markdown(r: SweepReport) -> str:
         parts += [f"> **{_all_failed(r)}**", ""]
     if r.sentences:
         parts += ["## Findings", "", *(f"- {s}" for s in r.sentences), ""]
+    if r.fm_weights:
+        parts += ["## FM weights", "", _md_table(["arm", "FM", "weights"], r.fm_weights), ""]
     if r.notes:
         parts += ["## Notes", "", *(f"- {n}" for n in r.notes), ""]
     for t in r.tables:

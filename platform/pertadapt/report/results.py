@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pertadapt.config.components import FM_WEIGHTS
 from pertadapt.data.io import DataError
 
 __all__ = ["HEAD", "HPO_RESULTS_FILE", "REQUIRED", "RESULTS_FILE", "RESULT_STATUSES", "TAIL", "ResultRow",
@@ -26,7 +27,7 @@ HPO_RESULTS_FILE = "hpo_results.csv"
 RESULT_STATUSES = ("ok", "failed", "stopped_early", "pending")
 #: The first columns, one per fixed field of :class:`ResultRow`.
 HEAD = ("trial", "dataset", "backbone", "arm", "seed", "stage", "status", "attempts", "error", "wall_s",
-        "best_epoch", "config_hash", "is_baseline", "backbone_weights", "gene_space")
+        "best_epoch", "config_hash", "is_baseline", "fm_weights", "backbone_weights", "gene_space")
 #: The last columns.
 TAIL = ("run_dir", "wandb_run")
 #: Every column a results table must have.
@@ -59,8 +60,12 @@ class ResultRow:
         Hash of the config the trial ran.
     is_baseline
         Whether the arm is a baseline model.
+    fm_weights
+        Which FM weights the run used: ``none`` (no FM: FM off or a baseline), ``random`` or ``pretrained``
+        (provenance's ``backbone_weights.fm``; ``""`` when unknown).
     backbone_weights
-        What the backbone's weights were (provenance).
+        What the backbone's weights were, in words (provenance's ``backbone_weights.summary``: a pretrained
+        checkpoint's source data, cells, steps and weights digest).
     run_dir
         The run directory.
     wandb_run
@@ -92,6 +97,7 @@ class ResultRow:
     run_dir: str
     wandb_run: str
     gene_space: str = ""
+    fm_weights: str = ""
     config: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -99,6 +105,8 @@ class ResultRow:
     def __post_init__(self) -> None:
         if self.status not in RESULT_STATUSES:
             raise ValueError(f"status: {self.status!r} is not one of {', '.join(RESULT_STATUSES)}")
+        if self.fm_weights not in ("", *FM_WEIGHTS):
+            raise ValueError(f"fm_weights: {self.fm_weights!r} is not one of {', '.join(FM_WEIGHTS)} (or empty)")
 
     def record(self) -> dict[str, Any]:
         """The row as ``column → value``."""

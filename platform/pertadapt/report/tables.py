@@ -138,7 +138,7 @@ def _read_results(path: Path) -> pd.DataFrame:
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not a readable CSV ({e})") from e
     check_columns(path, df.columns)
-    for col in ("dataset", "backbone", "error", "run_dir", "gene_space"):
+    for col in ("dataset", "backbone", "error", "run_dir", "gene_space", "fm_weights", "backbone_weights"):
         df[col] = df[col].fillna("").astype(str)
     df["arm"] = df["arm"].astype(str)
     df["status"] = df["status"].fillna("missing").astype(str)
@@ -272,7 +272,9 @@ def summarise(trials: pd.DataFrame, metrics: Sequence[str], scopes: Sequence[str
     -------
     pandas.DataFrame
         ``dataset, backbone, arm, is_baseline, gene_space`` (``model.gene_space`` of its trials, ``""`` when
-        unknown), ``n_trials, n`` (ok trials), ``n_failed`` (not ok),
+        unknown), ``fm_weights`` (``none``, ``random`` or ``pretrained``: its trials' FM weights) and
+        ``backbone_weights`` (those weights in words, ``; ``-joined when its trials differ), ``n_trials, n``
+        (ok trials), ``n_failed`` (not ok),
         ``ci_method`` (``bootstrap`` or ``t``) and per column ``c``: ``c_mean`` (mean over the ok seeds with a
         finite value), ``c_sd``, ``c_ci_low``, ``c_ci_high`` and ``c_n`` (those seeds), and ``test_pairing_noise_mse_de_mean`` when the trials report it. Failed trials count in
         ``n_trials``, never in means.
@@ -287,6 +289,8 @@ def summarise(trials: pd.DataFrame, metrics: Sequence[str], scopes: Sequence[str
         row: dict[str, object] = {"dataset": key[0], "backbone": key[1], "arm": key[2],
                                   "is_baseline": bool(g["is_baseline"].any()),
                                   "gene_space": ",".join(sorted(set(g["gene_space"]) - {""})),
+                                  "fm_weights": ",".join(sorted(set(g["fm_weights"]) - {""})),
+                                  "backbone_weights": "; ".join(sorted(set(g["backbone_weights"]) - {""})),
                                   "n_trials": len(g), "n": len(ok),
                                   "n_failed": len(g) - len(ok), "ci_method": "bootstrap" if boot else "t"}
         for scope in scopes:
@@ -334,10 +338,18 @@ class LayoutTable:
         return pd.DataFrame([[arm, *cells] for arm, _, cells, _ in self.rows], columns=["arm", *self.columns])
 
 
-def arm_label(arm: str, gene_spaces: set[str]) -> str:
-    """``arm`` as a table shows it: ``arm [vocabulary]`` when its trials ran in the vocabulary gene space
-    (``model.gene_space``; the default ``measured`` space and an unknown one get no suffix)."""
-    shown = sorted(gene_spaces - {"", "measured"})
+#: How an arm label names the FM weights of a model arm (``fm_weights`` of ``results.csv``).
+_FM_LABELS = {"none": "no FM", "random": "random FM", "pretrained": "pretrained FM"}
+
+
+def arm_label(arm: str, gene_spaces: set[str], fm_weights: set[str] = frozenset()) -> str:
+    """``arm`` as a table shows it: ``arm [vocabulary, pretrained FM]``.
+
+    The suffix names the vocabulary gene space when its trials ran in it (``model.gene_space``; the default
+    ``measured`` space and an unknown one are not named) and the FM weights of its trials (``fm_weights``:
+    ``no FM``, ``random FM``, ``pretrained FM``; pass none for a baseline, which has no FM to name).
+    """
+    shown = sorted(gene_spaces - {"", "measured"}) + [_FM_LABELS[w] for w in sorted(fm_weights) if w in _FM_LABELS]
     return f"{arm} [{', '.join(shown)}]" if shown else arm
 
 
@@ -402,7 +414,7 @@ def layout_tables(summary: pd.DataFrame, metrics: Sequence[str], reference: str,
             best[(k, m)] = values.min() if lower_is_better(m) else values.max()
         rows = []
         for arm in order:
-            cells, bold, base, spaces = [], [], False, set()
+            cells, bold, base, spaces, weights = [], [], False, set(), set()
             for k, m in cols:
                 col = metric_column(m, scope)
                 if (*k, arm) not in by.index:
@@ -412,9 +424,10 @@ def layout_tables(summary: pd.DataFrame, metrics: Sequence[str], reference: str,
                 r = by.loc[(*k, arm)]
                 base = base or bool(r["is_baseline"])
                 spaces.add(str(r.get("gene_space", "")))
+                weights.update(str(r.get("fm_weights", "")).split(","))
                 cells.append(format_cell(r, col))
                 bold.append(bool(np.isfinite(r[f"{col}_mean"]) and r[f"{col}_mean"] == best[(k, m)]))
-            rows.append((arm_label(arm, spaces), base, tuple(cells), tuple(bold)))
+            rows.append((arm_label(arm, spaces, set() if base else weights), base, tuple(cells), tuple(bold)))
         headers = tuple(f"{'/'.join(p for p in k if p)} {m}" if several else m for k, m in cols)
         tables.append(LayoutTable(scope=scope, columns=headers, rows=tuple(rows)))
     return tables

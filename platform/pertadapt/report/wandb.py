@@ -125,7 +125,8 @@ def _report_run_names(ablation: str) -> tuple[str, str]:
 def log_report_to_wandb(paths: ReportPaths, run: Any | None = None, *, project: str | None = None,
                         mode: str | None = None) -> Any:
     """Log a written report to the sweep's summary run: ``summary.csv`` and ``paired_tests.csv`` as
-    ``wandb.Table`` (keys ``report/summary``, ``report/paired_tests``) and every figure as ``wandb.Image``
+    ``wandb.Table`` (keys ``report/summary``, ``report/paired_tests``; the summary's ``fm_weights`` and
+    ``backbone_weights`` columns name each arm's FM weights) and every figure as ``wandb.Image``
     (``report/<figure stem>``, e.g. ``report/forest_sim``).
 
     Parameters

@@ -21,6 +21,10 @@ Arms of ``factors:`` come first, in product order (the last factor varying faste
 ``rows:``; then ``arms:``; then the baselines. A factorial arm is named by :func:`arm_name`, and its
 overrides are the union of its levels' (two levels setting one key to different values is an error).
 
+A config file named in an override (``backbone.pretrain``, :data:`~pertadapt.config.load.PATH_KEYS`) is found
+relative to the ablation file, then among the shipped configs; one typed on the command line, relative to the
+working directory.
+
 Every arm × seed × dataset × backbone is turned into a :class:`RunConfig` here, so a bad key fails
 before any cluster starts. Overrides from the command line apply to every trial (after the arm's), or,
 spelled ``datasets.<name>.<key>=value`` / ``backbones.<name>.<key>=value``, to one named set as if
@@ -47,6 +51,7 @@ from pertadapt.config.load import (
     merge_dotted,
     read_yaml,
     resolve_config_path,
+    resolve_path_keys,
 )
 from pertadapt.config.schema import BASELINE_MODELS, ConfigError, RunConfig
 from pertadapt.config.sweep_schema import AblationFile
@@ -116,7 +121,8 @@ class Ablation:
         """What sets ``trial`` apart from the reference arm (same dataset, backbone, seed), as ``name=value``.
 
         Factor levels when both are factorial arms (``pa=off``), otherwise the dotted overrides that
-        differ (``adapter.off_mode=sum``, ``model.name=baseline_mean``); empty for the reference arm itself.
+        differ (``adapter.off_mode=sum``, ``model.name=baseline_mean``), those of sections ``trial`` does not
+        use left out (a baseline's ``backbone.*``); empty for the reference arm itself.
         """
         ref = next((t for t in self.trials if t.arm == self.reference_arm and t.seed == trial.seed
                     and t.dataset == trial.dataset and t.backbone == trial.backbone), None)
@@ -124,7 +130,9 @@ class Ablation:
             return []
         if trial.levels and ref.levels:
             return [f"{f}={lvl}" for f, lvl in trial.levels.items() if ref.levels.get(f) != lvl]
-        keys = sorted((set(trial.overrides) | set(ref.overrides)) - {"logging.group", "name"})
+        unused = set(trial.config.unused_sections)  # a baseline's backbone, loss, ... set nothing apart
+        keys = sorted(k for k in (set(trial.overrides) | set(ref.overrides)) - {"logging.group", "name"}
+                      if k.partition(".")[0] not in unused)
         return [f"{k}={trial.overrides.get(k, '(base)')}" for k in keys
                 if trial.overrides.get(k) != ref.overrides.get(k)]
 
@@ -251,8 +259,12 @@ def load_ablation(path: str | Path, *, extra_overrides: Mapping[str, Any] | None
     reference = spec.reference_arm or next(iter(arms))
     if reference not in arms:
         raise ConfigError(f"{path}: reference_arm: {reference!r} is not an arm ({', '.join(arms)})")
-    sets = {kind: {n: {**o, **scoped[kind].get(n, {})} for n, o in spec.named(kind).items()}
-            for kind in SCOPED_SETS}
+    try:  # files named in the ablation (backbone.pretrain) are found relative to it, those typed from the shell
+        arms = {name: resolve_path_keys(o, path) for name, o in arms.items()}
+        sets = {kind: {n: {**resolve_path_keys(o, path), **scoped[kind].get(n, {})} for n, o in spec.named(kind).items()}
+                for kind in SCOPED_SETS}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
     trials = []
     for (ds, ds_o), (bb, bb_o), (arm, arm_o) in itertools.product(
             sets["datasets"].items(), sets["backbones"].items(), arms.items()):

@@ -146,6 +146,7 @@ def _prepare(request: SweepRequest) -> _Prepared:
     from pertadapt.sweep.plan import add_costs, build_plan, check_memory, check_search_space
     from pertadapt.sweep.search_space import load_search_space
     from pertadapt.sweep.storage import check_storage, shared_data_path
+    from pertadapt.train.fm_weights import check_pretrain, pretrain_of
 
     if request.resume and request.overwrite:
         raise ConfigError("--resume and --overwrite: choose one")
@@ -167,6 +168,8 @@ def _prepare(request: SweepRequest) -> _Prepared:
     check_storage(root)
     if request.storage is not None and not is_uri(root):  # simulated data and GO masks where every node finds them
         os.environ.setdefault("PERTADAPT_CACHE", under(root, "cache"))
+    for cfg in {(pretrain_of(t.config), t.config.backbone): t.config for t in abl.trials}.values():
+        check_pretrain(cfg)  # a pretrain config of another FM fails here (a dry run never pretrains)
     files = {t.key: data_file_for(t.config) for t in abl.trials}
     # every trial reads its dataset from the storage root, where the driver places it (nodes need not share caches)
     plan = build_plan(abl, space, {k: shared_data_path(f.path, root) for k, f in files.items()},
@@ -174,6 +177,24 @@ def _prepare(request: SweepRequest) -> _Prepared:
     add_costs(plan, abl, {k: f.path for k, f in files.items()}, tflops=request.tflops, naive=request.naive)
     check_memory(plan, request.gpu_memory_gb)
     return _Prepared(request, abl, space, sweep_dir, root, files, plan)
+
+
+def _resolve_pretrains(p: _Prepared) -> Ablation:
+    """The ablation with every ``backbone.pretrain`` resolved to its checkpoint: each (pretrain config, data
+    file) pretrained once, here in the driver, before any trial is queued (so trials never pretrain at once)."""
+    from pertadapt.train.fm_weights import pretrain_of, resolve_pretrain
+
+    first: dict[tuple[str, Path], Any] = {}  # (pretrain config, data file) → the first trial config asking for it
+    for t in p.ablation.trials:
+        if (pretrain := pretrain_of(t.config)) is not None:
+            first.setdefault((pretrain, Path(p.files[t.key].path).resolve()), t.config)
+    done: dict[tuple[str, str], tuple[str, str]] = {}
+    for i, ((pretrain, path), cfg) in enumerate(first.items()):
+        log.info("pretraining %d of %d: the FM of %s on %s", i + 1, len(first), pretrain, path)
+        resolve_pretrain(cfg, path, done)
+    return dataclasses.replace(p.ablation, trials=tuple(
+        dataclasses.replace(t, config=resolve_pretrain(t.config, p.files[t.key].path, done))
+        for t in p.ablation.trials))
 
 
 def _storage_of(sweep_dir: Path, storage: str | None, resume: bool) -> str:
@@ -238,6 +259,16 @@ def _print_plan(p: _Prepared) -> None:
         console = Console(width=max(160, Console(width=1000).measure(table).maximum))
     console.print(table)
     console.print(_cost_table(plan))
+    from pertadapt.train.fm_weights import pretrain_of
+
+    pretrained: dict[tuple[str, str], int] = {}
+    for t in p.ablation.trials:
+        if (pretrain := pretrain_of(t.config)) is not None:
+            key = (pretrain, str(p.files[t.key].path))
+            pretrained[key] = pretrained.get(key, 0) + 1
+    for (pretrain, data), n in pretrained.items():
+        console.print(f"FM weights: {n} trial(s) load the FM of {pretrain} pretrained on {data}: once, by the sweep's "
+                      "driver before any trial starts (cached; a dry run pretrains nothing)")
 
 
 def _cost_table(plan: dict[str, Any]) -> Any:
@@ -398,6 +429,7 @@ def _drive(request: SweepRequest) -> Path:
             ensure_data_file(t.config)
     for source in sorted({f.path for f in p.files.values()}):
         stage_data(source, shared_data_path(source, p.root))
+    abl = _resolve_pretrains(p)
     log.info("sweep %s: %d trials (%d arms × %d seeds) → %s; W&B: %s", abl.name, len(abl.trials), len(abl.arms),
              len(abl.seeds), p.sweep_dir, describe_wandb_mode(abl.trials[0].config.logging.wandb))
     t0 = time.time()

@@ -88,6 +88,8 @@ def varying_keys(flat_configs: Sequence[Mapping[str, Any]]) -> list[str]:
 def _row(t: Trial, outcome: TrialOutcome | None, run: RunDir, expected: str | None,
          config: Mapping[str, Any]) -> ResultRow:
     prov = run.provenance()
+    weights = prov.get("backbone_weights")  # train.fm_weights.backbone_weights: {"fm": ..., "summary": ...}
+    weights = weights if isinstance(weights, dict) else {}
     metrics: dict[str, Any] = {}
     status = outcome.status if outcome is not None else "pending"
     if status == "ok":
@@ -106,7 +108,8 @@ def _row(t: Trial, outcome: TrialOutcome | None, run: RunDir, expected: str | No
         error=(outcome.error if outcome else None) or ("" if status != "failed" else "no results written"),
         wall_s=outcome.wall_s if outcome else None, best_epoch=metrics.pop("best_epoch", None),
         config_hash=prov.get("config_hash", expected or ""), is_baseline=t.is_baseline,
-        backbone_weights=prov.get("backbone_weights", ""), gene_space=prov.get("gene_space", ""),
+        fm_weights=weights.get("fm", ""), backbone_weights=weights.get("summary", ""),
+        gene_space=prov.get("gene_space", ""),
         run_dir=str(run.path),
         wandb_run=str(wandb_runs[-1]) if wandb_runs else "", config=config, metrics=metrics,
         params=outcome.params if outcome is not None and outcome.stage == "hpo" else {})

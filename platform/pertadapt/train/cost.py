@@ -37,7 +37,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from pertadapt.config.components import FoundationModelBackbone, PretrainedBackbone
+from pertadapt.config.components import CheckpointedBackbone, FoundationModelBackbone, PretrainedBackbone
 from pertadapt.config.schema import RunConfig
 from pertadapt.data.conditions import condition_genes, is_control
 from pertadapt.data.header import DataHeader
@@ -207,8 +207,8 @@ def model_step(cfg: RunConfig, n_genes: int, n_perts: int, *, cached: bool, devi
     """
     cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, attention_mask="none"))
     bcfg = cfg.backbone
-    if isinstance(bcfg, PretrainedBackbone):  # its sizes, random weights: a checkpoint is never read for a plan
-        cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(bcfg, checkpoint=None, random_init=True))
+    if isinstance(bcfg, CheckpointedBackbone):  # its sizes, random weights: a checkpoint is never read (nor
+        cfg = dataclasses.replace(cfg, backbone=bcfg.with_random_weights())  # pretrained) for a plan
     inputs = _inputs(cfg, n_genes, n_perts)
     torch.manual_seed(seed)
     with torch.device(device):

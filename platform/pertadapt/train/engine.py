@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pertadapt.config.deepspeed import read_deepspeed_json
-from pertadapt.config.schema import ConfigError, OptimConfig, RunConfig
+from pertadapt.config.schema import ConfigError, EngineConfig, OptimConfig
 from pertadapt.train.checkpoint import (
     CheckpointError,
     Codec,
@@ -31,12 +31,36 @@ from pertadapt.train.checkpoint import (
     trained_state,
     write_checkpoint,
 )
-from pertadapt.types import Batch
+from pertadapt.types import Batch, MaskedCells
 
-__all__ = ["CLIPPERS", "ENGINES", "OPTIMIZERS", "DeepSpeedEngine", "Engine", "TorchEngine", "ValueClipper", "build_engine",
-           "consolidated_state_dict", "deepspeed_config"]
+__all__ = ["CLIPPERS", "ENGINES", "OPTIMIZERS", "DeepSpeedEngine", "Engine", "EngineSettings", "TorchEngine",
+           "ValueClipper", "build_engine", "consolidated_state_dict", "deepspeed_config"]
 
 log = logging.getLogger(__name__)
+
+
+class EngineSettings(Protocol):
+    """What an engine reads from a config: a trial's ``RunConfig`` or a ``PretrainConfig``."""
+
+    @property
+    def optim(self) -> OptimConfig:
+        """Optimiser, batch sizes and clipping."""
+        ...
+
+    @property
+    def engine(self) -> EngineConfig:
+        """Engine name, workers, DeepSpeed JSON, devices."""
+        ...
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimiser step on each worker."""
+        ...
+
+    @property
+    def loss_scale(self) -> float:
+        """Factor on the loss before backward."""
+        ...
 
 
 class Engine(Protocol):
@@ -47,8 +71,8 @@ class Engine(Protocol):
     model: nn.Module
     device: torch.device
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """``(B, N)`` predictions for a batch (moved to the engine's device and dtype)."""
+    def forward(self, batch: Batch | MaskedCells) -> torch.Tensor:
+        """``(B, N)`` predictions for a batch (a trial's or a pretraining's; moved to the engine's device and dtype)."""
         ...
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -157,7 +181,7 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], OptimConfig], torch.optim.Op
 }
 
 
-def _optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
+def _optimizer(params: list[nn.Parameter], cfg: EngineSettings) -> torch.optim.Optimizer:
     return OPTIMIZERS[cfg.optim.name](params, cfg.optim)
 
 
@@ -196,17 +220,17 @@ class TorchEngine:
     rank = 0
     world_size = 1
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, cfg: EngineSettings, device: torch.device) -> None:
         self.model = model.to(device)
         self.device = device
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = _optimizer(params, cfg)
         self.clipper = ValueClipper(params, cfg.optim.clip_value, cfg.optim.clip_mode)
         self.accumulation = cfg.accumulation_steps
-        self.loss_scale = cfg.loss.scale
+        self.loss_scale = cfg.loss_scale
         self._micro = 0
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch | MaskedCells) -> torch.Tensor:
         return self.model(batch.to(self.device))
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -250,7 +274,7 @@ class TorchEngine:
         return [obj]
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: EngineSettings, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict: parallelism/precision knobs from the JSON, batch sizes from the run config."""
     if world_size != cfg.engine.workers:
         raise ConfigError(f"engine.workers: the config asks for {cfg.engine.workers} workers but "
@@ -326,7 +350,7 @@ class DeepSpeedEngine:
         Run config; ``engine.deepspeed_config`` names the JSON.
     """
 
-    def __init__(self, model: nn.Module, cfg: RunConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: EngineSettings) -> None:
         import deepspeed
 
         # Skip the CPU shared-memory comm op: it JIT-compiles C++ for ~50 s and only speeds up inference.
@@ -343,14 +367,14 @@ class DeepSpeedEngine:
         # averaged gradient is clipped at clip_value (per micro-batch: exactly as on one process)
         clip = None if cfg.optim.clip_value is None else cfg.optim.clip_value * self.world_size
         self.clipper = ValueClipper(params, clip, cfg.optim.clip_mode)
-        self.loss_scale = cfg.loss.scale
+        self.loss_scale = cfg.loss_scale
         self.ds, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(params, cfg), config=ds_cfg)
         self.ds.checkpoint_engine = _safe_checkpoint_engine()
         self.model = self.ds.module
         self.device = self.ds.device
         self._stage3 = self.ds.zero_optimization_stage() == 3
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch | MaskedCells) -> torch.Tensor:
         return self.ds(batch.to(self.device, self.dtype)).float()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -416,14 +440,14 @@ class DeepSpeedEngine:
         return out
 
 
-def _torch_engine(model: nn.Module, cfg: RunConfig) -> Engine:
+def _torch_engine(model: nn.Module, cfg: EngineSettings) -> Engine:
     return TorchEngine(model, cfg, torch.device("cuda" if cfg.engine.on_gpu else "cpu"))
 
 
 #: Closed registry: ``engine.name`` → builder ``(model, cfg) -> Engine``.
-ENGINES: dict[str, Callable[[nn.Module, RunConfig], Engine]] = {"torch": _torch_engine, "deepspeed": DeepSpeedEngine}
+ENGINES: dict[str, Callable[[nn.Module, EngineSettings], Engine]] = {"torch": _torch_engine, "deepspeed": DeepSpeedEngine}
 
 
-def build_engine(model: nn.Module, cfg: RunConfig) -> Engine:
+def build_engine(model: nn.Module, cfg: EngineSettings) -> Engine:
     """The engine named by ``engine.name``."""
     return ENGINES[cfg.engine.name](model, cfg)

@@ -22,14 +22,13 @@ import numpy as np
 import torch
 
 from pertadapt.baselines import fit_baseline
-from pertadapt.config.components import LinearBaseline, PretrainedBackbone
+from pertadapt.config.components import LinearBaseline
 from pertadapt.config.load import config_hash, config_to_dict
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.keys import CONTROL
 from pertadapt.data.simulate import read_sim_truth
 from pertadapt.data.summaries import write_predictions
 from pertadapt.eval import Metrics, pairing_noise_mse_de, score_against_truth
-from pertadapt.files import sha256_bytes, sha256_file
 from pertadapt.models.build import build_backbone_for, build_loss, build_model
 from pertadapt.report.logger import NullLogger, RunLogger
 from pertadapt.report.wandb import open_logger
@@ -37,11 +36,12 @@ from pertadapt.rundir import RunDir
 from pertadapt.train.checkpoint import Checkpoints, DirCheckpoints
 from pertadapt.train.embed_cache import prepare_embedding_cache
 from pertadapt.train.engine import Engine, build_engine
+from pertadapt.train.fm_weights import backbone_weights
 from pertadapt.train.loop import score_gene_spaces, train
 from pertadapt.train.setup import RunData, prepare_run_data, provenance
 from pertadapt.train.timeline import mark
 
-__all__ = ["FINISHED_KEY", "backbone_weights", "build_run_engine", "open_run_logger", "run", "seed_everything"]
+__all__ = ["FINISHED_KEY", "build_run_engine", "open_run_logger", "run", "seed_everything"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
@@ -59,19 +59,6 @@ def open_run_logger(cfg: RunConfig, run: RunDir, *, rank: int = 0, name: str | N
     """The run's logger: a W&B run on rank 0 (``logging.wandb``), the null logger elsewhere or when disabled."""
     return open_logger(mode=cfg.logging.wandb, rank=rank, project=cfg.logging.project, group=cfg.logging.group,
                        name=name or cfg.name, directory=run.path, config=config_to_dict(cfg))
-
-
-def backbone_weights(cfg: RunConfig) -> str:
-    """What the backbone's weights are: ``random``, ``none (FM off)``, or the checkpoint's SHA-256."""
-    b = cfg.backbone
-    if cfg.is_baseline or not b.is_foundation_model:
-        return "none (FM off)" if not cfg.is_baseline else "none (baseline)"
-    if not isinstance(b, PretrainedBackbone) or b.checkpoint is None:
-        return "random"
-    path = Path(b.checkpoint)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return sha256_bytes("".join(f"{p.relative_to(path) if path.is_dir() else p.name}:{sha256_file(p)}\n"
-                                for p in files))
 
 
 def build_run_engine(cfg: RunConfig, rd: RunData, *, cache_root: Path | None = None) -> tuple[Engine, dict[str, Any]]:
@@ -113,11 +100,11 @@ def rank_placement(rank: int, device: object) -> dict[str, object]:
 
 
 def _write_run_files(cfg: RunConfig, run: RunDir, rd: RunData, ranks: list[dict[str, object]],
-                     embedding_cache: dict[str, Any] | None = None) -> None:
+                     weights: dict[str, Any], embedding_cache: dict[str, Any] | None = None) -> None:
     run.write_config(config_to_dict(cfg))
     run.write_provenance(provenance({
         **rd.hashes, "data_path": str(rd.data_path), "config_hash": config_hash(cfg),
-        "backbone_weights": backbone_weights(cfg), "embedding_cache": embedding_cache or {"used": False},
+        "backbone_weights": weights, "embedding_cache": embedding_cache or {"used": False},
         "world_size": len(ranks), "ranks": ranks,
         "n_genes": len(rd.data.genes), "gene_space": cfg.model.gene_space,
         "n_perturbation_genes": len(rd.pert_vocab),
@@ -207,6 +194,7 @@ def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = No
         hook(row)
 
     seed_everything(cfg.seed)
+    weights = backbone_weights(cfg)  # a checkpoint whose weights changed since its digest was taken stops here
     try:
         rd = prepare_run_data(cfg)
     except ConfigError as e:  # e.g. a data path this node cannot see: say which node
@@ -226,7 +214,7 @@ def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = No
         store = checkpoints or DirCheckpoints(rdir, resume=resume)
         resumed = store.restore(engine)  # validated and loaded before anything in run_dir is written
         if rank == 0:
-            _write_run_files(cfg, rdir, rd, ranks, cache_info)
+            _write_run_files(cfg, rdir, rd, ranks, weights, cache_info)
             mark(rdir, "data_ready", at=data_ready)
             mark(rdir, "model_ready")
         result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), rdir, on_epoch,
@@ -243,7 +231,7 @@ def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = No
         if truth is not None:  # simulated data: distance to the noise-free truth, not only to noisy means
             metrics.update({f"test_truth_{k}": v for k, v in truth.overall.items()})
         if cfg.is_baseline:
-            _write_run_files(cfg, rdir, rd, ranks)
+            _write_run_files(cfg, rdir, rd, ranks, weights)
         conds = sorted(preds)
         write_predictions(rdir.predictions_file, conds, np.stack([preds[c] for c in conds]), list(rd.data.genes))
         rdir.write_per_condition(_per_condition_csv(test, truth, rd.split.subgroups))

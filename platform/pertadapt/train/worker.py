@@ -45,6 +45,7 @@ from pertadapt.train.checkpoint import (
     replace_dir,
     require_checkpoint,
 )
+from pertadapt.train.fm_weights import resolve_pretrain
 from pertadapt.train.run import NODE_ID_ENV, NODE_IP_ENV, open_run_logger, run
 from pertadapt.train.timeline import mark
 
@@ -236,6 +237,9 @@ def launch(cfg: RunConfig, run_dir: RunDir | Path, *, name: str | None = None, s
            max_failures: int | None = None, log_wandb: bool = True) -> dict[str, Any]:
     """Run one config where it belongs and return its final metrics.
 
+    A ``backbone.pretrain`` is resolved here first, in this process, before any worker starts
+    (:func:`~pertadapt.train.fm_weights.resolve_pretrain`: pretrained once per data file and config, cached).
+
     Parameters
     ----------
     cfg
@@ -269,6 +273,7 @@ def launch(cfg: RunConfig, run_dir: RunDir | Path, *, name: str | None = None, s
     dict
         Final metrics.
     """
+    cfg = resolve_pretrain(cfg)
     run_dir = RunDir.at(run_dir)
     ray_run = _ray_run(cfg, run_dir, name, storage_path)
     name = name or cfg.name

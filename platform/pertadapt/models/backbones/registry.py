@@ -6,7 +6,13 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from pertadapt.config.components import BACKBONE_OPTIONS, BackboneOptions, FoundationModelBackbone
+from pertadapt.config.components import (
+    BACKBONE_OPTIONS,
+    BackboneOptions,
+    CheckpointedBackbone,
+    FoundationModelBackbone,
+)
+from pertadapt.config.errors import ConfigError
 from pertadapt.models.backbones.aido_cell import aido_cell_from_options
 from pertadapt.models.backbones.layers import set_activation_checkpointing
 from pertadapt.models.backbones.scfoundation import scfoundation_from_options
@@ -42,6 +48,8 @@ def build_backbone(options: BackboneOptions, *, genes: Sequence[str] | None, wid
     ------
     ValueError
         For an unknown name, listing the valid ones.
+    ConfigError
+        For a ``backbone.pretrain`` not resolved to its checkpoint yet (its weights would be random).
     """
     try:
         builder = BACKBONES[options.name]
@@ -50,6 +58,10 @@ def build_backbone(options: BackboneOptions, *, genes: Sequence[str] | None, wid
                          f"{', '.join(sorted(BACKBONES))}") from None
     if not isinstance(options, BACKBONE_OPTIONS.options(options.name)):
         raise ValueError(f"backbone.name: {options.name!r} needs its own options, got {type(options).__name__}")
+    if isinstance(options, CheckpointedBackbone) and options.pretrain is not None:
+        raise ConfigError(f"backbone.pretrain: {options.pretrain!r} is not resolved to its checkpoint; `pertadapt "
+                          "train` and `pertadapt sweep` resolve it before the backbone is built "
+                          "(train.fm_weights.resolve_pretrain)")
     backbone = builder(options, genes=genes, width=width)
     if isinstance(options, FoundationModelBackbone):
         set_activation_checkpointing(backbone, options.activation_checkpointing)
