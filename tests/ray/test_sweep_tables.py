@@ -54,7 +54,8 @@ def test_tables_are_built_once_sharded_and_a_killed_shard_leaves_none(demo_h5ad:
         caplog.set_level(logging.INFO, logger="pertadapt.sweep.tables")
         built = build_sweep_tables([cfg, *seeds], str(tmp_path / "storage"))
         assert len(built) == 1  # one key, one table
-        assert "3 shard(s)" in caplog.text and "3/3 shards, 64/64 rows" in caplog.text  # 4 batches over 3 CPUs
+        assert "3 shard(s)" in caplog.text
+        assert "3/3 shards, 64/64 rows" in caplog.text
         assert built[0].read_bytes() == _one_process(cfg, tmp_path / "one")
         assert build_sweep_tables([cfg], str(tmp_path / "storage")) == built  # already built: opened, not rebuilt
         assert "already built" in caplog.text

@@ -211,7 +211,11 @@ def test_dry_run_writes_each_trials_cost_and_the_total(tmp_path: Path, demo_file
     hours = sum(full["cost"][k] for k in ("train_tflop", "eval_tflop", "cache_tflop")) / 10 / 3600
     assert full["cost"]["gpu_hours"] == pytest.approx(hours, rel=1e-3)
     assert plan["cost"]["train_tflop"] == pytest.approx(sum(t["cost"]["train_tflop"] for t in plan["trials"]), rel=1e-3)
-    assert plan["cost"]["cache_gb"] == pytest.approx(full["cost"]["cache_gb"], rel=1e-3)  # one cache: one backbone
+    # one table per seed: the tiny FM's random weights are the seed's (its table key hashes them)
+    assert plan["cost"]["cache_gb"] == pytest.approx(2 * full["cost"]["cache_gb"], rel=1e-3)
+    assert [{k.rsplit("/", 1)[1] for k in c["trials"]} for c in plan["caches"]] == [{"seed1"}, {"seed2"}]
+    assert "fm+pa+am+ladapt/seed1" in plan["caches"][0]["trials"]
+    assert full["cost"]["cache_bytes"] == plan["caches"][0]["bytes"] > 0
     assert "naive train TFLOP" in res.stdout
     assert "naive/plan FLOPs" in res.stdout
     assert "sweep total" in res.stdout
@@ -240,3 +244,51 @@ def test_header_reads_dimensions_without_x(tmp_path: Path) -> None:
     assert (h.n_cells, h.n_genes, h.n_measured, h.n_controls) == (10, 4, 3, 5)
     assert h.cells_per_condition == {"ctrl": 5, "A+ctrl": 3, "A+B": 2}
     assert h.nnz_per_cell == 2
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A 64 KiB tmpfs (the demo's tables need megabytes); unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_dry_run_flags_every_table_that_does_not_fit_and_a_run_is_refused_before_any_trial(
+        tmp_path: Path, demo_file: Path, tiny_disk: Path) -> None:
+    import os
+
+    env = {**os.environ, "PERTADAPT_CACHE": str(tiny_disk / "cache")}
+    args = [sys.executable, "-m", "pertadapt.cli", "sweep", "ablations/demo.yaml", "--out", str(tmp_path / "plan"),
+            f"data.path={demo_file}"]
+    dry = subprocess.run([*args, "--dry-run"], capture_output=True, text=True, env=env)
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    caches = plan["caches"]
+    assert len(caches) == 2
+    assert not any(c["fits"] for c in caches)
+    assert caches[0]["free_bytes"] < caches[0]["bytes"]
+    assert caches[1]["cumulative_bytes"] == caches[0]["bytes"] + caches[1]["bytes"]
+    assert "backbone.cache_dtype=bfloat16" in caches[0]["ways_out"]
+    flagged = {t["key"] for t in plan["trials"] if t["cache_fits"] is False}
+    assert flagged == {k for c in caches for k in c["trials"]}
+    assert all(t["cache_fits"] is None for t in plan["trials"] if t["cost"]["cache_bytes"] == 0)  # no table
+    assert "cache fits" in dry.stdout
+    assert " NO " in dry.stdout
+    assert "a run is refused" in dry.stdout
+    (tmp_path / "plan" / "plan.json").unlink()
+    run = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert run.returncode == 2, run.stderr
+    assert "backbone.embedding_cache: the table of trial(s) fm/seed1" in run.stderr
+    assert "Ways out: backbone.cache_dtype=bfloat16" in run.stderr
+    assert not (tmp_path / "plan" / "plan.json").exists()  # refused before anything was written or started
+    fits = subprocess.run([*args, "--dry-run"], capture_output=True, text=True)  # the default cache: it fits
+    assert fits.returncode == 0, fits.stderr
+    assert all(c["fits"] for c in json.loads((tmp_path / "plan" / "plan.json").read_text())["caches"])

@@ -427,7 +427,8 @@ def test_a_sharded_build_writes_each_row_once_and_the_bytes_of_a_one_process_bui
             assert fill_rows(source, tmp, a, b, batch_size=8, device=torch.device("cpu"), progress=rows.append) \
                 == (a, b)
             assert not source.cache.path.exists()  # renamed only when every shard is done
-    assert sum(seen) == sum(rows) == 64 and len(seen) == 8  # 64 rows, 8 batches of 8, each once
+    assert sum(seen) == sum(rows) == 64
+    assert len(seen) == 8
     assert source.cache.path.read_bytes() == one.cache.path.read_bytes()
     assert _files(tmp_path / "sharded") == sorted([source.cache.path.name, source.cache.path.with_suffix(".json").name])
 
@@ -435,9 +436,14 @@ def test_a_sharded_build_writes_each_row_once_and_the_bytes_of_a_one_process_bui
 def test_a_failed_shard_leaves_no_table_and_the_next_build_succeeds(demo_h5ad: Path, tmp_path: Path) -> None:
     cfg = _cfg(demo_h5ad)
     source = table_source(cfg, root=tmp_path)
-    with pytest.raises(RuntimeError, match="shard died"), source.cache.building() as tmp:
-        fill_rows(source, tmp, 0, 16, batch_size=16, device=torch.device("cpu"))
-        raise RuntimeError("shard died")
+
+    def half_build() -> None:
+        with source.cache.building() as tmp:
+            fill_rows(source, tmp, 0, 16, batch_size=16, device=torch.device("cpu"))
+            raise RuntimeError("shard died")
+
+    with pytest.raises(RuntimeError, match="shard died"):
+        half_build()
     assert _files(tmp_path) == []
     assert source.cache.write(source.backbone, source.data, source.pool, batch_size=16, device=torch.device("cpu"))
     assert source.cache.open().shape == (64, 240, 16)

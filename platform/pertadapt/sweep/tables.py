@@ -194,8 +194,7 @@ def build_sweep_tables(configs: Iterable[RunConfig], storage: str) -> list[Path]
     tables: list[Path] = []
     uri = tables_uri(storage)
     for cfg in configs:
-        b = cfg.backbone
-        signature = repr((b, cfg.data, cfg.model.hidden_size, cfg.model.gene_space, cfg.seed))
+        signature = repr((cfg.backbone, cfg.data, cfg.model, cfg.seed, cfg.is_baseline))
         if signature in seen:
             continue
         seen.add(signature)

@@ -78,7 +78,7 @@ from pertadapt.models.backbones.registry import build_backbone
 from pertadapt.train.setup import gene_order_sha256, model_data
 
 __all__ = ["CACHE_DTYPES", "CACHE_SUBDIR", "TABLES_ENV", "EmbeddingCache", "TableSource", "build_device",
-           "cache_bytes", "cache_key_parts", "check_cache_space", "fetch_table", "fill_rows", "open_or_build",
+           "cache_bytes", "cache_key_parts", "check_cache_space", "fetch_table", "fill_rows", "free_bytes", "open_or_build",
            "prepare_embedding_cache", "shard_ranges", "table_source", "weights_sha256"]
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,11 @@ def _existing(directory: Path) -> Path:
     return next(p for p in (d, *d.parents) if p.exists())
 
 
+def free_bytes(directory: str | os.PathLike[str]) -> int:
+    """Free bytes of the file system ``directory`` is on (or would be on: its nearest existing ancestor's)."""
+    return shutil.disk_usage(_existing(Path(directory))).free
+
+
 def check_cache_space(directory: str | os.PathLike[str], shape: tuple[int, int, int], dtype: str) -> int:
     """Refuse a ``(pool, N, D)`` table of ``dtype`` that does not fit the free space of ``directory``.
 
@@ -187,7 +192,7 @@ def check_cache_space(directory: str | os.PathLike[str], shape: tuple[int, int, 
         ``backbone.embedding_cache=off`` to recompute the backbone every step knowingly.
     """
     nbytes = cache_bytes(*shape, dtype)
-    free = shutil.disk_usage(_existing(Path(directory))).free
+    free = free_bytes(directory)
     if nbytes > free:
         raise ConfigError(_no_space_message(Path(directory), shape, dtype, nbytes, free))
     return nbytes
@@ -342,7 +347,8 @@ class TableSource:
 def table_source(cfg: RunConfig, *, root: Path | None = None) -> TableSource | None:
     """The table a run of ``cfg`` reads, built exactly as the run builds it (:func:`pertadapt.train.run.
     build_run_engine`: the data, its control pool, the backbone seeded with ``cfg.seed``), without the GO
-    graph or the model; ``None`` when ``cfg`` uses no table (no frozen FM, or ``embedding_cache: off``).
+    graph or the model; ``None`` when ``cfg`` uses no table (a baseline, no frozen FM, or ``embedding_cache:
+    off``).
 
     Parameters
     ----------
@@ -354,7 +360,7 @@ def table_source(cfg: RunConfig, *, root: Path | None = None) -> TableSource | N
     from pertadapt.train.run import seed_everything
 
     b = cfg.backbone
-    if not (isinstance(b, FoundationModelBackbone) and b.wants_embedding_cache):
+    if cfg.is_baseline or not (isinstance(b, FoundationModelBackbone) and b.wants_embedding_cache):
         return None
     path, full, _, data = model_data(cfg)
     pool = draw_control_pool(data, cfg.data.control_pool, cfg.data.control_pool_seed)
