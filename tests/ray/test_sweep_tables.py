@@ -14,8 +14,9 @@ import psutil
 import pytest
 import torch
 
+from pertadapt import remote
 from pertadapt.config import load_run_config
-from pertadapt.sweep.tables import SHARD_TASK, build_sweep_tables
+from pertadapt.sweep.tables import SHARD_TASK, build_sweep_tables, tables_uri
 from pertadapt.train.embed_cache import table_source
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def _shard_processes() -> list[psutil.Process]:
 
 
 @pytest.mark.usefixtures("no_leftover_ray")
-def test_tables_are_built_once_sharded_and_a_killed_shard_leaves_none(demo_h5ad: Path, tmp_path: Path,
+def test_tables_are_built_once_sharded_and_a_killed_shard_leaves_none(demo_h5ad: Path, tmp_path: Path, s3_store: str,
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     import ray
@@ -52,8 +53,10 @@ def test_tables_are_built_once_sharded_and_a_killed_shard_leaves_none(demo_h5ad:
     ray.init(num_cpus=3, _node_ip_address="127.0.0.2", log_to_driver=False)
     try:
         caplog.set_level(logging.INFO, logger="pertadapt.sweep.tables")
-        built = build_sweep_tables([cfg, *seeds], str(tmp_path / "storage"))
+        store = f"{s3_store}/tables-test"  # an object store: shards on the driver's node, the table uploaded once
+        built = build_sweep_tables([cfg, *seeds], store)
         assert len(built) == 1  # one key, one table
+        assert remote.size(remote.join(tables_uri(store), built[0].name)) == built[0].stat().st_size
         assert "3 shard(s)" in caplog.text
         assert "3/3 shards, 64/64 rows" in caplog.text
         assert built[0].read_bytes() == _one_process(cfg, tmp_path / "one")

@@ -28,15 +28,19 @@ that does not fit is a :class:`ConfigError` naming the bytes needed, the bytes f
 
 Concurrency
 -----------
-The table is written to a temporary file in the cache directory and renamed into place, so a reader
-sees a complete file or none (a full disk leaves no file at all). Builders of one key serialise on an exclusive ``flock`` of
-``<file>.lock``: the first builds, the others wait and then read its file. Under DeepSpeed every rank
-calls :func:`prepare_embedding_cache` before the engine exists, so the first rank to take the lock builds
-the whole table and the others wait on the lock (no sharding; no process group is needed). Without
-``flock`` (some network file systems) each builder builds and the last rename wins — still never a
-partial read. A sweep with ``--storage`` on a shared path (and ``PERTADAPT_CACHE`` unset) keeps the cache
-under ``<storage>/cache/``, so the first trial of the sweep builds a table and every other trial, on any
-node, waits on the lock and reuses it; otherwise the cache is per node.
+A table is written to a temporary file in the cache directory, every block reserved first, and renamed into
+place only when complete (:meth:`EmbeddingCache.building`), so a reader sees a complete file or none (a full
+disk leaves no file at all). Builders of one key serialise on an exclusive ``flock`` of ``<file>.lock``: the
+first builds, the others wait and then read its file (without ``flock``, on some network file systems, each
+builds and the last rename wins — still never a partial read).
+
+A sweep builds every table its trials read once, before any trial is queued, its pool rows sharded over the
+cluster's workers (:mod:`pertadapt.sweep.tables`: Ray tasks, each :func:`fill_rows` on disjoint rows of the
+one preallocated file), and on an object store uploads it once (:data:`TABLES_ENV`); its trials then open
+it, after fetching it once per node from the store (:func:`fetch_table`). Outside a sweep (``pertadapt
+train``) the run builds its table in one process; under DeepSpeed every rank calls
+:func:`prepare_embedding_cache` before the engine exists, the first to take the lock builds and the others
+wait on it.
 """
 
 from __future__ import annotations
