@@ -292,3 +292,29 @@ def test_dry_run_flags_every_table_that_does_not_fit_and_a_run_is_refused_before
     fits = subprocess.run([*args, "--dry-run"], capture_output=True, text=True)  # the default cache: it fits
     assert fits.returncode == 0, fits.stderr
     assert all(c["fits"] for c in json.loads((tmp_path / "plan" / "plan.json").read_text())["caches"])
+
+
+def test_the_plan_trains_the_cells_the_loop_trains() -> None:
+    """Whole steps of ``optim.batch_size`` (the last partial step dropped), at most ``optim.max_steps_per_epoch``."""
+    from pertadapt.data.header import DataHeader
+
+    conds = {"ctrl": 400, **{f"G{i}+ctrl": 50 for i in range(20)}}
+    header = DataHeader(sum(conds.values()), 240, 240, conds)
+    free, capped = (load_run_config("configs/demo.yaml", ["optim.batch_size=32", *extra])
+                    for extra in ([], ["optim.max_steps_per_epoch=2"]))
+    n = 1234
+    assert cost.trained_cells(free, n) == 32 * (n // 32) == 1216
+    assert cost.trained_cells(capped, n) == 64
+    assert cost.trained_cells(capped, 40) == 32
+    ratio = cost.trial_cost(capped, header).train_tflop / cost.trial_cost(free, header).train_tflop
+    split = split_cells(free, header)
+    assert ratio == pytest.approx(64 / cost.trained_cells(free, split), rel=1e-3)
+
+
+def split_cells(cfg, header) -> int:
+    from pertadapt.data.splits import split_conditions
+
+    split = split_conditions(list(header.cells_per_condition), cfg.data.split, seed=cfg.split_seed,
+                             train_gene_frac=cfg.data.train_gene_frac,
+                             combo_seen2_train_frac=cfg.data.combo_seen2_train_frac)
+    return sum(header.cells_per_condition[c] for c in split.train)

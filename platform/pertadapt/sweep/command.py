@@ -31,7 +31,6 @@ from pertadapt.config.errors import ConfigError
 from pertadapt.config.load import parse_overrides
 from pertadapt.sweep import stop
 from pertadapt.sweep.lock import LOCK_FILE, SweepLock, check_not_running
-from pertadapt.sweep.plan import check_cache_space
 from pertadapt.sweep.stop import SweepStopped
 
 if TYPE_CHECKING:
@@ -130,7 +129,9 @@ def run_sweep_from_files(request: SweepRequest) -> Path | None:
             _dry_run(prepared)
             return None
         if not request.resume:  # a resumed sweep's tables may be stored: its build checks the exact free space
-            check_cache_space(prepared.plan)
+            from pertadapt.sweep.plan import check_tables_fit
+
+            check_tables_fit(prepared.plan)
         lock = SweepLock(prepared.sweep_dir).acquire()
         try:
             _check_sweep_dir(prepared)  # again, under the lock: the directory may have changed meanwhile

@@ -27,8 +27,8 @@ from pertadapt.sweep.results import flatten, varying_keys
 from pertadapt.sweep.search_space import SearchSpace
 
 __all__ = ["ALIAS_FIELDS", "COST_KEYS", "DEFAULT_GPU_MEMORY_GB", "PLAN_FILE", "add_costs", "build_plan",
-           "cache_space", "check_cache_space", "check_memory", "check_search_space", "diff_plans", "local_cpus",
-           "plan_names", "read_plan", "trial_cpus", "write_plan"]
+           "check_memory", "check_search_space", "check_tables_fit", "diff_plans", "local_cpus", "plan_names",
+           "read_plan", "table_space", "trial_cpus", "write_plan"]
 
 PLAN_FILE = "plan.json"
 #: GPU memory a trial's worker must fit unless told otherwise (one 80 GB H100/A100).
@@ -121,7 +121,7 @@ def add_costs(plan: dict[str, Any], ablation: Ablation, data_files: Mapping[str,
     simulated dataset made on the first run); ``plan['cost']`` (``plan['cost_naive']``) is the sweep's total
     (each distinct embedding table once: :func:`_cache_identity`; the largest peak), with ``trials_without_cost``
     counting those. A trial's own cost includes building the cache it uses. ``plan['caches']`` lists the
-    distinct tables (:func:`cache_space`) and ``trials[i].cache_fits`` says whether the trial's table fits
+    distinct tables (:func:`table_space`) and ``trials[i].cache_fits`` says whether the trial's table fits
     (``None``: no table).
 
     Parameters
@@ -177,13 +177,13 @@ def add_costs(plan: dict[str, Any], ablation: Ablation, data_files: Mapping[str,
             total["peak_gb_per_worker"] = max(total["peak_gb_per_worker"], cost["peak_gb_per_worker"])
         total["gpu_hours"] = (total["train_tflop"] + total["eval_tflop"] + total["cache_tflop"]) / tflops / 3600
         plan[kind] = {**{k: float(f"{v:.4g}") for k, v in total.items()}, "trials_without_cost": missing}
-    plan["caches"] = cache_space(list(tables.values()), cache_root or cache_dir() / CACHE_SUBDIR)
+    plan["caches"] = table_space(list(tables.values()), cache_root or cache_dir() / CACHE_SUBDIR)
     fits = {k: c["fits"] for c in plan["caches"] for k in c["trials"]}
     for entry in plan["trials"]:
         entry["cache_fits"] = fits.get(entry["key"])
 
 
-def cache_space(tables: list[dict[str, Any]], directory: Path) -> list[dict[str, Any]]:
+def table_space(tables: list[dict[str, Any]], directory: Path) -> list[dict[str, Any]]:
     """Whether each of the sweep's embedding tables fits the free space of ``directory``, where they are all
     built (:func:`pertadapt.train.embed_cache.check_cache_space`'s disk), in plan order.
 
@@ -209,8 +209,8 @@ def cache_space(tables: list[dict[str, Any]], directory: Path) -> list[dict[str,
     return out
 
 
-def check_cache_space(plan: Mapping[str, Any]) -> None:
-    """Refuse a sweep whose embedding tables do not fit their disk (:func:`cache_space`), before any trial.
+def check_tables_fit(plan: Mapping[str, Any]) -> None:
+    """Refuse a sweep whose embedding tables do not fit their disk (:func:`table_space`), before any trial.
 
     Raises
     ------

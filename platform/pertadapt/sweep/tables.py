@@ -54,6 +54,7 @@ from pertadapt.train.embed_cache import (
     TABLES_ENV,
     EmbeddingCache,
     build_device,
+    fetch_table,
     fill_rows,
     shard_ranges,
     table_source,
@@ -128,6 +129,9 @@ def _under(path: Path, root: str) -> bool:
 def _build(cfg: RunConfig, cache: EmbeddingCache, storage: str) -> None:
     """Build one table, sharded (see the module docstring); nothing when it is already stored."""
     shared = _under(cache.root, storage)
+    if cache.open() is None and fetch_table(cache):  # a resumed sweep on another driver node: stored already
+        log.info("embedding table %s: fetched from the sweep's store", cache.path.name)
+        return
     with cache.building() as tmp:
         if tmp is None:
             log.info("embedding table %s: already built", cache.path.name)

@@ -51,7 +51,7 @@ from pertadapt.train.embed_cache import cache_bytes
 from pertadapt.types import Batch
 
 __all__ = ["DEFAULT_TFLOPS", "GO_MASK_DENSITY", "TrialCost", "checkpointed_input_bytes",
-           "eval_controls", "model_step", "saved_bytes", "trial_cost"]
+           "eval_controls", "model_step", "saved_bytes", "trained_cells", "trial_cost"]
 
 #: Default throughput of the GPU-hour estimate: float32 (the engine's default precision) on one H100.
 DEFAULT_TFLOPS = 30.0
@@ -68,7 +68,7 @@ class TrialCost:
     Attributes
     ----------
     train_tflop
-        Forward + backward of every training cell of every epoch.
+        Forward + backward of every cell each epoch trains on (:func:`trained_cells`), every epoch.
     eval_tflop
         Evaluation forwards: the validation set each epoch and at the end, and the test set once.
     cache_tflop
@@ -100,6 +100,14 @@ def eval_controls(cfg: RunConfig, pool: int) -> tuple[int, int]:
     """Control cells each validation and each test condition is predicted from: ``eval.val_controls`` and
     ``eval.test_controls`` (``None``: the whole pool), at most the pool."""
     return tuple(pool if k is None else min(k, pool) for k in (cfg.eval.val_controls, cfg.eval.test_controls))
+
+
+def trained_cells(cfg: RunConfig, n: int) -> int:
+    """Cells one epoch trains on out of ``n`` training cells: whole steps of ``optim.batch_size`` (the loop drops
+    a last partial step), at most ``optim.max_steps_per_epoch`` of them."""
+    o = cfg.optim
+    steps = n // o.batch_size
+    return o.batch_size * (steps if o.max_steps_per_epoch is None else min(steps, o.max_steps_per_epoch))
 
 
 def naive_config(cfg: RunConfig) -> RunConfig:
@@ -421,7 +429,7 @@ def trial_cost(cfg: RunConfig, header: DataHeader, *, tflops: float = DEFAULT_TF
     split = split_conditions(conditions, cfg.data.split, seed=cfg.split_seed,
                              train_gene_frac=cfg.data.train_gene_frac,
                              combo_seen2_train_frac=cfg.data.combo_seen2_train_frac)
-    train_cells = sum(header.cells_per_condition[c] for c in split.train)
+    train_cells = trained_cells(cfg, sum(header.cells_per_condition[c] for c in split.train))
     pool = header.n_controls if cfg.data.control_pool is None else min(cfg.data.control_pool, header.n_controls)
     k_val, k_test = eval_controls(cfg, pool)
     epochs = cfg.optim.epochs

@@ -55,7 +55,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,18 +387,13 @@ def shard_ranges(rows: int, batch_size: int, shards: int) -> list[tuple[int, int
 
 
 def fill_rows(source: TableSource, tmp: Path, start: int, stop: int, *, batch_size: int,
-              device: torch.device, progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+              device: torch.device) -> tuple[int, int]:
     """Run the backbone over pool rows ``[start, stop)`` (``batch_size`` cells at a time from ``start``, no grad,
     eval mode) into those rows of the table file ``tmp`` (a ``.npy`` of the table's shape and dtype, opened
     ``r+``: other shards write other rows of it at the same time).
 
     The global RNG state is left as it was, so a run's later seeded initialisation is the same with or without
     a build.
-
-    Parameters
-    ----------
-    progress
-        Called with the number of rows of each batch once written.
 
     Returns
     -------
@@ -423,8 +418,6 @@ def fill_rows(source: TableSource, tmp: Path, start: int, stop: int, *, batch_si
             if cache.dtype_name == "bfloat16":  # stored as its bit patterns
                 e = e.view(torch.uint16)
             out[a: a + len(cells)] = e.numpy()
-            if progress is not None:
-                progress(len(cells))
     out.flush()
     del out
     return start, stop
