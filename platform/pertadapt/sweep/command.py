@@ -260,7 +260,8 @@ def _cost_table(plan: dict[str, Any]) -> Any:
     for col in ("trial", *cols, "cache fits", *([f"naive {c}" for c in cols] + ["naive/plan FLOPs"] if naive else [])):
         table.add_column(col, no_wrap=True)
     fits = {t["key"]: {None: "-", True: "yes", False: "NO"}[t.get("cache_fits")] for t in plan["trials"]}
-    fits["sweep total"] = "NO" if any(not c["fits"] for c in plan.get("caches", [])) else "yes"
+    short, unknown = any(not c["fits"] for c in plan.get("caches", [])), plan["cost"]["trials_without_cost"] > 0
+    fits["sweep total"] = "NO" if short else "-" if unknown else "yes"
 
     def cells(c: dict[str, float] | None) -> list[str]:
         from pertadapt.sweep.plan import COST_KEYS
