@@ -22,6 +22,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 __all__ = [
+    "atomic_file",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -100,8 +101,36 @@ def sha256_bytes(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], *, mode: int | None = 0o644) -> Iterator[Path]:
+    """A temporary file in ``path``'s directory for the ``with`` block to write, renamed onto ``path`` when the
+    block ends without an error and removed when it raises (for writers that fill a file in steps, or from
+    other processes: the frozen-FM table's shards).
+
+    Parameters
+    ----------
+    path
+        Destination; it either keeps its old content or gets the complete new one.
+    mode
+        Permission bits of the result (``mkstemp`` creates 0600 files; outputs are meant to be shared).
+        ``None`` keeps what the block left.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if mode is not None:
+            os.chmod(tmp_path, mode & ~_umask())
+        os.replace(tmp_path, dest)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, mode: int | None = 0o644) -> None:
-    """Write ``path`` via a temporary file in the same directory and an atomic rename.
+    """Write ``path`` via a temporary file in the same directory and an atomic rename (:func:`atomic_file`).
 
     Parameters
     ----------
@@ -114,18 +143,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
         Permission bits of the result (``mkstemp`` creates 0600 files; outputs are meant to be shared).
         ``None`` keeps what ``write`` left.
     """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        if mode is not None:
-            os.chmod(tmp_path, mode & ~_umask())
-        os.replace(tmp_path, dest)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with atomic_file(path, mode=mode) as tmp:
+        write(tmp)
 
 
 def _umask() -> int:

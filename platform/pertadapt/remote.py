@@ -188,12 +188,18 @@ def pull_tree(uri: str, local: Path, *, skip: Iterable[str] = ()) -> int:
     return n
 
 
-def localize(uri: str) -> Path:
-    """A node-local copy of the file ``uri`` under ``$PERTADAPT_CACHE/remote/``, downloaded when missing or
-    when the store's size differs.
+def localize(uri: str, local: Path | None = None) -> Path:
+    """A node-local copy of the file ``uri``, downloaded when missing or when the store's size differs.
 
     Concurrent callers on one node (ranks, trials) serialise on an exclusive lock next to the copy: the
     first downloads it, the others wait and reuse it, so the object is fetched once per node.
+
+    Parameters
+    ----------
+    uri
+        The file on its store.
+    local
+        Where the copy goes (default: under ``$PERTADAPT_CACHE/remote/``, named by the URI's hash).
 
     Raises
     ------
@@ -201,7 +207,7 @@ def localize(uri: str) -> Path:
         When ``uri`` is no file on its store.
     """
     info = _stat_file(uri)
-    local = cache_dir() / "remote" / sha256_bytes(uri)[:16] / Path(info.path).name
+    local = local or cache_dir() / "remote" / sha256_bytes(uri)[:16] / Path(info.path).name
     if local.is_file() and local.stat().st_size == info.size:
         return local
     local.parent.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,14 @@ def test_baselines_run_as_models(name: str, demo_h5ad: Path, tmp_path: Path) -> 
         assert whole["test_pairing_noise_mse_de"] == 0.0
 
 
+def test_the_linear_baselines_block_reaches_its_builder_in_a_run(demo_h5ad: Path, tmp_path: Path) -> None:
+    """``model.k`` and ``model.ridge`` of a run's ``baseline_linear`` block change its predictions."""
+    base = run(_cfg(demo_h5ad, "model.name=baseline_linear"), tmp_path / "base")
+    for knob in ("model.k=2", "model.ridge=100.0"):
+        other = run(_cfg(demo_h5ad, "model.name=baseline_linear", knob), tmp_path / knob)
+        assert other["test_mse"] != base["test_mse"], knob
+
+
 def test_go_options_change_the_structures_handed_to_the_model(demo_h5ad: Path) -> None:
     from pertadapt.train.setup import prepare_run_data
 

@@ -51,6 +51,9 @@ def test_a_shared_trial_runs_once_and_is_reported_under_each_name(tmp_path: Path
     ran = sorted(str(p.parent.relative_to(out / "runs")) for p in (out / "runs").rglob("provenance.json"))
     assert ran == ["small/baseline_mean/seed1", "small/fm/seed1", "small/none/seed1", "wide/fm/seed1"]
     assert len(list((out / "ray" / "grid").glob("*/params.json"))) == 4  # one Tune trial per run
+    for key in ("small/fm/seed1", "wide/fm/seed1"):  # the driver built both tables before any trial: opened only
+        cache = json.loads((out / "runs" / key / "provenance.json").read_text())["embedding_cache"]
+        assert (cache["used"], cache["hit"], cache["build_s"]) == (True, True, 0.0), key
     rows = _rows(out)
     assert sorted(rows) == sorted(f"{bb}/{arm}/seed1" for bb in ("small", "wide") for arm in ("fm", *SHARED))
     assert all(r["status"] == "ok" and r["attempts"] == "1" for r in rows.values())

@@ -211,8 +211,14 @@ def test_dry_run_writes_each_trials_cost_and_the_total(tmp_path: Path, demo_file
     hours = sum(full["cost"][k] for k in ("train_tflop", "eval_tflop", "cache_tflop")) / 10 / 3600
     assert full["cost"]["gpu_hours"] == pytest.approx(hours, rel=1e-3)
     assert plan["cost"]["train_tflop"] == pytest.approx(sum(t["cost"]["train_tflop"] for t in plan["trials"]), rel=1e-3)
-    # one cache per backbone: the pretrained FM's and the random FM's (same sizes, other weights)
-    assert plan["cost"]["cache_gb"] == pytest.approx(2 * full["cost"]["cache_gb"], rel=1e-3)
+    # one table for the pretrained FM (its weights are the checkpoint's, whatever the seed) and one per seed for
+    # the random FM (its weights are the seed's: its table key hashes them)
+    assert plan["cost"]["cache_gb"] == pytest.approx(3 * full["cost"]["cache_gb"], rel=1e-3)
+    seeds = sorted(sorted({k.rsplit("/", 1)[1] for k in c["trials"]}) for c in plan["caches"])
+    assert seeds == [["seed1"], ["seed1", "seed2"], ["seed2"]]
+    assert any("fm=pretrained+pa+am+ladapt/seed1" in c["trials"] and "fm=pretrained+pa+am+ladapt/seed2" in c["trials"]
+               for c in plan["caches"])
+    assert full["cost"]["cache_bytes"] == plan["caches"][0]["bytes"] > 0
     assert "naive train TFLOP" in res.stdout
     assert "naive/plan FLOPs" in res.stdout
     assert "sweep total" in res.stdout
@@ -241,3 +247,78 @@ def test_header_reads_dimensions_without_x(tmp_path: Path) -> None:
     assert (h.n_cells, h.n_genes, h.n_measured, h.n_controls) == (10, 4, 3, 5)
     assert h.cells_per_condition == {"ctrl": 5, "A+ctrl": 3, "A+B": 2}
     assert h.nnz_per_cell == 2
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A 64 KiB tmpfs (the demo's tables need megabytes); unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_dry_run_flags_every_table_that_does_not_fit_and_a_run_is_refused_before_any_trial(
+        tmp_path: Path, demo_file: Path, tiny_disk: Path) -> None:
+    import os
+
+    env = {**os.environ, "PERTADAPT_CACHE": str(tiny_disk / "cache")}
+    args = [sys.executable, "-m", "pertadapt.cli", "sweep", "ablations/demo.yaml", "--out", str(tmp_path / "plan"),
+            f"data.path={demo_file}"]
+    dry = subprocess.run([*args, "--dry-run"], capture_output=True, text=True, env=env)
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    caches = plan["caches"]
+    assert len(caches) == 3  # the pretrained FM's (both seeds) and the random FM's of each seed
+    assert not any(c["fits"] for c in caches)
+    assert caches[0]["free_bytes"] < caches[0]["bytes"]
+    assert caches[1]["cumulative_bytes"] == caches[0]["bytes"] + caches[1]["bytes"]
+    assert "backbone.cache_dtype=bfloat16" in caches[0]["ways_out"]
+    flagged = {t["key"] for t in plan["trials"] if t["cache_fits"] is False}
+    assert flagged == {k for c in caches for k in c["trials"]}
+    assert all(t["cache_fits"] is None for t in plan["trials"] if t["cost"]["cache_bytes"] == 0)  # no table
+    assert "cache fits" in dry.stdout
+    assert " NO " in dry.stdout
+    assert "a run is refused" in dry.stdout
+    (tmp_path / "plan" / "plan.json").unlink()
+    run = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert run.returncode == 2, run.stderr
+    assert "backbone.embedding_cache: the table of trial(s) fm=pretrained/seed1" in run.stderr
+    assert "Ways out: backbone.cache_dtype=bfloat16" in run.stderr
+    assert not (tmp_path / "plan" / "plan.json").exists()  # refused before anything was written or started
+    assert not (tiny_disk / "cache" / "pretrained").exists()  # nor pretrained
+    fits = subprocess.run([*args, "--dry-run"], capture_output=True, text=True)  # the default cache: it fits
+    assert fits.returncode == 0, fits.stderr
+    assert all(c["fits"] for c in json.loads((tmp_path / "plan" / "plan.json").read_text())["caches"])
+
+
+def test_the_plan_trains_the_cells_the_loop_trains() -> None:
+    """Whole steps of ``optim.batch_size`` (the last partial step dropped), at most ``optim.max_steps_per_epoch``."""
+    from pertadapt.data.header import DataHeader
+
+    conds = {"ctrl": 400, **{f"G{i}+ctrl": 50 for i in range(20)}}
+    header = DataHeader(sum(conds.values()), 240, 240, conds)
+    free, capped = (load_run_config("configs/demo.yaml", ["optim.batch_size=32", *extra])
+                    for extra in ([], ["optim.max_steps_per_epoch=2"]))
+    n = 1234
+    assert cost.trained_cells(free, n) == 32 * (n // 32) == 1216
+    assert cost.trained_cells(capped, n) == 64
+    assert cost.trained_cells(capped, 40) == 32
+    ratio = cost.trial_cost(capped, header).train_tflop / cost.trial_cost(free, header).train_tflop
+    split = split_cells(free, header)
+    assert ratio == pytest.approx(64 / cost.trained_cells(free, split), rel=1e-3)
+
+
+def split_cells(cfg, header) -> int:
+    from pertadapt.data.splits import split_conditions
+
+    split = split_conditions(list(header.cells_per_condition), cfg.data.split, seed=cfg.split_seed,
+                             train_gene_frac=cfg.data.train_gene_frac,
+                             combo_seen2_train_frac=cfg.data.combo_seen2_train_frac)
+    return sum(header.cells_per_condition[c] for c in split.train)

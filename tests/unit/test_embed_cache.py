@@ -22,8 +22,11 @@ from pertadapt.train.embed_cache import (
     cache_bytes,
     cache_key_parts,
     check_cache_space,
+    fill_rows,
     open_or_build,
     prepare_embedding_cache,
+    shard_ranges,
+    table_source,
 )
 from pertadapt.train.run import run
 from pertadapt.train.setup import RunData, prepare_run_data
@@ -395,3 +398,51 @@ def test_cache_benchmark_runs_small_and_agrees() -> None:
     assert r["cache_bytes"] == 32 * 240 * 16 * 4
     assert r["backbone_params"] > 0
     assert r["speedup"] == r["recompute_epoch_s"] / r["cache_epoch_s"]
+
+
+@pytest.mark.parametrize(("rows", "batch", "shards"), [(64, 16, 3), (64, 16, 8), (65, 16, 2), (5, 16, 4), (64, 1, 5)])
+def test_shard_ranges_cover_every_row_once_on_batch_boundaries(rows: int, batch: int, shards: int) -> None:
+    ranges = shard_ranges(rows, batch, shards)
+    assert len(ranges) == min(shards, -(-rows // batch))
+    assert [r for a, b in ranges for r in range(a, b)] == list(range(rows))  # contiguous, disjoint, complete
+    assert all(a % batch == 0 for a, _ in ranges)
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= batch + rows % batch  # balanced to a batch
+
+
+def test_a_sharded_build_writes_each_row_once_and_the_bytes_of_a_one_process_build(
+        demo_h5ad: Path, rd: RunData, tmp_path: Path) -> None:
+    """Three shards (each its own ``r+`` memory map of the preallocated file) give the same bytes as one
+    process; the backbone sees each pool row exactly once; the table appears only when the block ends."""
+    cfg = _cfg(demo_h5ad, "eval.batch_size=8")
+    source = table_source(cfg, root=tmp_path / "sharded")
+    assert source.cache.key == _cache(cfg, rd, _backbone(cfg, rd), tmp_path).key  # the key the run computes
+    one = table_source(cfg, root=tmp_path / "one")
+    assert one.cache.write(one.backbone, one.data, one.pool, batch_size=8, device=torch.device("cpu"))
+    seen: list[int] = []
+    source.backbone.transformer_layers()[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with source.cache.building() as tmp:
+        for a, b in shard_ranges(64, 8, 3):
+            assert fill_rows(source, tmp, a, b, batch_size=8, device=torch.device("cpu")) == (a, b)
+            assert not source.cache.path.exists()  # renamed only when every shard is done
+    assert sum(seen) == 64
+    assert len(seen) == 8
+    assert source.cache.path.read_bytes() == one.cache.path.read_bytes()
+    assert _files(tmp_path / "sharded") == sorted([source.cache.path.name, source.cache.path.with_suffix(".json").name])
+
+
+def test_a_failed_shard_leaves_no_table_and_the_next_build_succeeds(demo_h5ad: Path, tmp_path: Path) -> None:
+    cfg = _cfg(demo_h5ad)
+    source = table_source(cfg, root=tmp_path)
+
+    def half_build() -> None:
+        with source.cache.building() as tmp:
+            fill_rows(source, tmp, 0, 16, batch_size=16, device=torch.device("cpu"))
+            raise RuntimeError("shard died")
+
+    with pytest.raises(RuntimeError, match="shard died"):
+        half_build()
+    assert _files(tmp_path) == []
+    assert source.cache.write(source.backbone, source.data, source.pool, batch_size=16, device=torch.device("cpu"))
+    assert source.cache.open().shape == (64, 240, 16)
+    assert table_source(load_run_config(None, ["backbone.embedding_cache=off"])) is None

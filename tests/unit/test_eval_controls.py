@@ -144,17 +144,18 @@ def test_baselines_are_scored_against_the_models_controls(engine: TorchEngine, d
     """The no-change baseline on the eval controls equals the no-change model's prediction through the predict
     path; every baseline is shifted by the same controls; the whole pool shifts nothing."""
     from pertadapt.baselines import fit_baseline
+    from pertadapt.config.components import MODEL_OPTIONS, NoChangeBaseline
 
     cells = PairedCells.for_evaluation(data, list(CONDS), ["A", "B", "C"], seed=0, controls=25, controls_seed=4)
     model_pred = predict_condition_means(engine, cells, batch_size=64)
     shift = {c: m - data.ctrl_mean for c, m in cells.control_means().items()}
     train = {c: data.condition_means[c] for c in ("A+ctrl", "B+ctrl")}
     conds = sorted(model_pred)
-    nochange = fit_baseline("baseline_nochange", train, data.ctrl_mean).predict(conds, control_shift=shift)
+    nochange = fit_baseline(NoChangeBaseline(), train, data.ctrl_mean).predict(conds, control_shift=shift)
     for c in conds:
         np.testing.assert_allclose(nochange[c], model_pred[c], rtol=1e-5, atol=1e-6)
     for name in ("baseline_mean", "baseline_additive"):
-        model = fit_baseline(name, train, data.ctrl_mean)
+        model = fit_baseline(MODEL_OPTIONS.options(name)(), train, data.ctrl_mean)
         plain, shifted = model.predict(conds), model.predict(conds, control_shift=shift)
         for c in conds:
             np.testing.assert_allclose(shifted[c] - plain[c], shift[c])

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from pertadapt.baselines.models import BASELINES, Baseline, fit_baseline
+from pertadapt.baselines.models import BASELINES, Baseline, baseline_options, fit_baseline
 
-__all__ = ["BASELINES", "Baseline", "fit_baseline"]
+__all__ = ["BASELINES", "Baseline", "baseline_options", "fit_baseline"]

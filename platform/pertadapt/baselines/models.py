@@ -4,6 +4,10 @@ All operate on condition means (pseudobulk, log-normalised expression): ``train_
 ``(n_genes,)`` mean of training condition ``p`` and ``b`` = ``ctrl_mean`` the ``(n_genes,)`` mean of
 all control cells. Each model is fitted in closed form by :func:`fit_baseline` and predicts a
 ``(n_genes,)`` mean per GEARS condition name (``ctrl``, ``A+ctrl``, ``A+B``).
+
+Each baseline's options are its ``model:`` block, the dataclass registered under its name in
+:data:`pertadapt.config.components.MODEL_OPTIONS` (``baseline_linear``: ``k``, ``ridge``); :data:`BASELINES`
+maps the same name to the builder that fits the model from those options, as backbones and losses do.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from pertadapt.config.components import MODEL_OPTIONS, BaselineOptions
+from pertadapt.config.components import LinearBaseline as LinearOptions
 from pertadapt.data.conditions import condition_genes
 from pertadapt.data.keys import CONTROL
 
@@ -25,6 +32,7 @@ __all__ = [
     "LinearBaseline",
     "MeanBaseline",
     "NoChangeBaseline",
+    "baseline_options",
     "fit_baseline",
 ]
 
@@ -154,11 +162,13 @@ def _training_perturbations(train_means: Mapping[str, np.ndarray]) -> list[str]:
     return sorted(c for c in train_means if c != CONTROL)
 
 
-def _fit_nochange(train_means: Mapping[str, np.ndarray], ctrl_mean: np.ndarray, **_: object) -> Baseline:
+def _fit_nochange(options: BaselineOptions, train_means: Mapping[str, np.ndarray], ctrl_mean: np.ndarray,
+                  **_: object) -> Baseline:
     return NoChangeBaseline(ctrl_mean)
 
 
-def _fit_mean(train_means: Mapping[str, np.ndarray], ctrl_mean: np.ndarray, **_: object) -> Baseline:
+def _fit_mean(options: BaselineOptions, train_means: Mapping[str, np.ndarray], ctrl_mean: np.ndarray,
+              **_: object) -> Baseline:
     perts = _training_perturbations(train_means)
     if not perts:
         raise ValueError("baseline_mean: no training perturbation (only ctrl)")
@@ -174,7 +184,8 @@ def _single_deltas(train_means: Mapping[str, np.ndarray], ctrl_mean: np.ndarray)
     return deltas
 
 
-def _fit_additive(train_means: Mapping[str, np.ndarray], ctrl_mean: np.ndarray, **_: object) -> Baseline:
+def _fit_additive(options: BaselineOptions, train_means: Mapping[str, np.ndarray], ctrl_mean: np.ndarray,
+                  **_: object) -> Baseline:
     return AdditiveBaseline(ctrl_mean, _single_deltas(train_means, ctrl_mean))
 
 
@@ -199,23 +210,18 @@ def _ridge_bilinear(g: np.ndarray, y: np.ndarray, p: np.ndarray, ridge: float) -
     return np.linalg.solve(p @ p.T + ridge * np.eye(k), left.T).T
 
 
-def _fit_linear(train_means: Mapping[str, np.ndarray], ctrl_mean: np.ndarray, *, linear_k: int,
-                linear_ridge: float, gene_embedding: np.ndarray | None,
-                gene_names: Sequence[str] | None) -> Baseline:
+def _fit_linear(options: LinearOptions, train_means: Mapping[str, np.ndarray], ctrl_mean: np.ndarray, *,
+                gene_embedding: np.ndarray | None, gene_names: Sequence[str] | None) -> Baseline:
     if gene_names is None:
         raise ValueError("baseline_linear: gene_names are required to find the perturbed genes' rows")
     if len(gene_names) != ctrl_mean.shape[0]:
         raise ValueError(f"baseline_linear: {len(gene_names)} gene names for {ctrl_mean.shape[0]} genes")
-    if linear_ridge < 0:
-        raise ValueError(f"baseline_linear: linear_ridge must be >= 0, got {linear_ridge}")
     rows = {g: i for i, g in enumerate(gene_names)}
     perts = _training_perturbations(train_means)
     if gene_embedding is None:
-        if linear_k < 1:
-            raise ValueError(f"baseline_linear: linear_k must be >= 1, got {linear_k}")
         ctrl_col = train_means.get(CONTROL, ctrl_mean)
         pseudobulk = np.column_stack([ctrl_col] + [train_means[c] for c in perts])
-        g = _pca_scores(pseudobulk, linear_k)
+        g = _pca_scores(pseudobulk, options.k)  # k >= 1, ridge >= 0: checked by the options
     else:
         g = np.asarray(gene_embedding, dtype=np.float64)
         if g.ndim != 2 or g.shape[0] != ctrl_mean.shape[0]:
@@ -228,12 +234,14 @@ def _fit_linear(train_means: Mapping[str, np.ndarray], ctrl_mean: np.ndarray, *,
     y = np.column_stack([np.zeros_like(ctrl_mean)] + [train_means[c] - ctrl_mean for c in fit])
     p = np.column_stack([np.zeros(g.shape[1])] + [g[rows[condition_genes(c)[0]]] for c in fit])
     centre = y.mean(axis=1)
-    w = _ridge_bilinear(g, y - centre[:, None], p, linear_ridge)
-    log.debug("baseline_linear: K=%d, %d fit columns, ridge %g", g.shape[1], y.shape[1], linear_ridge)
+    w = _ridge_bilinear(g, y - centre[:, None], p, options.ridge)
+    log.debug("baseline_linear: K=%d, %d fit columns, ridge %g", g.shape[1], y.shape[1], options.ridge)
     return LinearBaseline(embedding=g, weights=w, offset=centre + ctrl_mean, gene_rows=rows)
 
 
-#: Closed registry: ``model.name`` -> fitter (keys equal :data:`pertadapt.config.schema.MODELS`' baselines).
+#: ``model.name`` → builder ``(options, train_means, ctrl_mean, *, gene_embedding, gene_names) -> Baseline``:
+#: ``options`` is the baseline's ``model:`` block, the dataclass registered under the same name in
+#: ``config.components.MODEL_OPTIONS`` (keys equal :data:`pertadapt.config.schema.BASELINE_MODELS`).
 BASELINES: dict[str, Callable[..., Baseline]] = {
     "baseline_nochange": _fit_nochange,
     "baseline_mean": _fit_mean,
@@ -242,30 +250,33 @@ BASELINES: dict[str, Callable[..., Baseline]] = {
 }
 
 
+def baseline_options(knobs: Mapping[str, Mapping[str, Any]] | None = None) -> list[BaselineOptions]:
+    """The options of every baseline of :data:`BASELINES`, in order: each block's defaults, or ``knobs[name]``
+    (e.g. ``{"baseline_linear": {"k": 5}}``), validated by the block's dataclass."""
+    knobs = knobs or {}
+    return [MODEL_OPTIONS.options(name)(**knobs.get(name, {})) for name in BASELINES]
+
+
 def fit_baseline(
-    name: str,
+    options: BaselineOptions,
     train_means: Mapping[str, np.ndarray],
     ctrl_mean: np.ndarray,
     *,
-    linear_k: int = 10,
-    linear_ridge: float = 0.1,
     gene_embedding: np.ndarray | None = None,
     gene_names: Sequence[str] | None = None,
 ) -> Baseline:
-    """Fit a baseline on training condition means.
+    """Fit the baseline ``options`` names on training condition means.
 
     Parameters
     ----------
-    name
-        One of :data:`BASELINES`.
+    options
+        The baseline's ``model:`` block (``options.name`` is a key of :data:`BASELINES`); its builder reads
+        its knobs, e.g. ``baseline_linear``'s ``k`` (number K of principal components) and ``ridge`` (penalty
+        λ ≥ 0, applied on both sides).
     train_means
         Training condition -> ``(n_genes,)`` mean expression (singles, doubles and optionally ``ctrl``).
     ctrl_mean
         ``(n_genes,)`` mean over all control cells, b.
-    linear_k
-        Number K of principal components of ``baseline_linear`` (``model.k`` of its block).
-    linear_ridge
-        Ridge penalty λ ≥ 0 of ``baseline_linear``, applied on both sides (``model.ridge`` of its block).
     gene_embedding
         ``(n_genes, K)`` embedding used as G (and for P) instead of the PCA, e.g. GO or a backbone's
         gene embeddings; rows follow ``gene_names``.
@@ -280,7 +291,8 @@ def fit_baseline(
     Raises
     ------
     ValueError
-        On an unknown ``name`` (the message lists the valid names) or unusable inputs.
+        On an unknown ``options.name`` (the message lists the valid names), options of another component,
+        or unusable inputs.
 
     Notes
     -----
@@ -293,9 +305,11 @@ def fit_baseline(
     W = (GᵀG + λI)⁻¹ Gᵀ Ỹ Pᵀ (PPᵀ + λI)⁻¹ and ŷ_p = G W e_p + m + b. Doubles use
     e_{A+B} = G[A] + G[B], an extension of ours.
     """
+    name = options.name
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; valid names: {', '.join(BASELINES)}")
+    if not isinstance(options, MODEL_OPTIONS.options(name)):
+        raise ValueError(f"model.name: {name!r} needs its own options, got {type(options).__name__}")
     ctrl = np.asarray(ctrl_mean, dtype=np.float64)
     means = {c: np.asarray(v, dtype=np.float64) for c, v in train_means.items()}
-    return BASELINES[name](means, ctrl, linear_k=linear_k, linear_ridge=linear_ridge,
-                           gene_embedding=gene_embedding, gene_names=gene_names)
+    return BASELINES[name](options, means, ctrl, gene_embedding=gene_embedding, gene_names=gene_names)

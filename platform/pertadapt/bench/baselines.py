@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from pertadapt.baselines.models import BASELINES, fit_baseline
+from pertadapt.baselines.models import baseline_options, fit_baseline
 
 __all__ = ["run_baseline_benchmark"]
 
@@ -59,10 +59,10 @@ def run_baseline_benchmark(n_genes: int = 2000, n_conditions: int = 250, *, seed
     train_means = {c: means[c] for c in train}
     timings: dict[str, dict[str, float]] = {}
     start = time.perf_counter()
-    for name in BASELINES:
+    for options in baseline_options({"baseline_linear": {"k": linear_k, "ridge": linear_ridge}}):
+        name = options.name
         t0 = time.perf_counter()
-        model = fit_baseline(name, train_means, ctrl, linear_k=linear_k, linear_ridge=linear_ridge,
-                             gene_names=genes)
+        model = fit_baseline(options, train_means, ctrl, gene_names=genes)
         t1 = time.perf_counter()
         model.predict(conds)
         t2 = time.perf_counter()

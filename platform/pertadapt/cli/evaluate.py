@@ -105,7 +105,7 @@ def baselines_command(
     gi: Annotated[bool, typer.Option("--gi/--no-gi", help="Also genetic-interaction metrics of test doubles.")] = False,
 ) -> None:
     """Fit every baseline on the training conditions; write DIR/<name>.h5ad and DIR/<name>.metrics.json."""
-    from pertadapt.baselines import BASELINES, fit_baseline
+    from pertadapt.baselines import baseline_options, fit_baseline
     from pertadapt.data.dataset import read_perturb_data
     from pertadapt.data.keys import CONTROL
     from pertadapt.data.summaries import write_predictions
@@ -120,9 +120,9 @@ def baselines_command(
             raise ValueError(f"{len(absent)} training condition(s) have no cells, first {absent[0]!r}")
         train = {c: by_name[c] for c in doc_split["train"]}
         targets = sorted({*doc_split["train"], *doc_split["val"], *doc_split["test"]} - {CONTROL})
-        for name in BASELINES:
-            model = fit_baseline(name, train, dataset.ctrl_mean, linear_k=linear_k, linear_ridge=linear_ridge,
-                                 gene_names=genes)
+        for options in baseline_options({"baseline_linear": {"k": linear_k, "ridge": linear_ridge}}):
+            name = options.name
+            model = fit_baseline(options, train, dataset.ctrl_mean, gene_names=genes)
             predicted = model.predict(targets)
             matrix = np.stack([predicted[c] for c in targets])
             write_predictions(out / f"{name}.h5ad", targets, matrix, genes)

@@ -128,6 +128,10 @@ def run_sweep_from_files(request: SweepRequest) -> Path | None:
         if request.dry_run:
             _dry_run(prepared)
             return None
+        if not request.resume:  # a resumed sweep's tables may be stored: its build checks the exact free space
+            from pertadapt.sweep.plan import check_tables_fit
+
+            check_tables_fit(prepared.plan)
         lock = SweepLock(prepared.sweep_dir).acquire()
         try:
             _check_sweep_dir(prepared)  # again, under the lock: the directory may have changed meanwhile
@@ -259,6 +263,11 @@ def _print_plan(p: _Prepared) -> None:
         console = Console(width=max(160, Console(width=1000).measure(table).maximum))
     console.print(table)
     console.print(_cost_table(plan))
+    for c in plan.get("caches", []):
+        if not c["fits"]:
+            console.print(f"[bold red]embedding table of {', '.join(c['trials'])}: needs {c['bytes']} bytes "
+                          f"({c['cumulative_bytes']} with the tables before it), {c['directory']} has "
+                          f"{c['free_bytes']} free; a run is refused. Ways out: {c['ways_out']}[/]")
     from pertadapt.train.fm_weights import pretrain_of
 
     pretrained: dict[tuple[str, str], int] = {}
@@ -279,8 +288,11 @@ def _cost_table(plan: dict[str, Any]) -> Any:
     table = Table(title=f"cost at the data's dimensions (GPU-hours at {plan['tflops']:g} TFLOP/s; cache build "
                         "in each trial that uses it, once per cache in the total; '-': data not made yet)")
     cols = ("train TFLOP", "eval TFLOP", "cache TFLOP", "cache GB", "peak GB/worker", "GPU-h")
-    for col in ("trial", *cols, *([f"naive {c}" for c in cols] + ["naive/plan FLOPs"] if naive else [])):
+    for col in ("trial", *cols, "cache fits", *([f"naive {c}" for c in cols] + ["naive/plan FLOPs"] if naive else [])):
         table.add_column(col, no_wrap=True)
+    fits = {t["key"]: {None: "-", True: "yes", False: "NO"}[t.get("cache_fits")] for t in plan["trials"]}
+    short, unknown = any(not c["fits"] for c in plan.get("caches", [])), plan["cost"]["trials_without_cost"] > 0
+    fits["sweep total"] = "NO" if short else "-" if unknown else "yes"
 
     def cells(c: dict[str, float] | None) -> list[str]:
         from pertadapt.sweep.plan import COST_KEYS
@@ -293,7 +305,7 @@ def _cost_table(plan: dict[str, Any]) -> Any:
 
     rows = [(t["key"], t.get("cost"), t.get("cost_naive")) for t in plan["trials"]]
     for key, c, n in [*rows, ("sweep total", plan["cost"], plan.get("cost_naive"))]:
-        table.add_row(key, *cells(c), *([*cells(n), ratio(c, n)] if naive else []))
+        table.add_row(key, *cells(c), fits[key], *([*cells(n), ratio(c, n)] if naive else []))
     return table
 
 

@@ -26,8 +26,9 @@ from pertadapt.sweep.ablation import Ablation, Trial, shared_runs
 from pertadapt.sweep.results import flatten, varying_keys
 from pertadapt.sweep.search_space import SearchSpace
 
-__all__ = ["ALIAS_FIELDS", "COST_KEYS", "DEFAULT_GPU_MEMORY_GB", "PLAN_FILE", "add_costs", "build_plan", "check_memory", "check_search_space",
-           "diff_plans", "local_cpus", "plan_names", "read_plan", "trial_cpus", "write_plan"]
+__all__ = ["ALIAS_FIELDS", "COST_KEYS", "DEFAULT_GPU_MEMORY_GB", "PLAN_FILE", "add_costs", "build_plan",
+           "check_memory", "check_search_space", "check_tables_fit", "diff_plans", "local_cpus", "plan_names",
+           "read_plan", "table_space", "trial_cpus", "write_plan"]
 
 PLAN_FILE = "plan.json"
 #: GPU memory a trial's worker must fit unless told otherwise (one 80 GB H100/A100).
@@ -102,15 +103,26 @@ def build_plan(ablation: Ablation, space: SearchSpace | None, data_paths: Mappin
 COST_KEYS = ("train_tflop", "eval_tflop", "cache_tflop", "cache_gb", "peak_gb_per_worker", "gpu_hours")
 
 
+def _cache_identity(cfg: Any, path: Path) -> tuple:
+    """What tells two trials' embedding tables apart before they are built: the data, the backbone block (its
+    storage dtype in), the gene space, the control pool and, for a random-init FM, the seed its weights come from."""
+    b = cfg.backbone
+    return (str(path), repr(b), cfg.model.gene_space, cfg.data.control_pool, cfg.data.control_pool_seed,
+            cfg.seed if b.weights_are_random else None)
+
+
 def add_costs(plan: dict[str, Any], ablation: Ablation, data_files: Mapping[str, Path], *, tflops: float | None = None,
-              naive: bool = False) -> None:
-    """Put each trial's cost at its data's real dimensions into ``plan`` (:mod:`pertadapt.train.cost`).
+              naive: bool = False, cache_root: Path | None = None) -> None:
+    """Put each trial's cost at its data's real dimensions into ``plan`` (:mod:`pertadapt.train.cost`), and
+    whether the sweep's embedding tables fit their disk.
 
     ``trials[i].cost`` (and ``cost_naive`` with ``naive``: the same trial on the reference's path) holds
-    :data:`COST_KEYS`, or is ``None`` while the trial's data file does not exist yet (a simulated dataset
-    made on the first run); ``plan['cost']`` (``plan['cost_naive']``) is the sweep's total (each embedding
-    cache built once per backbone, dataset and pool; the largest peak), with ``trials_without_cost``
-    counting those. A trial's own cost includes building the cache it uses.
+    :data:`COST_KEYS` and ``cache_bytes``, or is ``None`` while the trial's data file does not exist yet (a
+    simulated dataset made on the first run); ``plan['cost']`` (``plan['cost_naive']``) is the sweep's total
+    (each distinct embedding table once: :func:`_cache_identity`; the largest peak), with ``trials_without_cost``
+    counting those. A trial's own cost includes building the cache it uses. ``plan['caches']`` lists the
+    distinct tables (:func:`table_space`) and ``trials[i].cache_fits`` says whether the trial's table fits
+    (``None``: no table).
 
     Parameters
     ----------
@@ -124,18 +136,24 @@ def add_costs(plan: dict[str, Any], ablation: Ablation, data_files: Mapping[str,
         Sustained TFLOP/s of one GPU (default :data:`pertadapt.train.cost.DEFAULT_TFLOPS`).
     naive
         Also plan the reference's path.
+    cache_root
+        Folder the tables would be built in (default ``$PERTADAPT_CACHE/fm_embeddings``, as the sweep's driver
+        builds them).
     """
     from pertadapt.data.header import read_header
+    from pertadapt.files import cache_dir
     from pertadapt.train.cost import DEFAULT_TFLOPS, trial_cost
+    from pertadapt.train.embed_cache import CACHE_SUBDIR
 
     tflops = DEFAULT_TFLOPS if tflops is None else tflops
     plan["tflops"] = tflops
     headers: dict[Path, Any] = {}
     by_key = {t.key: t for t in ablation.trials}
+    tables: dict[tuple, dict[str, Any]] = {}
     for kind, is_naive in (("cost", False), ("cost_naive", True)) if naive else (("cost", False),):
         total = dict.fromkeys(COST_KEYS, 0.0)
         missing = 0
-        caches: set[tuple[Path, str, int | None]] = set()
+        caches: set[tuple] = set()
         for entry in plan["trials"]:
             path = Path(data_files[entry["key"]])
             if not path.is_file():
@@ -148,14 +166,63 @@ def add_costs(plan: dict[str, Any], ablation: Ablation, data_files: Mapping[str,
             entry[kind] = cost
             for k in ("train_tflop", "eval_tflop"):
                 total[k] += cost[k]
-            cache = (path, repr(cfg.backbone), cfg.data.control_pool)  # one cache per (backbone, dataset, pool)
-            if cache not in caches:
+            cache = _cache_identity(cfg, path)
+            if cost["cache_bytes"] and cache not in caches:
                 caches.add(cache)
                 total["cache_tflop"] += cost["cache_tflop"]
                 total["cache_gb"] += cost["cache_gb"]
+            if kind == "cost" and cost["cache_bytes"]:
+                tables.setdefault(cache, {"bytes": cost["cache_bytes"], "backbone": entry["backbone"],
+                                          "dtype": cfg.backbone.cache_dtype, "trials": []})["trials"].append(entry["key"])
             total["peak_gb_per_worker"] = max(total["peak_gb_per_worker"], cost["peak_gb_per_worker"])
         total["gpu_hours"] = (total["train_tflop"] + total["eval_tflop"] + total["cache_tflop"]) / tflops / 3600
         plan[kind] = {**{k: float(f"{v:.4g}") for k, v in total.items()}, "trials_without_cost": missing}
+    plan["caches"] = table_space(list(tables.values()), cache_root or cache_dir() / CACHE_SUBDIR)
+    fits = {k: c["fits"] for c in plan["caches"] for k in c["trials"]}
+    for entry in plan["trials"]:
+        entry["cache_fits"] = fits.get(entry["key"])
+
+
+def table_space(tables: list[dict[str, Any]], directory: Path) -> list[dict[str, Any]]:
+    """Whether each of the sweep's embedding tables fits the free space of ``directory``, where they are all
+    built (:func:`pertadapt.train.embed_cache.check_cache_space`'s disk), in plan order.
+
+    Each table (``bytes``, ``backbone``, ``dtype``, ``trials``) gets ``directory``, ``free_bytes``,
+    ``cumulative_bytes`` (it and the tables before it) and ``fits`` (the cumulative bytes fit); one that does
+    not also gets ``ways_out``. A table already stored there (a resumed sweep) is counted as to be built:
+    the build itself checks the exact free space before it writes anything.
+    """
+    from pertadapt.train.embed_cache import CACHE_DTYPES, free_bytes
+
+    free = free_bytes(directory)
+    out, cumulative = [], 0
+    for t in tables:
+        cumulative += t["bytes"]
+        entry = {**t, "directory": str(directory), "free_bytes": free, "cumulative_bytes": cumulative,
+                 "fits": cumulative <= free}
+        if not entry["fits"]:
+            half = t["bytes"] * 2 // CACHE_DTYPES[t["dtype"]][0].itemsize
+            entry["ways_out"] = (f"backbone.cache_dtype=bfloat16 ({half} bytes), a smaller data.control_pool, "
+                                 "PERTADAPT_CACHE (or --storage on a path) on a larger disk, or "
+                                 "backbone.embedding_cache=off (the backbone recomputed every step)")
+        out.append(entry)
+    return out
+
+
+def check_tables_fit(plan: Mapping[str, Any]) -> None:
+    """Refuse a sweep whose embedding tables do not fit their disk (:func:`table_space`), before any trial.
+
+    Raises
+    ------
+    ConfigError
+        Naming each table that does not fit: its trials, bytes, the free bytes and the ways out.
+    """
+    short = [c for c in plan.get("caches", []) if not c["fits"]]
+    if short:
+        raise ConfigError("backbone.embedding_cache: " + "; ".join(
+            f"the table of trial(s) {', '.join(c['trials'])} needs {c['bytes']} bytes ({c['cumulative_bytes']} with "
+            f"the tables before it) but {c['directory']} has {c['free_bytes']} bytes free" for c in short)
+            + f". Ways out: {short[0]['ways_out']}")
 
 
 def check_memory(plan: Mapping[str, Any], gpu_memory_gb: float | None = None) -> None:

@@ -7,7 +7,8 @@ checkpoints), ``data/`` (every dataset the trials read, placed there once by the
 path when ``PERTADAPT_CACHE`` is not set, ``cache/`` (simulated data, GO masks). On an object store the run
 directories live there too (``runs/``, ``hpo/``; worked on in node-local copies, see
 :class:`pertadapt.rundir.RunDir`) and the driver copies them, checkpoints aside, into the sweep directory
-when the trials end; caches stay node-local.
+when the trials end; caches stay node-local, except the frozen-FM embedding tables, uploaded once under
+``cache/fm_embeddings/`` (:mod:`pertadapt.sweep.tables`) and fetched by each node that needs them.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from pertadapt.sweep.resources import capacity, cluster_concurrency, prepare_clu
 from pertadapt.sweep.results import TrialOutcome, collect_results
 from pertadapt.sweep.search_space import SearchSpace
 from pertadapt.sweep.storage import RUN_TREES, check_storage_on_worker
+from pertadapt.sweep.tables import build_sweep_tables, use_sweep_tables
 from pertadapt.sweep.trial_spec import SPEC_KEY, TUNED_KEY, TrialSpec, trial_of, tuned_of
 from pertadapt.sweep.wandb_runs import REPLAYED_KEY, TrialRuns
 from pertadapt.train.run import FINISHED_KEY
@@ -364,6 +365,7 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
     storage = storage or str(sweep_dir)
     ray_storage = under(storage, "ray")
     outcomes: list[TrialOutcome] = []
+    use_sweep_tables(storage)  # before Ray starts: its workers inherit the variable
     try:
         with stop.deferred():  # a stop asked for while Ray starts waits for it (then shuts it down below)
             _init_ray(num_cpus)
@@ -377,6 +379,7 @@ def run_sweep(ablation: Ablation, sweep_dir: Path, *, search_space: SearchSpace 
         specs = [_spec(t, ablation, sweep_dir, data_paths, storage) for t in ablation.trials]
         # trials with one identity run once, as the first of them (plan.json lists the others as its aliases)
         runs = run_of(_hashes(specs).items())
+        build_sweep_tables([s.config for s in _runs(specs, runs)], storage)  # once each, before any trial
         if search_space is None:
             outcomes += _outcomes(_run_grid(_runs(specs, runs), ray_storage, "grid", max_concurrent, resume),
                                   "grid")

@@ -47,10 +47,11 @@ from pertadapt.models.backbones.registry import build_backbone
 from pertadapt.models.backbones.scfoundation import SCFoundation
 from pertadapt.models.build import ModelInputs, build_backbone_for, build_model
 from pertadapt.models.pertadapt_model import PertAdaptModel
+from pertadapt.train.embed_cache import cache_bytes
 from pertadapt.types import Batch
 
 __all__ = ["DEFAULT_TFLOPS", "GO_MASK_DENSITY", "TrialCost", "checkpointed_input_bytes",
-           "eval_controls", "model_step", "saved_bytes", "trial_cost"]
+           "eval_controls", "model_step", "saved_bytes", "trained_cells", "trial_cost"]
 
 #: Default throughput of the GPU-hour estimate: float32 (the engine's default precision) on one H100.
 DEFAULT_TFLOPS = 30.0
@@ -67,17 +68,19 @@ class TrialCost:
     Attributes
     ----------
     train_tflop
-        Forward + backward of every training cell of every epoch.
+        Forward + backward of every cell each epoch trains on (:func:`trained_cells`), every epoch.
     eval_tflop
         Evaluation forwards: the validation set each epoch and at the end, and the test set once.
     cache_tflop
         Building the frozen-FM embedding cache (the FM's forward of every pool cell, once).
     cache_gb
-        Bytes of that cache (pool × genes × FM width × dtype bytes); 0 without a cache.
+        GB of that cache (pool × genes × FM width × dtype bytes); 0 without a cache.
     peak_gb_per_worker
         Parameters, gradients, Adam states, saved activations of a micro-batch and the GO mask.
     gpu_hours
         All the FLOPs above at the stated throughput.
+    cache_bytes
+        ``cache_gb`` exactly (:func:`pertadapt.train.embed_cache.cache_bytes`, as the build sizes it).
     """
 
     train_tflop: float
@@ -86,16 +89,25 @@ class TrialCost:
     cache_gb: float
     peak_gb_per_worker: float
     gpu_hours: float
+    cache_bytes: int = 0
 
     def as_dict(self) -> dict[str, float]:
-        """JSON-able, rounded to 4 significant digits."""
-        return {k: float(f"{v:.4g}") for k, v in dataclasses.asdict(self).items()}
+        """JSON-able, the floats rounded to 4 significant digits."""
+        return {k: v if isinstance(v, int) else float(f"{v:.4g}") for k, v in dataclasses.asdict(self).items()}
 
 
 def eval_controls(cfg: RunConfig, pool: int) -> tuple[int, int]:
     """Control cells each validation and each test condition is predicted from: ``eval.val_controls`` and
     ``eval.test_controls`` (``None``: the whole pool), at most the pool."""
     return tuple(pool if k is None else min(k, pool) for k in (cfg.eval.val_controls, cfg.eval.test_controls))
+
+
+def trained_cells(cfg: RunConfig, n: int) -> int:
+    """Cells one epoch trains on out of ``n`` training cells: whole steps of ``optim.batch_size`` (the loop drops
+    a last partial step), at most ``optim.max_steps_per_epoch`` of them."""
+    o = cfg.optim
+    steps = n // o.batch_size
+    return o.batch_size * (steps if o.max_steps_per_epoch is None else min(steps, o.max_steps_per_epoch))
 
 
 def naive_config(cfg: RunConfig) -> RunConfig:
@@ -417,7 +429,7 @@ def trial_cost(cfg: RunConfig, header: DataHeader, *, tflops: float = DEFAULT_TF
     split = split_conditions(conditions, cfg.data.split, seed=cfg.split_seed,
                              train_gene_frac=cfg.data.train_gene_frac,
                              combo_seen2_train_frac=cfg.data.combo_seen2_train_frac)
-    train_cells = sum(header.cells_per_condition[c] for c in split.train)
+    train_cells = trained_cells(cfg, sum(header.cells_per_condition[c] for c in split.train))
     pool = header.n_controls if cfg.data.control_pool is None else min(cfg.data.control_pool, header.n_controls)
     k_val, k_test = eval_controls(cfg, pool)
     epochs = cfg.optim.epochs
@@ -427,11 +439,10 @@ def trial_cost(cfg: RunConfig, header: DataHeader, *, tflops: float = DEFAULT_TF
     bcfg = cfg.backbone
     cached = isinstance(bcfg, FoundationModelBackbone) and bcfg.wants_embedding_cache
     step = _step_cost(cfg, n, n_perts, nonzeros, cached)
-    cache_tflop = cache_gb = 0.0
+    cache_tflop, nbytes = 0.0, 0
     if cached:
         cache_tflop = step.fm_flops_per_cell * pool / 1e12
-        dtype_bytes = torch.empty(0, dtype=getattr(torch, bcfg.cache_dtype)).element_size()
-        cache_gb = pool * n * step.fm_width * dtype_bytes / _GB
+        nbytes = cache_bytes(pool, n, step.fm_width, bcfg.cache_dtype)
     train_tflop = step.train_flops_per_cell * train_cells * epochs / 1e12
     eval_tflop = step.eval_flops_per_cell * eval_cells / 1e12
     params, trainable, activations = step.param_bytes, step.trainable_bytes, step.saved_bytes
@@ -440,4 +451,4 @@ def trial_cost(cfg: RunConfig, header: DataHeader, *, tflops: float = DEFAULT_TF
         mask = math.ceil(GO_MASK_DENSITY * n * n) * 8 + (n + 1) * 8 + n * n
     peak = params + trainable * (1 + _ADAM_STATES) + activations + mask
     total = train_tflop + eval_tflop + cache_tflop
-    return TrialCost(train_tflop, eval_tflop, cache_tflop, cache_gb, peak / _GB, total / tflops / 3600)
+    return TrialCost(train_tflop, eval_tflop, cache_tflop, nbytes / _GB, peak / _GB, total / tflops / 3600, nbytes)

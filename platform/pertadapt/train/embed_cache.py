@@ -28,15 +28,19 @@ that does not fit is a :class:`ConfigError` naming the bytes needed, the bytes f
 
 Concurrency
 -----------
-The table is written to a temporary file in the cache directory and renamed into place, so a reader
-sees a complete file or none (a full disk leaves no file at all). Builders of one key serialise on an exclusive ``flock`` of
-``<file>.lock``: the first builds, the others wait and then read its file. Under DeepSpeed every rank
-calls :func:`prepare_embedding_cache` before the engine exists, so the first rank to take the lock builds
-the whole table and the others wait on the lock (no sharding; no process group is needed). Without
-``flock`` (some network file systems) each builder builds and the last rename wins — still never a
-partial read. A sweep with ``--storage`` on a shared path (and ``PERTADAPT_CACHE`` unset) keeps the cache
-under ``<storage>/cache/``, so the first trial of the sweep builds a table and every other trial, on any
-node, waits on the lock and reuses it; otherwise the cache is per node.
+A table is written to a temporary file in the cache directory, every block reserved first, and renamed into
+place only when complete (:meth:`EmbeddingCache.building`), so a reader sees a complete file or none (a full
+disk leaves no file at all). Builders of one key serialise on an exclusive ``flock`` of ``<file>.lock``: the
+first builds, the others wait and then read its file (without ``flock``, on some network file systems, each
+builds and the last rename wins — still never a partial read).
+
+A sweep builds every table its trials read once, before any trial is queued, its pool rows sharded over the
+cluster's workers (:mod:`pertadapt.sweep.tables`: Ray tasks, each :func:`fill_rows` on disjoint rows of the
+one preallocated file), and on an object store uploads it once (:data:`TABLES_ENV`); its trials then open
+it, after fetching it once per node from the store (:func:`fetch_table`). Outside a sweep (``pertadapt
+train``) the run builds its table in one process; under DeepSpeed every rank calls
+:func:`prepare_embedding_cache` before the engine exists, the first to take the lock builds and the others
+wait on it.
 """
 
 from __future__ import annotations
@@ -44,11 +48,16 @@ from __future__ import annotations
 import errno
 import hashlib
 import inspect
+import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +65,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from pertadapt import remote
 from pertadapt.config.components import AidoCellBackbone, FoundationModelBackbone
 from pertadapt.config.schema import ConfigError, RunConfig
-from pertadapt.data.dataset import PerturbData
+from pertadapt.data.dataset import PerturbData, draw_control_pool
 from pertadapt.files import (
-    atomic_write,
+    atomic_file,
     atomic_write_json,
     cache_dir,
     exclusive_lock,
+    node_sha256_file,
     sha256_bytes,
     sha256_file,
 )
+from pertadapt.models.backbones.registry import build_backbone
+from pertadapt.train.setup import gene_order_sha256, model_data
 
-__all__ = ["CACHE_DTYPES", "CACHE_SUBDIR", "EmbeddingCache", "build_device", "cache_bytes", "cache_key_parts",
-           "check_cache_space", "open_or_build", "prepare_embedding_cache", "weights_sha256"]
+__all__ = ["CACHE_DTYPES", "CACHE_SUBDIR", "TABLES_ENV", "EmbeddingCache", "TableSource", "build_device",
+           "cache_bytes", "cache_key_parts", "check_cache_space", "fetch_table", "fill_rows", "free_bytes", "open_or_build",
+           "prepare_embedding_cache", "shard_ranges", "table_source", "weights_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +95,10 @@ CACHE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
 }
 #: Folder of the tables under the cache root.
 CACHE_SUBDIR = "fm_embeddings"
+#: Environment variable naming the folder on the sweep's object store that holds the tables the sweep built
+#: (set by the sweep's driver for every Ray worker): a run that does not find its table on its node fetches it
+#: from there before it would build one.
+TABLES_ENV = "PERTADAPT_FM_TABLES"
 #: Bumped when the table layout or the key changes meaning.
 _FORMAT = 1
 
@@ -154,6 +172,11 @@ def _existing(directory: Path) -> Path:
     return next(p for p in (d, *d.parents) if p.exists())
 
 
+def free_bytes(directory: str | os.PathLike[str]) -> int:
+    """Free bytes of the file system ``directory`` is on (or would be on: its nearest existing ancestor's)."""
+    return shutil.disk_usage(_existing(Path(directory))).free
+
+
 def check_cache_space(directory: str | os.PathLike[str], shape: tuple[int, int, int], dtype: str) -> int:
     """Refuse a ``(pool, N, D)`` table of ``dtype`` that does not fit the free space of ``directory``.
 
@@ -173,7 +196,7 @@ def check_cache_space(directory: str | os.PathLike[str], shape: tuple[int, int, 
         ``backbone.embedding_cache=off`` to recompute the backbone every step knowingly.
     """
     nbytes = cache_bytes(*shape, dtype)
-    free = shutil.disk_usage(_existing(Path(directory))).free
+    free = free_bytes(directory)
     if nbytes > free:
         raise ConfigError(_no_space_message(Path(directory), shape, dtype, nbytes, free))
     return nbytes
@@ -257,43 +280,168 @@ class EmbeddingCache:
         finally:
             os.close(fd)
 
-    def write(self, backbone: nn.Module, data: PerturbData, pool: np.ndarray, *, batch_size: int,
-              device: torch.device) -> None:
-        """Run ``backbone`` over the pool (``batch_size`` cells at a time, no grad, eval mode) into the file.
+    @contextmanager
+    def building(self) -> Iterator[Path | None]:
+        """Under the key's lock: ``None`` when the table is already stored (perhaps by another process while
+        this one waited), else the table's temporary file, every block reserved (``posix_fallocate``), for
+        the ``with`` block to fill. It is renamed into place (and the key's ``.json`` written) when the block
+        ends without an error and removed otherwise, so a reader sees a complete table or none.
 
-        The table is written to a temporary file whose blocks are all reserved first (``posix_fallocate``),
-        then renamed into place: a full disk is a :class:`ConfigError` before any backbone forward, and
-        leaves no file behind. The global RNG state is left as it was, so a run's later seeded initialisation is the same with
-        or without a build.
+        Raises
+        ------
+        ConfigError
+            When the table does not fit the cache's file system (:func:`check_cache_space`, then the
+            preallocation), before anything is computed.
         """
-        def fill(tmp: Path) -> None:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.np_dtype, shape=self.shape)
-            self._preallocate(tmp)
-            fm = backbone.to(device)
-            fm.eval()
-            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                for start in range(0, len(pool), batch_size):
-                    cells = pool[start: start + batch_size]
-                    x = torch.from_numpy(data.input_rows(cells).toarray().astype(np.float32)).to(device)
-                    total = torch.from_numpy(data.total_count[cells]).to(device)
-                    e = fm.encode(x, total)
-                    if data.columns is not None:  # the model genes only (model.gene_space: measured)
-                        e = e.index_select(1, torch.from_numpy(data.columns).to(device))
-                    e = e.float().cpu().to(self.torch_dtype)
-                    if self.dtype_name == "bfloat16":  # stored as its bit patterns
-                        e = e.view(torch.uint16)
-                    out[start: start + len(cells)] = e.numpy()
-            out.flush()
-            del out
+        self.root.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.path.with_name(self.path.name + ".lock")):
+            if self.open() is not None:
+                yield None
+                return
+            check_cache_space(self.root, self.shape, self.dtype_name)
+            with atomic_file(self.path) as tmp:
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=self.np_dtype, shape=self.shape).flush()
+                self._preallocate(tmp)
+                yield tmp
+            atomic_write_json(self.path.with_suffix(".json"), {"key": self.key, "shape": list(self.shape),
+                                                              "stored_dtype": str(self.np_dtype), **self.parts})
 
-        atomic_write(self.path, fill)
-        atomic_write_json(self.path.with_suffix(".json"), {"key": self.key, "shape": list(self.shape),
-                                                          "stored_dtype": str(self.np_dtype), **self.parts})
+    def write(self, backbone: nn.Module, data: PerturbData, pool: np.ndarray, *, batch_size: int,
+              device: torch.device) -> bool:
+        """Build the table in this process: run ``backbone`` over the whole pool into the file
+        (:meth:`building`, :func:`fill_rows`); a full disk is a :class:`ConfigError` before any backbone
+        forward and leaves no file behind.
+
+        Returns
+        -------
+        bool
+            ``False`` when another process had stored it meanwhile (nothing computed).
+        """
+        with self.building() as tmp:
+            if tmp is None:
+                return False
+            log.info("building the frozen-FM embedding cache %s", self.path)
+            fill_rows(TableSource(self, backbone, data, pool), tmp, 0, len(pool), batch_size=batch_size,
+                      device=device)
+        return True
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """What one table is computed from.
+
+    Attributes
+    ----------
+    cache
+        The table (key, path, shape).
+    backbone
+        The frozen backbone as a run builds it (seeded with the run's seed).
+    data
+        The run's data over the model genes (``data.columns``: the model genes among the backbone's inputs).
+    pool
+        ``(pool,)`` cell indices of the control pool; row ``i`` of the table is cell ``pool[i]``.
+    """
+
+    cache: EmbeddingCache
+    backbone: nn.Module
+    data: PerturbData
+    pool: np.ndarray
+
+
+def table_source(cfg: RunConfig, *, root: Path | None = None) -> TableSource | None:
+    """The table a run of ``cfg`` reads, built exactly as the run builds it (:func:`pertadapt.train.run.
+    build_run_engine`: the data, its control pool, the backbone seeded with ``cfg.seed``), without the GO
+    graph or the model; ``None`` when ``cfg`` uses no table (a baseline, no frozen FM, or ``embedding_cache:
+    off``).
+
+    Parameters
+    ----------
+    cfg
+        The run config, ``data.path`` in (a sweep's trial config).
+    root
+        Folder of the tables (default ``$PERTADAPT_CACHE/fm_embeddings``).
+    """
+    from pertadapt.train.run import seed_everything
+
+    b = cfg.backbone
+    if cfg.is_baseline or not (isinstance(b, FoundationModelBackbone) and b.wants_embedding_cache):
+        return None
+    path, full, _, data = model_data(cfg)
+    pool = draw_control_pool(data, cfg.data.control_pool, cfg.data.control_pool_seed)
+    seed_everything(cfg.seed)
+    backbone = build_backbone(cfg.backbone, genes=full.genes, width=cfg.model.hidden_size)  # build_backbone_for's
+    hashes = {"data_sha256": node_sha256_file(path), "gene_order_sha256": gene_order_sha256(data.genes)}
+    cache = EmbeddingCache(cache_key_parts(cfg, hashes, pool, backbone),
+                           (len(pool), len(data.genes), backbone.hidden_size), root)
+    return TableSource(cache, backbone, data, pool)
+
+
+def shard_ranges(rows: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` row ranges of ``shards`` shards (fewer when there are fewer batches), contiguous, disjoint,
+    covering ``range(rows)``, each starting at a multiple of ``batch_size``: every shard runs the very batches a
+    single-process build runs, so the table's bytes do not depend on the number of shards."""
+    batches = math.ceil(rows / batch_size)
+    shards = max(1, min(shards, batches))
+    edges = [round(i * batches / shards) * batch_size for i in range(shards + 1)]
+    return [(a, min(b, rows)) for a, b in itertools.pairwise(edges) if a < rows]
+
+
+def fill_rows(source: TableSource, tmp: Path, start: int, stop: int, *, batch_size: int,
+              device: torch.device) -> tuple[int, int]:
+    """Run the backbone over pool rows ``[start, stop)`` (``batch_size`` cells at a time from ``start``, no grad,
+    eval mode) into those rows of the table file ``tmp`` (a ``.npy`` of the table's shape and dtype, opened
+    ``r+``: other shards write other rows of it at the same time).
+
+    The global RNG state is left as it was, so a run's later seeded initialisation is the same with or without
+    a build.
+
+    Returns
+    -------
+    tuple
+        ``(start, stop)``, the rows written.
+    """
+    cache, data, pool = source.cache, source.data, source.pool
+    out = np.lib.format.open_memmap(tmp, mode="r+")
+    if out.shape != cache.shape or out.dtype != cache.np_dtype:
+        raise ValueError(f"{tmp}: holds {out.shape} {out.dtype}, expected the table's {cache.shape} {cache.np_dtype}")
+    fm = source.backbone.to(device)
+    fm.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for a in range(start, stop, batch_size):
+            cells = pool[a: min(a + batch_size, stop)]
+            x = torch.from_numpy(data.input_rows(cells).toarray().astype(np.float32)).to(device)
+            total = torch.from_numpy(data.total_count[cells]).to(device)
+            e = fm.encode(x, total)
+            if data.columns is not None:  # the model genes only (model.gene_space: measured)
+                e = e.index_select(1, torch.from_numpy(data.columns).to(device))
+            e = e.float().cpu().to(cache.torch_dtype)
+            if cache.dtype_name == "bfloat16":  # stored as its bit patterns
+                e = e.view(torch.uint16)
+            out[a: a + len(cells)] = e.numpy()
+    out.flush()
+    del out
+    return start, stop
+
+
+def fetch_table(cache: EmbeddingCache) -> bool:
+    """Copy the table of ``cache`` from the sweep's object store (:data:`TABLES_ENV`) to its place on this node,
+    once per node (:func:`pertadapt.remote.localize`'s lock); ``False`` when no store is named or it lacks
+    the table."""
+    folder = os.environ.get(TABLES_ENV)
+    if not folder:
+        return False
+    uri = remote.join(folder, cache.path.name)
+    if remote.size(uri) is None:
+        return False
+    cache.root.mkdir(parents=True, exist_ok=True)
+    remote.localize(uri, cache.path)
+    return True
 
 
 def open_or_build(cache: EmbeddingCache, backbone: nn.Module, data: PerturbData, pool: np.ndarray, *,
                   batch_size: int, device: torch.device) -> tuple[np.ndarray, bool, float]:
-    """The table of ``cache``: read if stored, else built (after the free-space check) under the key's lock.
+    """The table of ``cache``: read if stored (or fetched from the sweep's object store), else built in this
+    process (after the free-space check) under the key's lock.
 
     Returns
     -------
@@ -308,22 +456,17 @@ def open_or_build(cache: EmbeddingCache, backbone: nn.Module, data: PerturbData,
         preallocation of the file).
     """
     table = cache.open()
+    if table is None and fetch_table(cache):
+        table = cache.open()
     if table is not None:
         return table, True, 0.0
-    cache.root.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(cache.path.with_name(cache.path.name + ".lock")):
-        table = cache.open()  # built by another process while this one waited
-        if table is not None:
-            return table, True, 0.0
-        check_cache_space(cache.root, cache.shape, cache.dtype_name)
-        log.info("building the frozen-FM embedding cache %s", cache.path)
-        t0 = time.perf_counter()
-        cache.write(backbone, data, pool, batch_size=batch_size, device=device)
-        seconds = time.perf_counter() - t0
-        table = cache.open()
+    t0 = time.perf_counter()
+    built = cache.write(backbone, data, pool, batch_size=batch_size, device=device)
+    seconds = time.perf_counter() - t0 if built else 0.0
+    table = cache.open()
     if table is None:
         raise OSError(f"{cache.path}: the embedding cache was written but cannot be read back")
-    return table, False, seconds
+    return table, not built, seconds
 
 
 def build_device(cfg: RunConfig) -> torch.device:

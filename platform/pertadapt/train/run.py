@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from pertadapt.baselines import fit_baseline
-from pertadapt.config.components import LinearBaseline
 from pertadapt.config.load import config_hash, config_to_dict
 from pertadapt.config.schema import ConfigError, RunConfig
 from pertadapt.data.keys import CONTROL
@@ -115,9 +114,7 @@ def _write_run_files(cfg: RunConfig, run: RunDir, rd: RunData, ranks: list[dict[
 def _run_baseline(cfg: RunConfig, rd: RunData) -> tuple[int, Metrics, Metrics, dict[str, np.ndarray]]:
     d = rd.data
     means = d.condition_means
-    knobs = {"linear_k": cfg.model.k, "linear_ridge": cfg.model.ridge} if isinstance(cfg.model, LinearBaseline) else {}
-    model = fit_baseline(cfg.model.name, {c: means[c] for c in rd.split.train}, d.ctrl_mean, gene_names=d.genes,
-                         **knobs)
+    model = fit_baseline(cfg.model, {c: means[c] for c in rd.split.train}, d.ctrl_mean, gene_names=d.genes)
     scored = []
     for conds, es in ((rd.split.val, rd.val), (rd.split.test, rd.test)):
         # the models' control cells (eval.val_controls, eval.test_controls): no arm gains from control sampling

@@ -24,7 +24,7 @@ from pertadapt.files import node_sha256_file, sha256_bytes
 from pertadapt.models.build import ModelInputs
 from pertadapt.train.loop import EvalSet
 
-__all__ = ["RunData", "ensure_data_file", "prepare_run_data", "provenance"]
+__all__ = ["RunData", "ensure_data_file", "gene_order_sha256", "model_data", "prepare_run_data", "provenance"]
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,18 @@ class RunData:
     measured: PerturbData | None = None
 
 
-def _gene_hash(genes: tuple[str, ...]) -> str:
+def gene_order_sha256(genes: tuple[str, ...]) -> str:
+    """SHA-256 of the model genes' order (``gene_order_sha256`` of a run's hashes)."""
     return sha256_bytes("\n".join(genes))
+
+
+def model_data(cfg: RunConfig) -> tuple[Path, PerturbData, PerturbData, PerturbData]:
+    """The run's data file and its arrays: ``(path, full, measured, data)``: every gene of the file, its
+    measured genes, and the model genes (``model.gene_space``: one of the two)."""
+    path = ensure_data_file(cfg)
+    full = read_perturb_data(path, n_de=cfg.data.n_de, backed=cfg.data.backed)
+    measured = full.measured_only()
+    return path, full, measured, measured if cfg.model.gene_space == "measured" else full
 
 
 def _mask_arrays(cfg: RunConfig, ann, genes: tuple[str, ...]) -> tuple[np.ndarray | None, np.ndarray | None, str]:
@@ -113,10 +123,7 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     the training cells' co-expression graph), and pair the cells."""
     from pertadapt.go import cached_gene_graph, has_go, load_annotations, perturbation_vocabulary
 
-    path = ensure_data_file(cfg)
-    full = read_perturb_data(path, n_de=cfg.data.n_de, backed=cfg.data.backed)
-    measured = full.measured_only()
-    data = measured if cfg.model.gene_space == "measured" else full
+    path, full, measured, data = model_data(cfg)
     log.info("model.gene_space=%s: %d model genes (%d measured of the file's %d)", cfg.model.gene_space,
              len(data.genes), len(measured.genes), len(full.genes))
     ann = load_annotations(cfg.go.source, obo=cfg.go.obo, gaf=cfg.go.gaf, aspects=tuple(cfg.go.aspects),
@@ -156,7 +163,7 @@ def prepare_run_data(cfg: RunConfig) -> RunData:
     test = EvalSet(PairedCells.for_evaluation(data, split.test, pert_vocab, seed=seed + 2, n_de=cfg.data.n_de,
                                               controls=ev.test_controls, controls_seed=ev.controls_seed, pool=pool),
                    split.subgroups, split.train, also_measured)
-    hashes = {"data_sha256": data_hash, "gene_order_sha256": _gene_hash(data.genes),
+    hashes = {"data_sha256": data_hash, "gene_order_sha256": gene_order_sha256(data.genes),
               "go_mask_sha256": mask_hash, "go_source": ann.source, "coexpress_sha256": coexpress_hash}
     return RunData(data, split, pert_vocab, inputs, train, val, test, hashes, path, also_measured)
 
