@@ -269,3 +269,18 @@ def test_broken_tiny_checkpoints_are_refused(tmp_path) -> None:
     (tmp_path / "c" / "config.json").write_text(json.dumps({"hidden_size": 16, "layers": 1, "heads": 2, "n_genes": 6}))
     with pytest.raises(CheckpointError, match="shape mismatches"):
         TinyTransformer.from_pretrained_dir(tmp_path / "c")
+
+
+def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path, demo_h5ad) -> None:
+    from pertadapt.train.engine import build_engine
+    from pertadapt.train.pretrain import _build_network
+
+    cfg = load_pretrain_config(DEMO, [f"data.path={demo_h5ad}", "steps=2", "objective.edge_cells=1"])
+    pretrain(cfg, tmp_path / "o", progress=False)
+    with pytest.raises(ConfigError, match="--resume: no checkpoint"):  # a finished run keeps no resumable state
+        pretrain(cfg, tmp_path / "o", resume=True, progress=False)
+    engine = build_engine(_build_network(cfg, read_cells(demo_h5ad).genes), cfg)
+    engine.save(tmp_path / "i" / RESUME_DIR, {"epoch": 1, "best_epoch": 1, "best": 0.5, "step": 1, "losses": [0.5],
+                                              "config_sha256": "of another config"})
+    with pytest.raises(ConfigError, match="another pretrain config"):
+        pretrain(cfg, tmp_path / "i", resume=True, progress=False)

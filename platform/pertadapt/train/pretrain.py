@@ -148,9 +148,11 @@ def heldout_scores(model: MaskedValueModel, cells: CellMatrix, split: Split, mas
     mask = np.random.default_rng([seed, 1]).random((rows.size, cells.x.shape[1])) < mask_ratio
     batch = masked_batch(cells, rows, mask, mask_value)
     model.eval()
+    device = next(model.parameters()).device
     sq, n = 0.0, int(mask.sum())
     for start in range(0, rows.size, 64):
-        part = MaskedCells(*(t[start:start + 64] for t in (batch.x, batch.total_count, batch.target, batch.mask)))
+        part = MaskedCells(*(t[start:start + 64] for t in (batch.x, batch.total_count, batch.target,
+                                                            batch.mask))).to(device)
         pred = model(part)
         sq += float(((pred - part.target) ** 2)[part.mask].sum())
     mean = cells.x[split.train].mean(axis=0)
@@ -185,17 +187,19 @@ def perturbation_score(model: MaskedValueModel, x: np.ndarray, total: np.ndarray
         ``(N, N)`` float64, zero diagonal.
     """
     model.eval()
+    device = next(model.parameters()).device
     n = x.shape[1]
     score = np.zeros((n, n))
     for c in range(x.shape[0]):
         for start in range(0, n, chunk):
-            js = torch.arange(start, min(start + chunk, n))
-            inp = torch.from_numpy(x[c]).repeat(js.numel(), 1)
-            inp[torch.arange(js.numel()), js] = mask_value
+            js = torch.arange(start, min(start + chunk, n), device=device)
+            rows = torch.arange(js.numel(), device=device)
+            inp = torch.from_numpy(x[c]).to(device).repeat(js.numel(), 1)
+            inp[rows, js] = mask_value
             inp.requires_grad_(True)
-            pred = model.predict(inp, torch.full((js.numel(),), float(total[c])))
-            (grad,) = torch.autograd.grad(pred[torch.arange(js.numel()), js].sum(), inp)
-            score[:, start:start + js.numel()] += grad.abs().T.double().numpy()  # row j of grad → column j of S
+            pred = model.predict(inp, torch.full((js.numel(),), float(total[c]), device=device))
+            (grad,) = torch.autograd.grad(pred[rows, js].sum(), inp)
+            score[:, start:start + js.numel()] += grad.abs().T.double().cpu().numpy()  # row j of grad → column j
     np.fill_diagonal(score, 0.0)
     return score / max(x.shape[0], 1)
 
@@ -214,6 +218,17 @@ def edge_scores(trained: MaskedValueModel, random_init: MaskedValueModel, cells:
     for key, model in (("edge_auroc", trained), ("edge_auroc_random", random_init)):
         out[key] = edge_auroc(perturbation_score(model, cells.x[rows], cells.total_count[rows], mask_value), src, dst)
     return out
+
+
+def _config_sha256(cfg: PretrainConfig, *, data_path: bool = True) -> str:
+    """SHA-256 of what decides a pretraining's result: the resolved config without ``name`` and ``logging``
+    (and without ``data.path`` when ``data_path`` is false: the caller hashes the file's content instead)."""
+    doc = config_to_dict(cfg)
+    for key in ("name", "logging"):
+        doc.pop(key)
+    if not data_path:
+        doc["data"].pop("path")
+    return sha256_bytes(json.dumps(doc, sort_keys=True))
 
 
 def _save_backbone(backbone: nn.Module, directory: Path, genes: Sequence[str]) -> None:
@@ -276,6 +291,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, data
     resume_dir = out / RESUME_DIR
     if resume:
         state = engine.load(require_checkpoint(resume_dir if has_checkpoint(resume_dir) else None, resume_dir))
+        if state.get("config_sha256") != _config_sha256(cfg):
+            raise ConfigError(f"--resume: {resume_dir} was written by another pretrain config (or data file); "
+                              "resume with the config and overrides of the interrupted run")
         start, losses = int(state["step"]), [float(v) for v in state["losses"]]
         log.info("resuming %s at step %d of %d", out, start, cfg.steps)
     else:
@@ -313,7 +331,7 @@ def _train_and_write(cfg: PretrainConfig, out: Path, engine: Engine, model: Mask
         task = bar.add_task("steps", total=cfg.steps, completed=start, loss="-")
         for step in range(start, cfg.steps):
             engine.set_lr(schedule.lr(0, step))
-            batch = _step_batch(cfg, cells, split.train, step, mask_value)
+            batch = _step_batch(cfg, cells, split.train, step, mask_value).to(engine.device)
             total = 0.0
             for i in range(0, len(batch), micro):
                 part = MaskedCells(batch.x[i:i + micro], batch.total_count[i:i + micro], batch.target[i:i + micro],
@@ -334,7 +352,7 @@ def _train_and_write(cfg: PretrainConfig, out: Path, engine: Engine, model: Mask
                 shutil.rmtree(new, ignore_errors=True)
                 # the checkpoint format's client state (``epoch``, ``best_epoch``, ``best``) counts steps here
                 engine.save(new, {"epoch": step + 1, "best_epoch": step + 1, "best": losses[-1], "step": step + 1,
-                                  "losses": losses})
+                                  "losses": losses, "config_sha256": _config_sha256(cfg)})
                 replace_dir(new, resume_dir)
     engine.train(False)
     scores = heldout_scores(model, cells, split, cfg.objective.mask_ratio, mask_value, cfg.data.heldout_seed)
@@ -391,8 +409,8 @@ def read_model_card(directory: Path) -> dict[str, Any] | None:
 def pretrained_checkpoint(config: str | Path, data_file: Path, overrides: Sequence[str] = ()) -> Path:
     """The checkpoint of ``config``'s FM pretrained on ``data_file``: made once, then reused from the cache.
 
-    The cache entry is ``cache_dir()/pretrained/<key>/`` with ``key`` the SHA-256 of the data file's hash and
-    the resolved config (its ``data.path``, ``name`` and ``logging`` left out). Callers serialise on a file
+    The cache entry is ``cache_dir()/pretrained/<key>/`` with ``key`` the SHA-256 of the data file's hash, the
+    pertadapt version and the resolved config (its ``data.path``, ``name`` and ``logging`` left out). Callers serialise on a file
     lock, so concurrent callers pretrain once; the entry is built in a temporary directory and renamed.
 
     Parameters
@@ -409,13 +427,11 @@ def pretrained_checkpoint(config: str | Path, data_file: Path, overrides: Sequen
     Path
         The checkpoint directory (loads through ``backbone.checkpoint``; holds ``model_card.json``).
     """
+    from pertadapt import __version__
+
     data_file = Path(data_file)
     cfg = load_pretrain_config(config, [*overrides, f"data.path={data_file}"])
-    doc = config_to_dict(cfg)
-    for key in ("name", "logging"):
-        doc.pop(key)
-    doc["data"].pop("path")
-    key = sha256_bytes(node_sha256_file(data_file) + json.dumps(doc, sort_keys=True))
+    key = sha256_bytes(f"{node_sha256_file(data_file)}|{__version__}|{_config_sha256(cfg, data_path=False)}")
     root = cache_dir() / "pretrained"
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
@@ -423,8 +439,9 @@ def pretrained_checkpoint(config: str | Path, data_file: Path, overrides: Sequen
         if read_model_card(final) is not None:
             log.info("reusing the pretrained %s checkpoint %s (data %s)", cfg.backbone.name, final, data_file)
             return final
+        for stale in root.glob(f".{key}.tmp-*"):  # left by a killed caller (this key's builders hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         log.info("pretraining the %s FM of %s on %s (once; cached as %s)", cfg.backbone.name, config, data_file, final)
         pretrain(cfg, tmp, data_file=data_file, progress=False)
         shutil.rmtree(final, ignore_errors=True)
