@@ -1,8 +1,9 @@
 """``pertadapt pretrain``: masked-expression pretraining of an FM on the cells of an ``.h5ad``, end to end.
 
-One process, the torch engine of a trial (:mod:`pertadapt.train.engine`): each optimiser step draws
-``optim.batch_size`` training cells and masks ``objective.mask_ratio`` of their genes (both from a generator
-seeded by the run seed and the step, so a resumed run sees the same batches), the engine runs forward and
+A trial's engines (:mod:`pertadapt.train.engine`: torch in one process, or DeepSpeed on each Ray Train worker
+of :func:`pertadapt.train.worker.launch_pretrain`): each optimiser step draws ``optim.batch_size`` training
+cells and masks ``objective.mask_ratio`` of their genes (both from a generator seeded by the run seed and the
+step, so a resumed run sees the same batches; each rank takes its slice), the engine runs forward and
 backward in micro-batches, and every ``checkpoint_every`` steps a resumable checkpoint replaces
 ``DIR/resume/`` whole. At the end the backbone is written in its architecture's checkpoint layout into
 ``DIR`` with a model card (``model_card.json``, ``MODEL_CARD.md``); held-out cells are scored against the
@@ -57,7 +58,7 @@ from pertadapt.train.setup import ensure_data_file, provenance
 from pertadapt.types import MaskedCells
 
 __all__ = ["MODEL_CARD_JSON", "MODEL_CARD_MD", "RESUME_DIR", "PretrainResult", "edge_scores", "pretrain",
-           "pretrained_checkpoint", "read_model_card"]
+           "pretrained_checkpoint", "read_model_card", "summary_of"]
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, data
     split = split_cells(cells.x.shape[0], cfg.data.heldout_frac, cfg.data.heldout_seed)
     model = _build_network(cfg, cells.genes)
     engine = build_engine(model, cfg)
+    lead = engine.rank == 0
     resume_dir = out / RESUME_DIR
     if resume:
         state = engine.load(require_checkpoint(resume_dir if has_checkpoint(resume_dir) else None, resume_dir))
@@ -300,9 +302,11 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, data
         if (out / MODEL_CARD_JSON).exists() or has_checkpoint(resume_dir):
             raise ConfigError(f"--out: {out} already holds a pretraining; use --resume or another directory")
         start, losses = 0, []
-    out.mkdir(parents=True, exist_ok=True)
-    logger = open_logger(mode=cfg.logging.wandb, project=cfg.logging.project, group=cfg.logging.group,
-                         name=cfg.name, directory=out, config=config_to_dict(cfg))
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+    engine.gather(None)  # every rank has checked the directory before rank 0 writes into it
+    logger = open_logger(mode=cfg.logging.wandb, rank=engine.rank, project=cfg.logging.project,
+                         group=cfg.logging.group, name=cfg.name, directory=out, config=config_to_dict(cfg))
     log.info("pretraining %s on %d %s cells × %d genes of %s (%d held out), %d steps",
              cfg.backbone.name, split.train.size, cfg.data.cells, len(cells.genes), path, split.heldout.size, cfg.steps)
     try:
@@ -317,21 +321,29 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, data
 def _train_and_write(cfg: PretrainConfig, out: Path, engine: Engine, model: MaskedValueModel, cells: CellMatrix,
                      split: Split, path: Path, start: int, losses: list[float], logger: RunLogger, t0: float,
                      progress: bool) -> PretrainResult:
-    """The steps from ``start``, the held-out scores, the checkpoint and the model card (see :func:`pretrain`)."""
+    """The steps from ``start``, the held-out scores, the checkpoint and the model card (see :func:`pretrain`).
+
+    With ``W`` ranks, rank ``r`` takes the ``r``-th of ``W`` equal slices of each step's cells; the step's loss
+    is the mean over the ranks. Rank 0 alone scores and writes the checkpoint's files and the model card.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     mask_value = MASK_VALUES[cfg.backbone.name]
     schedule = LRSchedule(dataclasses.replace(cfg.optim, epochs=1), cfg.steps)
     resume_dir = out / RESUME_DIR
     micro = cfg.optim.micro_batch_size
+    lead, share = engine.rank == 0, cfg.optim.batch_size // engine.world_size
     engine.train(True)
     columns = (TextColumn("pretraining"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not progress) as bar:
+    with Progress(*columns, transient=True, disable=not (progress and lead)) as bar:
         task = bar.add_task("steps", total=cfg.steps, completed=start, loss="-")
         for step in range(start, cfg.steps):
             engine.set_lr(schedule.lr(0, step))
-            batch = _step_batch(cfg, cells, split.train, step, mask_value).to(engine.device)
+            batch = _step_batch(cfg, cells, split.train, step, mask_value)
+            mine = slice(engine.rank * share, (engine.rank + 1) * share)
+            batch = MaskedCells(batch.x[mine], batch.total_count[mine], batch.target[mine],
+                                batch.mask[mine]).to(engine.device)
             total = 0.0
             for i in range(0, len(batch), micro):
                 part = MaskedCells(batch.x[i:i + micro], batch.total_count[i:i + micro], batch.target[i:i + micro],
@@ -342,19 +354,26 @@ def _train_and_write(cfg: PretrainConfig, out: Path, engine: Engine, model: Mask
                 engine.backward(loss)
                 engine.step()
                 total += loss.item()
-            losses.append(total / cfg.accumulation_steps)
+            losses.append(sum(engine.gather(total)) / engine.world_size / cfg.accumulation_steps)
             bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
             if (step + 1) % cfg.log_every == 0:
                 logger.log({"pretrain/loss": losses[-1], "pretrain/lr": schedule.lr(0, step)}, step=step + 1)
                 log.debug("step %d: loss %.4f", step + 1, losses[-1])
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 new = out / f".{RESUME_DIR}.new"
-                shutil.rmtree(new, ignore_errors=True)
+                if lead:
+                    shutil.rmtree(new, ignore_errors=True)
+                engine.gather(None)
                 # the checkpoint format's client state (``epoch``, ``best_epoch``, ``best``) counts steps here
                 engine.save(new, {"epoch": step + 1, "best_epoch": step + 1, "best": losses[-1], "step": step + 1,
                                   "losses": losses, "config_sha256": _config_sha256(cfg)})
-                replace_dir(new, resume_dir)
+                engine.gather(None)
+                if lead:
+                    replace_dir(new, resume_dir)
     engine.train(False)
+    if not lead:
+        engine.gather(None)  # rank 0 scores and writes
+        return PretrainResult(out, {}, {}, model)
     scores = heldout_scores(model, cells, split, cfg.objective.mask_ratio, mask_value, cfg.data.heldout_seed)
     random_model = _build_network(cfg, cells.genes)
     scores.update(edge_scores(model, random_model, cells, split, cfg.objective.edge_cells, mask_value))
@@ -378,12 +397,18 @@ def _train_and_write(cfg: PretrainConfig, out: Path, engine: Engine, model: Mask
     atomic_write_json(out / MODEL_CARD_JSON, card)
     atomic_write_text(out / MODEL_CARD_MD, _model_card_md(card))
     shutil.rmtree(resume_dir, ignore_errors=True)
-    summary = {"backbone": cfg.backbone.name, **scores, "steps": cfg.steps, "seconds": seconds}
+    summary = summary_of(card)
+    engine.gather(None)
     log.info("pretrained %s in %.1f s: held-out masked MSE %.4f vs mean predictor %.4f%s → %s", cfg.backbone.name,
              seconds, scores["heldout_masked_mse"], scores["mean_predictor_mse"],
              f", edge AUROC {scores['edge_auroc']:.3f} (random {scores['edge_auroc_random']:.3f})"
              if "edge_auroc" in scores else "", out)
     return PretrainResult(out, card, summary, model)
+
+
+def summary_of(card: dict[str, Any]) -> dict[str, Any]:
+    """The ``--json`` figures of a model card: ``backbone``, the held-out and edge scores, ``steps``, ``seconds``."""
+    return {"backbone": card["backbone"]["name"], **card["scores"], "steps": card["steps"], "seconds": card["seconds"]}
 
 
 def read_model_card(directory: Path) -> dict[str, Any] | None:
