@@ -9,8 +9,8 @@ it), and ``data:`` names the cells::
     data: {simulate_preset: demo, simulate_seed: 0, cells: control, heldout_frac: 0.1}
     backbone: {name: tiny, hidden_size: 32, layers: 1, heads: 2}
     objective: {mask_ratio: 0.15}
-    optim: {name: adamw, lr: 0.003, batch_size: 32, micro_batch_size: 32, schedule: constant}
-    steps: 300
+    optim: {name: adamw, lr: 0.01, batch_size: 32, micro_batch_size: 32, schedule: cosine}
+    steps: 200
 """
 
 from __future__ import annotations

@@ -57,8 +57,9 @@ from pertadapt.train.schedule import LRSchedule
 from pertadapt.train.setup import ensure_data_file, provenance
 from pertadapt.types import MaskedCells
 
-__all__ = ["MODEL_CARD_JSON", "MODEL_CARD_MD", "RESUME_DIR", "PretrainResult", "edge_scores", "pretrain",
-           "pretrained_checkpoint", "read_model_card", "summary_of"]
+__all__ = ["MODEL_CARD_JSON", "MODEL_CARD_MD", "RESUME_DIR", "PretrainResult", "Split", "edge_scores", "heldout_scores",
+           "masked_batch", "perturbation_score", "pretrain", "pretrained_checkpoint", "read_model_card", "split_cells",
+           "summary_of"]
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,10 @@ class PretrainResult:
     directory
         The output directory (checkpoint + model card).
     card
-        The model card (as written to ``model_card.json``).
+        The model card (as written to ``model_card.json``); empty on ranks other than 0.
     summary
         The ``--json`` figures: ``backbone``, ``heldout_masked_mse``, ``mean_predictor_mse``, ``edge_auroc`` and
-        ``edge_auroc_random`` (simulated files only), ``steps``, ``seconds``.
+        ``edge_auroc_random`` (simulated files only), ``steps``, ``seconds``; empty on ranks other than 0.
     model
         The trained network (backbone + value head) of this process.
     """
@@ -468,7 +469,12 @@ def pretrained_checkpoint(config: str | Path, data_file: Path, overrides: Sequen
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".{key}.tmp-{os.getpid()}"
         log.info("pretraining the %s FM of %s on %s (once; cached as %s)", cfg.backbone.name, config, data_file, final)
-        pretrain(cfg, tmp, data_file=data_file, progress=False)
+        if cfg.engine.name == "deepspeed":  # several workers: Ray Train (train.worker imports this module)
+            from pertadapt.train.worker import launch_pretrain
+
+            launch_pretrain(cfg, tmp)
+        else:
+            pretrain(cfg, tmp, data_file=data_file, progress=False)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     return final
