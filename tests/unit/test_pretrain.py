@@ -284,3 +284,16 @@ def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path, demo_h5ad) -> 
                                               "config_sha256": "of another config"})
     with pytest.raises(ConfigError, match="another pretrain config"):
         pretrain(cfg, tmp_path / "i", resume=True, progress=False)
+
+
+def test_pretrain_configs_inherit_and_validate(tmp_path) -> None:
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: pretrain_demo.yaml\nsteps: 7\nbackbone: {layers: 2}\n")
+    cfg = load_pretrain_config(mine, ["objective.mask_ratio=0.3"])
+    assert (cfg.steps, cfg.backbone.layers, cfg.backbone.hidden_size, cfg.objective.mask_ratio) == (7, 2, 32, 0.3)
+    for override, key in (("data.cells=perturbed", "data.cells"), ("data.heldout_frac=1", "data.heldout_frac"),
+                          ("steps=0", "steps"), ("backbone.checkpoint=somewhere", "backbone.checkpoint"),
+                          ("optim.schedule=step", "optim.schedule"), ("objective.typo=1", "objective.typo"),
+                          ("optim.batch_size=20", "optim.batch_size")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_pretrain_config(DEMO, [override])
