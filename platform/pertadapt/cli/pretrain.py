@@ -21,7 +21,10 @@ def _pretrain(config: Path = typer.Argument(..., help="Pretrain config YAML (may
               json_out: Path = typer.Option(None, "--json", help="Write the figures (held-out masked MSE, mean "
                                             "predictor, edge AUROC pretrained and random, steps, seconds) here."),
               resume: bool = typer.Option(False, "--resume", help="Continue the interrupted pretraining in OUT.")) -> None:
-    """Pretrain an FM on the cells of an .h5ad (default: its control cells) by masked-value regression."""
+    """Pretrain an FM on the cells of an .h5ad (default: its control cells) by masked-value regression.
+
+    One process (engine.name=torch), or engine.workers DeepSpeed workers under Ray Train on this node.
+    """
     cfg = load_pretrain_config(config, list(overrides or []))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} exists and is not a directory")
@@ -31,11 +34,11 @@ def _pretrain(config: Path = typer.Argument(..., help="Pretrain config YAML (may
 
     data_file_for(cfg)  # a data.path that is not there fails now, before torch and the data stack are imported
     from pertadapt.files import atomic_write_json
-    from pertadapt.train.pretrain import pretrain
+    from pertadapt.train.worker import launch_pretrain
 
-    result = pretrain(cfg, out, resume=resume)
+    summary = launch_pretrain(cfg, out, resume=resume)
     if json_out is not None:
-        atomic_write_json(json_out, result.summary)
+        atomic_write_json(json_out, summary)
         log.info("wrote %s", json_out)
 
 

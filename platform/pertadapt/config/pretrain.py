@@ -9,15 +9,16 @@ it), and ``data:`` names the cells::
     data: {simulate_preset: demo, simulate_seed: 0, cells: control, heldout_frac: 0.1}
     backbone: {name: tiny, hidden_size: 32, layers: 1, heads: 2}
     objective: {mask_ratio: 0.15}
-    optim: {name: adamw, lr: 0.003, batch_size: 32, micro_batch_size: 32, schedule: constant}
-    steps: 300
+    optim: {name: adamw, lr: 0.01, batch_size: 32, micro_batch_size: 32, schedule: cosine}
+    steps: 200
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pertadapt.config.components import BACKBONE_OPTIONS, BackboneOptions, TinyBackbone
 from pertadapt.config.errors import ConfigError
@@ -27,7 +28,7 @@ from pertadapt.config.load import load_layers
 from pertadapt.config.schema import EngineConfig, LoggingConfig, OptimConfig
 
 __all__ = ["PRETRAIN_BACKBONES", "PRETRAIN_CELLS", "PretrainConfig", "PretrainDataConfig", "PretrainObjective",
-           "load_pretrain_config"]
+           "load_pretrain_config", "pretrain_config_from_dict"]
 
 #: ``data.cells``: which cells of the file are pretrained on (``control``: the unperturbed cells, the default).
 PRETRAIN_CELLS = ("control", "all")
@@ -114,9 +115,10 @@ class PretrainConfig:
             raise ConfigError(f"optim.batch_size: {self.optim.batch_size} cells per step is not a multiple of "
                               f"optim.micro_batch_size × engine.workers = {self.optim.micro_batch_size} × "
                               f"{self.engine.workers} = {per_step}")
-        if self.engine.name != "torch":
-            raise ConfigError(f"engine.name: pertadapt pretrain runs the torch engine (one process) only; got "
-                              f"{self.engine.name!r}")
+        if self.engine.name == "deepspeed":
+            from pertadapt.config.deepspeed import read_deepspeed_json
+
+            read_deepspeed_json(self.engine.deepspeed_config)
 
     @property
     def accumulation_steps(self) -> int:
@@ -127,6 +129,11 @@ class PretrainConfig:
     def loss_scale(self) -> float:
         """Factor on the loss before backward (the engines read it): 1."""
         return 1.0
+
+
+def pretrain_config_from_dict(d: Mapping[str, Any]) -> PretrainConfig:
+    """Inverse of ``config_to_dict`` for a :class:`PretrainConfig` (validates again; a Ray Train worker's copy)."""
+    return load_layers(PretrainConfig, None, (), extra=d)
 
 
 def load_pretrain_config(path: str | Path, overrides: Iterable[str] = ()) -> PretrainConfig:

@@ -1,8 +1,9 @@
 """``pertadapt pretrain``: masked-expression pretraining of an FM on the cells of an ``.h5ad``, end to end.
 
-One process, the torch engine of a trial (:mod:`pertadapt.train.engine`): each optimiser step draws
-``optim.batch_size`` training cells and masks ``objective.mask_ratio`` of their genes (both from a generator
-seeded by the run seed and the step, so a resumed run sees the same batches), the engine runs forward and
+A trial's engines (:mod:`pertadapt.train.engine`: torch in one process, or DeepSpeed on each Ray Train worker
+of :func:`pertadapt.train.worker.launch_pretrain`): each optimiser step draws ``optim.batch_size`` training
+cells and masks ``objective.mask_ratio`` of their genes (both from a generator seeded by the run seed and the
+step, so a resumed run sees the same batches; each rank takes its slice), the engine runs forward and
 backward in micro-batches, and every ``checkpoint_every`` steps a resumable checkpoint replaces
 ``DIR/resume/`` whole. At the end the backbone is written in its architecture's checkpoint layout into
 ``DIR`` with a model card (``model_card.json``, ``MODEL_CARD.md``); held-out cells are scored against the
@@ -56,8 +57,9 @@ from pertadapt.train.schedule import LRSchedule
 from pertadapt.train.setup import ensure_data_file, provenance
 from pertadapt.types import MaskedCells
 
-__all__ = ["MODEL_CARD_JSON", "MODEL_CARD_MD", "RESUME_DIR", "PretrainResult", "edge_scores", "pretrain",
-           "pretrained_checkpoint", "read_model_card"]
+__all__ = ["MODEL_CARD_JSON", "MODEL_CARD_MD", "RESUME_DIR", "PretrainResult", "Split", "edge_scores", "heldout_scores",
+           "masked_batch", "perturbation_score", "pretrain", "pretrained_checkpoint", "read_model_card", "split_cells",
+           "summary_of"]
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +87,10 @@ class PretrainResult:
     directory
         The output directory (checkpoint + model card).
     card
-        The model card (as written to ``model_card.json``).
+        The model card (as written to ``model_card.json``); empty on ranks other than 0.
     summary
         The ``--json`` figures: ``backbone``, ``heldout_masked_mse``, ``mean_predictor_mse``, ``edge_auroc`` and
-        ``edge_auroc_random`` (simulated files only), ``steps``, ``seconds``.
+        ``edge_auroc_random`` (simulated files only), ``steps``, ``seconds``; empty on ranks other than 0.
     model
         The trained network (backbone + value head) of this process.
     """
@@ -148,9 +150,11 @@ def heldout_scores(model: MaskedValueModel, cells: CellMatrix, split: Split, mas
     mask = np.random.default_rng([seed, 1]).random((rows.size, cells.x.shape[1])) < mask_ratio
     batch = masked_batch(cells, rows, mask, mask_value)
     model.eval()
+    device = next(model.parameters()).device
     sq, n = 0.0, int(mask.sum())
     for start in range(0, rows.size, 64):
-        part = MaskedCells(*(t[start:start + 64] for t in (batch.x, batch.total_count, batch.target, batch.mask)))
+        part = MaskedCells(*(t[start:start + 64] for t in (batch.x, batch.total_count, batch.target,
+                                                            batch.mask))).to(device)
         pred = model(part)
         sq += float(((pred - part.target) ** 2)[part.mask].sum())
     mean = cells.x[split.train].mean(axis=0)
@@ -185,17 +189,19 @@ def perturbation_score(model: MaskedValueModel, x: np.ndarray, total: np.ndarray
         ``(N, N)`` float64, zero diagonal.
     """
     model.eval()
+    device = next(model.parameters()).device
     n = x.shape[1]
     score = np.zeros((n, n))
     for c in range(x.shape[0]):
         for start in range(0, n, chunk):
-            js = torch.arange(start, min(start + chunk, n))
-            inp = torch.from_numpy(x[c]).repeat(js.numel(), 1)
-            inp[torch.arange(js.numel()), js] = mask_value
+            js = torch.arange(start, min(start + chunk, n), device=device)
+            rows = torch.arange(js.numel(), device=device)
+            inp = torch.from_numpy(x[c]).to(device).repeat(js.numel(), 1)
+            inp[rows, js] = mask_value
             inp.requires_grad_(True)
-            pred = model.predict(inp, torch.full((js.numel(),), float(total[c])))
-            (grad,) = torch.autograd.grad(pred[torch.arange(js.numel()), js].sum(), inp)
-            score[:, start:start + js.numel()] += grad.abs().T.double().numpy()  # row j of grad → column j of S
+            pred = model.predict(inp, torch.full((js.numel(),), float(total[c]), device=device))
+            (grad,) = torch.autograd.grad(pred[rows, js].sum(), inp)
+            score[:, start:start + js.numel()] += grad.abs().T.double().cpu().numpy()  # row j of grad → column j
     np.fill_diagonal(score, 0.0)
     return score / max(x.shape[0], 1)
 
@@ -214,6 +220,17 @@ def edge_scores(trained: MaskedValueModel, random_init: MaskedValueModel, cells:
     for key, model in (("edge_auroc", trained), ("edge_auroc_random", random_init)):
         out[key] = edge_auroc(perturbation_score(model, cells.x[rows], cells.total_count[rows], mask_value), src, dst)
     return out
+
+
+def _config_sha256(cfg: PretrainConfig, *, data_path: bool = True) -> str:
+    """SHA-256 of what decides a pretraining's result: the resolved config without ``name`` and ``logging``
+    (and without ``data.path`` when ``data_path`` is false: the caller hashes the file's content instead)."""
+    doc = config_to_dict(cfg)
+    for key in ("name", "logging"):
+        doc.pop(key)
+    if not data_path:
+        doc["data"].pop("path")
+    return sha256_bytes(json.dumps(doc, sort_keys=True))
 
 
 def _save_backbone(backbone: nn.Module, directory: Path, genes: Sequence[str]) -> None:
@@ -273,18 +290,24 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, data
     split = split_cells(cells.x.shape[0], cfg.data.heldout_frac, cfg.data.heldout_seed)
     model = _build_network(cfg, cells.genes)
     engine = build_engine(model, cfg)
+    lead = engine.rank == 0
     resume_dir = out / RESUME_DIR
     if resume:
         state = engine.load(require_checkpoint(resume_dir if has_checkpoint(resume_dir) else None, resume_dir))
+        if state.get("config_sha256") != _config_sha256(cfg):
+            raise ConfigError(f"--resume: {resume_dir} was written by another pretrain config (or data file); "
+                              "resume with the config and overrides of the interrupted run")
         start, losses = int(state["step"]), [float(v) for v in state["losses"]]
         log.info("resuming %s at step %d of %d", out, start, cfg.steps)
     else:
         if (out / MODEL_CARD_JSON).exists() or has_checkpoint(resume_dir):
             raise ConfigError(f"--out: {out} already holds a pretraining; use --resume or another directory")
         start, losses = 0, []
-    out.mkdir(parents=True, exist_ok=True)
-    logger = open_logger(mode=cfg.logging.wandb, project=cfg.logging.project, group=cfg.logging.group,
-                         name=cfg.name, directory=out, config=config_to_dict(cfg))
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+    engine.gather(None)  # every rank has checked the directory before rank 0 writes into it
+    logger = open_logger(mode=cfg.logging.wandb, rank=engine.rank, project=cfg.logging.project,
+                         group=cfg.logging.group, name=cfg.name, directory=out, config=config_to_dict(cfg))
     log.info("pretraining %s on %d %s cells × %d genes of %s (%d held out), %d steps",
              cfg.backbone.name, split.train.size, cfg.data.cells, len(cells.genes), path, split.heldout.size, cfg.steps)
     try:
@@ -299,21 +322,29 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, data
 def _train_and_write(cfg: PretrainConfig, out: Path, engine: Engine, model: MaskedValueModel, cells: CellMatrix,
                      split: Split, path: Path, start: int, losses: list[float], logger: RunLogger, t0: float,
                      progress: bool) -> PretrainResult:
-    """The steps from ``start``, the held-out scores, the checkpoint and the model card (see :func:`pretrain`)."""
+    """The steps from ``start``, the held-out scores, the checkpoint and the model card (see :func:`pretrain`).
+
+    With ``W`` ranks, rank ``r`` takes the ``r``-th of ``W`` equal slices of each step's cells; the step's loss
+    is the mean over the ranks. Rank 0 alone scores and writes the checkpoint's files and the model card.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     mask_value = MASK_VALUES[cfg.backbone.name]
     schedule = LRSchedule(dataclasses.replace(cfg.optim, epochs=1), cfg.steps)
     resume_dir = out / RESUME_DIR
     micro = cfg.optim.micro_batch_size
+    lead, share = engine.rank == 0, cfg.optim.batch_size // engine.world_size
     engine.train(True)
     columns = (TextColumn("pretraining"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not progress) as bar:
+    with Progress(*columns, transient=True, disable=not (progress and lead)) as bar:
         task = bar.add_task("steps", total=cfg.steps, completed=start, loss="-")
         for step in range(start, cfg.steps):
             engine.set_lr(schedule.lr(0, step))
             batch = _step_batch(cfg, cells, split.train, step, mask_value)
+            mine = slice(engine.rank * share, (engine.rank + 1) * share)
+            batch = MaskedCells(batch.x[mine], batch.total_count[mine], batch.target[mine],
+                                batch.mask[mine]).to(engine.device)
             total = 0.0
             for i in range(0, len(batch), micro):
                 part = MaskedCells(batch.x[i:i + micro], batch.total_count[i:i + micro], batch.target[i:i + micro],
@@ -324,19 +355,26 @@ def _train_and_write(cfg: PretrainConfig, out: Path, engine: Engine, model: Mask
                 engine.backward(loss)
                 engine.step()
                 total += loss.item()
-            losses.append(total / cfg.accumulation_steps)
+            losses.append(sum(engine.gather(total)) / engine.world_size / cfg.accumulation_steps)
             bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
             if (step + 1) % cfg.log_every == 0:
                 logger.log({"pretrain/loss": losses[-1], "pretrain/lr": schedule.lr(0, step)}, step=step + 1)
                 log.debug("step %d: loss %.4f", step + 1, losses[-1])
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 new = out / f".{RESUME_DIR}.new"
-                shutil.rmtree(new, ignore_errors=True)
+                if lead:
+                    shutil.rmtree(new, ignore_errors=True)
+                engine.gather(None)
                 # the checkpoint format's client state (``epoch``, ``best_epoch``, ``best``) counts steps here
                 engine.save(new, {"epoch": step + 1, "best_epoch": step + 1, "best": losses[-1], "step": step + 1,
-                                  "losses": losses})
-                replace_dir(new, resume_dir)
+                                  "losses": losses, "config_sha256": _config_sha256(cfg)})
+                engine.gather(None)
+                if lead:
+                    replace_dir(new, resume_dir)
     engine.train(False)
+    if not lead:
+        engine.gather(None)  # rank 0 scores and writes
+        return PretrainResult(out, {}, {}, model)
     scores = heldout_scores(model, cells, split, cfg.objective.mask_ratio, mask_value, cfg.data.heldout_seed)
     random_model = _build_network(cfg, cells.genes)
     scores.update(edge_scores(model, random_model, cells, split, cfg.objective.edge_cells, mask_value))
@@ -360,12 +398,18 @@ def _train_and_write(cfg: PretrainConfig, out: Path, engine: Engine, model: Mask
     atomic_write_json(out / MODEL_CARD_JSON, card)
     atomic_write_text(out / MODEL_CARD_MD, _model_card_md(card))
     shutil.rmtree(resume_dir, ignore_errors=True)
-    summary = {"backbone": cfg.backbone.name, **scores, "steps": cfg.steps, "seconds": seconds}
+    summary = summary_of(card)
+    engine.gather(None)
     log.info("pretrained %s in %.1f s: held-out masked MSE %.4f vs mean predictor %.4f%s → %s", cfg.backbone.name,
              seconds, scores["heldout_masked_mse"], scores["mean_predictor_mse"],
              f", edge AUROC {scores['edge_auroc']:.3f} (random {scores['edge_auroc_random']:.3f})"
              if "edge_auroc" in scores else "", out)
     return PretrainResult(out, card, summary, model)
+
+
+def summary_of(card: dict[str, Any]) -> dict[str, Any]:
+    """The ``--json`` figures of a model card: ``backbone``, the held-out and edge scores, ``steps``, ``seconds``."""
+    return {"backbone": card["backbone"]["name"], **card["scores"], "steps": card["steps"], "seconds": card["seconds"]}
 
 
 def read_model_card(directory: Path) -> dict[str, Any] | None:
@@ -391,8 +435,8 @@ def read_model_card(directory: Path) -> dict[str, Any] | None:
 def pretrained_checkpoint(config: str | Path, data_file: Path, overrides: Sequence[str] = ()) -> Path:
     """The checkpoint of ``config``'s FM pretrained on ``data_file``: made once, then reused from the cache.
 
-    The cache entry is ``cache_dir()/pretrained/<key>/`` with ``key`` the SHA-256 of the data file's hash and
-    the resolved config (its ``data.path``, ``name`` and ``logging`` left out). Callers serialise on a file
+    The cache entry is ``cache_dir()/pretrained/<key>/`` with ``key`` the SHA-256 of the data file's hash, the
+    pertadapt version and the resolved config (its ``data.path``, ``name`` and ``logging`` left out). Callers serialise on a file
     lock, so concurrent callers pretrain once; the entry is built in a temporary directory and renamed.
 
     Parameters
@@ -409,13 +453,11 @@ def pretrained_checkpoint(config: str | Path, data_file: Path, overrides: Sequen
     Path
         The checkpoint directory (loads through ``backbone.checkpoint``; holds ``model_card.json``).
     """
+    from pertadapt import __version__
+
     data_file = Path(data_file)
     cfg = load_pretrain_config(config, [*overrides, f"data.path={data_file}"])
-    doc = config_to_dict(cfg)
-    for key in ("name", "logging"):
-        doc.pop(key)
-    doc["data"].pop("path")
-    key = sha256_bytes(node_sha256_file(data_file) + json.dumps(doc, sort_keys=True))
+    key = sha256_bytes(f"{node_sha256_file(data_file)}|{__version__}|{_config_sha256(cfg, data_path=False)}")
     root = cache_dir() / "pretrained"
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
@@ -423,10 +465,16 @@ def pretrained_checkpoint(config: str | Path, data_file: Path, overrides: Sequen
         if read_model_card(final) is not None:
             log.info("reusing the pretrained %s checkpoint %s (data %s)", cfg.backbone.name, final, data_file)
             return final
+        for stale in root.glob(f".{key}.tmp-*"):  # left by a killed caller (this key's builders hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         log.info("pretraining the %s FM of %s on %s (once; cached as %s)", cfg.backbone.name, config, data_file, final)
-        pretrain(cfg, tmp, data_file=data_file, progress=False)
+        if cfg.engine.name == "deepspeed":  # several workers: Ray Train (train.worker imports this module)
+            from pertadapt.train.worker import launch_pretrain
+
+            launch_pretrain(cfg, tmp)
+        else:
+            pretrain(cfg, tmp, data_file=data_file, progress=False)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     return final

@@ -32,6 +32,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pertadapt.config.load import config_from_dict, config_to_dict
+from pertadapt.config.pretrain import PretrainConfig, pretrain_config_from_dict
 from pertadapt.config.schema import RunConfig
 from pertadapt.remote import delete, exists, is_uri, join, list_dir, pull_tree, under
 from pertadapt.report.logger import NullLogger
@@ -46,11 +47,13 @@ from pertadapt.train.checkpoint import (
     require_checkpoint,
 )
 from pertadapt.train.fm_weights import resolve_pretrain
+from pertadapt.train.pretrain import pretrain, read_model_card, summary_of
 from pertadapt.train.run import NODE_ID_ENV, NODE_IP_ENV, open_run_logger, run
+from pertadapt.train.setup import ensure_data_file
 from pertadapt.train.timeline import mark
 
-__all__ = ["RayCheckpoints", "has_resumable_checkpoint", "launch", "record_ray_node", "scaling_config",
-           "train_fn_per_worker"]
+__all__ = ["RayCheckpoints", "has_resumable_checkpoint", "launch", "launch_pretrain", "pretrain_fn_per_worker",
+           "record_ray_node", "scaling_config", "train_fn_per_worker"]
 
 log = logging.getLogger(__name__)
 Report = Callable[[dict[str, float]], None]
@@ -152,7 +155,55 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         run_dir.commit()
 
 
-def scaling_config(cfg: RunConfig) -> ray.train.ScalingConfig:
+def pretrain_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """Body of each Ray Train worker of a multi-worker pretraining (:func:`launch_pretrain`).
+
+    Parameters
+    ----------
+    loop_config
+        ``{"config": <PretrainConfig dict>, "out": str, "data_file": str, "resume": bool}``.
+    """
+    cfg = pretrain_config_from_dict(loop_config["config"])
+    pretrain(cfg, Path(loop_config["out"]), resume=loop_config["resume"], data_file=Path(loop_config["data_file"]),
+             progress=False)
+
+
+def launch_pretrain(cfg: PretrainConfig, out: Path, *, resume: bool = False) -> dict[str, Any]:
+    """Run ``pertadapt pretrain``: in this process (torch engine), or on ``engine.workers`` Ray Train workers
+    (DeepSpeed; ``out`` must be a path every worker reaches, as on one node). Returns the ``--json`` figures.
+
+    The data file is resolved (and a simulator preset made) here, before any worker starts. A failed worker
+    is not retried: ``--resume`` continues from ``out/resume/``.
+    """
+    data_file = ensure_data_file(cfg)
+    if cfg.engine.name != "deepspeed":
+        return pretrain(cfg, out, resume=resume, data_file=data_file).summary
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=math.ceil(cfg.engine.workers * cfg.engine.cpus_per_worker) + 1, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pertadapt-pretrain-ray-") as storage:
+            trainer = TorchTrainer(
+                pretrain_fn_per_worker,
+                train_loop_config={"config": config_to_dict(cfg), "out": str(Path(out).absolute()),
+                                   "data_file": str(Path(data_file).absolute()), "resume": resume},
+                scaling_config=scaling_config(cfg),
+                torch_config=TorchConfig(backend="nccl" if cfg.engine.on_gpu else "gloo"),
+                run_config=ray.train.RunConfig(name=f"pretrain-{cfg.name}", storage_path=storage,
+                                               failure_config=ray.train.FailureConfig(max_failures=0)))
+            result = trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    if result.error is not None:
+        raise result.error
+    card = read_model_card(Path(out))
+    if card is None:
+        raise FileNotFoundError(f"{Path(out) / 'model_card.json'}: the pretraining finished without its model card")
+    return summary_of(card)
+
+
+def scaling_config(cfg: RunConfig | PretrainConfig) -> ray.train.ScalingConfig:
     """Ray Train's placement of a run: ``engine.workers`` × (``cpus_per_worker`` CPUs, ``gpus`` GPUs) on nodes
     with ``accelerator_type`` (when set), packed onto as few nodes as possible or spread over many
     (``engine.placement``)."""
