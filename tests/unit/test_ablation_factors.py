@@ -165,6 +165,21 @@ def test_command_line_overrides_can_address_one_dataset_or_backbone_set(tmp_path
     assert fm_off == LearnedBackbone()
 
 
+def test_a_command_line_knob_of_the_network_reaches_the_model_arms_and_skips_the_baselines(tmp_path: Path) -> None:
+    path = tmp_path / "abl.yaml"
+    path.write_text("name: x\nbase: smoke.yaml\nbaselines: true\n" + TOGGLES + "rows:\n  - {fm: on, pa: on, am: on}\n")
+    abl = load_ablation(path, extra_overrides={"model.head_init": "zero", "model.hidden_size": 16, "optim.lr": 0.5})
+    models = [t for t in abl.trials if not t.is_baseline]
+    baselines = [t for t in abl.trials if t.is_baseline]
+    assert models
+    assert len(baselines) == 4 * len(models)
+    assert all(t.config.model.head_init == "zero" and t.config.model.hidden_size == 16 for t in models)
+    assert all(t.config.optim.lr == 0.5 for t in abl.trials)  # not a model knob: every trial takes it
+    assert all(not hasattr(t.config.model, "head_init") for t in baselines)
+    with pytest.raises(ConfigError, match="model.head_iinit"):  # a typo is still refused (by the model arms)
+        load_ablation(path, extra_overrides={"model.head_iinit": "zero"})
+
+
 @pytest.mark.parametrize(("key", "needle"), [
     ("backbones.huge.backbone.layers", r"<name> one of the file's backbones \(small, wide\)"),
     ("datasets.a", r"datasets\.<name>\.<config key>=value"),

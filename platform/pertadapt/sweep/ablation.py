@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pertadapt.config.components import MODEL_OPTIONS
 from pertadapt.config.load import (
     dotted_to_nested,
     load_run_config,
@@ -234,6 +235,14 @@ def _split_scoped(spec: AblationFile, extra: Mapping[str, Any]
     return plain, scoped
 
 
+def _for_baseline(name: str, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The command-line overrides a baseline arm takes: a ``model.<key>`` its model block does not have (a knob of
+    the PertAdapt network, e.g. ``model.head_init``) is meant for the model arms and left out."""
+    own = set(MODEL_OPTIONS.keys(name))
+    return {k: v for k, v in extra.items()
+            if not (str(k).startswith("model.") and str(k).removeprefix("model.") not in own)}
+
+
 def load_ablation(path: str | Path, *, extra_overrides: Mapping[str, Any] | None = None) -> Ablation:
     """Parse and validate an ablation file; every trial's config is built.
 
@@ -243,7 +252,8 @@ def load_ablation(path: str | Path, *, extra_overrides: Mapping[str, Any] | None
         The ablation YAML.
     extra_overrides
         Dotted overrides applied to every trial (e.g. from the command line); a key
-        ``datasets.<name>.<key>`` or ``backbones.<name>.<key>`` goes into that named set instead.
+        ``datasets.<name>.<key>`` or ``backbones.<name>.<key>`` goes into that named set instead, and a
+        ``model.<key>`` that a baseline's model block does not have skips that baseline's arm.
     """
     path = resolve_config_path(path, kind="ablations")
     spec = load_typed(AblationFile, str(path), read_yaml(path))
@@ -269,7 +279,8 @@ def load_ablation(path: str | Path, *, extra_overrides: Mapping[str, Any] | None
     for (ds, ds_o), (bb, bb_o), (arm, arm_o) in itertools.product(
             sets["datasets"].items(), sets["backbones"].items(), arms.items()):
         engine = spec.engine_overrides() if arm not in BASELINE_ARMS else {}
-        shared = {**merge_dotted(ds_o, bb_o, engine, arm_o, extra), "logging.group": f"{spec.name}/{arm}"}
+        own = _for_baseline(arm, extra) if arm in BASELINE_ARMS else extra
+        shared = {**merge_dotted(ds_o, bb_o, engine, arm_o, own), "logging.group": f"{spec.name}/{arm}"}
         first = spec.seeds[0]
         try:
             cfg = load_run_config(base, extra=dotted_to_nested(
