@@ -73,7 +73,10 @@ def test_a_sweep_joins_the_cluster_spreads_ranks_over_two_nodes_and_keeps_its_st
     _pertadapt("sweep", str(abl), *FAST, "--out", str(out), "--address", GCS, "--storage", store, "--no-report")
     rows = _rows(out / "results.csv")
     assert [(r["trial"], r["status"]) for r in rows] == [("full/seed1", "ok"), ("mean/seed1", "ok")]
-    assert remote.list_dir(store) == ["data", "ray", "runs"]
+    assert remote.list_dir(store) == ["cache", "data", "ray", "runs"]
+    # the full model's frozen-FM table: built once by the sweep before the trial, uploaded, fetched by its node
+    tables = remote.list_dir(remote.join(store, "cache", "fm_embeddings"))
+    assert [t for t in tables if t.endswith(".npy")], tables
     (dataset,) = remote.list_dir(remote.join(store, "data"))  # placed once by the driver, read by every trial
     node_sets = []
     for r in rows:
@@ -98,6 +101,8 @@ def test_a_sweep_joins_the_cluster_spreads_ranks_over_two_nodes_and_keeps_its_st
         assert "ckpt" in remote.list_dir(home)
         assert not (run_dir / "ckpt").exists()
         assert [k["rank"] for k in ranks] == [0, 1]
+        cache = prov["embedding_cache"]  # its table came from the store: fetched, not built on the node
+        assert (cache["used"], cache["hit"], cache["build_s"]) == (True, True, 0.0)
         assert all(k["device"] == "cpu" for k in ranks)
         node_sets.append({k["node_id"] for k in ranks})
     assert [len(s) for s in node_sets] == [2], node_sets  # placement: spread
