@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -58,7 +59,8 @@ def summary_table(report: SweepReport) -> Table:
 def cost_table(report: SweepReport) -> Table:
     """The report's "Cost per arm" table (:attr:`~pertadapt.report.document.SweepReport.cost_table`)."""
     headers, rows = report.cost_table
-    table = Table(title=f"{report.sweep.name}: cost per arm (measured; planned GPU-hours from plan.json)")
+    table = Table(title=f"{report.sweep.name}: cost per arm (measured; planned GPU-hours from plan.json)",
+                  box=box.SIMPLE_HEAD)
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:
