@@ -13,6 +13,7 @@ A run directory (``pertadapt train --out``, ``<sweep>/runs/<trial>``, ``<sweep>/
 ``attempts.json``          one record per start of training (retries, resumes)
 ``nonfinite.json``         written when the loss became NaN/inf (a retry would only fail again)
 ``timeline.jsonl``         wall-clock marks of the run's phases
+``cost.json``              the measured CPU time of the run's processes (``cpu_s``, ``processes``, ``wall_s``)
 ``ckpt/last``, ``ckpt/best``  in-process checkpoints (the last epoch, the selected one)
 ``ray/``                   Ray storage of a ``pertadapt train`` run on Ray Train workers
 ``wandb/``                 W&B runs (``offline-run-*`` without a W&B server)
@@ -48,6 +49,7 @@ _PREDICTIONS = "test_predictions.h5ad"
 _ATTEMPTS = "attempts.json"
 _NONFINITE = "nonfinite.json"
 _TIMELINE = "timeline.jsonl"
+_COST = "cost.json"
 _CKPT = "ckpt"
 _RAY = "ray"
 _WANDB = "wandb"
@@ -153,6 +155,11 @@ class RunDir:
         return self.path / _TIMELINE
 
     @property
+    def cost_file(self) -> Path:
+        """``cost.json``: the measured CPU time of the run's processes."""
+        return self.path / _COST
+
+    @property
     def checkpoints(self) -> Path:
         """``ckpt/``: the in-process checkpoints."""
         return self.path / _CKPT
@@ -217,6 +224,17 @@ class RunDir:
         if final is None or (expected_hash is not None and self.provenance().get("config_hash") != expected_hash):
             return None
         return final
+
+    def write_cost(self, *, cpu_s: float, processes: int, wall_s: float) -> None:
+        """Write ``cost.json``: ``cpu_s`` (the process CPU time, user + system, of every rank of the run from
+        the start of training to its end, summed over ranks), ``processes`` (the ranks) and ``wall_s`` (rank 0's
+        wall seconds over the same span)."""
+        atomic_write_json(self.cost_file, {"cpu_s": cpu_s, "processes": processes, "wall_s": wall_s})
+
+    def cost(self) -> dict[str, Any]:
+        """``cost.json`` (``{}`` when missing or malformed: a run that did not finish, or an older one)."""
+        found = _read_json(self.cost_file)
+        return found if isinstance(found, dict) else {}
 
     def write_per_condition(self, csv_text: str) -> None:
         """Write ``per_condition.csv``."""

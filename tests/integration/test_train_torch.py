@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,26 @@ def test_run_dir_describes_itself(smoke_run: tuple[Path, dict], demo_h5ad: Path)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     assert rows[1]["lr"] == pytest.approx(rows[0]["lr"] * 0.5)  # StepLR gamma 0.5 per epoch
+
+
+def test_a_run_records_the_cpu_seconds_of_its_processes(smoke_run: tuple[Path, dict], demo_h5ad: Path,
+                                                        tmp_path: Path) -> None:
+    """``cost.json``: the process CPU time of the run (> 0, at most its wall seconds × processes, single-threaded
+    here), for a model and for a baseline's fit and evaluation; it becomes the trial's CPU-seconds."""
+    from pertadapt.report.results import device_seconds
+    from pertadapt.rundir import RunDir
+
+    cost = RunDir(smoke_run[0]).cost()
+    assert cost["processes"] == 1
+    assert 0.0 < cost["cpu_s"] <= cost["wall_s"] * cost["processes"] + 0.5
+    assert device_seconds(wall_s=cost["wall_s"], gpus=0.0, cpu_s=cost["cpu_s"]) == (cost["cpu_s"], "cpu")
+    start = time.perf_counter()
+    run(_cfg(demo_h5ad, "model.name=baseline_mean"), tmp_path / "base")
+    wall = time.perf_counter() - start
+    base = RunDir(tmp_path / "base").cost()
+    assert base["processes"] == 1
+    assert 0.0 < base["cpu_s"] <= wall + 0.5
+    assert base["wall_s"] <= wall
 
 
 def test_same_seed_same_metrics(smoke_run: tuple[Path, dict], demo_h5ad: Path, tmp_path: Path) -> None:

@@ -157,8 +157,8 @@ def test_not_a_sweep_dir_is_a_data_error_naming_the_file(tmp_path: Path) -> None
         write_sweep_report(tmp_path)
     # a sweep written by an older version (no backbone, stage, ... columns) is refused, naming what is missing
     (tmp_path / "results.csv").write_text("trial,dataset,backbone_set,arm,seed,status,run_dir,wandb_run\n")
-    with pytest.raises(DataError, match=r"column\(s\) backbone, stage, attempts, error, wall_s, best_epoch, "
-                                        r"config_hash, is_baseline, fm_weights, backbone_weights, gene_space missing: .*older "
+    with pytest.raises(DataError, match=r"column\(s\) backbone, stage, attempts, error, wall_s, device_s, device_kind, "
+                                        r"best_epoch, config_hash, is_baseline, fm_weights, backbone_weights, gene_space missing: .*older "
                                         r"version"):
         write_sweep_report(tmp_path)
     assert not (tmp_path / "report").exists()

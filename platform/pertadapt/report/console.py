@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -10,7 +11,7 @@ from rich.table import Table
 from pertadapt.report.document import SweepReport
 from pertadapt.report.tables import PAIRING_NOISE_COLUMN, arm_label, arm_order, format_cell, metric_column
 
-__all__ = ["print_summary", "summary_table"]
+__all__ = ["cost_table", "print_summary", "summary_table"]
 
 
 def summary_table(report: SweepReport) -> Table:
@@ -55,14 +56,29 @@ def summary_table(report: SweepReport) -> Table:
     return table
 
 
+def cost_table(report: SweepReport) -> Table:
+    """The report's "Cost per arm" table (:attr:`~pertadapt.report.document.SweepReport.cost_table`)."""
+    headers, rows = report.cost_table
+    table = Table(title=f"{report.sweep.name}: cost per arm (measured; planned GPU-hours from plan.json)",
+                  box=box.SIMPLE_HEAD)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    return table
+
+
 def print_summary(report: SweepReport, console: Console | None = None) -> None:
-    """Print :func:`summary_table`; off a terminal (logs, CI) the console is as wide as the table needs."""
+    """Print :func:`summary_table` and :func:`cost_table`; off a terminal (logs, CI) the console is as wide as the
+    table needs."""
     table = summary_table(report)
     if console is None:
         console = Console()
         if not console.is_terminal:
             console = Console(width=max(160, Console(width=1000).measure(table).maximum))
     console.print(table)
+    if report.cost_table[1]:
+        console.print(cost_table(report))
     failed = report.sweep.not_ok
     for _, r in failed.iterrows():
         console.print(f"[red]{r['status']}[/red] {r['trial']}: {r['error']}")

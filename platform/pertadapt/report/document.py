@@ -22,12 +22,14 @@ from pertadapt.report import plots
 from pertadapt.report.results import RESULTS_FILE
 from pertadapt.report.stats import paired_tests, sentence
 from pertadapt.report.tables import (
+    COST_COLUMNS,
     OVERALL,
     PAIRING_NOISE_COLUMN,
     SUBGROUPS,
     LayoutTable,
     SweepData,
     arm_order,
+    cost_per_arm,
     default_metrics,
     layout_tables,
     metric_column,
@@ -79,6 +81,12 @@ class SweepReport:
         The PNG figures.
     notes
         What was skipped and why (figures that could not be drawn, trials without per-condition data).
+    cost
+        :func:`~pertadapt.report.tables.cost_per_arm`: the measured wall and device seconds of each
+        (dataset, backbone, arm), and the plan's GPU-hours per trial when ``plan.json`` has them (its columns
+        are also in ``summary``).
+    cost_table
+        ``cost`` as text, ``(headers, rows)``: what the HTML, Markdown and console "Cost per arm" tables show.
     fm_weights
         One row per model arm (per dataset/backbone when there are several, in display order): the arm,
         its FM weights (``none``, ``random``, ``pretrained``) and those weights in words (a pretrained
@@ -95,6 +103,8 @@ class SweepReport:
     figures: tuple[Figure, ...]
     notes: tuple[str, ...] = field(default=())
     fm_weights: tuple[tuple[str, str, str], ...] = field(default=())
+    cost: pd.DataFrame = field(default_factory=pd.DataFrame)
+    cost_table: tuple[tuple[str, ...], tuple[tuple[str, ...], ...]] = field(default=((), ()))
 
 
 def _check_metrics(sweep: SweepData, metrics: Sequence[str]) -> None:
@@ -142,6 +152,35 @@ def _fm_weights(summary: pd.DataFrame, arms: Sequence[str]) -> list[tuple[str, s
         rows.append((f"{where} {r['arm']}" if several and where else str(r["arm"]), str(r["fm_weights"]) or "unknown",
                      str(r["backbone_weights"]) or "not recorded"))
     return rows
+
+
+def _num(x: float, unit: str = "") -> str:
+    return f"{x:,.1f}{unit}" if abs(x) >= 100 else f"{x:.3g}{unit}"
+
+
+def _cost_table(cost: pd.DataFrame, arms: Sequence[str]) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """The cost per arm as text: ``arm`` (``<dataset>/<backbone> arm`` when several), ``trials`` (ran/all),
+    wall seconds (mean, total), device-seconds (total, GPU-s and/or CPU-s) and, when the plan has costs, the
+    planned and measured GPU-hours per trial."""
+    if cost.empty:
+        return (), ()
+    several = cost[["dataset", "backbone"]].drop_duplicates().shape[0] > 1
+    with_plan = bool(cost["plan_gpu_h_per_trial"].notna().any())
+    headers = ["arm", "trials", "wall s (mean)", "wall s (total)", "device-s (total)"]
+    if with_plan:
+        headers += ["planned GPU-h/trial", "measured GPU-h/trial"]
+    order = {a: i for i, a in enumerate(arms)}
+    rows = []
+    for _, r in cost.assign(_o=cost["arm"].map(order)).sort_values(["dataset", "backbone", "_o"]).iterrows():
+        where = "/".join(p for p in (r["dataset"], r["backbone"]) if p)
+        device = " + ".join(_num(r[c], unit) for c, unit in (("gpu_s_total", " GPU-s"), ("cpu_s_total", " CPU-s"))
+                            if np.isfinite(r[c])) or "—"
+        row = [f"{where} {r['arm']}" if several and where else str(r["arm"]), f"{r['n_ran']}/{r['n_trials']}",
+               *(_num(r[c]) if np.isfinite(r[c]) else "—" for c in ("wall_s_mean", "wall_s_total")), device]
+        if with_plan:
+            row += [f"{r[c]:.3g}" if np.isfinite(r[c]) else "—" for c in ("plan_gpu_h_per_trial", "gpu_h_per_trial")]
+        rows.append(tuple(row))
+    return tuple(headers), tuple(rows)
 
 
 def _consistency_notes(sweep: SweepData, metrics: Sequence[str], scopes: Sequence[str]) -> list[str]:
@@ -322,6 +361,10 @@ def build_report(sweep: SweepData, metrics: Sequence[str] | None = None) -> Swee
                           f"{', '.join(dict.fromkeys(sweep.trials['arm']))}")
     scopes = _scopes(sweep, metrics)
     summary = summarise(sweep.trials, metrics, scopes, sweep.per_condition)
+    cost = cost_per_arm(sweep.trials, sweep.planned_gpu_hours)
+    if not summary.empty:
+        summary = summary.merge(cost[["dataset", "backbone", "arm", *COST_COLUMNS]], on=["dataset", "backbone", "arm"],
+                                how="left")
     arms = arm_order(sweep.trials, sweep.reference)
     tests = paired_tests(sweep.per_condition, sweep.reference, metrics, arms=arms)
     described = _describe_arms(sweep.trials, sweep.reference)
@@ -343,4 +386,4 @@ def build_report(sweep: SweepData, metrics: Sequence[str] | None = None) -> Swee
     return SweepReport(sweep=sweep, metrics=tuple(metrics), scopes=tuple(scopes), summary=summary, tests=tests,
                        tables=tuple(layout_tables(summary, metrics, sweep.reference, scopes)),
                        sentences=tuple(sentences), figures=tuple(figures), notes=tuple(notes + fig_notes),
-                       fm_weights=tuple(_fm_weights(summary, arms)))
+                       fm_weights=tuple(_fm_weights(summary, arms)), cost=cost, cost_table=_cost_table(cost, arms))

@@ -59,6 +59,10 @@ figcaption{font-size:13px;color:#555} .wrap{overflow-x:auto} code{background:#f5
 <thead><tr><th>arm</th><th>FM</th><th>weights</th></tr></thead><tbody>
 {% for arm, fm, weights in r.fm_weights %}<tr><td>{{ arm }}</td><td>{{ fm }}</td><td style="text-align:left">{{ weights }}</td></tr>
 {% endfor %}</tbody></table></div>{% endif %}
+{% if cost_rows %}<h2>Cost per arm</h2><div class="wrap"><table id="cost-per-arm">
+<thead><tr>{% for c in cost_headers %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in cost_rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</tbody></table></div>
+<p>{{ cost_note }}</p>{% endif %}
 {% if r.notes %}<h2>Notes</h2><ul>{% for n in r.notes %}<li>{{ n }}</li>{% endfor %}</ul>{% endif %}
 {% for t in tables %}<h2>Test metrics: {{ t.scope }}</h2><div class="wrap"><table>
 <thead><tr><th>arm</th>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
@@ -78,6 +82,12 @@ figcaption{font-size:13px;color:#555} .wrap{overflow-x:auto} code{background:#f5
 <p>Source: <code>{{ r.sweep.root }}</code></p>
 </body></html>
 """)
+
+
+_COST_NOTE = ("Measured per arm over its trials that ran (failed ones included): wall seconds; device-seconds are "
+              "GPU-seconds (wall seconds × workers × GPUs per worker) for trials that asked for GPUs, else the CPU "
+              "seconds their processes used (summed over ranks; a baseline's fit and evaluation). Planned GPU-hours "
+              "per trial: the sweep's plan.json at its stated throughput.")
 
 
 def _fmt(x: object) -> str:
@@ -118,7 +128,8 @@ def render_html(r: SweepReport) -> str:
         sentences=[s.replace("`", "") for s in r.sentences], tables=r.tables,
         test_columns=_shown(r.tests, _TEST_COLUMNS), tests=_rows(r.tests, _TEST_COLUMNS),
         figures=[{"caption": f.caption, "b64": base64.b64encode(f.png).decode()} for f in r.figures],
-        failed_columns=failed_cols, failed=_rows(r.sweep.not_ok, failed_cols), method=_METHOD)
+        failed_columns=failed_cols, failed=_rows(r.sweep.not_ok, failed_cols), method=_METHOD,
+        cost_headers=r.cost_table[0], cost_rows=r.cost_table[1], cost_note=_COST_NOTE)
 
 
 def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -149,6 +160,8 @@ def render_markdown(r: SweepReport) -> str:
         parts += ["## Findings", "", *(f"- {s}" for s in r.sentences), ""]
     if r.fm_weights:
         parts += ["## FM weights", "", _md_table(["arm", "FM", "weights"], r.fm_weights), ""]
+    if r.cost_table[1]:
+        parts += ["## Cost per arm", "", _md_table(*r.cost_table), "", _COST_NOTE, ""]
     if r.notes:
         parts += ["## Notes", "", *(f"- {n}" for n in r.notes), ""]
     for t in r.tables:
@@ -177,7 +190,8 @@ class ReportPaths:
     html, markdown
         ``report.html`` (self-contained) and ``report.md``.
     summary_csv, paired_tests_csv, per_condition_csv
-        ``summary.csv`` (one row per dataset × backbone × arm), ``paired_tests.csv``, ``per_condition.csv``
+        ``summary.csv`` (one row per dataset × backbone × arm, with its measured cost:
+        :func:`~pertadapt.report.tables.cost_per_arm`), ``paired_tests.csv``, ``per_condition.csv``
         (long).
     tables
         ``table_<scope>.csv``: the paper-layout tables as text.

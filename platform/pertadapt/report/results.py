@@ -16,18 +16,22 @@ from typing import Any
 from pertadapt.config.components import FM_WEIGHTS
 from pertadapt.data.io import DataError
 
-__all__ = ["HEAD", "HPO_RESULTS_FILE", "REQUIRED", "RESULTS_FILE", "RESULT_STATUSES", "TAIL", "ResultRow",
-           "check_columns", "result_columns"]
+__all__ = ["DEVICE_KINDS", "HEAD", "HPO_RESULTS_FILE", "PLAN_FILE", "REQUIRED", "RESULTS_FILE", "RESULT_STATUSES",
+           "TAIL", "ResultRow", "check_columns", "device_seconds", "result_columns"]
 
 #: The results table of a sweep's grid (and final) trials, in the sweep directory.
 RESULTS_FILE = "results.csv"
 #: The results table of a sweep's Optuna samples.
 HPO_RESULTS_FILE = "hpo_results.csv"
+#: The plan a sweep directory was started with (:mod:`pertadapt.sweep.plan`; its trials' planned ``cost``).
+PLAN_FILE = "plan.json"
+#: What a trial's ``device_s`` counts: GPU-seconds or CPU-seconds (:func:`device_seconds`).
+DEVICE_KINDS = ("gpu", "cpu")
 #: What became of a trial.
 RESULT_STATUSES = ("ok", "failed", "stopped_early", "pending")
 #: The first columns, one per fixed field of :class:`ResultRow`.
 HEAD = ("trial", "dataset", "backbone", "arm", "seed", "stage", "status", "attempts", "error", "wall_s",
-        "best_epoch", "config_hash", "is_baseline", "fm_weights", "backbone_weights", "gene_space")
+        "device_s", "device_kind", "best_epoch", "config_hash", "is_baseline", "fm_weights", "backbone_weights", "gene_space")
 #: The last columns.
 TAIL = ("run_dir", "wandb_run")
 #: Every column a results table must have.
@@ -54,6 +58,9 @@ class ResultRow:
         The last line of a failed trial's exception (``""`` otherwise).
     wall_s
         Tune's ``time_total_s`` (``None``: never ran).
+    device_s, device_kind
+        The device-seconds the trial held (:func:`device_seconds`; ``None``: not measured) and what they count
+        (``gpu`` or ``cpu``; ``""`` when not measured).
     best_epoch
         The selected epoch (``None`` without results).
     config_hash
@@ -98,6 +105,8 @@ class ResultRow:
     wandb_run: str
     gene_space: str = ""
     fm_weights: str = ""
+    device_s: float | None = None
+    device_kind: str = ""
     config: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -107,12 +116,41 @@ class ResultRow:
             raise ValueError(f"status: {self.status!r} is not one of {', '.join(RESULT_STATUSES)}")
         if self.fm_weights not in ("", *FM_WEIGHTS):
             raise ValueError(f"fm_weights: {self.fm_weights!r} is not one of {', '.join(FM_WEIGHTS)} (or empty)")
+        if self.device_kind not in ("", *DEVICE_KINDS):
+            raise ValueError(f"device_kind: {self.device_kind!r} is not one of {', '.join(DEVICE_KINDS)} (or empty)")
 
     def record(self) -> dict[str, Any]:
         """The row as ``column → value``."""
         return {**{c: getattr(self, c) for c in HEAD}, **{f"{CONFIG_PREFIX}{k}": v for k, v in self.config.items()},
                 **self.metrics, **{f"{PARAM_PREFIX}{k}": v for k, v in self.params.items()},
                 **{c: getattr(self, c) for c in TAIL}}
+
+
+def device_seconds(*, wall_s: float | None, gpus: float, cpu_s: float | None) -> tuple[float | None, str]:
+    """The device-seconds a trial held, and what they count.
+
+    A trial that asked for GPUs held ``gpus`` of them (workers × GPUs per worker) for its wall seconds:
+    GPU-seconds, ``wall_s × gpus``. Any other trial (CPU training, a baseline's fit and evaluation) held the
+    CPU time its processes used: CPU-seconds, ``cpu_s`` (the run's measured process CPU time summed over its
+    ranks, :meth:`~pertadapt.rundir.RunDir.cost`).
+
+    Parameters
+    ----------
+    wall_s
+        The trial's wall seconds (``None``: it never ran).
+    gpus
+        GPUs the trial held (0 on CPU).
+    cpu_s
+        The run's measured CPU seconds (``None``: not recorded).
+
+    Returns
+    -------
+    tuple
+        ``(device_s, device_kind)``: ``device_kind`` ``gpu`` or ``cpu``; ``(None, "")`` when not measured.
+    """
+    if gpus > 0:
+        return (wall_s * gpus, "gpu") if wall_s is not None else (None, "")
+    return (float(cpu_s), "cpu") if cpu_s is not None else (None, "")
 
 
 def result_columns(rows: Sequence[ResultRow]) -> list[str]:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +25,20 @@ from pertadapt.config.metrics import SUBGROUPS as METRIC_SUBGROUPS
 from pertadapt.config.metrics import default_report_metrics, lower_is_better, metric_spec
 from pertadapt.data.io import DataError
 from pertadapt.report.bootstrap import hierarchical_bootstrap
-from pertadapt.report.results import RESULTS_FILE, check_columns
+from pertadapt.report.results import PLAN_FILE, RESULTS_FILE, check_columns
 from pertadapt.rundir import RunDir
 
 __all__ = [
     "OVERALL",
     "PAIRING_NOISE_COLUMN",
+    "COST_COLUMNS",
     "SUBGROUPS",
     "LayoutTable",
     "SweepData",
     "arm_label",
     "arm_of_label",
     "arm_order",
+    "cost_per_arm",
     "default_metrics",
     "describe_metric",
     "format_cell",
@@ -46,6 +48,7 @@ __all__ = [
     "lower_is_better",
     "metric_column",
     "normalise_metric",
+    "planned_gpu_hours",
     "summarise",
 ]
 
@@ -111,6 +114,9 @@ class SweepData:
         ok trials' per-condition tables.
     missing_per_condition
         Keys of ok trials without a per-condition table (left out of the paired tests).
+    planned_gpu_hours
+        Trial name → the GPU-hours its sweep's plan gave it (``plan.json``'s ``cost.gpu_hours``; empty when the
+        sweep directory has no plan with costs).
     """
 
     root: Path
@@ -119,6 +125,7 @@ class SweepData:
     trials: pd.DataFrame
     per_condition: pd.DataFrame
     missing_per_condition: tuple[str, ...]
+    planned_gpu_hours: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -138,15 +145,42 @@ def _read_results(path: Path) -> pd.DataFrame:
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not a readable CSV ({e})") from e
     check_columns(path, df.columns)
-    for col in ("dataset", "backbone", "error", "run_dir", "gene_space", "fm_weights", "backbone_weights"):
+    for col in ("dataset", "backbone", "error", "run_dir", "gene_space", "fm_weights", "backbone_weights",
+                "device_kind"):
         df[col] = df[col].fillna("").astype(str)
     df["arm"] = df["arm"].astype(str)
+    for col in ("wall_s", "device_s"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
     df["status"] = df["status"].fillna("missing").astype(str)
     df["is_baseline"] = df["is_baseline"].astype(str).str.lower().isin(("true", "1"))
     unexplained = (df["status"] != "ok") & (df["error"] == "")
     df.loc[unexplained, "error"] = df.loc[unexplained, "status"].map(_STATUS_ERRORS).fillna(
         "no final metrics (no error recorded)")
     return df
+
+
+def planned_gpu_hours(sweep_dir: Path) -> dict[str, float]:
+    """Trial name → planned GPU-hours (``cost.gpu_hours``) from the sweep's ``plan.json``; a run's aliases (the
+    trials sharing its config hash) get the run's. Empty without a plan, or a plan without costs.
+
+    Raises
+    ------
+    DataError
+        ``plan.json`` is not valid JSON.
+    """
+    path = Path(sweep_dir) / PLAN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        plan = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    out = {}
+    for t in plan.get("trials", []):
+        hours = (t.get("cost") or {}).get("gpu_hours")
+        if hours is not None:
+            out.update({str(name["key"]): float(hours) for name in (t, *t.get("aliases", []))})
+    return out
 
 
 def load_results(path: Path) -> pd.DataFrame:
@@ -218,7 +252,8 @@ def load_sweep(sweep_dir: Path, reference: str | None = None) -> SweepData:
     per = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
     return SweepData(root=sweep_dir, name=str(meta.get("name") or sweep_dir.name),
                      reference=reference or str(meta.get("reference_arm") or "full"), trials=trials,
-                     per_condition=per, missing_per_condition=tuple(missing))
+                     per_condition=per, missing_per_condition=tuple(missing),
+                     planned_gpu_hours=planned_gpu_hours(sweep_dir))
 
 
 def arm_order(trials: pd.DataFrame, reference: str) -> list[str]:
@@ -229,6 +264,48 @@ def arm_order(trials: pd.DataFrame, reference: str) -> list[str]:
     models = [a for a in arms if a not in base and a != reference]
     baselines = sorted((a for a in arms if a in base and a != reference), key=lambda a: rank.get(a, len(rank)))
     return ([reference] if reference in arms else []) + models + baselines
+
+
+#: The columns of :func:`cost_per_arm` after the arm's coordinates.
+COST_COLUMNS = ("n_ran", "wall_s_mean", "wall_s_total", "gpu_s_total", "cpu_s_total", "plan_gpu_h_per_trial",
+                "gpu_h_per_trial")
+
+
+def cost_per_arm(trials: pd.DataFrame, planned: dict[str, float] | None = None) -> pd.DataFrame:
+    """The measured cost of each (dataset, backbone, arm), and the plan's next to it.
+
+    Parameters
+    ----------
+    trials
+        Rows of ``results.csv`` (:func:`load_sweep`), any status: a failed trial's time counts too.
+    planned
+        Trial name → planned GPU-hours (:func:`planned_gpu_hours`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``dataset, backbone, arm, is_baseline, n_trials``, ``n_ran`` (trials with a measured ``wall_s``),
+        ``wall_s_mean`` and ``wall_s_total`` over those, ``gpu_s_total`` and ``cpu_s_total`` (the sum of
+        ``device_s`` over its trials of each ``device_kind``: GPU-seconds of GPU trials, measured CPU-seconds
+        of the others; NaN when none), ``plan_gpu_h_per_trial`` (the plan's mean GPU-hours per trial; NaN
+        without a plan) and ``gpu_h_per_trial`` (measured GPU-hours per GPU trial; NaN without one).
+    """
+    planned = planned or {}
+    rows = []
+    for key, g in trials.groupby(list(_GROUP), sort=False):
+        wall = g["wall_s"].dropna()
+        kinds = {k: g.loc[g["device_kind"] == k, "device_s"].dropna() for k in ("gpu", "cpu")}
+        plan = [planned[t] for t in g["trial"] if t in planned]
+        rows.append({"dataset": key[0], "backbone": key[1], "arm": key[2], "is_baseline": bool(g["is_baseline"].any()),
+                     "n_trials": len(g), "n_ran": len(wall),
+                     "wall_s_mean": float(wall.mean()) if len(wall) else math.nan,
+                     "wall_s_total": float(wall.sum()) if len(wall) else math.nan,
+                     "gpu_s_total": float(kinds["gpu"].sum()) if len(kinds["gpu"]) else math.nan,
+                     "cpu_s_total": float(kinds["cpu"].sum()) if len(kinds["cpu"]) else math.nan,
+                     "plan_gpu_h_per_trial": float(np.mean(plan)) if plan else math.nan,
+                     "gpu_h_per_trial": float(kinds["gpu"].mean()) / 3600 if len(kinds["gpu"]) else math.nan})
+    cols = ["dataset", "backbone", "arm", "is_baseline", "n_trials", *COST_COLUMNS]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _t_interval(x: np.ndarray) -> tuple[float, float, float]:

@@ -22,6 +22,7 @@ from typing import Any
 from pertadapt.config.load import config_hash, config_to_dict
 from pertadapt.config.schema import ConfigError
 from pertadapt.files import atomic_write_json
+from pertadapt.report.results import PLAN_FILE
 from pertadapt.sweep.ablation import Ablation, Trial, shared_runs
 from pertadapt.sweep.results import flatten, varying_keys
 from pertadapt.sweep.search_space import SearchSpace
@@ -30,7 +31,6 @@ __all__ = ["ALIAS_FIELDS", "COST_KEYS", "DEFAULT_GPU_MEMORY_GB", "PLAN_FILE", "a
            "check_memory", "check_search_space", "check_tables_fit", "diff_plans", "local_cpus", "plan_names",
            "read_plan", "table_space", "trial_cpus", "write_plan"]
 
-PLAN_FILE = "plan.json"
 #: GPU memory a trial's worker must fit unless told otherwise (one 80 GB H100/A100).
 DEFAULT_GPU_MEMORY_GB = 80.0
 #: What an alias entry of a run keeps of its own plan entry (the rest is the run's).

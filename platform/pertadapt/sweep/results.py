@@ -2,7 +2,9 @@
 
 One :class:`~pertadapt.report.results.ResultRow` per grid trial (and ``hpo_results.csv`` for the Optuna
 samples): its coordinates, ``status`` (``ok``, ``failed``, ``stopped_early``, ``pending``), ``attempts``,
-``error`` (the exception's last line), ``wall_s``, ``best_epoch``, ``config_hash``, the config values that
+``error`` (the exception's last line), ``wall_s``, ``device_s`` and ``device_kind`` (GPU-seconds of a trial that
+asked for GPUs, else its processes' measured CPU seconds: :func:`~pertadapt.report.results.device_seconds`),
+``best_epoch``, ``config_hash``, the config values that
 vary across the grid, and every final val/test metric. A run directory's final metrics count only when the
 trial reported success in this sweep and the run's recorded config hash equals the trial's: a file left by
 an earlier sweep with another config is never reported as this trial's result. Trials with one config hash
@@ -26,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pertadapt.config.load import config_to_dict
 from pertadapt.files import atomic_write, atomic_write_text
-from pertadapt.report.results import HPO_RESULTS_FILE, RESULTS_FILE, ResultRow, result_columns
+from pertadapt.report.results import HPO_RESULTS_FILE, RESULTS_FILE, ResultRow, device_seconds, result_columns
 from pertadapt.rundir import RunDir
 from pertadapt.sweep.ablation import Ablation, Trial, run_of
 
@@ -99,6 +101,11 @@ def _row(t: Trial, outcome: TrialOutcome | None, run: RunDir, expected: str | No
             log.error("trial %s reported success but %s holds no results of its config", t.key, run.path)
         else:
             metrics = found
+    cfg = t.config
+    gpus = 0.0 if t.is_baseline else cfg.engine.gpus * (cfg.engine.workers if cfg.uses_ray_train else 1)
+    wall_s = outcome.wall_s if outcome else None
+    device_s, device_kind = device_seconds(wall_s=wall_s, gpus=gpus,
+                                           cpu_s=run.cost().get("cpu_s") if status == "ok" else None)
     attempts = run.attempts()
     wandb_runs = run.wandb_offline_runs()
     return ResultRow(
@@ -106,7 +113,7 @@ def _row(t: Trial, outcome: TrialOutcome | None, run: RunDir, expected: str | No
         stage=outcome.stage if outcome else "", status=status,
         attempts=len(attempts) if attempts is not None else int(outcome is not None),
         error=(outcome.error if outcome else None) or ("" if status != "failed" else "no results written"),
-        wall_s=outcome.wall_s if outcome else None, best_epoch=metrics.pop("best_epoch", None),
+        wall_s=wall_s, device_s=device_s, device_kind=device_kind, best_epoch=metrics.pop("best_epoch", None),
         config_hash=prov.get("config_hash", expected or ""), is_baseline=t.is_baseline,
         fm_weights=weights.get("fm", ""), backbone_weights=weights.get("summary", ""),
         gene_space=prov.get("gene_space", ""),

@@ -163,7 +163,9 @@ def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = No
         The self-describing run directory (a path: a :class:`~pertadapt.rundir.RunDir` there): the resolved
         config, its provenance (git SHA, versions, data, gene-order and GO-mask hashes, config hash, world
         size, whether the frozen-FM embedding cache was used and its key and path), the epoch history, the
-        final metrics, the per-condition metrics, the test predictions and the checkpoints.
+        final metrics, the per-condition metrics, the test predictions, the checkpoints and the measured CPU
+        time (``cost.json``: every rank's process CPU time from this call's start to the end of evaluation,
+        summed; rank 0's up to its last file; a baseline's fit and evaluation).
     logger
         Where epoch rows and the final summary go (rank 0's W&B run; the null logger by default).
     report
@@ -180,6 +182,7 @@ def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = No
     dict
         Final val/test metrics (flat names such as ``test_mse_de``) and ``best_epoch``.
     """
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
     logger = logger or NullLogger()
     hook = report or (lambda m: None)
     rdir = RunDir.at(run_dir)
@@ -202,7 +205,7 @@ def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = No
         mark(rdir, "model_ready")
         best_epoch, val, test, preds = _run_baseline(cfg, rd)
         mark(rdir, "train_end")
-        rank, ranks = 0, [rank_placement(0, "cpu")]
+        rank, ranks, peers_cpu_s = 0, [rank_placement(0, "cpu")], [0.0]
     else:
         data_ready = time.time()
         engine, cache_info = build_run_engine(cfg, rd)
@@ -217,6 +220,7 @@ def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = No
         result = train(cfg, engine, rd.train, rd.val, rd.test, build_loss(cfg, rd.inputs), rdir, on_epoch,
                        checkpoints=store, resumed=resumed)
         best_epoch, val, test, preds = result.best_epoch, result.val, result.test, result.test_predictions
+        peers_cpu_s = engine.gather(time.process_time() - cpu_start)  # every rank's, rank 0's counted at the end
     metrics: dict[str, Any] = {"best_epoch": best_epoch, **val.flat("val"), **test.flat("test"),
                                **_pairing_noise(rd)}
     if rank == 0:
@@ -232,6 +236,8 @@ def run(cfg: RunConfig, run_dir: RunDir | Path, *, logger: RunLogger | None = No
         conds = sorted(preds)
         write_predictions(rdir.predictions_file, conds, np.stack([preds[c] for c in conds]), list(rd.data.genes))
         rdir.write_per_condition(_per_condition_csv(test, truth, rd.split.subgroups))
+        rdir.write_cost(cpu_s=sum(peers_cpu_s[1:]) + time.process_time() - cpu_start, processes=len(peers_cpu_s),
+                        wall_s=time.perf_counter() - wall_start)
         rdir.write_final_metrics(metrics)
     logger.finish(metrics)
     if rank == 0:
