@@ -44,7 +44,7 @@ from pertadapt.files import (
     node_sha256_file,
     sha256_bytes,
 )
-from pertadapt.models.backbones.checkpoint import CheckpointError
+from pertadapt.models.backbones.checkpoint import read_json_object
 from pertadapt.models.backbones.registry import build_backbone
 from pertadapt.models.backbones.tiny import TinyTransformer
 from pertadapt.models.pretrain import MASK_VALUES, MaskedValueModel, masked_mse
@@ -423,13 +423,7 @@ def read_model_card(directory: Path) -> dict[str, Any] | None:
     path = Path(directory) / MODEL_CARD_JSON
     if not path.is_file():
         return None
-    try:
-        card = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(card, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return card
+    return read_json_object(path, "a pretrained checkpoint directory")
 
 
 def pretrained_checkpoint(config: str | Path, data_file: Path, overrides: Sequence[str] = ()) -> Path:

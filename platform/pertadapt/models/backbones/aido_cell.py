@@ -63,6 +63,7 @@ from pertadapt.models.backbones.checkpoint import (
     CheckpointError,
     build_or_load,
     load_checked_state,
+    read_json_object,
     read_safetensors,
     read_torch_file,
     resolve_vocab,
@@ -384,15 +385,7 @@ class AIDOCell(DepthTokenBackbone):
             When the config, the parameter names/shapes or the gene list do not fit.
         """
         directory = Path(directory)
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise CheckpointError(f"{directory}: no config.json (expected an AIDO.Cell HF checkpoint directory)")
-        try:
-            raw = json.loads(config_path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
-        if not isinstance(raw, Mapping):
-            raise CheckpointError(f"{config_path}: expected a JSON object, found {type(raw).__name__}")
+        raw = read_json_object(directory / "config.json", "an AIDO.Cell HF checkpoint directory")
         cfg = AIDOCellConfig.from_json_dict(raw)
         genes = resolve_vocab(directory, cfg.max_position_embeddings, f"aido_cell checkpoint {directory}")
         model = cls(cfg, genes, input_mode=input_mode)

@@ -7,6 +7,7 @@ a :class:`CheckpointError` naming it. Every file is written through :func:`perta
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import re
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "build_or_load",
     "load_checked_state",
+    "read_json_object",
     "read_safetensors",
     "read_torch_file",
     "resolve_vocab",
@@ -218,6 +220,32 @@ def read_torch_file(path: Path) -> object:
                               "loaded (weights_only=True), never arbitrary pickled objects") from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from e
+
+
+def read_json_object(path: Path, expected: str) -> dict:
+    """The JSON object in ``path`` (a checkpoint's ``config.json``, a model card).
+
+    Parameters
+    ----------
+    path
+        The file.
+    expected
+        What the file's directory should be, for the message when the file is missing.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the file when it is missing, not valid JSON or not an object.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: no {path.name} (expected {expected})")
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ A ``tiny`` checkpoint is a directory: ``config.json`` (``hidden_size``, ``layers
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from pertadapt.models.backbones.checkpoint import (
     CheckpointError,
     build_or_load,
     load_checked_state,
+    read_json_object,
     read_safetensors,
     resolve_vocab,
     write_gene_file,
@@ -111,13 +111,7 @@ class TinyTransformer(LayerStack):
         directory = Path(directory)
         what = f"tiny checkpoint {directory}"
         path = directory / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: no config.json (expected a tiny checkpoint directory written by "
-                                  "pertadapt pretrain)")
-        try:
-            raw = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        raw = read_json_object(path, "a tiny checkpoint directory written by pertadapt pretrain")
         sizes = _tiny_sizes(raw, path)
         genes = resolve_vocab(directory, sizes["n_genes"], what)
         model = cls(sizes["n_genes"], sizes["hidden_size"], sizes["layers"], sizes["heads"], genes=genes)
