@@ -26,6 +26,9 @@ from fixtures.wandb_offline import find_offline_runs, read_offline_run
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["optim.epochs=1", "optim.max_steps_per_epoch=2"]
+#: The demo sweep's options: a simulation seed of its own, so that in a fresh cache its driver makes the data
+#: after planning (and plans the costs again).
+DEMO_FAST = [*FAST, "data.simulate_seed=3"]
 DUMMY_KEY = "dummykey0123456789abcdef0123456789abcdef"
 
 
@@ -63,7 +66,7 @@ def demo_ablation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def demo_sweep(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, demo_ablation: Path) -> Path:
     out = tmp_path_factory.mktemp("demo_sweep")
-    _pertadapt("sweep", str(demo_ablation), *FAST, "--out", str(out),
+    _pertadapt("sweep", str(demo_ablation), *DEMO_FAST, "--out", str(out),
                env={**os.environ, "WANDB_API_KEY": DUMMY_KEY, "WANDB_MODE": "offline"})
     return out
 
@@ -100,6 +103,11 @@ def test_demo_grid_results(demo_sweep: Path) -> None:
     # every trial names its FM weights: the model arm's tiny FM is random, "none" and the baselines have none
     assert {r["arm"]: r["fm_weights"] for r in rows} == {**dict.fromkeys(arms, "none"), "fm+pa+am+ladapt": "random"}
     assert "fm+pa+am+ladapt [random FM]" in (demo_sweep / "report" / "report.html").read_text()
+    # every trial has its planned cost (made after the data when the driver simulated it) next to the measured one
+    plan = json.loads((demo_sweep / "plan.json").read_text())
+    assert plan["cost"]["trials_without_cost"] == 0
+    assert all(t["cost"]["gpu_hours"] > 0 for t in plan["trials"] if t["arm"] == "fm+pa+am+ladapt")
+    assert "planned GPU-h/trial" in (demo_sweep / "report" / "report.md").read_text()
 
 
 def test_every_trial_has_one_finished_wandb_run_matching_the_csv(demo_sweep: Path) -> None:
@@ -170,10 +178,11 @@ def test_report_command_rewrites_the_report(demo_sweep: Path) -> None:
 
 def test_rerun_into_a_finished_sweep_is_refused_and_a_changed_arm_names_the_change(demo_sweep: Path,
                                                                                   demo_ablation: Path) -> None:
-    same = _pertadapt("sweep", str(demo_ablation), *FAST, "--out", str(demo_sweep), ok=False)
+    same = _pertadapt("sweep", str(demo_ablation), *DEMO_FAST, "--out", str(demo_sweep), ok=False)
     assert same.returncode == 2
     assert "already holds this sweep" in same.stderr
-    changed = _pertadapt("sweep", str(demo_ablation), *FAST, "adapter.ffn_dim=8", "--out", str(demo_sweep), ok=False)
+    changed = _pertadapt("sweep", str(demo_ablation), *DEMO_FAST, "adapter.ffn_dim=8", "--out", str(demo_sweep),
+                         ok=False)
     assert changed.returncode == 2
     assert "holds a different sweep" in changed.stderr
     assert "config changed" in changed.stderr

@@ -429,7 +429,7 @@ def _die_with_parent() -> None:
 def _drive(request: SweepRequest) -> Path:
     """The driver process: stage the data, run the trials through Ray Tune, write the results and the report."""
     from pertadapt.report.wandb import describe_wandb_mode
-    from pertadapt.sweep.plan import local_cpus
+    from pertadapt.sweep.plan import add_costs, check_memory, local_cpus, write_plan
     from pertadapt.sweep.storage import shared_data_path, stage_data
     from pertadapt.sweep.tuner import run_sweep
     from pertadapt.train.setup import ensure_data_file
@@ -439,6 +439,11 @@ def _drive(request: SweepRequest) -> Path:
     for t in abl.trials:
         if p.files[t.key].to_simulate:
             ensure_data_file(t.config)
+    if plan["cost"]["trials_without_cost"]:  # the data the plan could not size existed only now: plan it again
+        add_costs(plan, abl, {k: f.path for k, f in p.files.items()}, tflops=plan["tflops"],
+                  naive="cost_naive" in plan)
+        check_memory(plan, request.gpu_memory_gb)
+        write_plan(p.sweep_dir, plan)
     for source in sorted({f.path for f in p.files.values()}):
         stage_data(source, shared_data_path(source, p.root))
     abl = _resolve_pretrains(p)
