@@ -16,6 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from fixtures.disks import small_tmpfs
 from pertadapt.config.load import load_run_config
 from pertadapt.models.backbones.registry import build_backbone
 from pertadapt.train import cost
@@ -252,16 +253,8 @@ def test_header_reads_dimensions_without_x(tmp_path: Path) -> None:
 @pytest.fixture
 def tiny_disk(tmp_path: Path):
     """A 64 KiB tmpfs (the demo's tables need megabytes); unmounted afterwards."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path, "64k") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_dry_run_flags_every_table_that_does_not_fit_and_a_run_is_refused_before_any_trial(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures.disks import small_tmpfs
 from pertadapt.config import ConfigError, load_run_config
 from pertadapt.data.dataset import PairedCells, draw_control_pool
 from pertadapt.models import build_loss, build_model
@@ -271,16 +271,8 @@ def test_check_cache_space_names_the_bytes_the_free_space_and_the_ways_out(tmp_p
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 512 KiB tmpfs (a full disk for the 983 kB float32 table of SMALL); unmounted afterwards."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path, "512k") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def _files(root: Path) -> list[str]:
