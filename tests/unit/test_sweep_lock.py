@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,3 +65,26 @@ def test_overrides_are_parsed_by_the_config_parser() -> None:
 
     with pytest.raises(ConfigError, match="override 'optim.lr': expected key=value"):
         parse_overrides(["optim.lr"])
+
+
+def test_a_sweep_refused_before_it_started_leaves_no_directory_and_a_waiter_locks_the_new_file(
+        tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    first = SweepLock(out).acquire()
+    waiter: dict[str, SweepLock] = {}
+    thread = threading.Thread(target=lambda: waiter.setdefault("lock", SweepLock(out).acquire()))
+    thread.start()
+    time.sleep(0.3)  # the waiter has opened the first lock file and retries its flock
+    first.abandon()  # the directory it created held only the lock file: both go
+    thread.join(timeout=10)
+    # the waiter noticed its file was removed and locked a new one at the same path, which a third one sees
+    assert (out / LOCK_FILE).is_file()
+    assert running_sweep(out).pid == os.getpid()
+    with pytest.raises(SweepLocked):
+        SweepLock(out).acquire()
+    waiter["lock"].abandon()
+    assert not out.exists()
+    # a directory that existed before the lock stays, with its lock file
+    out.mkdir()
+    SweepLock(out).acquire().abandon()
+    assert [p.name for p in out.iterdir()] == [LOCK_FILE]

@@ -121,25 +121,40 @@ def run_sweep_from_files(request: SweepRequest) -> Path | None:
         The driver process failed or died.
     """
     with _Supervisor() as supervisor:
-        prepared = _prepare(request)
-        check_not_running(prepared.sweep_dir)  # a sweep running there is named first, whatever it has written
-        _check_sweep_dir(prepared)  # the refusals that need no lock, before anything is created
-        _print_plan(prepared)
-        if request.dry_run:
-            _dry_run(prepared)
-            return None
-        if not request.resume:  # a resumed sweep's tables may be stored: its build checks the exact free space
-            from pertadapt.sweep.plan import check_tables_fit
-
-            check_tables_fit(prepared.plan)
-        lock = SweepLock(prepared.sweep_dir).acquire()
+        # with --out known, a running sweep is named at once, before seconds of validating and planning, and a
+        # real run takes the lock first, so of two starting at once one is refused just as soon
+        lock = None
+        if request.out is not None:
+            if request.dry_run:
+                check_not_running(request.out.resolve())
+            else:
+                lock = SweepLock(request.out.resolve()).acquire()
+        started = False
         try:
-            _check_sweep_dir(prepared)  # again, under the lock: the directory may have changed meanwhile
+            prepared = _prepare(request)
+            if lock is None:
+                check_not_running(prepared.sweep_dir)  # a sweep running there is named first
+            _check_sweep_dir(prepared)  # the refusals that need no lock, before anything is created
+            _print_plan(prepared)
+            if request.dry_run:
+                _dry_run(prepared)
+                return None
+            if not request.resume:  # a resumed sweep's tables may be stored: its build checks the exact free space
+                from pertadapt.sweep.plan import check_tables_fit
+
+                check_tables_fit(prepared.plan)
+            if lock is None:
+                lock = SweepLock(prepared.sweep_dir).acquire()
+                _check_sweep_dir(prepared)  # again, under the lock: the directory may have changed meanwhile
             _start_sweep_dir(prepared)
+            started = True
             supervisor.stop_if_asked(prepared)  # a stop asked for so far ends here, with a resumable directory
             return supervisor.run_driver(prepared, lock)
         finally:
-            lock.release()
+            if lock is not None and started:
+                lock.release()
+            elif lock is not None:
+                lock.abandon()  # a refused sweep leaves no directory it created
 
 
 def _prepare(request: SweepRequest) -> _Prepared:

@@ -77,6 +77,7 @@ class SweepLock:
         self.sweep_dir = sweep_dir
         self.path = sweep_dir / LOCK_FILE
         self._fd: int | None = None
+        self._created_dir = False
 
     @property
     def fd(self) -> int:
@@ -94,18 +95,23 @@ class SweepLock:
             Another live process holds it (after retrying for about 2 s): the message names the directory
             and the holder's host, PID and start time.
         """
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + _RETRY_S
         while True:
+            if not self.sweep_dir.is_dir():
+                self.sweep_dir.mkdir(parents=True, exist_ok=True)
+                self._created_dir = True
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
+                os.close(fd)
                 if time.monotonic() > deadline:
-                    os.close(fd)
                     raise SweepLocked(_held_message(self.sweep_dir, _read_holder(self.path))) from None
                 time.sleep(0.1)
+                continue
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # its holder removed it (see abandon) while this process waited: lock the new one
         # written in place (the lock is on this file, so it is never replaced): a reader retries an empty read
         doc = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()})
         os.ftruncate(fd, 0)
@@ -114,12 +120,30 @@ class SweepLock:
         self._fd = fd
         return self
 
+    def abandon(self) -> None:
+        """Give the lock up after a sweep failed before it started: if :meth:`acquire` created the directory and
+        it holds nothing but the lock file, remove both (a waiting process sees its file gone and retries)."""
+        if self._fd is not None and self._created_dir and [p.name for p in self.sweep_dir.iterdir()] == [LOCK_FILE]:
+            self.path.unlink()
+            self.sweep_dir.rmdir()
+        self.release()
+
     def release(self) -> None:
         """Give the lock up (the file stays: removing it would let two processes lock two different files)."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open descriptor ``fd`` is still the file at ``path`` (not removed or replaced since)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def running_sweep(sweep_dir: Path) -> Holder | None:
