@@ -164,24 +164,18 @@ def test_fm_baseline_decoder_trains_and_writes_final_metrics(demo_h5ad: Path, tm
 
 
 def test_coexpression_options_change_the_graph_handed_to_the_decoder(demo_h5ad: Path) -> None:
-    from pertadapt.data.io import read_h5ad
     from pertadapt.train.setup import prepare_run_data
 
     off = ["adapter.enabled=false"]
     base = prepare_run_data(_cfg(demo_h5ad, *off))
     n_genes = len(base.inputs.genes)
-    # the simulator's control cells co-vary along its network (cell_noise_sd): at |r| > 0.4 the
-    # self-loops survive, and the only other pairs (2 on the demo preset) are joined by a true edge
+    # the simulator's control cells co-vary along its network (cell_noise_sd) and its shared programs
+    # (program_sd): at |r| > 0.4 the self-loops survive and 69 pairs of the demo preset, both directions;
+    # without the programs only 2 pairs do, both joined by a true edge
     src, dst = base.inputs.coexpress_src, base.inputs.coexpress_dst
     assert (src == dst).sum() == n_genes
-    assert len(src) == n_genes + 4  # 2 pairs, both directions
-    backed = read_h5ad(demo_h5ad, backed=True)
-    sim = backed.uns["sim"]
-    backed.file.close()
-    names = [str(g) for g in sim["genes"]]
-    joined = {frozenset((names[a], names[b])) for a, b in zip(sim["edge_src"], sim["edge_dst"], strict=True)}
-    genes = base.inputs.genes
-    assert all(frozenset((genes[a], genes[b])) in joined for a, b in zip(src, dst, strict=True) if a != b)
+    assert len(src) == n_genes + 138
+    assert {(a, b) for a, b in zip(src, dst, strict=True)} == {(b, a) for a, b in zip(src, dst, strict=True)}
     loose = prepare_run_data(_cfg(demo_h5ad, *off, "model.coexpress_threshold=0.0"))
     assert len(loose.inputs.coexpress_src) == n_genes * 21  # top 20 + itself, every |r| > 0
     narrow = prepare_run_data(_cfg(demo_h5ad, *off, "model.coexpress_threshold=0.0", "model.coexpress_top_k=3"))

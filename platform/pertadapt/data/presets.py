@@ -69,6 +69,14 @@ class SimParams:
     #: so that co-expression among a condition's cells reflects its edges; 0 = cells of a condition
     #: differ only by library size, batch and counting noise.
     cell_noise_sd: float = 0.0
+    #: Sd of each cell's activity of each shared program (log scale), 0 = no programs. A program is a
+    #: continuous cell state (cell cycle, stress): it loads on a share ``program_frac`` of the genes (weights
+    #: ``U(0.5, 1)``, positive with probability ``p_activation``), and each cell draws its activity
+    #: ``N(0, program_sd^2)``, added to those genes' inputs and propagated through the network like
+    #: ``cell_noise_sd``, so whole gene sets rise and fall together across cells.
+    program_sd: float = 0.0
+    n_programs: int = 3
+    program_frac: float = 0.3
 
     def __post_init__(self) -> None:
         for name in ("n_genes", "cells_per_condition", "n_control", "n_batches"):
@@ -89,7 +97,9 @@ class SimParams:
             raise ValueError(f"n_neomorphic_genes: {self.n_neomorphic_genes} > n_genes={self.n_genes}")
         if self.modality not in MODALITIES:
             raise ValueError(f"modality: {self.modality!r} is not one of {', '.join(MODALITIES)}")
-        for name in ("go_signal", "module_frac", "p_activation", "nonresponder_frac"):
+        if self.n_programs < 1:
+            raise ValueError(f"n_programs: expected a positive integer, got {self.n_programs!r}")
+        for name in ("go_signal", "module_frac", "p_activation", "nonresponder_frac", "program_frac"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: expected a probability in [0, 1], got {value!r}")
@@ -110,7 +120,7 @@ class SimParams:
                      "dispersion_asymptote"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
-        for name in ("library_log_sd", "gene_mean_log10_sd", "batch_sd", "cell_noise_sd"):
+        for name in ("library_log_sd", "gene_mean_log10_sd", "batch_sd", "cell_noise_sd", "program_sd"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a non-negative number, got {getattr(self, name)!r}")
 
@@ -119,7 +129,7 @@ class SimParams:
 PRESETS: dict[str, SimParams] = {
     # Small: ~2 s to generate, trainable in minutes on 2 CPU cores, non-empty GEARS test groups.
     # Control cells carry the network (cell_noise_sd 0.5: edge co-expression AUROC 0.65).
-    "demo": SimParams(cell_noise_sd=0.5),
+    "demo": SimParams(cell_noise_sd=0.5, program_sd=0.75),
     # Held-out quality benchmark (GEARS simulation split).
     "benchmark": SimParams(n_genes=2000, n_singles=160, n_doubles=110, cells_per_condition=50,
                            n_control=2000, n_batches=2, batch_sd=0.1, cell_noise_sd=0.5),

@@ -57,6 +57,13 @@ Generative model (every random draw comes from ``numpy.random.default_rng`` stre
    control cells: AUROC of |Pearson r| for joined against unjoined gene pairs 0.51 at sigma 0, 0.65
    at 0.5, 0.76 at 0.75). The fluctuations come from a stream of their own: at sigma 0 none is
    drawn and every other draw is unchanged.
+   **Cell programs** (``program_sd`` > 0): ``n_programs`` shared continuous cell states, each
+   loading on a share ``program_frac`` of the genes (weights ``U(0.5, 1)``, positive with probability
+   ``p_activation``); each cell draws one activity per program, ``a_c ~ N(0, program_sd^2 I)``, that
+   joins the inputs, ``eps_c + P a_c``, and passes the same propagation and saturation. Whole gene
+   sets then rise and fall together, so a masked gene is predictable from the others (demo preset:
+   ridge on the other genes 0.83 x the per-gene mean's squared error, 0.99 x without programs). Their
+   own stream again: at 0 nothing is drawn.
 7. **Counts.** ``count ~ NB(mean = L * pi_g * exp(z_c + batch), dispersion phi_g)`` drawn as
    Gamma-Poisson, ``var = mean + phi_g mean^2``. Baseline means at the median library are
    log-normal (median ``gene_mean_median`` UMI per cell, log10-sd ``gene_mean_log10_sd``) and the
@@ -84,9 +91,14 @@ each gene's fluctuation (Gauss-Hermite, 5 nodes over ``dx_g ~ N(0, var_g)`` time
 size: within 5e-4 of 9 x 9 nodes on the demo preset), and the total is treated
 more finely: the gene's own count stays in it and the rest of the cell's total enters to second order
 in its variance (NB noise and the correlated fluctuations of the other genes, from the covariance
-``sigma^2 (I - W^T)^-1 (I - W^T)^-T``). Checked against 20,000-cell draws: each gene's observed mean
-lies within its standard error of ``true_mean`` (``tests/unit/test_simulate_network.py``). At
-``cell_noise_sd = 0`` the original computation is kept, so older files are reproduced byte for byte;
+``sigma^2 (I - W^T)^-1 (I - W^T)^-T``). With programs it is also the expectation over the program
+activities (Gauss-Hermite, 3 nodes per program, and 3 x 3 nodes over the rest of the fluctuation and the
+library size at each), given which the fluctuation is the one above, shifted.
+Checked against 20,000-cell draws: each gene's observed mean lies within its standard error of
+``true_mean``; with programs the genes' errors are correlated and their joint (Mahalanobis) distance is
+1.2-2.6 per gene against 1 for an exact truth, about 0.002 in log1p units
+(``tests/unit/test_simulate_network.py``). At ``cell_noise_sd = program_sd = 0`` the original computation
+is kept, so older files are reproduced byte for byte;
 its cell-total approximation leaves errors up to about 0.01 on the most expressed genes of an 80-gene
 panel (less in wider panels), below a 40-cell condition's sampling noise.
 :func:`score_against_truth` scores predictions against it.
@@ -98,6 +110,7 @@ above, with real gene names and real GO annotations attached. See ``docs/simulat
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -151,9 +164,15 @@ _LIBRARY_NODES = 7
 #: nodes within 5e-4 of 9 x 9, 7 x 5 within 4e-4, 5 x 3 off by 4e-3).
 _FLUCTUATION_NODES = 5
 _FLUCTUATION_LIBRARY_NODES = 5
-#: Parameters left out of ``uns['sim']['params']`` at 0 (they switch a feature off that older files
-#: lack), so a file simulated before the feature existed is reproduced byte for byte.
-_OFF_AT_ZERO = ("cell_noise_sd",)
+#: Gauss-Hermite nodes per program over the cell's program activities in ``true_mean`` (3 ** K nodes), and
+#: the nodes over the rest of the fluctuation and the library size at each of them (demo preset: within
+#: 0.002, mean 1.6e-4, of 5 x 5 inner nodes, in a quarter of the time).
+_PROGRAM_NODES = 3
+_PROGRAM_INNER_NODES = (3, 3)
+#: Parameters left out of ``uns['sim']['params']`` while the parameter they map to is 0 (it switches a feature
+#: off that older files lack), so a file simulated before the feature existed is reproduced byte for byte.
+_OFF_AT_ZERO = {"cell_noise_sd": "cell_noise_sd", "program_sd": "program_sd", "n_programs": "program_sd",
+                "program_frac": "program_sd"}
 _CELL_CHUNK = 4096
 _MAX_ITER = 500
 _TOL = 1e-8
@@ -265,32 +284,53 @@ def _descendants(w: sp.csr_matrix, genes: np.ndarray) -> np.ndarray:
 
 
 class _Fluctuation:
-    """Cells' intrinsic fluctuations propagated through the network: ``dx = (I - W^T)^-1 eps``.
+    """Cells' fluctuating inputs propagated through the network: ``dx = (I - W^T)^-1 eps``.
+
+    ``eps = e + P a``: each gene's intrinsic fluctuation ``e ~ N(0, sd^2 I)`` plus the cell's program
+    activities ``a ~ N(0, I_K)`` through the ``(G, K)`` loadings ``P`` (already scaled by ``program_sd``).
 
     Parameters
     ----------
     w
         ``(G, G)`` weights, ``w[i, j]`` = effect of gene ``i`` on gene ``j``.
     sd
-        Sd of each gene's intrinsic fluctuation ``eps ~ N(0, sd^2 I)``.
+        Sd of each gene's intrinsic fluctuation.
     s
         Saturation: a cell's log fold changes move by ``S tanh(dx / S)``.
+    programs
+        ``(G, K)`` program loadings ``P`` and the generator of the activities, or ``None``.
     """
 
-    def __init__(self, w: sp.csr_matrix, sd: float, s: float) -> None:
+    def __init__(self, w: sp.csr_matrix, sd: float, s: float,
+                 programs: tuple[np.ndarray, np.random.Generator] | None = None) -> None:
         n = w.shape[0]
         self._lu = splu((sp.identity(n, format="csc") - w.T).tocsc())
-        self.sd, self.s = sd, s
-        #: ``(G, G)`` covariance of the propagated fluctuations ``dx``: ``sd^2 A A^T``, ``A = (I - W^T)^-1``.
-        a = self._lu.solve(np.eye(n))
-        self.cov = sd**2 * (a @ a.T)
-        #: ``(G,)`` variance of each gene's ``dx``.
-        self.var = np.diag(self.cov).copy()
+        self.sd, self.s, self._programs = sd, s, programs
+        a = self._lu.solve(np.eye(n))  # A = (I - W^T)^-1; dx has covariance A (sd^2 I + P P^T) A^T
+        #: ``(G, G)`` covariance of ``dx`` given the cell's program activities, ``sd^2 A A^T``.
+        self.residual_cov = sd**2 * (a @ a.T)
+        #: ``(G,)`` variance of each gene's ``dx`` given the cell's program activities.
+        self.residual_var = np.diag(self.residual_cov).copy()
+        #: ``(G, K)`` move of ``dx`` per unit of each program's activity, ``A P`` (``K`` = 0 without programs).
+        self.directions = a @ programs[0] if programs is not None else np.zeros((n, 0))
 
     def draw(self, n_cells: int, rng: np.random.Generator) -> np.ndarray:
         """``(n_cells, G)`` log fold-change fluctuations ``S tanh(dx / S)`` of independent cells."""
-        eps = rng.normal(0.0, self.sd, (n_cells, self.var.size))
+        n_genes = self.residual_var.size
+        eps = rng.normal(0.0, self.sd, (n_cells, n_genes)) if self.sd > 0 else np.zeros((n_cells, n_genes))
+        if self._programs is not None:
+            loadings, r_prog = self._programs
+            eps += r_prog.normal(0.0, 1.0, (n_cells, loadings.shape[1])) @ loadings.T
         return self.s * np.tanh(self._lu.solve(eps.T).T / self.s)
+
+
+def _program_loadings(n_genes: int, p: SimParams, rng: np.random.Generator) -> np.ndarray:
+    """``(G, K)`` loadings of the ``n_programs`` programs, times ``program_sd``: each gene joins each program
+    with probability ``program_frac``, weight ``U(0.5, 1)``, positive with probability ``p_activation``."""
+    shape = (n_genes, p.n_programs)
+    member = rng.random(shape) < p.program_frac
+    sign = np.where(rng.random(shape) < p.p_activation, 1.0, -1.0)
+    return p.program_sd * member * sign * rng.uniform(0.5, 1.0, shape)
 
 
 def _assign_gi(n_doubles: int, mix: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
@@ -415,7 +455,7 @@ def _rest_curvature(u: np.ndarray, total: np.ndarray) -> np.ndarray:
 
 def _expected_log_norm(z: np.ndarray, responder: float, pi: np.ndarray, phi: np.ndarray,
                        batch_shift: np.ndarray, p: SimParams, target_sum: float,
-                       fluct: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                       fluct: tuple[np.ndarray, _Fluctuation] | None = None) -> np.ndarray:
     """Noise-free mean log-normalised expression per condition.
 
     Parameters
@@ -431,19 +471,21 @@ def _expected_log_norm(z: np.ndarray, responder: float, pi: np.ndarray, phi: np.
     target_sum
         The ``normalize_total`` target used for ``X``.
     fluct
-        ``None`` without cell-to-cell fluctuations, else the ``(C, G)`` variance of each gene's
-        propagated fluctuation ``dx`` in each condition's responding cells (row 0 = control, which
-        non-responders share; 0 for clamped targets) and the ``(G, G)`` covariance of ``dx``.
+        ``None`` without cell-to-cell fluctuations, else the ``(C, G)`` mask of each condition's clamped
+        targets in its responding cells (row 0 = control, which non-responders share; clamped targets do not
+        fluctuate) and the fluctuation model.
 
     Returns
     -------
     numpy.ndarray
         ``(C, G)`` ``E[log1p(target_sum * count / total)]`` over NB noise, library size, batch, the
         cell-to-cell fluctuation (5 x 5 Gauss-Hermite nodes over each gene's ``dx`` and the library
-        size) and the non-responder mixture. Without fluctuations the cell total is replaced by its
-        expectation; with them the gene's own count stays in the total and the rest of the total
-        enters to second order in its fluctuation (NB noise and the correlated ``dx`` of the other
-        genes).
+        size) and the non-responder mixture; with programs, also over the cell's program activities
+        (Gauss-Hermite, 3 nodes per program; 3 x 3 over the rest of ``dx`` and the library size at each),
+        given which the rest of ``dx`` is Gaussian as without them.
+        Without fluctuations the cell total is replaced by its expectation; with them the gene's own count
+        stays in the total and the rest of the total enters to second order in its fluctuation (NB noise and
+        the correlated ``dx`` of the other genes given the program activities).
     """
     nodes, weights = hermegauss(_LIBRARY_NODES)
     weights = weights / weights.sum()
@@ -462,15 +504,16 @@ def _expected_log_norm(z: np.ndarray, responder: float, pi: np.ndarray, phi: np.
                                                scale.ravel()).reshape(zz.shape)
         return acc / len(batch_shift)
 
-    def fluctuating_mean(zz: np.ndarray, var: np.ndarray, cov: np.ndarray) -> np.ndarray:
-        f_nodes, f_weights = hermegauss(_FLUCTUATION_NODES)
+    def fluctuating_mean(zz: np.ndarray, var: np.ndarray, cov: np.ndarray, shift: np.ndarray,
+                         free_mask: np.ndarray, n_nodes: tuple[int, int]) -> np.ndarray:
+        f_nodes, f_weights = hermegauss(n_nodes[0])
         f_weights = f_weights / f_weights.sum()
         s = p.max_log_fc
-        # (K, C, G) log fold-change moves at the nodes of dx ~ N(0, var)
-        moves = s * np.tanh(np.sqrt(var)[None] * f_nodes[:, None, None] / s)
+        # (K, C, G) log fold-change moves at the nodes of dx ~ N(shift, var) (clamped targets: var 0, shift 0)
+        moves = s * np.tanh((shift + np.sqrt(var)[None] * f_nodes[:, None, None]) / s)
         growth = np.tensordot(f_weights, np.exp(moves), axes=1)
         growth2 = np.tensordot(f_weights, np.exp(2.0 * moves), axes=1)
-        lib_nodes, lib_weights = hermegauss(_FLUCTUATION_LIBRARY_NODES)
+        lib_nodes, lib_weights = hermegauss(n_nodes[1])
         lib_weights = lib_weights / lib_weights.sum()
         f_libs = p.library_median * np.exp(p.library_log_sd * lib_nodes)
         excess = np.expm1(cov)
@@ -486,7 +529,7 @@ def _expected_log_norm(z: np.ndarray, responder: float, pi: np.ndarray, phi: np.
             # correlated genes use dx's covariance (clamped targets do not fluctuate).
             others = expected.sum(1, keepdims=True) - expected
             own_sq = base**2 * (growth2 * (1.0 + phi) - growth**2)
-            free = expected * (var > 0)
+            free = expected * free_mask
             cross = free @ excess
             quad = own_sq.sum(1, keepdims=True) - own_sq + (free * cross).sum(1, keepdims=True) - 2.0 * free * cross
             for lib, wt in zip(f_libs, lib_weights, strict=True):
@@ -501,10 +544,26 @@ def _expected_log_norm(z: np.ndarray, responder: float, pi: np.ndarray, phi: np.
         ctrl = state_mean(np.zeros((1, n_genes)))
         resp = state_mean(z[1:])
     else:
-        var, cov = fluct
-        ctrl = fluctuating_mean(np.zeros((1, n_genes)), var[:1], cov)
-        resp = fluctuating_mean(z[1:], var[1:], cov)
+        clamped, model = fluct
+        var = np.where(clamped, 0.0, model.residual_var)
+        n_programs = model.directions.shape[1]
+        inner = (_FLUCTUATION_NODES, _FLUCTUATION_LIBRARY_NODES) if n_programs == 0 else _PROGRAM_INNER_NODES
+        ctrl = resp = 0.0
+        for activity, a_wt in zip(*_activity_nodes(n_programs), strict=True):
+            shift = np.where(clamped, 0.0, model.directions @ activity)  # one node (0, weight 1) without programs
+            ctrl = ctrl + a_wt * fluctuating_mean(np.zeros((1, n_genes)), var[:1], model.residual_cov, shift[:1],
+                                                  ~clamped[:1], inner)
+            resp = resp + a_wt * fluctuating_mean(z[1:], var[1:], model.residual_cov, shift[1:], ~clamped[1:], inner)
     return np.vstack([ctrl, responder * resp + (1.0 - responder) * ctrl])
+
+
+def _activity_nodes(n_programs: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(Q, K)`` nodes and ``(Q,)`` weights of the Gauss-Hermite product rule over ``K`` standard normal
+    program activities (:data:`_PROGRAM_NODES` per program; ``K = 0``: one node of weight 1)."""
+    nodes, weights = hermegauss(_PROGRAM_NODES)
+    grid = np.array(list(itertools.product(nodes, repeat=n_programs)), dtype=float)
+    grid_weights = np.array([np.prod(w) for w in itertools.product(weights / weights.sum(), repeat=n_programs)])
+    return grid.reshape(grid_weights.size, n_programs), grid_weights
 
 
 def _draw_counts(z: np.ndarray, cell_cond: np.ndarray, responds: np.ndarray, batch: np.ndarray,
@@ -575,9 +634,10 @@ def simulate(preset: str = "demo", seed: int = 0, *, vocabulary: Sequence[str] |
     """
     p = _resolve(preset, overrides)
     t0 = time.perf_counter()
-    # the fluctuations have their own stream: the other six draw the same values whatever cell_noise_sd is
-    r_genes, r_net, r_pert, r_gi, r_expr, r_cells, r_fluct = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7))
+    # the fluctuations and the programs have streams of their own: the other six draw the same values whatever
+    # cell_noise_sd and program_sd are
+    r_genes, r_net, r_pert, r_gi, r_expr, r_cells, r_fluct, r_prog = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8))
     ann = load_annotations("bundled")
     genes = _choose_genes(ann.gene2terms, p, r_genes)
     n = len(genes)
@@ -623,13 +683,14 @@ def simulate(preset: str = "demo", seed: int = 0, *, vocabulary: Sequence[str] |
     batch = r_cells.integers(p.n_batches, size=cell_cond.size)
     lib = p.library_median * np.exp(r_cells.normal(0.0, p.library_log_sd, cell_cond.size))
     fluct, fluct_truth = None, None
-    if p.cell_noise_sd > 0:
-        model = _Fluctuation(w, p.cell_noise_sd, p.max_log_fc)
+    if p.cell_noise_sd > 0 or p.program_sd > 0:
+        programs = (_program_loadings(n, p, r_prog), r_prog) if p.program_sd > 0 else None
+        model = _Fluctuation(w, p.cell_noise_sd, p.max_log_fc, programs)
         clamped = np.zeros(z.shape, dtype=bool)
         rows, slots = np.nonzero(clamp_idx >= 0)
         clamped[rows + 1, clamp_idx[rows, slots]] = True
         fluct = (model, clamped, r_fluct)
-        fluct_truth = (np.where(clamped, 0.0, model.var), model.cov)
+        fluct_truth = (clamped, model)
     counts = _draw_counts(z, cell_cond, responds, batch, lib, pi, phi, batch_shift, r_cells, fluct)
 
     obs = pd.DataFrame({
@@ -645,7 +706,8 @@ def simulate(preset: str = "demo", seed: int = 0, *, vocabulary: Sequence[str] |
                           cell_type_default=p.cell_type)
 
     true_mean = _expected_log_norm(z, 1.0 - p.nonresponder_frac, pi, phi, batch_shift, p, target_sum, fluct_truth)
-    params = {k: v for k, v in dataclasses.asdict(p).items() if not (k in _OFF_AT_ZERO and v == 0)}
+    params = {k: v for k, v in dataclasses.asdict(p).items()
+              if not (k in _OFF_AT_ZERO and getattr(p, _OFF_AT_ZERO[k]) == 0)}
     adata.uns[SIM_KEY] = {
         "seed": int(seed),
         "preset": preset,
