@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
@@ -64,7 +65,7 @@ def _true_edges(sim: dict, genes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarr
     return src[keep], dst[keep]
 
 
-def _target_sum(adata, x: np.ndarray, path: str | Path) -> float:
+def _target_sum(adata: ad.AnnData, x: np.ndarray, path: str | Path) -> float:
     """The normalisation total of ``X``: recorded by ``pertadapt data prepare``, else read off the rows of ``x``
     (the median of ``Σ expm1(x)`` over the cells with counts: each such row sums to the target exactly)."""
     recorded = adata.uns.get(PREPARE_KEY, {}).get("target_sum")
