@@ -21,6 +21,7 @@ from pertadapt.config.errors import ConfigError
 from pertadapt.config.pretrain import load_pretrain_config
 from pertadapt.data.cells import downsample_counts, read_cells, read_depth_input
 from pertadapt.models.backbones import build_backbone
+from pertadapt.models.backbones.aido_cell import build_aido_cell
 from pertadapt.models.backbones.scfoundation import build_scfoundation
 from pertadapt.models.pretrain import MaskedValueModel
 from pertadapt.train.pretrain import MODEL_CARD_JSON, _step_batch, masked_batch, pretrain, read_model_card
@@ -150,6 +151,14 @@ def test_scfoundation_input_tokens_carry_target_and_source_depth() -> None:
         assert torch.equal(moved[1], model.encode(x, total)[1])  # S = T in the second cell
         net = MaskedValueModel(model).eval()
         assert not torch.equal(net.predict(x, total, source), net.predict(x, total))
+
+
+def test_aido_cell_refuses_a_source_depth() -> None:
+    model = build_aido_cell(checkpoint=None, genes=["A", "B", "C"], hidden_size=8, layers=1, heads=1).eval()
+    x, total = torch.rand(2, 3), torch.tensor([100.0, 50.0])
+    with pytest.raises(ValueError, match="source read depth is not supported"):
+        model.model_input(x, total, total / 2)
+    assert torch.equal(model.model_input(x, total, None), model.model_input(x, total))
 
 
 def test_full_ignores_the_rda_options(demo_h5ad, tmp_path) -> None:
