@@ -101,12 +101,17 @@ class MaskedCells:
         ``(batch, n_genes)`` float, the unmasked log1p-normalised expression.
     mask
         ``(batch, n_genes)`` bool, the masked genes (scored by the loss).
+    source_total
+        ``(batch,)`` float, raw UMI totals of the input cells when they differ from ``total_count`` (the
+        read-depth-aware objective's down-sampled inputs; ``total_count`` is then the target's total), or
+        ``None`` when the input is the cell itself.
     """
 
     x: torch.Tensor
     total_count: torch.Tensor
     target: torch.Tensor
     mask: torch.Tensor
+    source_total: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MaskedCells:
         """Move every tensor; floating tensors optionally cast to ``dtype``."""
@@ -114,7 +119,13 @@ class MaskedCells:
             t = t.to(device)
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-        return MaskedCells(move(self.x), move(self.total_count), move(self.target), move(self.mask))
+        return MaskedCells(move(self.x), move(self.total_count), move(self.target), move(self.mask),
+                           None if self.source_total is None else move(self.source_total))
+
+    def rows(self, part: slice) -> MaskedCells:
+        """The cells ``part`` of the batch (every tensor sliced along its first axis)."""
+        return MaskedCells(self.x[part], self.total_count[part], self.target[part], self.mask[part],
+                           None if self.source_total is None else self.source_total[part])
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

@@ -8,13 +8,14 @@ it), and ``data:`` names the cells::
 
     data: {simulate_preset: demo, simulate_seed: 0, cells: control, heldout_frac: 0.1}
     backbone: {name: tiny, hidden_size: 32, layers: 1, heads: 2}
-    objective: {mask_ratio: 0.15}
+    objective: {mask_ratio: 0.15, read_depth: full}
     optim: {name: adamw, lr: 0.01, batch_size: 32, micro_batch_size: 32, schedule: cosine}
     steps: 200
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,18 @@ from pertadapt.config.errors import check_choice as _choice
 from pertadapt.config.load import load_layers
 from pertadapt.config.schema import EngineConfig, LoggingConfig, OptimConfig
 
-__all__ = ["PRETRAIN_BACKBONES", "PRETRAIN_CELLS", "PretrainConfig", "PretrainDataConfig", "PretrainObjective",
-           "load_pretrain_config", "pretrain_config_from_dict"]
+__all__ = ["PRETRAIN_BACKBONES", "PRETRAIN_CELLS", "RDA_BACKBONES", "READ_DEPTH_OBJECTIVES", "PretrainConfig",
+           "PretrainDataConfig", "PretrainObjective", "load_pretrain_config", "pretrain_config_from_dict"]
 
 #: ``data.cells``: which cells of the file are pretrained on (``control``: the unperturbed cells, the default).
 PRETRAIN_CELLS = ("control", "all")
 #: Backbones ``pertadapt pretrain`` can train: transformer FMs (not ``learned``, which reads no cell values).
 PRETRAIN_BACKBONES = tuple(n for n in BACKBONE_OPTIONS.names() if BACKBONE_OPTIONS.options(n).is_foundation_model)
+#: ``objective.read_depth``: ``full`` (the input is the cell at its full read depth, the default) or ``rda``
+#: (scFoundation's read-depth-aware objective: the input is often a binomially down-sampled copy of the cell).
+READ_DEPTH_OBJECTIVES = ("full", "rda")
+#: Backbones whose input has a target-depth and a source-depth token of their own (``rda`` needs both).
+RDA_BACKBONES = ("scfoundation",)
 
 
 @dataclass(frozen=True)
@@ -62,15 +68,32 @@ class PretrainObjective:
 
     The hidden genes' input values are replaced by the backbone's mask value (``models.pretrain.MASK_VALUES``)
     and the loss is the mean squared error of the value head's predictions on those genes only.
+
+    With ``read_depth: rda`` (scFoundation's read-depth-aware objective) each training cell is, with probability
+    ``rda_prob``, replaced in the input by a binomial thinning of its raw counts: a ratio ``γ ~ Beta(rda_alpha,
+    rda_beta)`` is drawn for the cell and each gene keeps ``Binomial(count, γ)`` of its counts. The input is the
+    thinned cell, log1p-normalised like ``X``; the target stays the cell's own ``X``; the backbone's target-depth
+    token carries the cell's raw total and its source-depth token the thinned total (docs/pretraining.md).
     """
 
     mask_ratio: float = 0.15
     #: Held-out cells scored in the in-silico perturbation edge score (``eval.edges``), at most.
     edge_cells: int = 16
+    #: ``full`` or ``rda`` (:data:`READ_DEPTH_OBJECTIVES`; ``rda`` only for :data:`RDA_BACKBONES`).
+    read_depth: str = "full"
+    #: ``rda``: probability that a training cell is down-sampled (else its input is the cell itself, ``S = T``).
+    rda_prob: float = 0.5
+    #: ``rda``: the down-sampling ratio of a cell is drawn from ``Beta(rda_alpha, rda_beta)``.
+    rda_alpha: float = 1.0
+    rda_beta: float = 1.0
 
     def __post_init__(self) -> None:
         _check("objective.mask_ratio", 0.0 < self.mask_ratio < 1.0, "a fraction in (0, 1)", self.mask_ratio)
         _check("objective.edge_cells", self.edge_cells >= 1, "an integer >= 1", self.edge_cells)
+        _choice("objective.read_depth", self.read_depth, READ_DEPTH_OBJECTIVES)
+        _check("objective.rda_prob", 0.0 <= self.rda_prob <= 1.0, "a probability in [0, 1]", self.rda_prob)
+        for key, value in (("objective.rda_alpha", self.rda_alpha), ("objective.rda_beta", self.rda_beta)):
+            _check(key, math.isfinite(value) and value > 0.0, "a finite number > 0 (a Beta shape)", value)
 
 
 @dataclass(frozen=True)
@@ -106,6 +129,10 @@ class PretrainConfig:
         _check("checkpoint_every", self.checkpoint_every >= 1, "an integer >= 1", self.checkpoint_every)
         _check("log_every", self.log_every >= 1, "an integer >= 1", self.log_every)
         _choice("optim.schedule", self.optim.schedule, ("constant", "cosine"))
+        if self.objective.read_depth == "rda" and self.backbone.name not in RDA_BACKBONES:
+            raise ConfigError(f"objective.read_depth: 'rda' feeds the backbone a target and a source read depth, "
+                              f"which only {', '.join(RDA_BACKBONES)} takes (backbone.name is "
+                              f"{self.backbone.name!r}); use objective.read_depth=full")
         if getattr(self.backbone, "checkpoint", None) is not None:
             raise ConfigError("backbone.checkpoint: pretraining starts from random weights; remove the checkpoint")
         if getattr(self.backbone, "pretrain", None) is not None:

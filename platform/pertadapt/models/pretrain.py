@@ -4,8 +4,9 @@ The objective is a masked-value regression: a share of each cell's genes has its
 the backbone's mask value (:data:`MASK_VALUES`), the backbone embeds the whole cell gene by gene, and the
 head maps each gene's embedding to a predicted log1p-normalised value; the loss is the mean squared error
 on the masked genes only (:func:`masked_mse`). This is the objective AIDO.Cell and scFoundation publish
-(regression of masked expression values with an MSE loss), without scFoundation's read-depth-aware
-down-sampling of the input.
+(regression of masked expression values with an MSE loss). With the read-depth-aware objective the input
+is a down-sampled copy of the cell and the batch carries its total (``MaskedCells.source_total``), which the
+backbone reads as its source-depth token; the target stays the cell itself.
 """
 
 from __future__ import annotations
@@ -39,13 +40,20 @@ class MaskedValueModel(nn.Module):
         d = int(backbone.hidden_size)
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
 
-    def predict(self, x: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
-        """``(B, N)`` masked log1p values + ``(B,)`` totals → ``(B, N)`` predicted log1p values."""
-        return self.head(self.backbone.encode(x, total_count)).squeeze(-1)
+    def predict(self, x: torch.Tensor, total_count: torch.Tensor,
+                source_total: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, N)`` masked log1p values + ``(B,)`` totals → ``(B, N)`` predicted log1p values.
+
+        ``source_total`` (``(B,)``, the input cells' own totals when they were down-sampled) is passed to the
+        backbone only when given, so a backbone with a single depth input is called as before.
+        """
+        if source_total is None:
+            return self.head(self.backbone.encode(x, total_count)).squeeze(-1)
+        return self.head(self.backbone.encode(x, total_count, source_total)).squeeze(-1)
 
     def forward(self, batch: MaskedCells) -> torch.Tensor:
         """``(B, N)`` predictions for a :class:`~pertadapt.types.MaskedCells` batch (the engine's forward)."""
-        return self.predict(batch.x, batch.total_count)
+        return self.predict(batch.x, batch.total_count, batch.source_total)
 
 
 def masked_mse(pred: torch.Tensor, batch: MaskedCells) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A trial's engines (:mod:`pertadapt.train.engine`: torch in one process, or DeepSpeed on each Ray Train worker
 of :func:`pertadapt.train.worker.launch_pretrain`): each optimiser step draws ``optim.batch_size`` training
 cells and masks ``objective.mask_ratio`` of their genes (both from a generator seeded by the run seed and the
-step, so a resumed run sees the same batches; each rank takes its slice), the engine runs forward and
+step, so a resumed run sees the same batches; each rank takes its slice; with ``objective.read_depth: rda``
+the same generator down-samples the input cells), the engine runs forward and
 backward in micro-batches, and every ``checkpoint_every`` steps a resumable checkpoint replaces
 ``DIR/resume/`` whole. At the end the backbone is written in its architecture's checkpoint layout into
 ``DIR`` with a model card (``model_card.json``, ``MODEL_CARD.md``); held-out cells are scored against the
@@ -34,7 +35,7 @@ from torch import nn
 from pertadapt.config.errors import ConfigError
 from pertadapt.config.load import config_to_dict
 from pertadapt.config.pretrain import PretrainConfig, load_pretrain_config
-from pertadapt.data.cells import CellMatrix, read_cells
+from pertadapt.data.cells import CellMatrix, read_cells, read_depth_input
 from pertadapt.eval.edges import edge_auroc
 from pertadapt.files import (
     atomic_write_json,
@@ -116,20 +117,35 @@ def split_cells(n_cells: int, frac: float, seed: int) -> Split:
     return Split(np.sort(order[n_held:]), np.sort(order[:n_held]))
 
 
-def masked_batch(cells: CellMatrix, rows: np.ndarray, mask: np.ndarray, mask_value: float) -> MaskedCells:
-    """The :class:`MaskedCells` of ``rows`` with the ``(len(rows), N)`` boolean ``mask`` hidden."""
+def masked_batch(cells: CellMatrix, rows: np.ndarray, mask: np.ndarray, mask_value: float,
+                 source: tuple[np.ndarray, np.ndarray] | None = None) -> MaskedCells:
+    """The :class:`MaskedCells` of ``rows`` with the ``(len(rows), N)`` boolean ``mask`` hidden.
+
+    ``source``: the ``(len(rows), N)`` input expression and ``(len(rows),)`` totals of down-sampled copies of
+    the cells (:func:`pertadapt.data.cells.read_depth_input`), which replace the cells in the input; the
+    target stays the cells' own expression. ``None``: the input is the cells themselves.
+    """
     target = torch.from_numpy(cells.x[rows])
     m = torch.from_numpy(mask)
-    return MaskedCells(target.masked_fill(m, mask_value), torch.from_numpy(cells.total_count[rows]), target, m)
+    total = torch.from_numpy(cells.total_count[rows])
+    if source is None:
+        return MaskedCells(target.masked_fill(m, mask_value), total, target, m)
+    x, source_total = source
+    return MaskedCells(torch.from_numpy(x).masked_fill(m, mask_value), total, target, m,
+                       torch.from_numpy(source_total))
 
 
 def _step_batch(cfg: PretrainConfig, cells: CellMatrix, train: np.ndarray, step: int,
                 mask_value: float) -> MaskedCells:
-    """Step ``step``'s cells and mask: a function of (seed, step) only, so a resumed run draws the same."""
+    """Step ``step``'s cells, mask and (``rda``) down-sampling: a function of (seed, step) only, so a resumed run
+    draws the same."""
     rng = np.random.default_rng([cfg.seed, step])
     rows = rng.choice(train, size=cfg.optim.batch_size, replace=len(train) < cfg.optim.batch_size)
     mask = rng.random((rows.size, cells.x.shape[1])) < cfg.objective.mask_ratio
-    return masked_batch(cells, rows, mask, mask_value)
+    obj = cfg.objective
+    source = (read_depth_input(cells, rows, rng, obj.rda_prob, obj.rda_alpha, obj.rda_beta)
+              if obj.read_depth == "rda" else None)
+    return masked_batch(cells, rows, mask, mask_value, source)
 
 
 def _build_network(cfg: PretrainConfig, genes: Sequence[str]) -> MaskedValueModel:
@@ -153,8 +169,7 @@ def heldout_scores(model: MaskedValueModel, cells: CellMatrix, split: Split, mas
     device = next(model.parameters()).device
     sq, n = 0.0, int(mask.sum())
     for start in range(0, rows.size, 64):
-        part = MaskedCells(*(t[start:start + 64] for t in (batch.x, batch.total_count, batch.target,
-                                                            batch.mask))).to(device)
+        part = batch.rows(slice(start, start + 64)).to(device)
         pred = model(part)
         sq += float(((pred - part.target) ** 2)[part.mask].sum())
     mean = cells.x[split.train].mean(axis=0)
@@ -241,6 +256,16 @@ def _save_backbone(backbone: nn.Module, directory: Path, genes: Sequence[str]) -
         backbone.save_pretrained_dir(directory)
 
 
+def _objective_text(cfg: PretrainConfig, mask_value: float) -> str:
+    """The model card's one-line description of the objective."""
+    obj = cfg.objective
+    text = f"masked-value regression (MSE on masked genes), mask ratio {obj.mask_ratio}, mask value {mask_value}"
+    if obj.read_depth == "rda":
+        text += (f"; read-depth-aware: a cell is down-sampled with probability {obj.rda_prob} (ratio ~ "
+                 f"Beta({obj.rda_alpha}, {obj.rda_beta}), binomial thinning), target at its full depth")
+    return text
+
+
 def _model_card_md(card: dict[str, Any]) -> str:
     s, d = card["scores"], card["data"]
     edge = (f"- edge AUROC of the in-silico perturbation score against the simulator's network: "
@@ -286,7 +311,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, data
     t0 = time.perf_counter()
     out = Path(out)
     path = Path(data_file) if data_file is not None else ensure_data_file(cfg)
-    cells = read_cells(path, cfg.data.cells)
+    cells = read_cells(path, cfg.data.cells, counts=cfg.objective.read_depth == "rda")
     split = split_cells(cells.x.shape[0], cfg.data.heldout_frac, cfg.data.heldout_seed)
     model = _build_network(cfg, cells.genes)
     engine = build_engine(model, cfg)
@@ -343,12 +368,10 @@ def _train_and_write(cfg: PretrainConfig, out: Path, engine: Engine, model: Mask
             engine.set_lr(schedule.lr(0, step))
             batch = _step_batch(cfg, cells, split.train, step, mask_value)
             mine = slice(engine.rank * share, (engine.rank + 1) * share)
-            batch = MaskedCells(batch.x[mine], batch.total_count[mine], batch.target[mine],
-                                batch.mask[mine]).to(engine.device)
+            batch = batch.rows(mine).to(engine.device)
             total = 0.0
             for i in range(0, len(batch), micro):
-                part = MaskedCells(batch.x[i:i + micro], batch.total_count[i:i + micro], batch.target[i:i + micro],
-                                   batch.mask[i:i + micro])
+                part = batch.rows(slice(i, i + micro))
                 loss = masked_mse(engine.forward(part), part)
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"pretraining: the loss is {float(loss)} at step {step}; lower optim.lr")
@@ -385,8 +408,7 @@ def _train_and_write(cfg: PretrainConfig, out: Path, engine: Engine, model: Mask
     card = {
         "format": "pertadapt-pretrained/1",
         "backbone": config_to_dict(cfg)["backbone"],
-        "objective": f"masked-value regression (MSE on masked genes), mask ratio {cfg.objective.mask_ratio}, "
-                     f"mask value {mask_value}",
+        "objective": _objective_text(cfg, mask_value),
         "data": {"path": str(path), "sha256": node_sha256_file(path), "cells": cfg.data.cells,
                  "n_train": int(split.train.size), "n_heldout": int(split.heldout.size),
                  "heldout_frac": cfg.data.heldout_frac, "heldout_seed": cfg.data.heldout_seed},

@@ -332,7 +332,8 @@ class AIDOCell(DepthTokenBackbone):
 
     # -- Backbone protocol ------------------------------------------------------------------------
 
-    def model_input(self, x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
+    def model_input(self, x_ctrl: torch.Tensor, total_count: torch.Tensor,
+                    source_total: torch.Tensor | None = None) -> torch.Tensor:
         """The ``(B, N + 2)`` sequence the encoder sees: gene values then two depth tokens, clipped at 20.
 
         Parameters
@@ -341,7 +342,18 @@ class AIDOCell(DepthTokenBackbone):
             ``(B, N)`` log1p-normalised expression.
         total_count
             ``(B,)`` raw UMI totals (used by ``input_mode="intended"`` only).
+        source_total
+            Must be ``None``: which of AIDO.Cell's two depth tokens is the source depth is not published, so
+            read-depth-aware inputs are refused (``objective.read_depth: rda`` is scFoundation's).
+
+        Raises
+        ------
+        ValueError
+            When ``source_total`` is given.
         """
+        if source_total is not None:
+            raise ValueError("aido_cell: a separate source read depth is not supported (its depth tokens' "
+                             "target/source order is not published)")
         x = x_ctrl.float()
         if self.input_mode == "code":
             counts, depth_total = x, x.sum(dim=1)

@@ -109,14 +109,17 @@ class DepthTokenBackbone(nn.Module, ABC):
     """
 
     @abstractmethod
-    def model_input(self, x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
-        """``(B, N)`` log1p expression and ``(B,)`` raw totals → the ``(B, N + 2)`` input sequence."""
+    def model_input(self, x_ctrl: torch.Tensor, total_count: torch.Tensor,
+                    source_total: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, N)`` log1p expression, ``(B,)`` raw totals and optionally ``(B,)`` source totals (the input
+        cells' own totals when they were down-sampled from ``total_count``) → the ``(B, N + 2)`` sequence."""
 
     @abstractmethod
     def forward_tokens(self, seq: torch.Tensor) -> torch.Tensor:
         """``(B, N + 2)`` sequence → ``(B, N + 2, hidden_size)`` output states (depth tokens included)."""
 
-    def encode(self, x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
+    def encode(self, x_ctrl: torch.Tensor, total_count: torch.Tensor,
+               source_total: torch.Tensor | None = None) -> torch.Tensor:
         """Embed control cells gene by gene.
 
         Parameters
@@ -125,10 +128,13 @@ class DepthTokenBackbone(nn.Module, ABC):
             ``(B, N)`` log1p-normalised expression in :attr:`genes` order.
         total_count
             ``(B,)`` raw UMI totals.
+        source_total
+            ``(B,)`` raw totals of the input cells when they were down-sampled from cells of ``total_count``
+            (read-depth-aware pretraining); ``None``: the input is the cell itself.
 
         Returns
         -------
         torch.Tensor
             ``(B, N, hidden_size)`` output states with the two depth tokens dropped.
         """
-        return self.forward_tokens(self.model_input(x_ctrl, total_count))[:, :-N_DEPTH_TOKENS]
+        return self.forward_tokens(self.model_input(x_ctrl, total_count, source_total))[:, :-N_DEPTH_TOKENS]

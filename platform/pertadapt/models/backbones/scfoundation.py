@@ -4,7 +4,7 @@ Architecture (modelgenerator 0.1.3 ``scfoundation``; biomap-research/scFoundatio
 -----------------------------------------------------------------------------------------------------------
 * Input sequence: the ``N`` log1p-normalised gene values followed by two depth tokens
   ``T = S = log10(total_count)`` (``bin_set=autobin_resolution_append``, ``highres=0``), length
-  ``seq_len = N + 2``.
+  ``seq_len = N + 2``. Read-depth-aware pretraining gives ``S`` the total of the down-sampled input cell.
 * ``token_emb`` (auto-discretisation): ``Linear(1→bin_num)`` → LeakyReLU(0.1) → residual
   ``Linear(bin_num→bin_num)`` → softmax → weighted sum of ``bin_num`` bin embeddings; ``emb_pad`` fills
   padding slots. ``pos_emb`` is a gene-ID embedding with ``seq_len + 1`` rows (the last = padding).
@@ -397,10 +397,16 @@ class SCFoundation(DepthTokenBackbone):
         self.to_final = nn.Linear(config.decoder_dim, 1)
 
     @staticmethod
-    def model_input(x_ctrl: torch.Tensor, total_count: torch.Tensor) -> torch.Tensor:
-        """``(B, N)`` log1p values and ``(B,)`` raw totals → ``(B, N + 2)`` sequence ``[x, T, S]``."""
-        depth = torch.log10(total_count.to(x_ctrl.dtype))[:, None].expand(-1, N_DEPTH_TOKENS)
-        return torch.cat([x_ctrl, depth], dim=1)
+    def model_input(x_ctrl: torch.Tensor, total_count: torch.Tensor,
+                    source_total: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, N)`` log1p values and ``(B,)`` raw totals → ``(B, N + 2)`` sequence ``[x, T, S]``.
+
+        ``T = log10(total_count)`` (the target depth) and ``S = log10(source_total)`` (the depth of the input
+        cell: a down-sampled copy in read-depth-aware pretraining); without ``source_total``, ``S = T``.
+        """
+        target = torch.log10(total_count.to(x_ctrl.dtype))
+        source = target if source_total is None else torch.log10(source_total.to(x_ctrl.dtype))
+        return torch.cat([x_ctrl, target[:, None], source[:, None]], dim=1)
 
     def forward_tokens(self, seq: torch.Tensor) -> torch.Tensor:
         """Run encoder (non-zero tokens) and decoder (all tokens).
