@@ -165,9 +165,8 @@ def _upload(cache: EmbeddingCache, uri: str) -> None:
     """Copy a finished table (and its key's ``.json``) to the sweep's object store, once."""
     for local in (cache.path, cache.path.with_suffix(".json")):
         target = remote.join(uri, local.name)
-        if remote.size(target) != local.stat().st_size:
+        if remote.upload_once(local, target):
             log.info("embedding table %s → %s", local.name, target)
-            remote.upload_file(local, target)
 
 
 def build_sweep_tables(configs: Iterable[RunConfig], storage: str) -> list[Path]:
