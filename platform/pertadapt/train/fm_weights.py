@@ -72,17 +72,18 @@ def checkpoint_sha256(checkpoint: str | Path) -> str:
     return sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in files))
 
 
-def _check_digest(checkpoint: str | Path, expected: str, what: str) -> str:
+def _check_digest(checkpoint: str | Path, expected: str, what: str, meaning: str) -> str:
     """:func:`checkpoint_sha256` of ``checkpoint``, refused unless it is ``expected``.
 
     Raises
     ------
     ConfigError
-        Naming ``what`` (the checkpoint as the config or the store names it) and both digests.
+        Naming ``what`` (the checkpoint as the config or the store names it), both digests and ``meaning``.
     """
     sha = checkpoint_sha256(checkpoint)
     if sha != expected:
-        raise ConfigError(f"backbone.checkpoint_sha256: the weights in {what} have SHA-256 {sha}, not {expected}")
+        raise ConfigError(f"backbone.checkpoint_sha256: the weights in {what} have SHA-256 {sha}, not {expected}: "
+                          f"{meaning}")
     return sha
 
 
@@ -102,16 +103,19 @@ def fetch_checkpoint(uri: str, sha256: str | None) -> Path:
                           "the SHA-256 of its weights (its node-local copy is named by it and checked against it)")
 
     def check(local: Path) -> None:
-        try:
-            _check_digest(local, sha256, uri)
-        except ConfigError as e:
-            raise ConfigError(f"{e}: refused, nothing kept on this node (the object on the store was changed or "
-                              f"corrupted; delete {uri} and run the sweep again to upload it again)") from None
+        _check_digest(local, sha256, uri, "refused, nothing kept on this node (the object on the store was changed "
+                      f"or corrupted; delete {uri} and run the sweep again to upload it again)")
 
     try:
         return remote.localize_tree(uri, cache_dir() / "remote" / "checkpoints" / sha256, check=check)
     except (FileNotFoundError, remote.StorageError) as e:
         raise ConfigError(f"backbone.checkpoint: {e}") from e
+
+
+def _on_this_node(b: CheckpointedBackbone) -> str:
+    """``b.checkpoint`` as a path on this node: one on an object store is its node-local copy."""
+    uri = str(b.checkpoint)
+    return str(fetch_checkpoint(uri, b.checkpoint_sha256)) if remote.is_uri(uri) else uri
 
 
 def local_checkpoint(cfg: RunConfig) -> RunConfig:
@@ -120,8 +124,7 @@ def local_checkpoint(cfg: RunConfig) -> RunConfig:
     b = cfg.backbone
     if cfg.is_baseline or not isinstance(b, CheckpointedBackbone) or not remote.is_uri(b.checkpoint):
         return cfg
-    local = fetch_checkpoint(str(b.checkpoint), b.checkpoint_sha256)
-    return dataclasses.replace(cfg, backbone=dataclasses.replace(b, checkpoint=str(local)))
+    return dataclasses.replace(cfg, backbone=dataclasses.replace(b, checkpoint=_on_this_node(b)))
 
 
 def _card_summary(card: dict[str, Any]) -> dict[str, Any]:
@@ -183,14 +186,9 @@ def backbone_weights(cfg: RunConfig) -> dict[str, Any]:
     assert isinstance(b, CheckpointedBackbone)
     if b.checkpoint is None:
         raise ConfigError(f"backbone.pretrain: {b.pretrain!r} is not resolved to its checkpoint (resolve_pretrain)")
-    path = Path(str(local_checkpoint(cfg).backbone.checkpoint))  # type: ignore[attr-defined]
-    if b.checkpoint_sha256 is None:
-        sha = checkpoint_sha256(path)
-    else:
-        try:
-            sha = _check_digest(path, b.checkpoint_sha256, str(path))
-        except ConfigError as e:
-            raise ConfigError(f"{e}: the checkpoint changed since the config was resolved") from None
+    path = Path(_on_this_node(b))
+    sha = checkpoint_sha256(path) if b.checkpoint_sha256 is None else _check_digest(
+        path, b.checkpoint_sha256, str(path), "the checkpoint changed since the config was resolved")
     from pertadapt.train.pretrain import read_model_card
 
     card = read_model_card(path if path.is_dir() else path.parent)
