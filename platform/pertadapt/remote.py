@@ -3,7 +3,9 @@
 
 An object store is not a filesystem the workers can write into, so a run directory whose home is a URI is
 worked on in a node-local copy (:class:`pertadapt.rundir.RunDir`: pulled before a process writes into it,
-committed after); a dataset on a URI is read from a node-local copy (:func:`localize`). Credentials and endpoints come from each process's environment, as pyarrow reads them
+committed after); a dataset on a URI is read from a node-local copy (:func:`localize`), a checkpoint directory
+from one checked before it is kept (:func:`localize_tree`), each fetched once per node. Credentials and endpoints
+come from each process's environment, as pyarrow reads them
 (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``,
 ...); nothing here writes them anywhere.
 """
