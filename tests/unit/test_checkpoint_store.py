@@ -102,8 +102,9 @@ def test_a_corrupted_object_on_the_store_is_refused_naming_the_key_and_the_diges
     assert checkpoint_sha256(fetch_checkpoint(uri, sha)) == sha
     with pytest.raises(ConfigError, match=rf"backbone.checkpoint: {prefix}/nothing: no such directory on its store"):
         fetch_checkpoint(remote.join(prefix, "nothing"), "0" * 64)
-    with pytest.raises(ConfigError, match=r"is on an object store; set backbone.checkpoint_sha256"):
-        fetch_checkpoint(uri, None)
+    with pytest.raises(ConfigError, match=rf"backbone.checkpoint: {uri} is on an object store; set "
+                                          r"backbone.checkpoint_sha256"):  # refused when the config is read
+        load_run_config(REPO / "configs" / "smoke.yaml", [f"backbone.checkpoint={uri}"])
 
 
 def test_where_the_checkpoint_lives_is_no_part_of_the_trials_identity(

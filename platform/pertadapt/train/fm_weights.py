@@ -87,7 +87,7 @@ def _check_digest(checkpoint: str | Path, expected: str, what: str, meaning: str
     return sha
 
 
-def fetch_checkpoint(uri: str, sha256: str | None) -> Path:
+def fetch_checkpoint(uri: str, sha256: str) -> Path:
     """The node-local copy of the checkpoint directory ``uri`` on an object store, whose weights have the
     SHA-256 ``sha256``: fetched once per node (:func:`pertadapt.remote.localize_tree`) into
     ``$PERTADAPT_CACHE/remote/checkpoints/<sha256>/``, kept only when its weights have that digest.
@@ -95,12 +95,9 @@ def fetch_checkpoint(uri: str, sha256: str | None) -> Path:
     Raises
     ------
     ConfigError
-        ``sha256`` is not given; ``uri`` holds no checkpoint, or the store cannot be read; the downloaded
-        weights have another digest (the store's object was changed or corrupted: nothing is kept on the node).
+        ``uri`` holds no checkpoint, or the store cannot be read; the downloaded weights have another digest
+        (the store's object was changed or corrupted: nothing is kept on the node).
     """
-    if sha256 is None:
-        raise ConfigError(f"backbone.checkpoint: {uri} is on an object store; set backbone.checkpoint_sha256 to "
-                          "the SHA-256 of its weights (its node-local copy is named by it and checked against it)")
 
     def check(local: Path) -> None:
         _check_digest(local, sha256, uri, "refused, nothing kept on this node (the object on the store was changed "
@@ -115,7 +112,10 @@ def fetch_checkpoint(uri: str, sha256: str | None) -> Path:
 def _on_this_node(b: CheckpointedBackbone) -> str:
     """``b.checkpoint`` as a path on this node: one on an object store is its node-local copy."""
     uri = str(b.checkpoint)
-    return str(fetch_checkpoint(uri, b.checkpoint_sha256)) if remote.is_uri(uri) else uri
+    if not remote.is_uri(uri):
+        return uri
+    assert b.checkpoint_sha256 is not None  # CheckpointedBackbone refuses a URI without it
+    return str(fetch_checkpoint(uri, b.checkpoint_sha256))
 
 
 def local_checkpoint(cfg: RunConfig) -> RunConfig:
