@@ -3,7 +3,9 @@
 
 An object store is not a filesystem the workers can write into, so a run directory whose home is a URI is
 worked on in a node-local copy (:class:`pertadapt.rundir.RunDir`: pulled before a process writes into it,
-committed after); a dataset on a URI is read from a node-local copy (:func:`localize`). Credentials and endpoints come from each process's environment, as pyarrow reads them
+committed after); a dataset on a URI is read from a node-local copy (:func:`localize`), a checkpoint directory
+from one checked before it is kept (:func:`localize_tree`), each fetched once per node. Credentials and endpoints
+come from each process's environment, as pyarrow reads them
 (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``,
 ...); nothing here writes them anywhere.
 """
@@ -13,14 +15,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from pertadapt.files import atomic_write, cache_dir, exclusive_lock, sha256_bytes
 
 __all__ = ["StorageError", "delete", "download_file", "exists", "is_uri", "join", "list_dir", "list_files",
-           "localize", "pull_tree", "push_tree", "size", "under", "upload_file", "write_bytes"]
+           "localize", "localize_tree", "pull_tree", "push_tree", "size", "under", "upload_file", "upload_once",
+           "write_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,20 @@ def upload_file(local: Path, uri: str) -> None:
                 dst.write(block)
 
     _call(uri, "upload", put)
+
+
+def upload_once(local: Path, uri: str) -> bool:
+    """Upload the file ``local`` to ``uri`` unless the store holds an object of its size there.
+
+    Returns
+    -------
+    bool
+        Whether it was uploaded.
+    """
+    if size(uri) == local.stat().st_size:
+        return False
+    upload_file(local, uri)
+    return True
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -208,14 +226,65 @@ def localize(uri: str, local: Path | None = None) -> Path:
     """
     info = _stat_file(uri)
     local = local or cache_dir() / "remote" / sha256_bytes(uri)[:16] / Path(info.path).name
-    if local.is_file() and local.stat().st_size == info.size:
-        return local
-    local.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(local.with_name(local.name + ".lock")):  # the node's other processes wait, then reuse
-        if not local.is_file() or local.stat().st_size != info.size:
-            log.info("fetching %s → %s", uri, local)
-            download_file(uri, local)
+
+    def fetch() -> None:
+        log.info("fetching %s → %s", uri, local)
+        download_file(uri, local)
+
+    _once_per_node(local, lambda: local.is_file() and local.stat().st_size == info.size, fetch)
     return local
+
+
+def localize_tree(uri: str, local: Path, *, check: Callable[[Path], None] | None = None) -> Path:
+    """A node-local copy of the directory ``uri`` at ``local``, fetched once per node (as :func:`localize`).
+
+    The files are downloaded into a temporary sibling of ``local``, handed to ``check`` and only then renamed
+    to ``local``; a directory already at ``local`` is used as it is, so ``local`` must be named by what it
+    holds (a content digest).
+
+    Parameters
+    ----------
+    uri
+        The directory (prefix) on its store.
+    local
+        Where the copy goes.
+    check
+        Called with the downloaded directory before it is put in place; what it raises refuses the copy
+        (nothing is left on the node, and the next call downloads again).
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``uri`` holds no file on its store.
+    """
+
+    def fetch() -> None:
+        for stale in local.parent.glob(f".{local.name}.tmp-*"):  # left by a killed fetch (fetches hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}")
+        log.info("fetching %s → %s", uri, local)
+        try:
+            if pull_tree(uri, tmp) == 0:
+                raise FileNotFoundError(f"{uri}: no such directory on its store")
+            if check is not None:
+                check(tmp)
+            tmp.rename(local)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    _once_per_node(local, local.is_dir, fetch)
+    return local
+
+
+def _once_per_node(local: Path, present: Callable[[], bool], fetch: Callable[[], None]) -> None:
+    """``fetch()`` unless ``present()``, once per node: concurrent callers (ranks, trials) serialise on an
+    exclusive lock next to ``local``; the first fetches, the others wait and find it present."""
+    if present():
+        return
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(local.with_name(local.name + ".lock")):
+        if not present():
+            fetch()
 
 
 def size(uri: str) -> int | None:

@@ -207,3 +207,38 @@ def test_train_resolves_pretrain_and_records_the_model_card(sweep, demo_h5ad: Pa
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert written["backbone"]["checkpoint"] == resolved.checkpoint
     assert written["backbone"]["pretrain"] is None
+
+
+def test_on_an_object_store_trials_load_the_pretrained_checkpoint_the_driver_uploaded(
+        sweep, demo_h5ad: Path, tmp_path: Path, s3_store: str, pretrain_cache: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from pertadapt import remote
+
+    prepared, resolved = sweep[0], sweep[1]
+    local = _by_arm(resolved)["fm=pretrained"].config.backbone
+    store = remote.join(s3_store, f"fmw-{os.getpid()}")
+    on_store = _prepare(SweepRequest(prepared.ablation.path, (f"data.path={demo_h5ad}",), out=tmp_path / "out",
+                                     storage=store))
+    caplog.set_level(logging.INFO, logger="pertadapt")
+    staged = _resolve_pretrains(on_store)
+    uri = remote.join(store, "cache", "checkpoints", local.checkpoint_sha256)
+    assert remote.list_files(uri) == sorted(p.name for p in Path(local.checkpoint).iterdir() if p.is_file())
+    assert sum(r.getMessage().startswith("pretraining the tiny FM") for r in caplog.records) == 0  # cached
+    before = {t.key: t.config for t in resolved.trials}
+    for t in staged.trials:
+        if t.levels.get("fm") == "pretrained":  # the store's copy, same digest
+            assert (t.config.backbone.checkpoint, t.config.backbone.checkpoint_sha256) == (uri,
+                                                                                          local.checkpoint_sha256)
+        else:
+            assert t.config == before[t.key]
+        assert config_hash(t.config) == config_hash(before[t.key])  # where the weights live is no part of a trial
+    # a trial loads it through its node's copy (fetched once, checked against the digest) and records both
+    cfg = load_run_config(REPO / "configs" / "smoke.yaml", [
+        f"data.path={demo_h5ad}", f"backbone.checkpoint={uri}", f"backbone.checkpoint_sha256={local.checkpoint_sha256}",
+        "optim.epochs=1", "optim.max_steps_per_epoch=2"])
+    launch(cfg, tmp_path / "run")
+    weights = json.loads((tmp_path / "run" / "provenance.json").read_text())["backbone_weights"]
+    assert (weights["fm"], weights["checkpoint"], weights["sha256"]) == ("pretrained", uri, local.checkpoint_sha256)
+    assert weights["local_copy"] == str(pretrain_cache / "remote" / "checkpoints" / local.checkpoint_sha256)
+    assert weights["card"]["steps"] == 3
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["backbone"]["checkpoint"] == uri

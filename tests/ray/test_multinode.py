@@ -1,8 +1,9 @@
 """A two-node local Ray cluster (head with 0 CPUs on 127.0.0.2, workers on 127.0.0.3 and .4), started and
 stopped by PID through the shipped recipe ``cluster/local/ray-local-cluster.sh``: a sweep joins it with
 ``--address`` and keeps everything on an S3 store (the ``s3_store`` endpoint; every node has the credentials
-in its own environment, as on a real cluster), the storage probe runs on a worker node, a sweep is submitted as
-a Ray job through ``pertadapt cluster submit``, a node is lost mid-trial with the storage on a shared path."""
+in its own environment, as on a real cluster; the FM the driver pretrained reaches the workers through it),
+the storage probe runs on a worker node, a sweep is submitted as a Ray job through ``pertadapt cluster
+submit``, a node is lost mid-trial with the storage on a shared path."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def test_a_sweep_joins_the_cluster_spreads_ranks_over_two_nodes_and_keeps_its_st
 
     abl = tmp_path / "two.yaml"
     abl.write_text("name: twonode\nbase: demo.yaml\nseeds: [1]\nbaselines: false\nresources: {placement: spread}\n"
-                   "arms:\n  full: {}\n  mean: {model.name: baseline_mean}\n")
+                   "arms:\n  full: {backbone.pretrain: pretrain_demo.yaml}\n  mean: {model.name: baseline_mean}\n")
     out, store = tmp_path / "sweep", remote.join(s3_store, f"two-{os.getpid()}")
     _pertadapt("sweep", str(abl), *FAST, "--out", str(out), "--address", GCS, "--storage", store, "--no-report")
     rows = _rows(out / "results.csv")
@@ -77,6 +78,10 @@ def test_a_sweep_joins_the_cluster_spreads_ranks_over_two_nodes_and_keeps_its_st
     # the full model's frozen-FM table: built once by the sweep before the trial, uploaded, fetched by its node
     tables = remote.list_dir(remote.join(store, "cache", "fm_embeddings"))
     assert [t for t in tables if t.endswith(".npy")], tables
+    # its pretrained FM: pretrained by the driver, uploaded once under its weights' digest, loaded from there
+    (sha,) = remote.list_dir(remote.join(store, "cache", "checkpoints"))
+    checkpoint = remote.join(store, "cache", "checkpoints", sha)
+    assert {"config.json", "model.safetensors", "genes.txt", "model_card.json"} <= set(remote.list_files(checkpoint))
     (dataset,) = remote.list_dir(remote.join(store, "data"))  # placed once by the driver, read by every trial
     node_sets = []
     for r in rows:
@@ -101,6 +106,10 @@ def test_a_sweep_joins_the_cluster_spreads_ranks_over_two_nodes_and_keeps_its_st
         assert "ckpt" in remote.list_dir(home)
         assert not (run_dir / "ckpt").exists()
         assert [k["rank"] for k in ranks] == [0, 1]
+        weights = prov["backbone_weights"]  # the pretrained weights, through the worker node's copy of the store's
+        assert (weights["fm"], weights["checkpoint"], weights["sha256"]) == ("pretrained", checkpoint, sha)
+        assert f"/remote/checkpoints/{sha}" in weights["local_copy"]
+        assert checkpoint in config
         cache = prov["embedding_cache"]  # its table came from the store: fetched, not built on the node
         assert (cache["used"], cache["hit"], cache["build_s"]) == (True, True, 0.0)
         assert all(k["device"] == "cpu" for k in ranks)

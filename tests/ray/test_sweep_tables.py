@@ -87,3 +87,24 @@ def test_tables_are_built_once_sharded_and_a_killed_shard_leaves_none(demo_h5ad:
         assert again[0].read_bytes() == _one_process(slow, tmp_path / "one")
     finally:
         ray.shutdown()
+
+
+@pytest.mark.usefixtures("no_leftover_ray")
+def test_a_driver_node_that_offers_ray_no_cpu_still_builds_the_table(demo_h5ad: Path, tmp_path: Path, s3_store: str,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import ray
+
+    monkeypatch.setenv("PERTADAPT_CACHE", str(tmp_path / "cache"))  # before Ray: its workers inherit it
+    cfg = load_run_config(REPO / "configs" / "smoke.yaml", [f"data.path={demo_h5ad}", *SMALL])
+    ray.init(num_cpus=0, _node_ip_address="127.0.0.2", log_to_driver=False)  # a cluster head's usual setting
+    try:
+        caplog.set_level(logging.INFO, logger="pertadapt.sweep.tables")
+        store = f"{s3_store}/tables-no-cpu"  # an object store: the table is built on the driver's node
+        (built,) = build_sweep_tables([cfg], store)
+        assert "the driver's node offers Ray no CPU; building there in one task" in caplog.text
+        assert "1/1 shards, 64/64 rows" in caplog.text
+        assert built.read_bytes() == _one_process(cfg, tmp_path / "one")
+        assert remote.size(remote.join(tables_uri(store), built.name)) == built.stat().st_size
+    finally:
+        ray.shutdown()

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from pertadapt.config.errors import ConfigError
 from pertadapt.config.errors import check as _check
 from pertadapt.config.errors import check_choice as _choice
+from pertadapt.remote import is_uri
 
 __all__ = [
     "BACKBONE_OPTIONS",
@@ -324,6 +325,8 @@ class CheckpointedBackbone(FoundationModelBackbone):
     backbone must declare this block's architecture. A dry run plans with the declared sizes.
     """
 
+    #: A checkpoint directory or weights file, or a checkpoint directory on an object store (a URI, loaded from
+    #: a node-local copy checked against ``checkpoint_sha256``, which it then needs).
     checkpoint: str | None = None
     #: A ``pertadapt pretrain`` config whose FM, pretrained on this run's data file, gives the weights.
     pretrain: str | None = None
@@ -339,6 +342,10 @@ class CheckpointedBackbone(FoundationModelBackbone):
         if self.checkpoint_sha256 is not None and self.checkpoint is None:
             raise ConfigError("backbone.checkpoint_sha256: set without backbone.checkpoint (it is the digest of "
                               "the checkpoint's weights)")
+        if is_uri(self.checkpoint) and self.checkpoint_sha256 is None:
+            raise ConfigError(f"backbone.checkpoint: {self.checkpoint} is on an object store; set "
+                              "backbone.checkpoint_sha256 to the SHA-256 of its weights (its node-local copy is "
+                              "named by it and checked against it)")
 
     @property
     def weights_are_random(self) -> bool:

@@ -438,10 +438,14 @@ def config_hash(cfg: RunConfig) -> str:
 
     Left out: labels and tracking (``name``, ``logging.*``: a resumed sweep with another W&B mode still
     recognises its finished trials) and the sections the run does not use (:attr:`RunConfig.unused_sections`:
-    a baseline under two backbone sets is one run). Two trials with the same hash give the same results;
-    a sweep runs them once (:func:`pertadapt.sweep.ablation.shared_runs`).
+    a baseline under two backbone sets is one run), and where a checkpoint lives when its weights' digest
+    is given (``backbone.checkpoint`` beside ``backbone.checkpoint_sha256``: the driver's cache or its copy on
+    the sweep's object store are one run). Two trials with the same hash give the same results; a sweep
+    runs them once (:func:`pertadapt.sweep.ablation.shared_runs`).
     """
     doc = config_to_dict(cfg)
     for section in ("name", "logging", *cfg.unused_sections):
         doc.pop(section, None)
+    if (doc.get("backbone") or {}).get("checkpoint_sha256"):
+        del doc["backbone"]["checkpoint"]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]

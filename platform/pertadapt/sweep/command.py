@@ -200,7 +200,10 @@ def _prepare(request: SweepRequest) -> _Prepared:
 
 def _resolve_pretrains(p: _Prepared) -> Ablation:
     """The ablation with every ``backbone.pretrain`` resolved to its checkpoint: each (pretrain config, data
-    file) pretrained once, here in the driver, before any trial is queued (so trials never pretrain at once)."""
+    file) pretrained once, here in the driver, before any trial is queued (so trials never pretrain at once).
+    On an object store each checkpoint is uploaded there once and the trials load it from the store
+    (:func:`~pertadapt.sweep.storage.stage_checkpoint`); on a path they load the driver's cached directory."""
+    from pertadapt.sweep.storage import stage_checkpoint
     from pertadapt.train.fm_weights import pretrain_of, resolve_pretrain
 
     first: dict[tuple[str, Path], Any] = {}  # (pretrain config, data file) → the first trial config asking for it
@@ -211,6 +214,7 @@ def _resolve_pretrains(p: _Prepared) -> Ablation:
     for i, ((pretrain, path), cfg) in enumerate(first.items()):
         log.info("pretraining %d of %d: the FM of %s on %s", i + 1, len(first), pretrain, path)
         resolve_pretrain(cfg, path, done)
+    done = {key: (stage_checkpoint(Path(checkpoint), sha, p.root), sha) for key, (checkpoint, sha) in done.items()}
     return dataclasses.replace(p.ablation, trials=tuple(
         dataclasses.replace(t, config=resolve_pretrain(t.config, p.files[t.key].path, done))
         for t in p.ablation.trials))

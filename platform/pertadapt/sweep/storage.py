@@ -8,7 +8,9 @@ path when ``PERTADAPT_CACHE`` is not set, ``cache/`` (simulated data, GO masks).
 directories live there too (``runs/``, ``hpo/``; worked on in node-local copies, see
 :class:`pertadapt.rundir.RunDir`) and the driver copies them, checkpoints aside, into the sweep directory
 when the trials end; caches stay node-local, except the frozen-FM embedding tables, uploaded once under
-``cache/fm_embeddings/`` (:mod:`pertadapt.sweep.tables`) and fetched by each node that needs them.
+``cache/fm_embeddings/`` (:mod:`pertadapt.sweep.tables`), and the FM checkpoints the driver pretrained
+(``backbone.pretrain``), uploaded once under ``cache/checkpoints/<weights SHA-256>/`` (:func:`stage_checkpoint`),
+each fetched by each node that needs it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pertadapt import remote
 from pertadapt.config.errors import ConfigError
 from pertadapt.files import sha256_bytes
 
-__all__ = ["RUN_TREES", "check_storage", "check_storage_on_worker", "clear_storage", "shared_data_path", "stage_data",
-           "storage_root"]
+__all__ = ["RUN_TREES", "check_storage", "check_storage_on_worker", "clear_storage", "shared_data_path",
+           "stage_checkpoint", "stage_data", "storage_root"]
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +137,7 @@ def stage_data(source: Path, target: str) -> None:
     """
     src = source.stat()
     if remote.is_uri(target):
-        if remote.size(target) != src.st_size:
-            remote.upload_file(source, target)
+        if remote.upload_once(source, target):
             log.info("dataset %s → %s", source, target)
         return
     dest = Path(target)
@@ -153,3 +154,27 @@ def stage_data(source: Path, target: str) -> None:
         shutil.copy2(source, tmp)
     os.replace(tmp, dest)
     log.info("dataset %s → %s", source, dest)
+
+
+def stage_checkpoint(directory: Path, sha256: str, root: str) -> str:
+    """Where every node loads the checkpoint ``directory`` (weights SHA-256 ``sha256``) from.
+
+    On an object store, its files (``config.json``, the weights, ``genes.txt``, the model card; folders
+    such as a pretraining's ``resume/`` are not) are uploaded once to ``<root>/cache/checkpoints/<sha256>/``,
+    a key named by the weights' digest: a file the store holds at its size is kept. A trial loads it from a
+    node-local copy fetched once per node and checked against ``sha256``
+    (:func:`pertadapt.train.fm_weights.local_checkpoint`). On a path, the directory itself (every node
+    sees it where the driver's cache is shared).
+
+    Returns
+    -------
+    str
+        The checkpoint's URI on the store, or ``directory`` as it is.
+    """
+    if not remote.is_uri(root):
+        return str(directory)
+    target = remote.under(root, "cache", "checkpoints", sha256)
+    for f in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if remote.upload_once(f, remote.join(target, f.name)):
+            log.info("FM checkpoint %s → %s", f, remote.join(target, f.name))
+    return target

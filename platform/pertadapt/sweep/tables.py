@@ -107,7 +107,8 @@ def _workers(nodes: Sequence[dict], need: dict[str, float]) -> int:
 
 def _placement(cfg: RunConfig, shared: bool) -> tuple[dict[str, object], int]:
     """The shard tasks' Ray options and how many run at once: anywhere when every node sees the file, else on
-    the driver's node (CPU only if it has no GPU)."""
+    the driver's node (CPU only if it has no GPU; one task reserving nothing if it offers Ray no CPU, as a
+    cluster's head often does)."""
     need = _shard_resources(cfg)
     alive = [n for n in ray.nodes() if n.get("Alive")]
     options: dict[str, object] = {}
@@ -118,6 +119,9 @@ def _placement(cfg: RunConfig, shared: bool) -> tuple[dict[str, object], int]:
         if need["GPU"] and _workers(alive, need) == 0:
             log.warning("embedding tables: the driver's node has no GPU; building on its CPUs")
             need = {"CPU": need["CPU"], "GPU": 0.0}
+        if _workers(alive, need) == 0:
+            log.warning("embedding tables: the driver's node offers Ray no CPU; building there in one task")
+            return {**options, "num_cpus": 0, "num_gpus": 0}, 1
     options.update(num_cpus=need["CPU"], num_gpus=need["GPU"])
     return options, max(1, _workers(alive, need))
 
@@ -165,9 +169,8 @@ def _upload(cache: EmbeddingCache, uri: str) -> None:
     """Copy a finished table (and its key's ``.json``) to the sweep's object store, once."""
     for local in (cache.path, cache.path.with_suffix(".json")):
         target = remote.join(uri, local.name)
-        if remote.size(target) != local.stat().st_size:
+        if remote.upload_once(local, target):
             log.info("embedding table %s → %s", local.name, target)
-            remote.upload_file(local, target)
 
 
 def build_sweep_tables(configs: Iterable[RunConfig], storage: str) -> list[Path]:

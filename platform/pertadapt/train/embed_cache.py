@@ -79,6 +79,7 @@ from pertadapt.files import (
     sha256_file,
 )
 from pertadapt.models.backbones.registry import build_backbone
+from pertadapt.train.fm_weights import local_checkpoint
 from pertadapt.train.setup import gene_order_sha256, model_data
 
 __all__ = ["CACHE_DTYPES", "CACHE_SUBDIR", "TABLES_ENV", "EmbeddingCache", "TableSource", "build_device",
@@ -369,7 +370,8 @@ def table_source(cfg: RunConfig, *, root: Path | None = None) -> TableSource | N
     path, full, _, data = model_data(cfg)
     pool = draw_control_pool(data, cfg.data.control_pool, cfg.data.control_pool_seed)
     seed_everything(cfg.seed)
-    backbone = build_backbone(cfg.backbone, genes=full.genes, width=cfg.model.hidden_size)  # build_backbone_for's
+    backbone = build_backbone(local_checkpoint(cfg).backbone, genes=full.genes,  # build_backbone_for's
+                              width=cfg.model.hidden_size)
     hashes = {"data_sha256": node_sha256_file(path), "gene_order_sha256": gene_order_sha256(data.genes)}
     cache = EmbeddingCache(cache_key_parts(cfg, hashes, pool, backbone),
                            (len(pool), len(data.genes), backbone.hidden_size), root)

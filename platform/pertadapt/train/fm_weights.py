@@ -13,6 +13,11 @@ cached, under a lock) and ``backbone.checkpoint_sha256`` (the digest of its weig
 follows the weights). ``pertadapt train`` resolves it in :func:`pertadapt.train.worker.launch`; the sweep
 driver resolves every trial's once per (pretrain config, data file) before any trial is queued, so
 concurrent trials never pretrain in parallel. A dry run does not pretrain: it plans the declared sizes.
+
+A ``backbone.checkpoint`` on an object store (a URI: where a sweep whose ``--storage`` is one puts the
+checkpoints its driver pretrained, :func:`pertadapt.sweep.storage.stage_checkpoint`) is loaded from a
+node-local copy (:func:`local_checkpoint`): fetched once per node, checked against
+``backbone.checkpoint_sha256`` before it is kept.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+from pertadapt import remote
 from pertadapt.config.components import CheckpointedBackbone
 from pertadapt.config.errors import ConfigError
 from pertadapt.config.schema import RunConfig
-from pertadapt.files import sha256_bytes, sha256_file
+from pertadapt.files import cache_dir, sha256_bytes, sha256_file
 
-__all__ = ["WEIGHT_SUFFIXES", "backbone_weights", "check_pretrain", "checkpoint_sha256", "pretrain_of", "resolve_pretrain"]
+__all__ = ["WEIGHT_SUFFIXES", "backbone_weights", "check_pretrain", "checkpoint_sha256", "fetch_checkpoint",
+           "local_checkpoint", "pretrain_of", "resolve_pretrain"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,61 @@ def checkpoint_sha256(checkpoint: str | Path) -> str:
         raise ConfigError(f"backbone.checkpoint: {path} is not a weights file nor a directory holding one "
                           f"({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
     return sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in files))
+
+
+def _check_digest(checkpoint: str | Path, expected: str, what: str, meaning: str) -> str:
+    """:func:`checkpoint_sha256` of ``checkpoint``, refused unless it is ``expected``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``what`` (the checkpoint as the config or the store names it), both digests and ``meaning``.
+    """
+    sha = checkpoint_sha256(checkpoint)
+    if sha != expected:
+        raise ConfigError(f"backbone.checkpoint_sha256: the weights in {what} have SHA-256 {sha}, not {expected}: "
+                          f"{meaning}")
+    return sha
+
+
+def fetch_checkpoint(uri: str, sha256: str) -> Path:
+    """The node-local copy of the checkpoint directory ``uri`` on an object store, whose weights have the
+    SHA-256 ``sha256``: fetched once per node (:func:`pertadapt.remote.localize_tree`) into
+    ``$PERTADAPT_CACHE/remote/checkpoints/<sha256>/``, kept only when its weights have that digest.
+
+    Raises
+    ------
+    ConfigError
+        ``uri`` holds no checkpoint, or the store cannot be read; the downloaded weights have another digest
+        (the store's object was changed or corrupted: nothing is kept on the node).
+    """
+
+    def check(local: Path) -> None:
+        _check_digest(local, sha256, uri, "refused, nothing kept on this node (the object on the store was changed "
+                      f"or corrupted; delete {uri} and run the sweep again to upload it again)")
+
+    try:
+        return remote.localize_tree(uri, cache_dir() / "remote" / "checkpoints" / sha256, check=check)
+    except (FileNotFoundError, remote.StorageError) as e:
+        raise ConfigError(f"backbone.checkpoint: {e}") from e
+
+
+def _on_this_node(b: CheckpointedBackbone) -> str:
+    """``b.checkpoint`` as a path on this node: one on an object store is its node-local copy."""
+    uri = str(b.checkpoint)
+    if not remote.is_uri(uri):
+        return uri
+    assert b.checkpoint_sha256 is not None  # CheckpointedBackbone refuses a URI without it
+    return str(fetch_checkpoint(uri, b.checkpoint_sha256))
+
+
+def local_checkpoint(cfg: RunConfig) -> RunConfig:
+    """``cfg`` whose ``backbone.checkpoint`` is a path on this node: one on an object store replaced by its
+    node-local copy (:func:`fetch_checkpoint`); any other config as it is."""
+    b = cfg.backbone
+    if cfg.is_baseline or not isinstance(b, CheckpointedBackbone) or not remote.is_uri(b.checkpoint):
+        return cfg
+    return dataclasses.replace(cfg, backbone=dataclasses.replace(b, checkpoint=_on_this_node(b)))
 
 
 def _card_summary(card: dict[str, Any]) -> dict[str, Any]:
@@ -103,9 +165,10 @@ def backbone_weights(cfg: RunConfig) -> dict[str, Any]:
     -------
     dict
         ``fm``: ``none``, ``random`` or ``pretrained`` (:data:`~pertadapt.config.components.FM_WEIGHTS`);
-        ``summary``: the same in words. A pretrained FM adds ``checkpoint``, ``sha256``
-        (:func:`checkpoint_sha256`) and, when the checkpoint has a model card, ``card`` (its source data, cells,
-        steps and held-out scores).
+        ``summary``: the same in words. A pretrained FM adds ``checkpoint`` (as the config names it: a path, or
+        a URI on an object store), ``sha256`` (:func:`checkpoint_sha256`), ``local_copy`` for a checkpoint on
+        an object store (the node-local copy loaded, :func:`local_checkpoint`) and, when the checkpoint has a
+        model card, ``card`` (its source data, cells, steps and held-out scores).
 
     Raises
     ------
@@ -123,16 +186,16 @@ def backbone_weights(cfg: RunConfig) -> dict[str, Any]:
     assert isinstance(b, CheckpointedBackbone)
     if b.checkpoint is None:
         raise ConfigError(f"backbone.pretrain: {b.pretrain!r} is not resolved to its checkpoint (resolve_pretrain)")
-    sha = checkpoint_sha256(b.checkpoint)
-    if b.checkpoint_sha256 is not None and sha != b.checkpoint_sha256:
-        raise ConfigError(f"backbone.checkpoint_sha256: the weights in {b.checkpoint} have SHA-256 {sha}, not "
-                          f"{b.checkpoint_sha256}: the checkpoint changed since the config was resolved")
+    path = Path(_on_this_node(b))
+    sha = checkpoint_sha256(path) if b.checkpoint_sha256 is None else _check_digest(
+        path, b.checkpoint_sha256, str(path), "the checkpoint changed since the config was resolved")
     from pertadapt.train.pretrain import read_model_card
 
-    directory = Path(b.checkpoint) if Path(b.checkpoint).is_dir() else Path(b.checkpoint).parent
-    card = read_model_card(directory)
+    card = read_model_card(path if path.is_dir() else path.parent)
     record: dict[str, Any] = {"fm": "pretrained", "summary": _pretrained_words(b.name, sha, card, b.checkpoint),
                               "checkpoint": str(b.checkpoint), "sha256": sha}
+    if str(path) != b.checkpoint:
+        record["local_copy"] = str(path)
     if card:
         record["card"] = _card_summary(card)
     return record

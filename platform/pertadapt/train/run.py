@@ -35,7 +35,7 @@ from pertadapt.rundir import RunDir
 from pertadapt.train.checkpoint import Checkpoints, DirCheckpoints
 from pertadapt.train.embed_cache import prepare_embedding_cache
 from pertadapt.train.engine import Engine, build_engine
-from pertadapt.train.fm_weights import backbone_weights
+from pertadapt.train.fm_weights import backbone_weights, local_checkpoint
 from pertadapt.train.loop import score_gene_spaces, train
 from pertadapt.train.setup import RunData, prepare_run_data, provenance
 from pertadapt.train.timeline import mark
@@ -79,7 +79,7 @@ def build_run_engine(cfg: RunConfig, rd: RunData, *, cache_root: Path | None = N
         The engine, and the cache's provenance record (:func:`prepare_embedding_cache`).
     """
     seed_everything(cfg.seed)
-    backbone = build_backbone_for(cfg, rd.inputs)
+    backbone = build_backbone_for(local_checkpoint(cfg), rd.inputs)  # a checkpoint on a store: this node's copy
     table, cache_info = prepare_embedding_cache(cfg, rd.data, rd.hashes, rd.train.pool, backbone, root=cache_root)
     model = build_model(cfg, rd.inputs, backbone=backbone, embeddings=table)
     del backbone  # with the cache, nothing holds the frozen backbone any more
