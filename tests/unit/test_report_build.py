@@ -357,3 +357,12 @@ def test_console_summary_shows_the_test_pairing_noise_next_to_the_metrics(tmp_pa
     lines = {ln.split("│")[1].strip(): ln for ln in text.splitlines() if ln.count("│") > 3}
     assert "0.0012" in lines["full"]
     assert "0.0034" in lines["worse"]
+
+
+def test_arm_descriptions_say_unset_and_leave_baselines_out() -> None:
+    from pertadapt.report.document import _describe_arms
+
+    trials = pd.DataFrame({"arm": ["pretrained", "random", "baseline_mean"], "is_baseline": [False, False, True],
+                           "cfg.backbone.checkpoint": ["/ckpt", np.nan, np.nan], "cfg.optim.lr": [0.001, 0.001, np.nan]})
+    # the random FM differs by the checkpoint it does not set; a baseline's unset model knobs are not listed
+    assert _describe_arms(trials, "pretrained") == {"random": "backbone.checkpoint: unset"}

@@ -123,16 +123,17 @@ def _scopes(sweep: SweepData, metrics: Sequence[str]) -> list[str]:
 
 
 def _describe_arms(trials: pd.DataFrame, reference: str) -> dict[str, str]:
-    """Arm → the ``cfg.*`` values that differ from the reference (``key: value``, at most three)."""
+    """Model arm → the ``cfg.*`` values that differ from the reference (``key: value``, at most three; a key the
+    arm leaves unset reads ``unset``). Baselines are not described: their name says what they are."""
     cfg = [c for c in trials if c.startswith("cfg.")]
     ref = trials[trials["arm"] == reference]
     if ref.empty or not cfg:
         return {}
     base = ref.iloc[0]
     out = {}
-    for arm, g in trials.groupby("arm", sort=False):
+    for arm, g in trials[~trials["is_baseline"].astype(bool)].groupby("arm", sort=False):
         row = g.iloc[0]
-        diff = [f"{c.removeprefix('cfg.')}: {row[c]}" for c in cfg
+        diff = [f"{c.removeprefix('cfg.')}: {'unset' if pd.isna(row[c]) else row[c]}" for c in cfg
                 if str(row[c]) != str(base[c]) and not (pd.isna(row[c]) and pd.isna(base[c]))]
         if arm != reference and diff:
             out[str(arm)] = ", ".join(diff[:3]) + (", …" if len(diff) > 3 else "")
