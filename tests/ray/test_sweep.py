@@ -240,7 +240,9 @@ def _jobs_api_refused(port: int) -> bool:
 @pytest.mark.usefixtures("no_leftover_ray")
 def test_sigterm_the_driver_then_resume(tmp_path: Path, cache_dir: Path) -> None:
     abl = tmp_path / "abl.yaml"
-    abl.write_text("name: survive\nbase: smoke.yaml\nseeds: [1, 2]\nbaselines: false\nmax_concurrent_trials: 1\n"
+    # four trials of a few seconds, one at a time: the SIGTERM below lands mid-sweep, with two or three trials still
+    # to run (with two, the second could finish first and the sweep end with 0, "nothing left to resume")
+    abl.write_text("name: survive\nbase: smoke.yaml\nseeds: [1, 2, 3, 4]\nbaselines: false\nmax_concurrent_trials: 1\n"
                    "arms:\n  full: {}\n")
     out = tmp_path / "sweep"
     args = [sys.executable, "-m", "pertadapt.cli", "sweep", str(abl), "optim.epochs=1", "--out", str(out),
@@ -265,11 +267,11 @@ def test_sigterm_the_driver_then_resume(tmp_path: Path, cache_dir: Path) -> None
     before = (first.read_bytes(), first.stat().st_mtime_ns)
     _pertadapt("sweep", str(abl), "optim.epochs=1", "--out", str(out), "--resume", "--no-report")
     rows = _rows(out)
-    assert sorted(r["trial"] for r in rows) == ["full/seed1", "full/seed2"]
+    assert sorted(r["trial"] for r in rows) == ["full/seed1", "full/seed2", "full/seed3", "full/seed4"]
     assert all(r["status"] == "ok" for r in rows)
     assert (first.read_bytes(), first.stat().st_mtime_ns) == before
     # a changed grid over it is refused; with --overwrite it starts over and no old metric survives
-    abl.write_text(abl.read_text().replace("seeds: [1, 2]", "seeds: [1]"))
+    abl.write_text(abl.read_text().replace("seeds: [1, 2, 3, 4]", "seeds: [1]"))
     refused = _pertadapt("sweep", str(abl), "optim.epochs=1", "--out", str(out), "--no-report", ok=False)
     assert refused.returncode == 2
     assert "holds a different sweep" in refused.stderr
@@ -277,7 +279,7 @@ def test_sigterm_the_driver_then_resume(tmp_path: Path, cache_dir: Path) -> None
     _pertadapt("sweep", str(abl), "optim.epochs=1", "--out", str(out), "--no-report", "--overwrite")
     rows = _rows(out)
     assert [r["trial"] for r in rows] == ["full/seed1"]
-    assert not (out / "runs" / "full" / "seed2").exists()
+    assert not any((out / "runs" / "full" / f"seed{k}").exists() for k in (2, 3, 4))
     for r in rows:
         assert (Path(r["run_dir"]) / "final_metrics.json").stat().st_mtime > t0
     assert first.read_bytes() != before[0] or first.stat().st_mtime_ns != before[1]

@@ -181,25 +181,31 @@ class _Progress(tune.Callback):
             self.live.stop()
 
 
-def _fit(make: Any, trainable: Any, path: str, resume: bool) -> tune.ResultGrid:
-    """Fit a fresh Tuner, or restore the experiment at ``path`` when resuming and it can be restored."""
+def _fit(make: Any, trainable: Any, param_space: dict[str, Any], path: str, resume: bool) -> tune.ResultGrid:
+    """Fit a fresh Tuner, or restore the experiment at ``path`` when resuming and it can be restored.
+
+    ``param_space`` is the Tuner's, given again on a restore: Tune keeps the trials' :class:`TrialSpec` objects
+    out of its saved state (placeholders in each config), so a trial it had not started before the stop gets its
+    spec from here (without it, its config holds the bare placeholder).
+    """
     with stop.deferred():  # while Tune runs, a stop is Tune's (_StopTune); after, it ends the sweep
         if resume and tune.Tuner.can_restore(path):
             log.info("resuming Tune experiment %s", path)
-            return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
+            return tune.Tuner.restore(path, trainable=trainable, param_space=param_space, resume_errored=True).fit()
         return make().fit()
 
 
 def _run_grid(specs: Sequence[TrialSpec], ray_storage: str, name: str, max_concurrent: int,
               resume: bool) -> tune.ResultGrid:
     trainable = tune.with_resources(_trial_fn, _resources)
+    param_space = {SPEC_KEY: tune.grid_search(list(specs))}
     return _fit(lambda: tune.Tuner(
-        trainable, param_space={SPEC_KEY: tune.grid_search(list(specs))},
+        trainable, param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=ray_storage, verbose=0,
                                   callbacks=[_Progress(name, len(specs)), TrialRuns(), _StopTune()],
                                   failure_config=tune.FailureConfig(max_failures=0)),
-    ), trainable, under(ray_storage, name), resume)
+    ), trainable, param_space, under(ray_storage, name), resume)
 
 
 def _optuna_space(space: SearchSpace) -> dict[str, Any]:
@@ -259,6 +265,7 @@ def _run_hpo(spec: TrialSpec, arm: str, space: SearchSpace, sweep_dir: Path, ray
              ablation_name: str, max_concurrent: int, resume: bool) -> tuple[dict[str, Any], tune.ResultGrid]:
     trainable = tune.with_resources(_trial_fn, _resources)
     name = f"hpo-{arm}"
+    param_space = {SPEC_KEY: spec}
     study, storage = study_name(space, ablation_name, arm, sweep_dir), _storage(space, sweep_dir)
     if not resume:
         fresh_study(storage, study)
@@ -268,7 +275,7 @@ def _run_hpo(spec: TrialSpec, arm: str, space: SearchSpace, sweep_dir: Path, ray
                               study_name=study, storage=storage,
                               sampler=optuna.samplers.TPESampler(seed=space.sampler_seed))
         return tune.Tuner(
-            trainable, param_space={SPEC_KEY: spec},
+            trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search,
                                         scheduler=_scheduler(space, spec.config.optim.epochs),
                                         num_samples=space.num_samples, max_concurrent_trials=max_concurrent,
@@ -278,7 +285,7 @@ def _run_hpo(spec: TrialSpec, arm: str, space: SearchSpace, sweep_dir: Path, ray
                                                  _StopTune()],
                                       failure_config=tune.FailureConfig(max_failures=0)))
 
-    grid = _fit(make, trainable, under(ray_storage, name), resume)
+    grid = _fit(make, trainable, param_space, under(ray_storage, name), resume)
     best = grid.get_best_result(metric=space.metric, mode=space.mode, scope="all")
     return tuned_of(best.config), grid
 
