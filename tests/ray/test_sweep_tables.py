@@ -26,6 +26,11 @@ SMALL = ["backbone.hidden_size=16", "backbone.heads=2", "model.hidden_size=16", 
 pytestmark = pytest.mark.ray
 
 
+def _smoke(demo_h5ad: Path, *overrides: str):
+    """configs/smoke.yaml on the demo data, sized down (:data:`SMALL`), plus ``overrides``."""
+    return load_run_config(REPO / "configs" / "smoke.yaml", [f"data.path={demo_h5ad}", *SMALL, *overrides])
+
+
 def _one_process(cfg, root: Path) -> bytes:
     source = table_source(cfg, root=root)
     source.cache.write(source.backbone, source.data, source.pool, batch_size=cfg.eval.batch_size,
@@ -44,11 +49,9 @@ def test_tables_are_built_once_sharded_and_a_killed_shard_leaves_none(demo_h5ad:
     import ray
 
     monkeypatch.setenv("PERTADAPT_CACHE", str(tmp_path / "cache"))  # before Ray: its workers inherit it
-    cfg = load_run_config(REPO / "configs" / "smoke.yaml", [f"data.path={demo_h5ad}", *SMALL])
-    seeds = [load_run_config(REPO / "configs" / "smoke.yaml", [f"data.path={demo_h5ad}", *SMALL, f"seed={s}"])
-             for s in (1, 1)]  # two trials of one key (the second shares the first's table)
-    slow = load_run_config(REPO / "configs" / "smoke.yaml", [f"data.path={demo_h5ad}", *SMALL, "eval.batch_size=1",
-                                                             "backbone.cache_dtype=float16"])
+    cfg = _smoke(demo_h5ad)
+    seeds = [_smoke(demo_h5ad, f"seed={s}") for s in (1, 1)]  # two trials of one key (the second shares its table)
+    slow = _smoke(demo_h5ad, "eval.batch_size=1", "backbone.cache_dtype=float16")
     tables = tmp_path / "cache" / "fm_embeddings"
     ray.init(num_cpus=3, _node_ip_address="127.0.0.2", log_to_driver=False)
     try:
@@ -96,7 +99,7 @@ def test_a_driver_node_that_offers_ray_no_cpu_still_builds_the_table(demo_h5ad: 
     import ray
 
     monkeypatch.setenv("PERTADAPT_CACHE", str(tmp_path / "cache"))  # before Ray: its workers inherit it
-    cfg = load_run_config(REPO / "configs" / "smoke.yaml", [f"data.path={demo_h5ad}", *SMALL])
+    cfg = _smoke(demo_h5ad)
     ray.init(num_cpus=0, _node_ip_address="127.0.0.2", log_to_driver=False)  # a cluster head's usual setting
     try:
         caplog.set_level(logging.INFO, logger="pertadapt.sweep.tables")

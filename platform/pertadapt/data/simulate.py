@@ -96,7 +96,7 @@ activities (Gauss-Hermite, 3 nodes per program, and 3 x 3 nodes over the rest of
 library size at each), given which the fluctuation is the one above, shifted.
 Checked against 20,000-cell draws: each gene's observed mean lies within its standard error of
 ``true_mean``; with programs the genes' errors are correlated and their joint (Mahalanobis) distance is
-1.2-2.6 per gene against 1 for an exact truth, about 0.002 in log1p units
+1.3-2.5 per gene against 1 for an exact truth, about 0.002 in log1p units
 (``tests/unit/test_simulate_network.py``). At ``cell_noise_sd = program_sd = 0`` the original computation
 is kept, so older files are reproduced byte for byte;
 its cell-total approximation leaves errors up to about 0.01 on the most expressed genes of an 80-gene
